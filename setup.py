@@ -1,0 +1,35 @@
+"""t3s: Training-Trajectory-Aware Token Selection, with fused Triton kernels."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="t3s",
+    version="0.1.0",
+    description=(
+        "Training-Trajectory-Aware Token Selection (T3S) for SFT and distillation, with fused "
+        "linear + masked cross-entropy and streaming log-prob kernels"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["t3s", "t3s.*", "t3s_kernels", "t3s_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range, not a pin: an installed torch (the CPU build on CPU machines, the CUDA
+        # build on GPU machines) satisfies it without a new download.
+        "torch>=2.4",
+        "numpy",
+        # The kernels; on CPU they run under TRITON_INTERPRET=1 (tests) and the
+        # PyTorch reference is used otherwise.
+        "triton>=3.2; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
+        "hf": ["transformers>=4.45", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

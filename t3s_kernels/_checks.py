@@ -1,0 +1,223 @@
+"""Input validation and flattening shared by every backend.
+
+Every user-facing error is raised here, before any kernel launch, and names
+the offending argument. Nothing here writes to the caller's tensors.
+
+Legend: N tokens (after flattening the leading dims), H hidden size,
+V vocabulary size, M kept tokens (N minus ignored and dropped ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+
+@dataclass
+class Prepared:
+    """Flattened, validated inputs.
+
+    hidden: [N, H] (a view when possible, never a copy of a contiguous input)
+    targets: [N] int64
+    token_weight: [N] float32, 0 for ignored or dropped tokens
+    kept_rows: [M] int64 indices into the N tokens that enter the loss
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    targets: torch.Tensor
+    token_weight: torch.Tensor
+    kept_rows: torch.Tensor
+    lead_shape: torch.Size
+
+
+def _check_tensor(name: str, t, *, floating: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    allowed_dtypes=KERNEL_DTYPES + (torch.float64,),
+) -> None:
+    """Shape, dtype and device checks for (hidden, weight, targets, bias)."""
+    _check_tensor("hidden", hidden, floating=True)
+    _check_tensor("weight", weight, floating=True)
+    _check_tensor("targets", targets)
+    if hidden.dtype not in allowed_dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+        raise TypeError(f"hidden has dtype {hidden.dtype}; supported: {names}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one of them"
+        )
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"hidden has H={hidden.shape[-1]} but weight has shape {tuple(weight.shape)} "
+            f"(expected [V, {hidden.shape[-1]}])"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V=0)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)} but hidden has leading shape "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if targets.numel() == 0:
+        raise ValueError("empty batch: hidden and targets hold no tokens")
+    if bias is not None:
+        _check_tensor("bias", bias, floating=True)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape [V]=[{weight.shape[0]}], got {tuple(bias.shape)}"
+            )
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def check_loss_mask(loss_mask: Optional[torch.Tensor], targets: torch.Tensor) -> None:
+    if loss_mask is None:
+        return
+    _check_tensor("loss_mask", loss_mask)
+    if not (loss_mask.dtype == torch.bool or loss_mask.is_floating_point()):
+        raise TypeError(
+            f"loss_mask must be bool or floating point (0 drops a token, other values weight "
+            f"it), got dtype {loss_mask.dtype}"
+        )
+    if loss_mask.shape != targets.shape:
+        raise ValueError(
+            f"loss_mask has shape {tuple(loss_mask.shape)} but targets has shape "
+            f"{tuple(targets.shape)}"
+        )
+    if loss_mask.device != targets.device:
+        raise ValueError(f"loss_mask is on {loss_mask.device} but targets is on {targets.device}")
+
+
+def check_options(
+    *,
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+    z_loss: float,
+    normalizer,
+    filter_eps,
+    accum_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    buffer_bytes: int,
+) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (0.0 <= float(label_smoothing) <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {z_loss}")
+    if normalizer is not None:
+        if reduction == "none":
+            raise ValueError("normalizer only applies to reduction='mean' or 'sum'")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(
+                    f"normalizer must be a scalar, got a tensor of shape {tuple(normalizer.shape)}"
+                )
+        elif not isinstance(normalizer, (int, float)) or isinstance(normalizer, bool):
+            raise TypeError(f"normalizer must be a number or a 1-element tensor, got {normalizer!r}")
+        elif normalizer <= 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    if not (filter_eps is None or filter_eps == "auto" or
+            (isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool)
+             and filter_eps >= 0)):
+        raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
+    if accum_dtype not in (torch.float32, weight_dtype):
+        raise ValueError(
+            f"accum_dtype must be torch.float32 or the weight's dtype ({weight_dtype}), "
+            f"got {accum_dtype}"
+        )
+    if not isinstance(buffer_bytes, int) or buffer_bytes < 2**16:
+        raise ValueError(f"buffer_bytes must be an int >= 65536, got {buffer_bytes!r}")
+
+
+def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
+    """'auto' -> finfo(dtype).eps / 32.
+
+    A softmax-gradient entry below that is lost in the rounding of the
+    input-dtype gradient it would be added to, so skipping a tile whose every
+    entry is below it changes the result by about one rounding step.
+    """
+    if filter_eps is None:
+        return None
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    return float(filter_eps)
+
+
+def flatten_and_weigh(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    loss_mask: Optional[torch.Tensor],
+    ignore_index: int,
+) -> Prepared:
+    """Flatten to [N, H] / [N], validate label range and mask values, find kept rows.
+
+    This performs one host synchronisation (to validate labels and to size the
+    compacted row list); it is the only one on the forward path.
+    """
+    V = weight.shape[0]
+    lead_shape = targets.shape
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    targets1d = targets.reshape(-1).long()
+    not_ignored = targets1d != ignore_index
+    if loss_mask is None:
+        token_weight = not_ignored.float()
+    else:
+        mask1d = loss_mask.reshape(-1)
+        token_weight = torch.where(not_ignored, mask1d.float(), torch.zeros((), device=mask1d.device))
+
+    bad_label = not_ignored & ((targets1d < 0) | (targets1d >= V))
+    counts = [bad_label.sum()]
+    if loss_mask is not None and loss_mask.is_floating_point():
+        counts.append((~torch.isfinite(loss_mask) | (loss_mask < 0)).sum())
+    counts = torch.stack(counts).tolist()  # the one host sync
+    if counts[0]:
+        first = targets1d[bad_label][0].item()
+        raise ValueError(
+            f"targets has {counts[0]} label(s) outside [0, V={V}) that are not "
+            f"ignore_index={ignore_index} (first: {first})"
+        )
+    if len(counts) > 1 and counts[1]:
+        raise ValueError(
+            f"loss_mask has {counts[1]} negative or non-finite value(s); weights must be "
+            "finite and >= 0"
+        )
+    kept_rows = torch.nonzero(token_weight != 0).squeeze(1)
+    return Prepared(hidden2d, weight, bias, targets1d, token_weight, kept_rows, lead_shape)

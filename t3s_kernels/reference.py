@@ -1,0 +1,228 @@
+"""Pure-PyTorch reference: the specification of every t3s kernel, and the fallback.
+
+Notation (one token t, after flattening): hidden h_t [H], weight W [V, H],
+optional bias b [V], target y_t, token weight w_t.
+
+    r_t   = W h_t + b                                    raw logits       [V]
+    z_t   = c * tanh(r_t / c)     if softcap c else r_t  logits           [V]
+    lse_t = log sum_j exp(z_tj)
+    loss_t = lse_t - (1 - eps) z_ty - (eps / V) sum_j z_tj + lam * lse_t**2
+
+with eps = label_smoothing and lam = z_loss. The token weight is
+
+    w_t = 0                  if y_t == ignore_index
+    w_t = loss_mask_t        otherwise (bool -> 0/1; 1 if no mask is given)
+
+and the reductions are
+
+    'none':  w_t * loss_t                 (shape of targets; 0 where w_t == 0)
+    'sum':   sum_t w_t loss_t             (/ normalizer if given)
+    'mean':  sum_t w_t loss_t / sum_t w_t (normalizer replaces the denominator);
+             0 when every token is dropped, never NaN.
+
+Tokens with w_t == 0 are removed before any matmul. The gradient of loss_t
+with respect to z_t is
+
+    d loss_t / d z_tj = p_tj (1 + 2 lam lse_t) - (1 - eps) [j == y_t] - eps / V
+
+times (1 - (z_tj / c)**2) under a softcap. Per-token statistics, computed in
+the same pass for the kept tokens:
+
+    target_logprob_t = z_ty - lse_t
+    entropy_t        = lse_t - sum_j p_tj z_tj
+    argmax_correct_t = (argmax_j z_tj == y_t)
+
+Everything is accumulated in float32 (float64 for float64 inputs). The
+reference works on row chunks sized so that no chunk's [rows, V] temporaries
+exceed ``buffer_bytes``: it never holds the N x V logits. It keeps one
+float32 copy of a low-precision weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import Prepared
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_per_chunk(vocab_size: int, buffer_bytes: int, live_copies: int = 3) -> int:
+    """Rows whose `live_copies` float32 [rows, V] temporaries fit in buffer_bytes."""
+    return max(1, buffer_bytes // (vocab_size * 4 * live_copies))
+
+
+def logits_ref(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               softcap: Optional[float]) -> torch.Tensor:
+    """z = softcap(h W^T + b) in the dtype of `h` (callers upcast). h: [C, H] -> [C, V]."""
+    z = h @ weight.T
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def per_token_loss(lse: torch.Tensor, target_logit: torch.Tensor,
+                   sum_logits: Optional[torch.Tensor], vocab_size: int,
+                   label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """loss_t from the row statistics (all [M], float32)."""
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        loss = loss - (label_smoothing / vocab_size) * sum_logits
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    return loss
+
+
+def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+               label_smoothing: float, z_loss: float, softcap: Optional[float]) -> torch.Tensor:
+    """d loss_t / d r_t for a chunk. z: [C, V] logits (after softcap), lse/targets: [C]."""
+    p = torch.exp(z - lse[:, None])
+    grad = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
+    grad[torch.arange(z.shape[0], device=z.device), targets] -= 1.0 - label_smoothing
+    if label_smoothing:
+        grad -= label_smoothing / vocab_size
+    if softcap is not None:
+        grad *= 1.0 - (z / softcap) ** 2
+    return grad
+
+
+class _TokenLossRef(torch.autograd.Function):
+    """Per-kept-token loss [M] plus non-differentiable statistics, chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, label_smoothing, z_loss, softcap,
+                accum_dtype, buffer_bytes):
+        V = weight.shape[0]
+        cd = compute_dtype_for(hidden.dtype)
+        w = weight.to(cd)
+        b = bias.to(cd) if bias is not None else None
+        M = rows.numel()
+        out = {k: torch.empty(M, dtype=cd, device=hidden.device)
+               for k in ("loss", "logprob", "entropy", "lse")}
+        correct = torch.empty(M, dtype=torch.bool, device=hidden.device)
+        step = rows_per_chunk(V, buffer_bytes)
+        for s in range(0, M, step):
+            sl = slice(s, s + step)
+            z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap)
+            lse = torch.logsumexp(z, dim=1)
+            tz = z.gather(1, targets[sl, None]).squeeze(1)
+            sum_z = z.sum(1) if label_smoothing else None
+            out["loss"][sl] = per_token_loss(lse, tz, sum_z, V, label_smoothing, z_loss)
+            out["lse"][sl] = lse
+            out["logprob"][sl] = tz - lse
+            out["entropy"][sl] = lse - (torch.softmax(z, dim=1) * z).sum(1)
+            correct[sl] = z.argmax(1) == targets[sl]
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, out["lse"])
+        ctx.opts = (label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes)
+        ctx.mark_non_differentiable(out["logprob"], out["entropy"], correct, out["lse"])
+        return out["loss"], out["logprob"], out["entropy"], correct, out["lse"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        hidden, weight, bias, rows, targets, lse_all = ctx.saved_tensors
+        label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_loss is None:
+            return (None,) * 10
+        V = weight.shape[0]
+        cd = compute_dtype_for(hidden.dtype)
+        w = weight.to(cd)
+        b = bias.to(cd) if bias is not None else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=cd, device=weight.device) if need_b else None
+        step = rows_per_chunk(V, buffer_bytes)
+        for s in range(0, rows.numel(), step):
+            sl = slice(s, s + step)
+            h = hidden[rows[sl]].to(cd)
+            z = logits_ref(h, w, b, softcap)
+            g = logit_grad(z, lse_all[sl], targets[sl], V, label_smoothing, z_loss, softcap)
+            g *= grad_loss[sl, None].to(cd)
+            if need_h:
+                grad_h[rows[sl]] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.T @ h).to(accum_dtype)
+            if need_b:
+                grad_b += g.sum(0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def token_losses_ref(prep: Prepared, *, label_smoothing: float, z_loss: float,
+                     softcap: Optional[float], filter_eps: Optional[float],
+                     accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool):
+    """Backend entry point: per-kept-token losses [M] and stats (dict of [M]).
+
+    The reference is always exact: `filter_eps` (a speed option of the kernels)
+    is accepted and ignored.
+    """
+    del filter_eps, want_stats  # stats are cheap here; the reference always computes them
+    rows = prep.kept_rows
+    loss, logprob, entropy, correct, lse = _TokenLossRef.apply(
+        prep.hidden, prep.weight, prep.bias, rows, prep.targets[rows],
+        float(label_smoothing), float(z_loss), softcap, accum_dtype, buffer_bytes)
+    stats = {"target_logprob": logprob, "entropy": entropy, "argmax_correct": correct, "lse": lse}
+    return loss, stats
+
+
+@torch.no_grad()
+def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        rows: torch.Tensor, targets: torch.Tensor, *, softcap: Optional[float],
+                        want_entropy: bool, want_argmax: bool, buffer_bytes: int):
+    """Forward-only statistics for the rows `rows` of hidden [N, H].
+
+    Returns float32 log p(target) [M], and entropy [M] (float32) and argmax
+    [M] (int64) when asked, else None.
+    """
+    V = weight.shape[0]
+    cd = compute_dtype_for(hidden.dtype)
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    M = rows.numel()
+    logprob = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(M, dtype=torch.float32, device=hidden.device) if want_entropy else None
+    argmax = torch.empty(M, dtype=torch.int64, device=hidden.device) if want_argmax else None
+    step = rows_per_chunk(V, buffer_bytes)
+    for s in range(0, M, step):
+        sl = slice(s, s + step)
+        z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap)
+        lse = torch.logsumexp(z, dim=1)
+        logprob[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
+        if want_entropy:
+            entropy[sl] = lse - (torch.softmax(z, dim=1) * z).sum(1)
+        if want_argmax:
+            argmax[sl] = z.argmax(1)
+    return logprob, entropy, argmax
+
+
+def reduce_token_losses(token_loss: torch.Tensor, prep: Prepared, reduction: str,
+                        normalizer) -> torch.Tensor:
+    """Apply token weights and the reduction to the per-kept-token losses [M].
+
+    Plain differentiable PyTorch, so autograd hands each kept token its own
+    d(out)/d(loss_t): a per-token grad_output under reduction='none' works.
+    """
+    w_kept = prep.token_weight[prep.kept_rows].to(token_loss.dtype)
+    weighted = token_loss * w_kept
+    if reduction == "none":
+        out = torch.zeros(prep.targets.numel(), dtype=token_loss.dtype, device=token_loss.device)
+        out = out.index_put((prep.kept_rows,), weighted)
+        return out.view(prep.lead_shape)
+    total = weighted.sum()
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=token_loss.dtype, device=token_loss.device)
+        return total / denom.reshape(())
+    if reduction == "sum":
+        return total
+    # 'mean': sum(w l) / sum(w); an all-dropped batch has an empty sum -> 0, not 0/0.
+    denom = w_kept.sum().clamp_min(torch.finfo(w_kept.dtype).tiny)
+    return total / denom

@@ -1,0 +1,213 @@
+"""Triton fused linear + masked/weighted cross-entropy: backward kernel and autograd.
+
+Forward: the streaming kernel of `triton_lse` gives lse, the target logit and
+(optionally) the logit sum, entropy and argmax of each kept row; nothing of
+size N x V is stored. Backward: one kernel over (row block, vocab block)
+tiles recomputes the logit tile, forms
+
+    G = grad_loss_t * d loss_t / d r_tj          (fp32, see reference.py)
+
+skips the tile when every |d loss / d r| < filter_eps (gradient filtering),
+and adds G W to grad_hidden and G^T h to grad_weight with fp32 atomics.
+
+Memory: grad_hidden is accumulated in an fp32 [M, H] buffer (M kept rows);
+grad_weight in fp32 vocabulary chunks of at most `buffer_bytes`, each
+written out in the weight's dtype once complete (so fp32 accumulation never
+needs a V x H fp32 buffer). With accum_dtype equal to the weight's dtype the
+atomics go straight into grad_weight and no chunk buffer is used.
+
+Atomics make the float summation order, hence the last bits, run-dependent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import Prepared
+from .reference import per_token_loss
+from .triton_lse import (
+    KERNELS_INTERPRETED,
+    _dot,
+    combine_partials,
+    dot_precision,
+    logit_tile,
+    lse_partials,
+    pick_config,
+)
+
+
+@triton.jit
+def _lce_backward_kernel(
+    H, W, B, ROWS, TGT, LSE, GCOEF,
+    DH, DW, DB,
+    M, V, K, v_begin, v_end,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_dhm, stride_dwv,
+    softcap, label_smoothing, z_loss, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < M
+    hrows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(TGT + offs_m, mask=row_mask, other=-1)
+    cols = v_begin + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < v_end
+
+    z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
+                   stride_hm, stride_hk, stride_wv, stride_wk, softcap,
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    # z_loss * lse^2 adds 2 z_loss lse p_j to d loss / d z_j.
+    p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+    dz = p - tl.where(cols[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
+    dz = dz - label_smoothing / V
+    if HAS_SOFTCAP:
+        zc = z / softcap
+        dz = dz * (1.0 - zc * zc)
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+
+    # Gradient filtering: exact mode passes filter_eps < 0. NaN tiles are never skipped.
+    tile_max = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
+    if (tile_max >= filter_eps) | (tile_max != tile_max):
+        g = dz * tl.load(GCOEF + offs_m, mask=row_mask, other=0.0)[:, None]
+        if COMPUTE_DB:
+            tl.atomic_add(DB + (cols - v_begin), tl.sum(g, axis=0), mask=col_mask)
+        g_in = g.to(H.dtype.element_ty)  # operand dtype of the two GEMMs, fp32 accumulation
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            if COMPUTE_DH:
+                w_tile = tl.load(W + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                                 mask=col_mask[:, None] & kmask[None, :], other=0.0)
+                dh = _dot(g_in, w_tile, tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+                          UPCAST, PRECISION)
+                tl.atomic_add(DH + offs_m[:, None] * stride_dhm + ks[None, :], dh,
+                              mask=row_mask[:, None] & kmask[None, :])
+            if COMPUTE_DW:
+                h_tile = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
+                                 mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                dw = _dot(tl.trans(g_in), h_tile, tl.zeros((BLOCK_N, BLOCK_K), tl.float32),
+                          UPCAST, PRECISION)
+                tl.atomic_add(DW + (cols - v_begin)[:, None] * stride_dwv + ks[None, :],
+                              dw.to(DW.dtype.element_ty),
+                              mask=col_mask[:, None] & kmask[None, :])
+
+
+def _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, *, dh, dw, db,
+                     v_begin, v_end, softcap, label_smoothing, z_loss, filter_eps):
+    M = rows.numel()
+    V, K = weight.shape
+    cfg = pick_config(M, V, K)
+    dummy = lse
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(v_end - v_begin, cfg.block_n))
+    _lce_backward_kernel[grid](
+        hidden, weight, bias if bias is not None else dummy, rows, targets, lse, gcoef,
+        dh if dh is not None else dummy, dw if dw is not None else dummy,
+        db if db is not None else dummy,
+        M, V, K, v_begin, v_end,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
+        float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
+        float(filter_eps) if filter_eps is not None else -1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+class _TokenLossTriton(torch.autograd.Function):
+    """Per-kept-token loss [M] (+ non-differentiable stats) with Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, label_smoothing, z_loss, softcap,
+                filter_eps, accum_dtype, buffer_bytes, want_stats):
+        V = weight.shape[0]
+        part = lse_partials(hidden, weight, bias, rows, targets, softcap=softcap,
+                            want_sumz=label_smoothing > 0, want_entropy=want_stats,
+                            want_argmax=want_stats)
+        st = combine_partials(part)
+        loss = per_token_loss(st.lse, st.target_logit, st.sum_logits, V, label_smoothing, z_loss)
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, st.lse)
+        ctx.opts = (label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+        if want_stats:
+            logprob = st.target_logit - st.lse
+            correct = st.argmax == targets
+            entropy = st.entropy
+        else:
+            logprob = entropy = st.lse.new_empty(0)
+            correct = torch.empty(0, dtype=torch.bool, device=hidden.device)
+        ctx.mark_non_differentiable(logprob, entropy, correct, st.lse)
+        return loss, logprob, entropy, correct, st.lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
+        label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_loss is None or not (need_h or need_w or need_b):
+            return (None,) * 12
+        M = rows.numel()
+        V, K = weight.shape
+        gcoef = grad_loss.float().contiguous()
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        dh = torch.zeros(M, K, **f32) if need_h else None
+        db = torch.zeros(V, **f32) if need_b else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros_like(weight) if accum_dtype == weight.dtype else torch.empty_like(weight)
+        kw = dict(softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
+                  filter_eps=filter_eps)
+        if M > 0:
+            if not need_w or accum_dtype == weight.dtype:
+                # One launch over the whole vocabulary; atomics go straight into grad_w.
+                _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, dh=dh,
+                                 dw=grad_w, db=db, v_begin=0, v_end=V, **kw)
+            else:
+                # fp32 accumulation in bounded vocabulary chunks, each cast once when done.
+                block_n = pick_config(M, V, K).block_n
+                chunk = max(block_n, (buffer_bytes // (K * 4)) // block_n * block_n)
+                buf = torch.empty(min(chunk, V), K, **f32)
+                for v0 in range(0, V, chunk):
+                    v1 = min(v0 + chunk, V)
+                    acc = buf[: v1 - v0].zero_()
+                    _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, dh=dh,
+                                     dw=acc, db=db, v_begin=v0, v_end=v1, **kw)
+                    grad_w[v0:v1] = acc
+        elif need_w:
+            grad_w.zero_()
+        grad_h = None
+        if need_h:
+            grad_h = torch.zeros_like(hidden)
+            grad_h.index_copy_(0, rows, dh.to(hidden.dtype))
+        grad_b = db.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def token_losses_triton(prep: Prepared, *, label_smoothing: float, z_loss: float,
+                        softcap: Optional[float], filter_eps: Optional[float],
+                        accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool):
+    """Backend entry point: per-kept-token losses [M] and stats (dict of [M])."""
+    if KERNELS_INTERPRETED and accum_dtype == torch.bfloat16:
+        raise ValueError("accum_dtype=torch.bfloat16 needs bf16 atomics, which the Triton "
+                         "interpreter lacks; use torch.float32 there")
+    rows = prep.kept_rows
+    loss, logprob, entropy, correct, lse = _TokenLossTriton.apply(
+        prep.hidden, prep.weight, prep.bias, rows, prep.targets[rows].contiguous(),
+        float(label_smoothing), float(z_loss), softcap, filter_eps, accum_dtype, buffer_bytes,
+        want_stats)
+    stats = None
+    if want_stats:
+        stats = {"target_logprob": logprob, "entropy": entropy, "argmax_correct": correct,
+                 "lse": lse}
+    return loss, stats
