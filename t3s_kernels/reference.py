@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from ._checks import Prepared
+from ._debug import empty
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -103,9 +104,9 @@ class _TokenLossRef(torch.autograd.Function):
         w = weight.to(cd)
         b = bias.to(cd) if bias is not None else None
         M = rows.numel()
-        out = {k: torch.empty(M, dtype=cd, device=hidden.device)
+        out = {k: empty(M, dtype=cd, device=hidden.device)
                for k in ("loss", "logprob", "entropy", "lse")}
-        correct = torch.empty(M, dtype=torch.bool, device=hidden.device)
+        correct = empty(M, dtype=torch.bool, device=hidden.device)
         step = rows_per_chunk(V, buffer_bytes)
         for s in range(0, M, step):
             sl = slice(s, s + step)
@@ -188,9 +189,9 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     w = weight.to(cd)
     b = bias.to(cd) if bias is not None else None
     M = rows.numel()
-    logprob = torch.empty(M, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty(M, dtype=torch.float32, device=hidden.device) if want_entropy else None
-    argmax = torch.empty(M, dtype=torch.int64, device=hidden.device) if want_argmax else None
+    logprob = empty(M, dtype=torch.float32, device=hidden.device)
+    entropy = empty(M, dtype=torch.float32, device=hidden.device) if want_entropy else None
+    argmax = empty(M, dtype=torch.int64, device=hidden.device) if want_argmax else None
     step = rows_per_chunk(V, buffer_bytes)
     for s in range(0, M, step):
         sl = slice(s, s + step)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._checks import Prepared
+from ._debug import empty_like
 from .reference import per_token_loss
 from .triton_lse import (
     KERNELS_INTERPRETED,
@@ -80,7 +81,7 @@ def _lce_backward_kernel(
     if (tile_max >= filter_eps) | (tile_max != tile_max):
         g = dz * tl.load(GCOEF + offs_m, mask=row_mask, other=0.0)[:, None]
         if COMPUTE_DB:
-            tl.atomic_add(DB + (cols - v_begin), tl.sum(g, axis=0), mask=col_mask)
+            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask)
         g_in = g.to(H.dtype.element_ty)  # operand dtype of the two GEMMs, fp32 accumulation
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -165,7 +166,7 @@ class _TokenLossTriton(torch.autograd.Function):
         db = torch.zeros(V, **f32) if need_b else None
         grad_w = None
         if need_w:
-            grad_w = torch.zeros_like(weight) if accum_dtype == weight.dtype else torch.empty_like(weight)
+            grad_w = torch.zeros_like(weight) if accum_dtype == weight.dtype else empty_like(weight)
         kw = dict(softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
                   filter_eps=filter_eps)
         if M > 0:

@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Test hooks: force a block shape or a number of vocab splits (None = heuristic).
-_OVERRIDES: dict = {"block": None, "splits": None}
+from ._debug import OVERRIDES, empty
 
 
 @triton.jit
@@ -156,8 +155,8 @@ class LaunchConfig:
 def pick_config(M: int, V: int, K: int) -> LaunchConfig:
     """Block shapes. GPU defaults follow Hopper leads (128x256x64 class tiles
     need autotuning per (H, V) bucket; that is tuned separately)."""
-    if _OVERRIDES["block"] is not None:
-        bm, bn, bk = _OVERRIDES["block"]
+    if OVERRIDES["block"] is not None:
+        bm, bn, bk = OVERRIDES["block"]
         return LaunchConfig(bm, bn, bk, 4, 1)
     if KERNELS_INTERPRETED:
         # Large numpy blocks run fastest in the interpreter; keep them odd-shape friendly.
@@ -167,8 +166,8 @@ def pick_config(M: int, V: int, K: int) -> LaunchConfig:
 
 
 def pick_splits(M: int, V: int, cfg: LaunchConfig, device: torch.device) -> int:
-    if _OVERRIDES["splits"] is not None:
-        return max(1, min(int(_OVERRIDES["splits"]), triton.cdiv(V, cfg.block_n)))
+    if OVERRIDES["splits"] is not None:
+        return max(1, min(int(OVERRIDES["splits"]), triton.cdiv(V, cfg.block_n)))
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -212,13 +211,13 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     vocab_per_split = triton.cdiv(triton.cdiv(V, S), cfg.block_n) * cfg.block_n
     S = triton.cdiv(V, vocab_per_split)  # every split holds at least one column
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    out_m = torch.empty(S, M, **f32)
-    out_s = torch.empty(S, M, **f32)
-    out_tz = torch.empty(S, M, **f32) if targets is not None else None
-    out_sz = torch.empty(S, M, **f32) if want_sumz else None
-    out_ez = torch.empty(S, M, **f32) if want_entropy else None
-    out_av = torch.empty(S, M, **f32) if want_argmax else None
-    out_ai = torch.empty(S, M, dtype=torch.int64, device=hidden.device) if want_argmax else None
+    out_m = empty(S, M, **f32)
+    out_s = empty(S, M, **f32)
+    out_tz = empty(S, M, **f32) if targets is not None else None
+    out_sz = empty(S, M, **f32) if want_sumz else None
+    out_ez = empty(S, M, **f32) if want_entropy else None
+    out_av = empty(S, M, **f32) if want_argmax else None
+    out_ai = empty(S, M, dtype=torch.int64, device=hidden.device) if want_argmax else None
     if M > 0:
         dummy = out_m  # stands in for absent optional pointers; never dereferenced
         grid = (triton.cdiv(M, cfg.block_m), S)

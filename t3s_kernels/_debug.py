@@ -1,0 +1,25 @@
+"""Test hooks shared by the backends.
+
+`OVERRIDES` lets tests force a block shape or a number of vocab splits, and
+turn on poisoning: every output buffer a kernel must fully write is then
+allocated filled with NaN (integers: -7), so an element a kernel forgets to
+write shows up in the comparison instead of passing by luck.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OVERRIDES: dict = {"block": None, "splits": None, "poison": False}
+
+
+def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or a poisoned buffer under OVERRIDES['poison']."""
+    if not OVERRIDES["poison"]:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else (True if dtype == torch.bool else -7)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    return empty(*t.shape, dtype=t.dtype, device=t.device)

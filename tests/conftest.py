@@ -1,0 +1,45 @@
+"""Test setup: run the real Triton kernels on CPU through the interpreter.
+
+TRITON_INTERPRET must be set before `triton.jit` runs, i.e. before
+t3s_kernels is imported, so it is decided here, at collection time. On a CUDA
+machine the kernels run natively unless TRITON_INTERPRET=1 is set by hand.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import t3s_kernels  # noqa: E402  (after TRITON_INTERPRET)
+from t3s_kernels import _debug  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = list(t3s_kernels.available_backends())
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Every kernel output buffer starts as NaN; unwritten elements fail the comparisons."""
+    _debug.OVERRIDES["poison"] = True
+    yield
+    _debug.OVERRIDES.update(poison=False, block=None, splits=None)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs on every run; the seed is printed (shown on failure).
+
+    Set T3S_TEST_SEED to replay a failing run.
+    """
+    seed = int(os.environ.get("T3S_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"T3S_TEST_SEED={seed}")
+    yield
