@@ -143,6 +143,8 @@ def linear_cross_entropy(
                   z_loss=z_loss, normalizer=normalizer, filter_eps=filter_eps,
                   accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes)
     backend = _resolve_backend(backend, hidden)
+    if weight.dtype == torch.float64:
+        accum_dtype = torch.float64  # never sum below the weight's own precision
     prep = flatten_and_weigh(hidden, weight, targets,
                              bias.contiguous() if bias is not None else None,
                              loss_mask, ignore_index)
