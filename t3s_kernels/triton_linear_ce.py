@@ -10,11 +10,12 @@ tiles recomputes the logit tile, forms
 skips the tile when every |d loss / d r| < filter_eps (gradient filtering),
 and adds G W to grad_hidden and G^T h to grad_weight with fp32 atomics.
 
-Memory: grad_hidden is accumulated in an fp32 [M, H] buffer (M kept rows);
-grad_weight in fp32 vocabulary chunks of at most `buffer_bytes`, each
-written out in the weight's dtype once complete (so fp32 accumulation never
-needs a V x H fp32 buffer). With accum_dtype equal to the weight's dtype the
-atomics go straight into grad_weight and no chunk buffer is used.
+Memory: every temporary is bounded by `buffer_bytes`. grad_hidden is
+accumulated in an fp32 [M, H] buffer (M kept rows) when that fits, else in
+fp32 row chunks during an extra pass; grad_weight in fp32 vocabulary chunks,
+each written out in the weight's dtype once complete (so fp32 accumulation
+never needs a V x H fp32 buffer). With accum_dtype equal to the weight's
+dtype the atomics go straight into grad_weight and no chunk buffer is used.
 
 Atomics make the float summation order, hence the last bits, run-dependent.
 """
@@ -162,14 +163,30 @@ class _TokenLossTriton(torch.autograd.Function):
         V, K = weight.shape
         gcoef = grad_loss.float().contiguous()
         f32 = dict(dtype=torch.float32, device=hidden.device)
-        dh = torch.zeros(M, K, **f32) if need_h else None
+        kw = dict(softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
+                  filter_eps=filter_eps)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # grad_hidden is summed over the whole vocabulary in fp32. If the [M, H] fp32
+        # accumulator fits the buffer budget, one pass does everything; otherwise a
+        # first pass does grad_hidden in row chunks and a second pass (recomputing the
+        # logits once more) does grad_weight / grad_bias.
+        one_pass = need_h and M * K * 4 <= buffer_bytes
+        dh = torch.zeros(M, K, **f32) if one_pass else None
+        if need_h and not one_pass and M > 0:
+            step = max(1, buffer_bytes // (K * 4))
+            buf = torch.empty(min(step, M), K, **f32)
+            for r0 in range(0, M, step):
+                r1 = min(r0 + step, M)
+                acc = buf[: r1 - r0].zero_()
+                _launch_backward(hidden, weight, bias, rows[r0:r1], targets[r0:r1],
+                                 lse[r0:r1], gcoef[r0:r1], dh=acc, dw=None, db=None,
+                                 v_begin=0, v_end=V, **kw)
+                grad_h.index_copy_(0, rows[r0:r1], acc.to(hidden.dtype))
         db = torch.zeros(V, **f32) if need_b else None
         grad_w = None
         if need_w:
             grad_w = torch.zeros_like(weight) if accum_dtype == weight.dtype else empty_like(weight)
-        kw = dict(softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
-                  filter_eps=filter_eps)
-        if M > 0:
+        if M > 0 and (need_w or need_b or one_pass):
             if not need_w or accum_dtype == weight.dtype:
                 # One launch over the whole vocabulary; atomics go straight into grad_w.
                 _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, dh=dh,
@@ -187,9 +204,7 @@ class _TokenLossTriton(torch.autograd.Function):
                     grad_w[v0:v1] = acc
         elif need_w:
             grad_w.zero_()
-        grad_h = None
-        if need_h:
-            grad_h = torch.zeros_like(hidden)
+        if one_pass:
             grad_h.index_copy_(0, rows, dh.to(hidden.dtype))
         grad_b = db.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None

@@ -320,3 +320,11 @@ def test_float64_reference_backend():
 
 def test_backends_listed():
     assert "torch" in t3s_kernels.available_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_hidden_small_buffer(backend):
+    """M * H * 4 > buffer_bytes: grad_hidden is done in row chunks in a separate pass."""
+    n, h = 40, 512
+    assert n * h * 4 > 2**16
+    _run_case(backend, torch.bfloat16, {"bias": True}, n=n, h=h, v=300, buffer_bytes=2**16)
