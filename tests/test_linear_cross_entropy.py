@@ -323,8 +323,17 @@ def test_backends_listed():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_wide_hidden_small_buffer(backend):
+def test_wide_hidden_small_buffer(backend, monkeypatch):
     """M * H * 4 > buffer_bytes: grad_hidden is done in row chunks in a separate pass."""
     n, h = 40, 512
     assert n * h * 4 > 2**16
+    from t3s_kernels import triton_linear_ce
+    launches = []
+    real = triton_linear_ce._launch_backward
+    monkeypatch.setattr(triton_linear_ce, "_launch_backward",
+                        lambda *a, **k: launches.append((k["dh"] is not None, k["dw"] is not None))
+                        or real(*a, **k))
     _run_case(backend, torch.bfloat16, {"bias": True}, n=n, h=h, v=300, buffer_bytes=2**16)
+    if backend == "triton":  # two row chunks for grad_hidden, then weight/bias chunks
+        assert launches[:2] == [(True, False), (True, False)] and launches[2:]
+        assert all(dw and not dh for dh, dw in launches[2:])
