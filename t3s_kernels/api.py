@@ -10,6 +10,7 @@ Semantics are specified in `t3s_kernels.reference`.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -65,7 +66,17 @@ def available_backends() -> tuple:
 
 def _resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
     if backend is None:
-        return "triton" if (hidden.is_cuda and triton_lse is not None) else "torch"
+        if not hidden.is_cuda:
+            return "torch"
+        if triton_lse is None:
+            _warn_once(f"t3s_kernels: Triton is unavailable ({_TRITON_ERROR}); "
+                       "using the PyTorch reference")
+            return "torch"
+        if hidden.dtype not in KERNEL_DTYPES:
+            _warn_once(f"t3s_kernels: the Triton kernels take fp16/bf16/fp32, not "
+                       f"{hidden.dtype}; using the PyTorch reference")
+            return "torch"
+        return "triton"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton":
@@ -76,6 +87,15 @@ def _resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
                             f"got {hidden.dtype}")
         triton_lse.check_triton_device(hidden)
     return backend
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _scatter_rows(values: torch.Tensor, prep: Prepared, fill) -> torch.Tensor:
