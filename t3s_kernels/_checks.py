@@ -189,8 +189,9 @@ def flatten_and_weigh(
 ) -> Prepared:
     """Flatten to [N, H] / [N], validate label range and mask values, find kept rows.
 
-    This performs one host synchronisation (to validate labels and to size the
-    compacted row list); it is the only one on the forward path.
+    This performs one host synchronisation, which validates labels and mask
+    values and sizes the compacted row list; it is the only one on the forward
+    path.
     """
     V = weight.shape[0]
     lead_shape = targets.shape
@@ -203,11 +204,12 @@ def flatten_and_weigh(
         mask1d = loss_mask.reshape(-1)
         token_weight = torch.where(not_ignored, mask1d.float(), torch.zeros((), device=mask1d.device))
 
+    kept = token_weight != 0
     bad_label = not_ignored & ((targets1d < 0) | (targets1d >= V))
-    counts = [bad_label.sum()]
+    counts = [kept.sum(), bad_label.sum()]
     if loss_mask is not None and loss_mask.is_floating_point():
         counts.append((~torch.isfinite(loss_mask) | (loss_mask < 0)).sum())
-    counts = torch.stack(counts).tolist()  # the one host sync
+    num_kept, *counts = torch.stack(counts).tolist()  # the one host sync
     if counts[0]:
         first = targets1d[bad_label][0].item()
         raise ValueError(
@@ -219,5 +221,9 @@ def flatten_and_weigh(
             f"loss_mask has {counts[1]} negative or non-finite value(s); weights must be "
             "finite and >= 0"
         )
-    kept_rows = torch.nonzero(token_weight != 0).squeeze(1)
+    # The count is known, so the compaction needs no second sync.
+    try:
+        kept_rows = torch.nonzero_static(kept, size=num_kept).squeeze(1)
+    except (AttributeError, NotImplementedError, RuntimeError):  # older torch / backend
+        kept_rows = torch.nonzero(kept).squeeze(1)
     return Prepared(hidden2d, weight, bias, targets1d, token_weight, kept_rows, lead_shape)

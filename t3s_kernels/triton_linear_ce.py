@@ -10,9 +10,9 @@ tiles recomputes the logit tile, forms
 skips the tile when every |d loss / d r| < filter_eps (gradient filtering),
 and adds G W to grad_hidden and G^T h to grad_weight with fp32 atomics.
 
-Memory: every temporary is bounded by `buffer_bytes`. grad_hidden is
-accumulated in an fp32 [M, H] buffer (M kept rows) when that fits, else in
-fp32 row chunks during an extra pass; grad_weight in fp32 vocabulary chunks,
+Memory: the fp32 accumulators together stay within `buffer_bytes`.
+grad_hidden is accumulated in an fp32 [M, H] buffer (M kept rows) when that
+takes at most half the budget, else in fp32 row chunks during an extra pass; grad_weight in fp32 vocabulary chunks,
 each written out in the weight's dtype once complete (so fp32 accumulation
 never needs a V x H fp32 buffer). With accum_dtype equal to the weight's
 dtype the atomics go straight into grad_weight and no chunk buffer is used.
@@ -170,7 +170,7 @@ class _TokenLossTriton(torch.autograd.Function):
         # accumulator fits the buffer budget, one pass does everything; otherwise a
         # first pass does grad_hidden in row chunks and a second pass (recomputing the
         # logits once more) does grad_weight / grad_bias.
-        one_pass = need_h and M * K * 4 <= buffer_bytes
+        one_pass = need_h and M * K * 4 <= buffer_bytes // 2
         dh = torch.zeros(M, K, **f32) if one_pass else None
         if need_h and not one_pass and M > 0:
             step = max(1, buffer_bytes // (K * 4))
@@ -193,8 +193,10 @@ class _TokenLossTriton(torch.autograd.Function):
                                  dw=grad_w, db=db, v_begin=0, v_end=V, **kw)
             else:
                 # fp32 accumulation in bounded vocabulary chunks, each cast once when done.
+                # The chunk takes what the grad_hidden accumulator leaves of the budget.
                 block_n = pick_config(M, V, K).block_n
-                chunk = max(block_n, (buffer_bytes // (K * 4)) // block_n * block_n)
+                budget = buffer_bytes - (dh.numel() * 4 if dh is not None else 0)
+                chunk = max(block_n, (budget // (K * 4)) // block_n * block_n)
                 buf = torch.empty(min(chunk, V), K, **f32)
                 for v0 in range(0, V, chunk):
                     v1 = min(v0 + chunk, V)

@@ -1,0 +1,234 @@
+"""The bottleneck θ_b: the pilot-run checkpoint with the lowest training accuracy.
+
+* `find_bottleneck`: argmin over a finished history.
+* `BottleneckTracker`: the same online, plus which checkpoints may be deleted
+  (only the ones that can still be the argmin are kept, so disk use stays
+  O(1)) and early detection (stop the pilot once accuracy has recovered).
+* `training_accuracy`: the accuracy itself, by greedy generation on a fixed
+  subset of training prompts, checked by a verifier (`t3s.verify`). This is not
+  teacher-forced token accuracy, which falls with the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .verify import Verifier, get_verifier
+
+__all__ = ["find_bottleneck", "BottleneckTracker", "select_subset", "training_accuracy"]
+
+
+def _check_acc(step: Any, acc: Any) -> float:
+    try:
+        a = float(acc)
+    except (TypeError, ValueError):
+        raise ValueError(f"step {step}: accuracy {acc!r} is not a number") from None
+    if math.isnan(a):
+        raise ValueError(f"step {step}: accuracy is NaN")
+    return a
+
+
+def find_bottleneck(history: Mapping[int, float]) -> int:
+    """The step with the lowest training accuracy; ties go to the earliest step.
+
+    history: step -> accuracy. Raises ValueError when it is empty or holds NaN.
+    """
+    if not history:
+        raise ValueError("empty accuracy history: no checkpoint was evaluated")
+    best_step, best = None, math.inf
+    for step in sorted(history):
+        a = _check_acc(step, history[step])
+        if a < best:
+            best_step, best = step, a
+    return int(best_step)
+
+
+class BottleneckTracker:
+    """Online argmin of training accuracy, checkpoint retention and early stop.
+
+    margin: a checkpoint is kept while its accuracy is <= running minimum +
+    ``margin`` (it can still be the argmin, or nearly). recover_margin, patience:
+    the bottleneck is declared (``done``) once ``patience`` consecutive
+    evaluations are >= running minimum + ``recover_margin``.
+
+    Steps must be given in increasing order. After ``done`` the tracker keeps
+    recording, and `bottleneck` stays the argmin of everything seen *(choice)*;
+    ``done`` does not reset.
+    """
+
+    def __init__(self, *, margin: float = 0.0, recover_margin: float = 0.05, patience: int = 2):
+        if margin < 0 or recover_margin < 0:
+            raise ValueError("margin and recover_margin must be >= 0")
+        if patience < 1:
+            raise ValueError("patience must be >= 1")
+        self.margin = float(margin)
+        self.recover_margin = float(recover_margin)
+        self.patience = int(patience)
+        self.history: Dict[int, float] = {}
+        self.running_min = math.inf
+        self.min_step: Optional[int] = None
+        self.done = False
+        self.declared_at: Optional[int] = None
+        self._recovered = 0
+        self._released: set = set()
+
+    def update(self, step: int, acc: float) -> bool:
+        """Record one evaluation. Returns True when ``step`` is the new (strict) minimum."""
+        a = _check_acc(step, acc)
+        step = int(step)
+        if self.history and step <= max(self.history):
+            raise ValueError(f"step {step} is not after the last recorded step {max(self.history)}")
+        self.history[step] = a
+        new_min = a < self.running_min
+        if new_min:
+            self.running_min, self.min_step = a, step
+        if a >= self.running_min + self.recover_margin and not new_min:
+            self._recovered += 1
+        else:
+            self._recovered = 0
+        if not self.done and self._recovered >= self.patience:
+            self.done = True
+            self.declared_at = step
+        return new_min
+
+    @property
+    def bottleneck(self) -> Optional[int]:
+        """The argmin step so far (ties to the earliest), None before any update."""
+        return self.min_step
+
+    def should_keep_checkpoint(self, step: int, acc: Optional[float] = None) -> bool:
+        """Can this checkpoint still be (within ``margin`` of) the argmin?
+        True iff acc <= running minimum + margin. ``acc`` defaults to the recorded
+        accuracy of ``step``; an unrecorded accuracy is compared with the current
+        minimum without being recorded."""
+        if acc is None:
+            if step not in self.history:
+                raise ValueError(f"step {step} was not recorded; pass its accuracy")
+            acc = self.history[step]
+        a = _check_acc(step, acc)
+        return a <= min(self.running_min, a) + self.margin
+
+    def deletable(self) -> List[int]:
+        """All recorded steps whose checkpoints can no longer be the argmin."""
+        return [s for s, a in sorted(self.history.items()) if a > self.running_min + self.margin]
+
+    def pop_deletable(self) -> List[int]:
+        """The deletable steps not returned by an earlier call (delete them now)."""
+        new = [s for s in self.deletable() if s not in self._released]
+        self._released.update(new)
+        return new
+
+    def kept(self) -> List[int]:
+        """Recorded steps whose checkpoints must be kept."""
+        return [s for s, a in sorted(self.history.items()) if a <= self.running_min + self.margin]
+
+    def __repr__(self) -> str:
+        return (f"BottleneckTracker(bottleneck={self.bottleneck}, min={self.running_min:.4f}, "
+                f"done={self.done}, evaluations={len(self.history)})")
+
+
+def select_subset(examples: Sequence[Mapping[str, Any]], subset_size: Optional[int], seed: int = 0
+                  ) -> List[Mapping[str, Any]]:
+    """A fixed subset of ``examples``: ``subset_size`` drawn with ``seed`` from the
+    examples sorted by id, returned in id order; all of them when ``subset_size``
+    is None or at least the number of examples. Same inputs, same subset."""
+    ordered = sorted(examples, key=lambda ex: int(ex["example_id"]))
+    if subset_size is None or subset_size >= len(ordered):
+        return ordered
+    if subset_size < 1:
+        raise ValueError("subset_size must be >= 1")
+    idx = sorted(random.Random(seed).sample(range(len(ordered)), subset_size))
+    return [ordered[i] for i in idx]
+
+
+def _prompt_ids(ex: Mapping[str, Any]) -> List[int]:
+    ids = ex["input_ids"]
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if "prompt_length" in ex:
+        return ids[:int(ex["prompt_length"])]
+    labels = ex["labels"]
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+    n = next((i for i, y in enumerate(labels) if y != -100), len(labels))
+    return ids[:n]
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *,
+                      verifier: Union[str, Verifier, None] = "math", subset_size: Optional[int] = 64,
+                      max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
+                      progress: bool = True, return_details: bool = False,
+                      generation_kwargs: Optional[Mapping[str, Any]] = None):
+    """Fraction of training prompts the model answers correctly.
+
+    For a fixed subset (`select_subset`) of ``examples`` (dicts from `t3s.data`:
+    ``input_ids``, ``prompt_length`` or ``labels``, ``answer``), generate
+    greedily (``model.generate(..., do_sample=False)``) from the prompt tokens,
+    left-padded in batches of ``batch_size``, decode the new tokens with
+    ``skip_special_tokens=True`` and check them with ``verifier(prediction,
+    answer)`` *(choice: greedy, fixed subset, configurable size)*. The model is
+    put in eval mode and restored afterwards.
+
+    Returns the accuracy in [0, 1]; with ``return_details=True``, ``(accuracy,
+    [{"example_id", "prediction", "answer", "correct"}])``.
+    """
+    verify_fn = get_verifier(verifier)
+    subset = select_subset(list(examples), subset_size, seed)
+    if not subset:
+        raise ValueError("no examples to evaluate")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None)
+    if pad_id is None:
+        pad_id = 0
+    device = _model_device(model)
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    details = []
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(subset), desc="training accuracy", disable=not progress, leave=False)
+        for start in range(0, len(subset), batch_size):
+            chunk = subset[start:start + batch_size]
+            prompts = [_prompt_ids(ex) for ex in chunk]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                attention_mask[i, width - len(p):] = 1
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=int(pad_id))
+            kwargs.update(generation_kwargs or {})
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 **kwargs)
+            if not isinstance(out, torch.Tensor):
+                out = out.sequences
+            new_tokens = out[:, width:].cpu()
+            for ex, toks in zip(chunk, new_tokens):
+                pred = tokenizer.decode(toks.tolist(), skip_special_tokens=True)
+                ok = bool(verify_fn(pred, str(ex["answer"])))
+                details.append({"example_id": int(ex["example_id"]), "prediction": pred,
+                                "answer": str(ex["answer"]), "correct": ok})
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    acc = sum(d["correct"] for d in details) / len(details)
+    return (acc, details) if return_details else acc

@@ -1,0 +1,243 @@
+"""Bottleneck search, checkpoint retention, training accuracy and verifiers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from t3s.bottleneck import BottleneckTracker, find_bottleneck, select_subset, training_accuracy
+from t3s.data import TraceDataset
+from t3s.verify import exact_match, extract_boxed, extract_final_answer, get_verifier, math_verify_match
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHARS = list("0123456789+=;# ")
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+# -------------------------------------------------------------------------------------
+# find_bottleneck
+# -------------------------------------------------------------------------------------
+
+def test_find_bottleneck_argmin_and_ties():
+    assert find_bottleneck({0: 0.9, 10: 0.4, 20: 0.1, 30: 0.3}) == 20
+    # ties go to the earliest step, whatever the dict order
+    assert find_bottleneck({40: 0.2, 10: 0.5, 30: 0.2, 20: 0.2, 50: 0.6}) == 20
+    assert find_bottleneck({5: 0.0}) == 5
+
+
+def test_find_bottleneck_random(rng):
+    steps = rng.choice(1000, 30, replace=False)
+    accs = rng.integers(0, 6, 30) / 5             # many ties
+    hist = {int(s): float(a) for s, a in zip(steps, accs)}
+    lo = min(hist.values())
+    assert find_bottleneck(hist) == min(s for s, a in hist.items() if a == lo)
+
+
+def test_find_bottleneck_errors():
+    with pytest.raises(ValueError, match="empty"):
+        find_bottleneck({})
+    with pytest.raises(ValueError, match="step 3: accuracy is NaN"):
+        find_bottleneck({1: 0.5, 3: float("nan")})
+    with pytest.raises(ValueError, match="not a number"):
+        find_bottleneck({1: "high"})
+
+
+# -------------------------------------------------------------------------------------
+# tracker
+# -------------------------------------------------------------------------------------
+
+def test_online_detection():
+    t = BottleneckTracker(recover_margin=0.1, patience=2)
+    seq = [(0, 0.9), (5, 0.5), (10, 0.2), (15, 0.25), (20, 0.31), (25, 0.2), (30, 0.35), (35, 0.4)]
+    done_at = None
+    for step, acc in seq:
+        t.update(step, acc)
+        if t.done and done_at is None:
+            done_at = step
+    # 15 is not recovered (< 0.3); 20 is, then 25 breaks the run; 30, 35 are two in a row
+    assert done_at == 35 and t.declared_at == 35
+    assert t.bottleneck == 10                      # 25 ties with 10; the earliest wins
+    t.update(40, 0.0)                              # after done: still recorded, done stays
+    assert t.done and t.bottleneck == 40
+
+
+def test_detection_resets_on_new_minimum():
+    t = BottleneckTracker(recover_margin=0.05, patience=2)
+    for step, acc in [(0, 0.5), (1, 0.6), (2, 0.1), (3, 0.2)]:
+        t.update(step, acc)
+    assert not t.done                              # 1 recovered, but 2 is a new minimum
+    t.update(4, 0.16)
+    assert t.done and t.bottleneck == 2
+
+
+def test_retention():
+    t = BottleneckTracker(margin=0.05)
+    t.update(0, 0.8)
+    assert t.should_keep_checkpoint(0)
+    t.update(1, 0.5)
+    assert t.pop_deletable() == [0] and not t.should_keep_checkpoint(0)
+    t.update(2, 0.53)                              # within the margin: kept
+    assert t.should_keep_checkpoint(2) and t.pop_deletable() == []
+    t.update(3, 0.3)
+    assert t.pop_deletable() == [1, 2]
+    assert t.pop_deletable() == []
+    assert t.kept() == [3] and t.deletable() == [0, 1, 2]
+    assert t.should_keep_checkpoint(99, 0.34) and not t.should_keep_checkpoint(99, 0.36)
+    assert 99 not in t.history
+    with pytest.raises(ValueError, match="not recorded"):
+        t.should_keep_checkpoint(7)
+    with pytest.raises(ValueError, match="not after"):
+        t.update(3, 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        t.update(9, float("nan"))
+
+
+def test_tracker_matches_offline(rng):
+    margin = float(rng.uniform(0, 0.2))
+    t = BottleneckTracker(margin=margin, recover_margin=0.1, patience=3)
+    hist, deleted = {}, set()
+    for step in range(0, 400, 10):
+        acc = float(rng.integers(0, 11) / 10)
+        t.update(step, acc)
+        hist[step] = acc
+        deleted.update(t.pop_deletable())
+        assert t.bottleneck == find_bottleneck(hist)
+        assert t.bottleneck not in deleted         # the argmin is never deleted
+        lo = min(hist.values())
+        assert deleted == {s for s, a in hist.items() if a > lo + margin}
+
+
+# -------------------------------------------------------------------------------------
+# verifiers
+# -------------------------------------------------------------------------------------
+
+def test_verifiers():
+    assert extract_boxed(r"x \boxed{\frac{1}{2}} then \boxed{3}") == "3"
+    assert extract_boxed(r"\boxed{\frac{1}{\sqrt{2}}}") == r"\frac{1}{\sqrt{2}}"
+    assert extract_boxed("none") is None
+    assert extract_final_answer("23+45=68;68+12=80;#80") == "80"
+    assert extract_final_answer("work\n#### 1,000\n") == "1,000"
+    assert extract_final_answer("so the answer is 42.") == "42."
+    assert exact_match("The answer is 1,000.", "1000")
+    assert exact_match(r"\boxed{ 7 }", "7") and not exact_match(r"\boxed{8}", "7")
+    assert math_verify_match(r"so \boxed{0.5}", r"\frac12")
+    assert math_verify_match("23+45=68;68+12=80;#80", "80")
+    assert not math_verify_match(r"\boxed{81}", "80")
+    assert get_verifier("exact") is exact_match
+    f = lambda p, g: True  # noqa: E731
+    assert get_verifier(f) is f
+    with pytest.raises(ValueError, match="unknown verifier"):
+        get_verifier("fuzzy")
+
+
+# -------------------------------------------------------------------------------------
+# training accuracy
+# -------------------------------------------------------------------------------------
+
+def dataset(tok, rng, n):
+    recs = []
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(0, 50, 2))
+        recs.append({"prompt": f"{i};{a}+{b}", "response": f"{a}+{b}={a + b};#{a + b}", "answer": str(a + b)})
+    return TraceDataset.from_jsonl(recs, tok)
+
+
+class FakeModel:
+    """generate() appends known tokens per prompt; records the calls."""
+
+    def __init__(self, tok, outputs):
+        self.tok, self.outputs, self.calls, self.training = tok, outputs, [], True
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, input_ids, attention_mask, **kw):
+        self.calls.append(kw)
+        assert not self.training
+        rows = []
+        for ids, am in zip(input_ids, attention_mask):
+            assert am[-1] == 1                     # left-padded
+            prompt = tuple(ids[am.bool()].tolist())
+            new = self.tok(self.outputs[prompt], add_special_tokens=False)["input_ids"]
+            new = new + [self.tok.eos_token_id] * (kw["max_new_tokens"] - len(new))
+            rows.append(torch.cat([ids, torch.tensor(new)]))
+        return torch.stack(rows)
+
+
+def test_training_accuracy_fake_model(rng):
+    tok = make_tokenizer()
+    ds = dataset(tok, rng, 13)
+    right = {ex["example_id"]: bool(rng.random() < 0.5) for ex in ds}
+    outputs = {}
+    for ex in ds:
+        ans = int(ex["answer"]) + (0 if right[ex["example_id"]] else 1)
+        outputs[tuple(ex["input_ids"][: ex["prompt_length"]].tolist())] = f"{ans}#{ans}"
+    model = FakeModel(tok, outputs)
+    acc, details = training_accuracy(model, tok, ds, verifier="exact", subset_size=None,
+                                     max_new_tokens=8, batch_size=4, progress=False, return_details=True)
+    assert acc == pytest.approx(sum(right.values()) / len(ds))
+    assert {d["example_id"]: d["correct"] for d in details} == right
+    assert model.training                          # restored
+    assert all(c["do_sample"] is False for c in model.calls) and len(model.calls) == 4
+    # a fixed subset: the same examples every call, of the requested size
+    acc5, d5 = training_accuracy(model, tok, ds, verifier="exact", subset_size=5, max_new_tokens=8,
+                                 progress=False, return_details=True, seed=3)
+    again = training_accuracy(model, tok, list(reversed(list(ds))), verifier="exact", subset_size=5,
+                              max_new_tokens=8, progress=False, return_details=True, seed=3)[1]
+    assert [d["example_id"] for d in d5] == [d["example_id"] for d in again] and len(d5) == 5
+    assert acc5 == pytest.approx(np.mean([right[d["example_id"]] for d in d5]))
+    assert math.isclose(training_accuracy(model, tok, ds, verifier=lambda p, g: False, subset_size=None,
+                                          max_new_tokens=8, progress=False), 0.0)
+
+
+def test_training_accuracy_tiny_gpt2(rng):
+    tok = make_tokenizer()
+    ds = dataset(tok, rng, 6)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(cfg)
+    acc = training_accuracy(model, tok, ds, verifier=lambda p, g: True, subset_size=4, max_new_tokens=3,
+                            batch_size=3, progress=True)
+    assert acc == 1.0
+    _, details = training_accuracy(model, tok, ds, verifier=lambda p, g: p == p, subset_size=None,
+                                   max_new_tokens=3, batch_size=4, progress=False, return_details=True)
+    assert len(details) == 6 and all(isinstance(d["prediction"], str) for d in details)
+    assert model.training
+    # greedy generation is deterministic
+    again = training_accuracy(model, tok, ds, verifier="exact", subset_size=None, max_new_tokens=3,
+                              batch_size=2, progress=False, return_details=True)[1]
+    assert [d["prediction"] for d in again] == [d["prediction"] for d in details]
+
+
+def test_select_subset():
+    exs = [{"example_id": i} for i in (9, 3, 7, 1, 5)]
+    assert [e["example_id"] for e in select_subset(exs, None)] == [1, 3, 5, 7, 9]
+    s = select_subset(exs, 3, seed=0)
+    assert len(s) == 3 and s == select_subset(list(reversed(exs)), 3, seed=0)
+    with pytest.raises(ValueError):
+        select_subset(exs, 0)
