@@ -1,0 +1,601 @@
+"""Exact mode: c_t(theta) = log p_theta(y_t | y_<t, x) by a forward-only pass.
+
+`profile` runs a Hugging Face ``*ForCausalLM`` (anything with
+``get_output_embeddings()`` and a base model returning the last hidden state)
+over the data at one checkpoint, and computes each response token's log-prob
+with `t3s_kernels.target_logprobs` on the last hidden state and the lm_head
+weight: the N x V logits are never materialised. The result is a per-token
+table in the `t3s.store` schema (step, example_id, position, logprob), written
+to a store (resumable) or returned.
+
+`online_delta`, `exact_delta` and `compare_deltas` then measure how well the
+checkpoint-free (online) Delta c_t = c_t(theta_b) - c_t(theta_0), read from the
+training trajectory, agrees with the exact one.
+
+Token keys follow the shared convention: (example_id, position) with position
+the index of the target token in the example's input_ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from t3s_kernels import target_logprobs
+
+from .recorder import token_keys
+from .store import (
+    MANIFEST_NAME,
+    PathLike,
+    TrajectoryReader,
+    TrajectoryWriter,
+    first_visit,
+    join_tokens,
+    nearest_visit,
+    trajectory_schema,
+)
+
+__all__ = [
+    "profile",
+    "model_head",
+    "LMHead",
+    "last_hidden_state",
+    "online_delta",
+    "exact_delta",
+    "compare_deltas",
+    "Agreement",
+]
+
+Example = Tuple[int, np.ndarray, np.ndarray]  # (example_id, input_ids [L], labels [L])
+
+
+# --------------------------------------------------------------------------- model access
+@dataclasses.dataclass
+class LMHead:
+    """What maps the last hidden state to logits: z = softcap(scale * (h W^T + b))."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: Optional[torch.Tensor]  # [V]
+    softcap: Optional[float]
+    scale: Optional[float]  # logits are multiplied by it (before the softcap)
+
+
+def model_head(model) -> LMHead:
+    """The output projection of a causal LM: weight, bias, softcap and logit scale.
+
+    Reads ``get_output_embeddings()`` and, from ``model.config``,
+    ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere: logits are
+    multiplied) and ``logits_scaling`` (Granite: logits are divided).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); "
+                         "profile needs a *ForCausalLM model")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel): gather once
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = None
+    if getattr(config, "logit_scale", None) is not None:
+        scale = float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale = (scale or 1.0) / float(config.logits_scaling)
+    return LMHead(weight=weight.detach(), bias=None if bias is None else bias.detach(),
+                 softcap=None if softcap is None else float(softcap), scale=scale)
+
+
+def _base_model(model):
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            dec = get_decoder()
+        except (AttributeError, NotImplementedError):
+            dec = None
+        if isinstance(dec, torch.nn.Module) and dec is not model:
+            return dec
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        return base
+    return None
+
+
+def last_hidden_state(model, input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, T, H] hidden states that the lm_head maps to logits (final norm applied).
+
+    Calls the base model (``get_decoder()`` or ``base_model``) so that no
+    logits are computed; falls back to ``output_hidden_states=True`` on the
+    full model.
+    """
+    base = _base_model(model)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if base is not None:
+        out = base(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    else:
+        out = model(**kwargs, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+    return hidden
+
+
+def _logprobs(model, head: LMHead, input_ids, attention_mask, labels, *, want_entropy,
+              ignore_index, backend):
+    """log p(labels[:, i+1]) from hidden[:, i]: float32 [B, T-1] (+ entropy)."""
+    hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1]
+    weight, bias = head.weight, head.bias
+    if hidden.device != weight.device:
+        hidden = hidden.to(weight.device)
+    if head.scale is not None:
+        hidden = hidden * head.scale
+        bias = None if bias is None else bias * head.scale
+    targets = labels[:, 1:].to(weight.device)
+    out = target_logprobs(hidden, weight, targets, bias=bias, softcap=head.softcap,
+                          return_entropy=want_entropy, ignore_index=ignore_index,
+                          backend=backend)
+    if want_entropy:
+        return out.logprobs, out.entropy
+    return out, None
+
+
+def _verify(model, head: LMHead, ids: np.ndarray, *, n_tokens: int, atol: float,
+            backend) -> float:
+    """Max |ours - log_softmax(model logits)| on a prefix; ValueError above atol."""
+    length = min(len(ids), n_tokens)
+    if length < 2:
+        return 0.0
+    device = _input_device(model)
+    x = torch.as_tensor(ids[:length], dtype=torch.long, device=device)[None]
+    logits = model(input_ids=x, use_cache=False).logits.float()
+    ref = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, x[0, 1:, None].to(logits.device))
+    ours, _ = _logprobs(model, head, x, None, x, want_entropy=False, ignore_index=-100,
+                        backend=backend)
+    err = float((ours[0].to(ref.device) - ref[:, 0]).abs().max())
+    if not err <= atol:
+        raise ValueError(
+            f"profile: log-probs from the last hidden state and lm_head differ from the model's "
+            f"own logits by {err:.3g} (> {atol:g}). {type(model).__name__} transforms its "
+            "logits in a way profile does not know; pass verify=False to skip this check")
+    return err
+
+
+def _input_device(model) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- data
+def _as_1d(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).reshape(-1)
+
+
+def _is_batch(item: Mapping) -> bool:
+    x = item["input_ids"]
+    ndim = x.dim() if isinstance(x, torch.Tensor) else np.ndim(x)
+    return ndim == 2
+
+
+def _unpack_batch(batch: Mapping) -> List[Example]:
+    """Split a padded or packed batch into its examples (padding removed)."""
+    ids = np.asarray(_as_np2(batch["input_ids"]))
+    labels = np.asarray(_as_np2(batch["labels"]))
+    eids = _as_1d(batch["example_ids"] if "example_ids" in batch else batch["example_id"])
+    am = batch.get("attention_mask")
+    am = None if am is None else _as_np2(am).astype(bool)
+    pid = batch.get("position_ids")
+    out: List[Example] = []
+    if pid is None:
+        if len(eids) != ids.shape[0]:
+            raise ValueError(f"a padded batch needs one example id per row: got {len(eids)} "
+                             f"ids for {ids.shape[0]} rows")
+        for r in range(ids.shape[0]):
+            keep = am[r] if am is not None else slice(None)
+            out.append((int(eids[r]), ids[r][keep], labels[r][keep]))
+        return out
+    pid = _as_np2(pid).reshape(ids.shape)
+    starts = pid == 0
+    if am is not None:
+        starts &= am
+    flat_starts = np.flatnonzero(starts.reshape(-1))
+    if len(flat_starts) != len(eids):
+        raise ValueError(f"the batch packs {len(flat_starts)} sequences but {len(eids)} example "
+                         "ids were given")
+    flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
+    flat_keep = am.reshape(-1) if am is not None else np.ones(flat_ids.size, dtype=bool)
+    bounds = np.r_[flat_starts, flat_ids.size]
+    for k, eid in enumerate(eids):
+        sl = slice(bounds[k], bounds[k + 1])
+        keep = flat_keep[sl]
+        out.append((int(eid), flat_ids[sl][keep], flat_labels[sl][keep]))
+    return out
+
+
+def _as_np2(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x[None] if x.ndim == 1 else x
+
+
+def _iter_examples(data: Iterable) -> Iterator[Example]:
+    for item in data:
+        if not isinstance(item, Mapping):
+            raise TypeError(f"profile expects dict-like examples or batches, got {type(item)}")
+        if "labels" not in item:
+            raise ValueError("each example / batch needs 'labels' (Hugging Face convention: "
+                             "-100 outside the response)")
+        if _is_batch(item):
+            yield from _unpack_batch(item)
+        else:
+            if "example_id" not in item:
+                raise ValueError("each example needs an 'example_id'")
+            ids, lab = _as_1d(item["input_ids"]), _as_1d(item["labels"])
+            if ids.shape != lab.shape:
+                raise ValueError(f"input_ids {ids.shape} and labels {lab.shape} differ in length")
+            yield int(item["example_id"]), ids, lab
+
+
+def _batches(examples: List[Example], batch_size: int,
+             max_tokens: Optional[int]) -> Iterator[List[Example]]:
+    """Longest first; at most batch_size examples and (if set) max_tokens padded tokens."""
+    examples = sorted(examples, key=lambda e: -len(e[1]))
+    batch: List[Example] = []
+    for ex in examples:
+        width = max([len(e[1]) for e in batch] + [len(ex[1])])
+        if batch and (len(batch) >= batch_size
+                      or (max_tokens is not None and width * (len(batch) + 1) > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(ex)
+    if batch:
+        yield batch
+
+
+def _collate(batch: List[Example], pad_token_id: int, ignore_index: int):
+    width = max(len(e[1]) for e in batch)
+    ids = np.full((len(batch), width), pad_token_id, dtype=np.int64)
+    lab = np.full((len(batch), width), ignore_index, dtype=np.int64)
+    am = np.zeros((len(batch), width), dtype=np.int64)
+    for r, (_, x, y) in enumerate(batch):
+        ids[r, :len(x)], lab[r, :len(y)], am[r, :len(x)] = x, y, 1
+    eids = np.array([e[0] for e in batch], dtype=np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(am), eids
+
+
+# --------------------------------------------------------------------------- profile
+@torch.no_grad()
+def profile(
+    model,
+    data: Iterable[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+    store_dir: Optional[PathLike] = None,
+    dataset_fingerprint: Optional[str] = None,
+    tokenizer_fingerprint: str = "",
+    model_id: str = "",
+    step: int = 0,
+    rank: Optional[int] = None,
+    resume: bool = True,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    pad_token_id: Optional[int] = None,
+    sort_window: int = 64,
+    verify: bool = True,
+    verify_atol: Optional[float] = None,
+    backend: Optional[str] = None,
+    progress: bool = True,
+    fsync: bool = False,
+) -> pa.Table:
+    """Forward-only pass computing c_t = log p(y_t) for every response token.
+
+    Args:
+        model: a causal LM (Hugging Face ``*ForCausalLM``) at the checkpoint to
+            profile. It is put in eval mode for the pass (and restored).
+        data: an iterable of examples ``{"example_id", "input_ids" [L],
+            "labels" [L]}`` (labels -100 outside the response), or of batches
+            ``{"input_ids" [B, T], "labels", "example_ids", optional
+            "attention_mask", "position_ids"}``. Batches are split into their
+            examples (packed ones by ``position_ids``) and re-batched with
+            right padding, so packing never lets sequences attend to each other.
+        batch_size: examples per forward pass. max_tokens: also cap
+            rows x padded length per pass.
+        store_dir: write the rows to this trajectory store (rank shard `rank`),
+            one record per forward pass. Then `dataset_fingerprint` is required.
+        tokenizer_fingerprint, model_id: recorded in a new store's manifest.
+        step: the value of the ``step`` column (e.g. 0 for theta_0, b for
+            theta_b); one store can hold several checkpoints.
+        resume: skip examples that already have rows at `step` in the store
+            (any rank). False profiles everything again and appends; the new
+            rows then win over the old ones in the returned table and in the
+            store's queries (the row written last wins at equal steps).
+        return_entropy: also compute the entropy column (the store then has an
+            ``entropy`` extra column).
+        pad_token_id: id used for padding (default: the config's, else 0; its
+            value does not matter as padding is masked).
+        sort_window: examples are read in windows of sort_window x batch_size
+            and sorted by length within each, to limit padding.
+        verify: check once, on a prefix of the first example, that the result
+            equals ``log_softmax(model(input_ids).logits)`` (within
+            `verify_atol`: 1e-3 for float32 models, 0.25 otherwise).
+        backend: kernel backend for `t3s_kernels.target_logprobs`.
+        progress: show a tqdm bar. fsync: passed to the store writer.
+
+    Returns:
+        A pyarrow table (step, example_id, position, logprob[, entropy]) with one
+        row per profiled token at `step`, sorted by key. With a store, it holds
+        every token at `step` in the store, including those of earlier runs.
+
+    Under FSDP every rank must call this together (the lm_head weight is
+    gathered once; each forward pass is collective) and should receive the
+    same number of batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    extra = ("entropy",) if return_entropy else ()
+    schema = trajectory_schema(extra)
+    writer = done = None
+    if store_dir is not None:
+        if not dataset_fingerprint:
+            raise ValueError("dataset_fingerprint is required when writing to a store")
+        done = np.zeros(0, dtype=np.int64)
+        if resume and (Path(store_dir) / MANIFEST_NAME).is_file():
+            table = TrajectoryReader(store_dir, dataset_fingerprint=dataset_fingerprint,
+                                     tokenizer_fingerprint=tokenizer_fingerprint).read()
+            at_step = table.filter(pc.equal(table["step"], pa.scalar(step, pa.int32())))
+            done = np.unique(at_step.column("example_id").to_numpy())
+        writer = TrajectoryWriter(
+            store_dir, dataset_fingerprint=dataset_fingerprint,
+            tokenizer_fingerprint=tokenizer_fingerprint, model_id=model_id, rank=rank,
+            extra_columns=extra, fsync=fsync, mode="append", metadata={"kind": "exact"})
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+
+    head = model_head(model)
+    device = _input_device(model)
+    if verify_atol is None:
+        verify_atol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 0.25
+    total = len(data) if hasattr(data, "__len__") else None
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="ex", desc=f"profile step {step}", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = None
+    results: List[pa.RecordBatch] = []
+    was_training = model.training
+    model.eval()
+    verified = not verify
+    try:
+        for todo in _windows(_iter_examples(data), max(1, sort_window) * batch_size):
+            if done is not None and done.size:
+                skip = np.isin([e[0] for e in todo], done)
+                if bar is not None:
+                    bar.update(int(skip.sum()))
+                todo = [e for e, s in zip(todo, skip) if not s]
+            for batch in _batches(todo, batch_size, max_tokens):
+                if not verified:
+                    _verify(model, head, batch[0][1], n_tokens=32, atol=verify_atol,
+                            backend=backend)
+                    verified = True
+                ids, lab, am, eids = _collate(batch, pad_token_id, ignore_index)
+                lp, ent = _logprobs(model, head, ids.to(device), am.to(device), lab,
+                                    want_entropy=return_entropy, ignore_index=ignore_index,
+                                    backend=backend)
+                rows, cols, key_eid, key_pos = token_keys(lab, eids, attention_mask=am,
+                                                          ignore_index=ignore_index)
+                lp = lp.cpu().numpy()[rows, cols]
+                cols_extra = {"entropy": ent.cpu().numpy()[rows, cols]} if return_entropy else {}
+                if writer is not None:
+                    writer.append(step, key_eid, key_pos, lp, **cols_extra)
+                else:
+                    results.append(pa.record_batch(
+                        [pa.array(np.full(len(lp), step, np.int32)), pa.array(key_eid),
+                         pa.array(key_pos), pa.array(lp.astype(np.float32))]
+                        + [pa.array(v.astype(np.float32)) for v in cols_extra.values()],
+                        schema=schema))
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        table = TrajectoryReader(store_dir, dataset_fingerprint=dataset_fingerprint).read()
+        table = table.filter(pc.equal(table["step"], pa.scalar(step, pa.int32())))
+    else:
+        table = pa.Table.from_batches(results, schema=schema)
+    return first_visit(table)
+
+
+def _windows(it: Iterator[Example], size: int) -> Iterator[List[Example]]:
+    """The examples in lists of `size` (the last one shorter)."""
+    window: List[Example] = []
+    for ex in it:
+        window.append(ex)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+# --------------------------------------------------------------------------- agreement
+def _as_table(src, dataset_fingerprint: Optional[str]) -> pa.Table:
+    if isinstance(src, pa.Table):
+        return src
+    if isinstance(src, TrajectoryReader):
+        return src.read()
+    if dataset_fingerprint is None:
+        raise ValueError("reading a store directory needs dataset_fingerprint= (the data the "
+                         "Delta c is meant for); or pass a TrajectoryReader or a table")
+    return TrajectoryReader(src, dataset_fingerprint=dataset_fingerprint).read()
+
+
+def exact_delta(initial: pa.Table, bottleneck: pa.Table) -> pa.Table:
+    """Delta c per token from two per-token tables (e.g. `profile` at theta_0, theta_b).
+
+    Returns (example_id, position, delta, c_b, c_0) for the tokens in both,
+    sorted by key.
+    """
+    a = initial.select(["example_id", "position", "logprob"]).rename_columns(
+        ["example_id", "position", "c_0"])
+    b = bottleneck.select(["example_id", "position", "logprob"]).rename_columns(
+        ["example_id", "position", "c_b"])
+    joined = join_tokens(b, a)
+    delta = pc.subtract(joined["c_b"], joined["c_0"])
+    return pa.table({"example_id": joined["example_id"], "position": joined["position"],
+                     "delta": delta, "c_b": joined["c_b"], "c_0": joined["c_0"]})
+
+
+def online_delta(trajectory, bottleneck_step: int, *, initial: Optional[pa.Table] = None,
+                 max_distance: Optional[int] = None,
+                 dataset_fingerprint: Optional[str] = None) -> pa.Table:
+    """Checkpoint-free Delta c from a training trajectory.
+
+    c_t(theta_b) is the recorded visit nearest `bottleneck_step` (ties: the
+    earlier step; see `t3s.store.nearest_visit`); c_t(theta_0) is `initial`
+    (e.g. a `profile` table at theta_0) when given, else the token's first
+    recorded visit.
+
+    Args:
+        trajectory: a `TrajectoryReader`, a store directory (then
+            `dataset_fingerprint` is required and checked) or a table of visits.
+        max_distance: leave out tokens whose nearest visit is farther.
+
+    Returns:
+        (example_id, position, delta, c_b, c_0, step_b, step_0) sorted by key;
+        step_0 is -1 when c_0 comes from `initial`.
+    """
+    table = _as_table(trajectory, dataset_fingerprint)
+    near = nearest_visit(table, bottleneck_step, max_distance=max_distance)
+    near = near.select(["example_id", "position", "logprob", "step"]).rename_columns(
+        ["example_id", "position", "c_b", "step_b"])
+    if initial is None:
+        init = first_visit(table).select(["example_id", "position", "logprob", "step"])
+    else:
+        init = initial.select(["example_id", "position", "logprob"])
+        init = init.append_column("step", pa.array(np.full(init.num_rows, -1, np.int32)))
+    init = init.rename_columns(["example_id", "position", "c_0", "step_0"])
+    joined = join_tokens(near, init)
+    delta = pc.subtract(joined["c_b"], joined["c_0"])
+    return pa.table({"example_id": joined["example_id"], "position": joined["position"],
+                     "delta": delta, "c_b": joined["c_b"], "c_0": joined["c_0"],
+                     "step_b": joined["step_b"], "step_0": joined["step_0"]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """Online vs exact Delta c on the tokens both cover.
+
+    mask_agreement: fraction of common tokens given the same mask decision
+    (Delta c > threshold, i.e. anchor or not). cohen_kappa: the same,
+    corrected for chance. anchor_jaccard: |A_online & A_exact| / |A_online | A_exact|.
+    pearson / spearman: correlations of the Delta c values. mean_abs_diff:
+    mean |Delta_online - Delta_exact|. mean_visit_distance: mean |step_b - b|
+    of the online visits, when known (else NaN).
+    """
+
+    threshold: float
+    n_online: int
+    n_exact: int
+    n_common: int
+    anchors_online: int
+    anchors_exact: int
+    anchors_both: int
+    mask_agreement: float
+    cohen_kappa: float
+    anchor_jaccard: float
+    pearson: float
+    spearman: float
+    mean_abs_diff: float
+    mean_visit_distance: float
+
+    def summary(self) -> str:
+        return (f"online vs exact on {self.n_common} tokens (online {self.n_online}, exact "
+                f"{self.n_exact}): mask agreement {self.mask_agreement:.4f} "
+                f"(kappa {self.cohen_kappa:.3f}), anchors {self.anchors_online} online / "
+                f"{self.anchors_exact} exact / {self.anchors_both} both "
+                f"(Jaccard {self.anchor_jaccard:.3f}), Pearson {self.pearson:.4f}, "
+                f"Spearman {self.spearman:.4f}, mean |diff| {self.mean_abs_diff:.4g}, "
+                f"mean visit distance {self.mean_visit_distance:.3g}")
+
+    def as_dict(self) -> Dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def compare_deltas(online: pa.Table, exact: pa.Table, *, threshold: float = 0.0,
+                   bottleneck_step: Optional[int] = None) -> Agreement:
+    """Agreement of two Delta c tables (columns example_id, position, delta).
+
+    The anchor mask is Delta c > threshold (T3S's AR rule at threshold 0). With
+    `bottleneck_step` and a ``step_b`` column in `online`, also reports the mean
+    distance of the online visits from the bottleneck.
+    """
+    joined = join_tokens(online.select(["example_id", "position", "delta"]
+                                       + (["step_b"] if "step_b" in online.column_names
+                                          else [])),
+                         exact.select(["example_id", "position", "delta"]),
+                         left_suffix="_online", right_suffix="_exact")
+    d_on = joined["delta_online"].to_numpy().astype(np.float64)
+    d_ex = joined["delta_exact"].to_numpy().astype(np.float64)
+    ok = np.isfinite(d_on) & np.isfinite(d_ex)
+    d_on, d_ex = d_on[ok], d_ex[ok]
+    n = d_on.size
+    a_on, a_ex = d_on > threshold, d_ex > threshold
+    both, either = int(np.sum(a_on & a_ex)), int(np.sum(a_on | a_ex))
+    agree = float(np.mean(a_on == a_ex)) if n else math.nan
+    p_on, p_ex = (float(a_on.mean()), float(a_ex.mean())) if n else (math.nan, math.nan)
+    p_chance = p_on * p_ex + (1 - p_on) * (1 - p_ex)
+    kappa = ((agree - p_chance) / (1 - p_chance)) if n and p_chance < 1 else math.nan
+    dist = math.nan
+    if bottleneck_step is not None and "step_b" in joined.column_names and n:
+        sb = joined["step_b"].to_numpy().astype(np.int64)[ok]
+        dist = float(np.mean(np.abs(sb - bottleneck_step)))
+    return Agreement(
+        threshold=float(threshold), n_online=online.num_rows, n_exact=exact.num_rows,
+        n_common=n, anchors_online=int(a_on.sum()), anchors_exact=int(a_ex.sum()),
+        anchors_both=both, mask_agreement=agree, cohen_kappa=kappa,
+        anchor_jaccard=both / either if either else math.nan,
+        pearson=_pearson(d_on, d_ex), spearman=_pearson(_rankdata(d_on), _rankdata(d_ex)),
+        mean_abs_diff=float(np.mean(np.abs(d_on - d_ex))) if n else math.nan,
+        mean_visit_distance=dist)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2:
+        return math.nan
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return float(np.dot(x, y)) / denom if denom > 0 else math.nan
+
+
+def _rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks (1-based) with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]] if xs.size else np.zeros(0, bool)
+    group = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.r_[starts, xs.size])
+    avg = starts + (counts - 1) / 2.0 + 1.0
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = avg[group]
+    return ranks
