@@ -1,12 +1,67 @@
 """t3s: Training-Trajectory-Aware Token Selection (arXiv 2601.10348).
 
-`masked_ce` is the drop-in loss for masked retraining; the kernels behind it
-live in `t3s_kernels`.
+The method, in the order a run uses it:
+
+1. data       `TraceDataset`, `read_traces`, collators; token keys (example_id, position)
+2. pilot SFT  `patch` (fused masked loss for any HF *ForCausalLM), `TrajectoryRecorder`
+              (per-token log-probs at every step, from the loss pass), `training_accuracy`
+              and `BottleneckTracker` (generated answers checked by a verifier)
+3. bottleneck `find_bottleneck`
+4. Δc         `profile` (exact forward-only passes), `online_delta` / `exact_delta`,
+              `confidence_change`
+5. selection  `anchor_mask` (AR rule: drop Δc > 0), `forced_mask` (diffusion rule:
+              Δc < -τ), baselines; `SelectionArtifact` stores Δc + mask + metadata
+6. retrain    `masked_ce` / the patched model with the artifact's `loss_mask`
+              `rrt` for the weight-arithmetic baseline
+
+The kernels live in `t3s_kernels`.
 """
 
 from t3s_kernels import TokenStats, linear_cross_entropy, target_logprobs
 
+from .artifact import SelectionArtifact, dataset_fingerprint, load_artifact, tokenizer_fingerprint
+from .bottleneck import BottleneckTracker, find_bottleneck, training_accuracy
+from .data import (
+    PackedCollator,
+    PaddedCollator,
+    TokenTable,
+    TraceDataset,
+    dataset_keys,
+    example_keys,
+    packed_keys,
+    read_traces,
+    tokenize_trace,
+)
+from .hf import count_loss_items, is_patched, patch, unpatch
 from .loss import masked_ce
+from .profile import Agreement, compare_deltas, exact_delta, online_delta, profile
+from .recorder import TrajectoryRecorder, token_keys
+from .rrt import rrt, save_rrt
+from .selection import (
+    anchor_mask,
+    apply_rule,
+    confidence_change,
+    forced_mask,
+    inverse_anchor_mask,
+    prob_threshold_mask,
+    random_mask,
+    rho1_mask,
+    static_confidence_mask,
+    summarize,
+)
+from .store import StoreManifest, TrajectoryReader, TrajectoryWriter
+from .verify import exact_match, get_verifier, math_verify_match
 
-__all__ = ["masked_ce", "linear_cross_entropy", "target_logprobs", "TokenStats"]
+__all__ = [
+    "Agreement", "BottleneckTracker", "PackedCollator", "PaddedCollator", "SelectionArtifact",
+    "StoreManifest", "TokenStats", "TokenTable", "TraceDataset", "TrajectoryReader",
+    "TrajectoryRecorder", "TrajectoryWriter", "anchor_mask", "apply_rule", "compare_deltas",
+    "confidence_change", "count_loss_items", "dataset_fingerprint", "dataset_keys",
+    "exact_delta", "exact_match", "example_keys", "find_bottleneck", "forced_mask",
+    "get_verifier", "inverse_anchor_mask", "is_patched", "linear_cross_entropy",
+    "load_artifact", "masked_ce", "math_verify_match", "online_delta", "packed_keys", "patch",
+    "prob_threshold_mask", "profile", "random_mask", "read_traces", "rho1_mask", "rrt",
+    "save_rrt", "static_confidence_mask", "summarize", "target_logprobs", "token_keys",
+    "tokenize_trace", "tokenizer_fingerprint", "training_accuracy", "unpatch",
+]
 __version__ = "0.1.0"
