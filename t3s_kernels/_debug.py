@@ -1,6 +1,7 @@
 """Test hooks shared by the backends.
 
-`OVERRIDES` lets tests force a block shape or a number of vocab splits, and
+`OVERRIDES` lets tests force a block shape, a number of vocab splits or the
+backward mode ('fused' or 'dense'), and
 turn on poisoning: every output buffer a kernel must fully write is then
 allocated filled with NaN (integers: -7), so an element a kernel forgets to
 write shows up in the comparison instead of passing by luck.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-OVERRIDES: dict = {"block": None, "splits": None, "poison": False}
+OVERRIDES: dict = {"block": None, "splits": None, "poison": False, "backward": None}
 
 
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _poison_kernel_outputs():
     """Every kernel output buffer starts as NaN; unwritten elements fail the comparisons."""
     _debug.OVERRIDES["poison"] = True
     yield
-    _debug.OVERRIDES.update(poison=False, block=None, splits=None)
+    _debug.OVERRIDES.update(poison=False, block=None, splits=None, backward=None)
 
 
 @pytest.fixture

@@ -71,10 +71,16 @@ def _run_case(backend, dtype, opts, *, n=N, h=H, v=V, lead=None, peaked=False, *
     return hidden, weight, targets
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton backend runs twice: the exact dense backward (G chunks + GEMMs) and the
+# fused in-kernel backward (atomics) with filtering off.
+PATHS = [("torch", None)] + ([("triton", "dense"), ("triton", "fused")] if "triton" in BACKENDS else [])
+
+
+@pytest.mark.parametrize("backend,mode", PATHS, ids=[f"{b}-{m}" if m else b for b, m in PATHS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_options_match_float64(backend, dtype, case):
+def test_options_match_float64(backend, mode, dtype, case):
+    _debug.OVERRIDES["backward"] = mode
     _run_case(backend, dtype, OPTION_CASES[case], filter_eps=None)
 
 
@@ -337,3 +343,19 @@ def test_wide_hidden_small_buffer(backend, monkeypatch):
     if backend == "triton":  # two row chunks for grad_hidden, then weight/bias chunks
         assert launches[:2] == [(True, False), (True, False)] and launches[2:]
         assert all(dw and not dh for dh, dw in launches[2:])
+
+
+@pytest.mark.parametrize("h", [48, 512], ids=["dense_chunks", "dense_too_big_falls_back"])
+def test_exact_backward_modes(h, monkeypatch):
+    """Exact mode: G in vocabulary chunks + GEMMs when its buffers fit, else the fused path."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    from t3s_kernels import triton_linear_ce
+    used = []
+    for name in ("_dense_backward", "_fused_backward"):
+        real = getattr(triton_linear_ce, name)
+        monkeypatch.setattr(triton_linear_ce, name,
+                            lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    _run_case("triton", torch.bfloat16, {"bias": True, "ignore_frac": 0.1}, n=40, h=h,
+              filter_eps=None, buffer_bytes=2**16)
+    assert used == (["_dense_backward"] if h == 48 else ["_fused_backward"])
