@@ -29,7 +29,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        "hf": ["transformers>=4.45", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4",
+        "hf": ["transformers>=4.46", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4",
                "math-verify>=0.5"],
         "trl": ["trl>=0.12"],
         "flash": ["flash-attn>=2.6"],

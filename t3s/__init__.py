@@ -52,6 +52,9 @@ from .selection import (
 from .store import StoreManifest, TrajectoryReader, TrajectoryWriter
 from .verify import exact_match, get_verifier, math_verify_match
 
+_TRAINER_NAMES = ("T3STrainerMixin", "T3STrainer", "T3SSFTTrainer", "sft_trainer_class",
+                  "AccuracyCallback", "read_accuracy_history")
+
 __all__ = [
     "Agreement", "BottleneckTracker", "PackedCollator", "PaddedCollator", "SelectionArtifact",
     "StoreManifest", "TokenStats", "TokenTable", "TraceDataset", "TrajectoryReader",
@@ -63,5 +66,20 @@ __all__ = [
     "prob_threshold_mask", "profile", "random_mask", "read_traces", "rho1_mask", "rrt",
     "save_rrt", "static_confidence_mask", "summarize", "target_logprobs", "token_keys",
     "tokenize_trace", "tokenizer_fingerprint", "training_accuracy", "unpatch",
+    *_TRAINER_NAMES,
 ]
 __version__ = "0.1.0"
+
+# The trainer layer imports transformers (seconds); load it on first use.
+
+
+def __getattr__(name):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 't3s' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_TRAINER_NAMES))
