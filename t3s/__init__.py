@@ -30,12 +30,14 @@ from .data import (
     example_keys,
     packed_keys,
     read_traces,
+    token_keys,
     tokenize_trace,
 )
+from .heads import LMHead, lm_head
 from .hf import count_loss_items, is_patched, patch, unpatch
 from .loss import masked_ce
 from .profile import Agreement, compare_deltas, exact_delta, online_delta, profile
-from .recorder import TrajectoryRecorder, token_keys
+from .recorder import TrajectoryRecorder
 from .rrt import rrt, save_rrt
 from .selection import (
     anchor_mask,
@@ -56,7 +58,7 @@ _TRAINER_NAMES = ("T3STrainerMixin", "T3STrainer", "T3SSFTTrainer", "sft_trainer
                   "AccuracyCallback", "read_accuracy_history")
 
 __all__ = [
-    "Agreement", "BottleneckTracker", "PackedCollator", "PaddedCollator", "SelectionArtifact",
+    "Agreement", "BottleneckTracker", "LMHead", "lm_head", "PackedCollator", "PaddedCollator", "SelectionArtifact",
     "StoreManifest", "TokenStats", "TokenTable", "TraceDataset", "TrajectoryReader",
     "TrajectoryRecorder", "TrajectoryWriter", "anchor_mask", "apply_rule", "compare_deltas",
     "confidence_change", "count_loss_items", "dataset_fingerprint", "dataset_keys",

@@ -18,6 +18,11 @@ Per-token values (confidences, Δc, masks) live in a `TokenTable`: key columns
 plus named value columns. `TokenTable.to_loss_masks` turns one column back into
 per-example tensors aligned with ``labels``.
 
+Keys of a batch: `token_keys` maps the targets of any batch layout (padded,
+left-padded, packed) to keys, with the index of the hidden state that predicts
+each; use it for values computed from a batch. `packed_keys` maps every
+position of a `PackedCollator` batch, targets or not. Both share one mapping.
+
 Input format
 ------------
 JSONL, one record per line, either::
@@ -60,6 +65,7 @@ __all__ = [
     "PaddedCollator",
     "PackedCollator",
     "pack_indices",
+    "token_keys",
     "packed_keys",
     "packed_token_table",
 ]
@@ -728,74 +734,166 @@ class TraceDataset(torch.utils.data.Dataset):
 # Batching
 # --------------------------------------------------------------------------------------
 
-def _example_loss_mask(ex: Mapping[str, Any],
-                       loss_masks: Optional[Mapping[int, Any]]) -> Optional[torch.Tensor]:
-    eid = int(ex["example_id"])
-    if loss_masks is not None:
-        if eid not in loss_masks:
-            raise ValueError(f"no loss_mask for example {eid}")
-        mask = loss_masks[eid]
-    else:
-        mask = ex.get("loss_mask")
-    if mask is None:
+def _where(ex: Mapping[str, Any], i: int) -> str:
+    return f"example {ex['example_id']}" if "example_id" in ex else f"example at index {i}"
+
+
+def _as_row(value: Any, key: str, where: str, dtype: torch.dtype) -> torch.Tensor:
+    """One example's column as a 1-D tensor of ``dtype``."""
+    t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.dim() != 1:
+        raise ValueError(f"{where}: {key} must be 1-D, got shape {tuple(t.shape)}")
+    if t.is_complex():
+        raise TypeError(f"{where}: {key} must be real, got {t.dtype}")
+    return t.to(dtype)
+
+
+def _loss_masks(examples: Sequence[Mapping[str, Any]], loss_masks: Optional[Mapping[int, Any]],
+                lengths: Sequence[int]) -> Optional[List[torch.Tensor]]:
+    """Each example's ``[L]`` loss mask, or None when no example has one.
+
+    From ``loss_masks[example_id]`` when the mapping is given (every example
+    needs an entry), else from the example's own ``loss_mask``; an example
+    without one keeps all its tokens (ones). The masks are bool when all are
+    bool, else float32 (0/1 integers and weights keep their values).
+    """
+    raw = []
+    for i, ex in enumerate(examples):
+        if loss_masks is not None:
+            if "example_id" not in ex:
+                raise ValueError(f"{_where(ex, i)} has no example_id to look up in loss_masks")
+            eid = int(ex["example_id"])
+            if eid not in loss_masks:
+                raise ValueError(f"no loss_mask for example {eid}")
+            raw.append(loss_masks[eid])
+        else:
+            raw.append(ex.get("loss_mask"))
+    if all(m is None for m in raw):
         return None
-    mask = torch.as_tensor(mask)
-    n = int(torch.as_tensor(ex["labels"]).numel())
-    if mask.dim() != 1 or mask.numel() != n:
-        raise ValueError(f"loss_mask for example {eid} has shape {tuple(mask.shape)} but labels "
-                         f"have length {n}; masks must be aligned with labels")
-    return mask
+    masks = [None if m is None else (m.detach().cpu() if isinstance(m, torch.Tensor)
+                                     else torch.as_tensor(m)) for m in raw]
+    dtype = torch.bool if all(m is None or m.dtype == torch.bool for m in masks) else torch.float32
+    out = []
+    for i, (ex, m, n) in enumerate(zip(examples, masks, lengths)):
+        if m is None:
+            out.append(torch.ones(n, dtype=dtype))
+            continue
+        if m.dim() != 1 or m.numel() != n:
+            raise ValueError(f"loss_mask for {_where(ex, i)} has shape {tuple(m.shape)} but labels "
+                             f"have length {n}; masks must be aligned with labels")
+        out.append(m.to(dtype))
+    return out
 
 
 class PaddedCollator:
-    """Right-pads a list of examples into a batch.
+    """Pads a list of examples into a batch, one example per row.
 
-    Returns ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L]
-    (``-100`` on padding), ``example_id`` [B] int64, and ``loss_mask`` [B, L]
-    (0 on padding) when ``loss_masks`` (example_id -> [L] tensor aligned with
-    labels) is given or the examples carry a ``loss_mask``. Pop ``example_id``
-    and ``loss_mask`` before calling a model. A mask whose length differs from
-    its labels raises ValueError.
+    Each example is a mapping with ``input_ids`` [L] (list or 1-D tensor) and
+    optionally ``labels`` [L] (default: a copy of ``input_ids``, with
+    ``label_pad_id`` where a given ``attention_mask`` is 0), ``attention_mask``
+    [L] (default: ones), ``position_ids`` [L], ``loss_mask`` [L] (aligned with
+    ``labels``; 1 keeps a token, 0 drops it, other values weight it) and
+    ``example_id``.
+
+    Returns [B, L'] tensors, L' the longest example rounded up to
+    ``pad_to_multiple_of``: ``input_ids`` (``pad_token_id`` on padding),
+    ``attention_mask`` (0 on padding), ``labels`` (``label_pad_id`` on
+    padding); ``example_id`` [B] int64 when the examples have ids;
+    ``position_ids`` (0 on padding) when any example has them, the others
+    getting ``0..L-1``; and ``loss_mask`` (0 on padding) when masks are
+    available: from ``loss_masks`` (example_id -> [L] tensor aligned with
+    labels; every example needs one) when given, else from the examples' own
+    ``loss_mask`` (an example without one gets ones). The mask is bool when all
+    masks are bool, else float32. A mask whose length differs from its labels
+    raises ValueError. Other keys of the examples are dropped, except those
+    named in ``extra_keys`` (collated with ``torch.utils.data.default_collate``).
+    Pop ``example_id`` before calling a model; a `t3s.patch`-ed model takes
+    ``loss_mask``.
+
+    ``padding_side="left"`` pads at the start of each row (token keys then need
+    the ``attention_mask``, see `token_keys`). ``fold_mask_into_labels=True``
+    also sets ``labels`` to ``label_pad_id`` wherever ``loss_mask`` is 0. The
+    loss is unchanged (those tokens are dropped either way), but then HF's
+    Trainer, which derives ``num_items_in_batch`` from the labels alone,
+    counts exactly the kept tokens of a 0/1 mask, so gradient accumulation
+    averages over kept tokens (T3S's 'mean'); see `t3s.hf.count_loss_items`.
     """
 
     def __init__(self, pad_token_id: int, *, loss_masks: Optional[Mapping[int, Any]] = None,
-                 pad_to_multiple_of: Optional[int] = None):
+                 pad_to_multiple_of: Optional[int] = None, label_pad_id: int = IGNORE_INDEX,
+                 padding_side: str = "right", fold_mask_into_labels: bool = False,
+                 extra_keys: Sequence[str] = ()):
         if pad_token_id is None:
             raise ValueError("pad_token_id is required (e.g. tokenizer.pad_token_id or eos_token_id)")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_token_id = int(pad_token_id)
         self.loss_masks = loss_masks
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_id = int(label_pad_id)
+        self.padding_side = padding_side
+        self.fold_mask_into_labels = fold_mask_into_labels
+        self.extra_keys = tuple(extra_keys)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("empty batch")
-        lens = [int(torch.as_tensor(ex["input_ids"]).numel()) for ex in examples]
+        ids = [_as_row(ex["input_ids"], "input_ids", _where(ex, i), torch.long)
+               for i, ex in enumerate(examples)]
+        lens = [x.numel() for x in ids]
         L = max(lens)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             L = (L + m - 1) // m * m
-        B = len(examples)
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
-        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-        masks = [_example_loss_mask(ex, self.loss_masks) for ex in examples]
-        if any(m is not None for m in masks) and any(m is None for m in masks):
-            raise ValueError("some examples have a loss_mask and some do not")
-        loss_mask = None
-        if masks[0] is not None:
-            dtype = torch.float32 if any(m.is_floating_point() for m in masks) else torch.bool
-            loss_mask = torch.zeros((B, L), dtype=dtype)
-        for i, (ex, n) in enumerate(zip(examples, lens)):
-            input_ids[i, :n] = torch.as_tensor(ex["input_ids"])
-            labels[i, :n] = torch.as_tensor(ex["labels"])
-            attention_mask[i, :n] = 1
-            if loss_mask is not None:
-                loss_mask[i, :n] = masks[i].to(loss_mask.dtype)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-               "example_id": torch.tensor([int(ex["example_id"]) for ex in examples], dtype=torch.long)}
-        if loss_mask is not None:
+
+        def column(key, dtype, default, pad):
+            out = torch.full((len(examples), L), pad, dtype=dtype)
+            for i, (ex, n) in enumerate(zip(examples, lens)):
+                value = ex.get(key)
+                row = default(i) if value is None else _as_row(value, key, _where(ex, i), dtype)
+                if row.numel() != n:
+                    raise ValueError(f"{_where(ex, i)}: {key} has {row.numel()} entries but "
+                                     f"input_ids has {n}")
+                self._place(out, i, row)
+            return out
+
+        out = {"input_ids": column("input_ids", torch.long, None, self.pad_token_id),
+               "attention_mask": column("attention_mask", torch.long,
+                                        lambda i: torch.ones(lens[i], dtype=torch.long), 0)}
+        labels = column("labels", torch.long, lambda i: ids[i], self.label_pad_id)
+        for i, ex in enumerate(examples):  # defaulted labels: no targets where attention is 0
+            if ex.get("labels") is None and ex.get("attention_mask") is not None:
+                labels[i][out["attention_mask"][i] == 0] = self.label_pad_id
+        out["labels"] = labels
+        has_id = ["example_id" in ex for ex in examples]
+        if any(has_id):
+            if not all(has_id):
+                raise ValueError("some examples have an example_id and some do not")
+            out["example_id"] = torch.tensor([int(ex["example_id"]) for ex in examples],
+                                             dtype=torch.long)
+        if any(ex.get("position_ids") is not None for ex in examples):
+            out["position_ids"] = column("position_ids", torch.long,
+                                         lambda i: torch.arange(lens[i]), 0)
+        masks = _loss_masks(examples, self.loss_masks, lens)
+        if masks is not None:
+            loss_mask = torch.zeros((len(examples), L), dtype=masks[0].dtype)
+            for i, m in enumerate(masks):
+                self._place(loss_mask, i, m)
             out["loss_mask"] = loss_mask
+            if self.fold_mask_into_labels:
+                labels[loss_mask == 0] = self.label_pad_id
+        for key in self.extra_keys:
+            out[key] = torch.utils.data.default_collate([ex[key] for ex in examples])
         return out
+
+    def _place(self, out: torch.Tensor, i: int, row: torch.Tensor) -> None:
+        n = row.numel()
+        if self.padding_side == "right":
+            out[i, :n] = row
+        else:
+            out[i, out.shape[1] - n:] = row
 
 
 class PackedCollator:
@@ -819,7 +917,7 @@ class PackedCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         if not examples:
             raise ValueError("empty batch")
-        ids, labs, pos, masks = [], [], [], []
+        ids, labs, pos = [], [], []
         for ex in examples:
             x = torch.as_tensor(ex["input_ids"]).reshape(-1).long()
             y = torch.as_tensor(ex["labels"]).reshape(-1).long().clone()
@@ -830,18 +928,15 @@ class PackedCollator:
             ids.append(x)
             labs.append(y)
             pos.append(torch.arange(x.numel(), dtype=torch.long))
-            masks.append(_example_loss_mask(ex, self.loss_masks))
         out: Dict[str, Any] = {
             "input_ids": torch.cat(ids)[None],
             "labels": torch.cat(labs)[None],
             "position_ids": torch.cat(pos)[None],
             "example_id": torch.tensor([int(ex["example_id"]) for ex in examples], dtype=torch.long),
         }
-        if any(m is not None for m in masks):
-            if any(m is None for m in masks):
-                raise ValueError("some examples have a loss_mask and some do not")
-            dtype = torch.float32 if any(m.is_floating_point() for m in masks) else torch.bool
-            lm = torch.cat([m.to(dtype) for m in masks])
+        masks = _loss_masks(examples, self.loss_masks, [t.numel() for t in labs])
+        if masks is not None:
+            lm = torch.cat(masks)
             offsets = np.cumsum([0] + [t.numel() for t in ids[:-1]])
             lm[torch.as_tensor(offsets)] = 0
             out["loss_mask"] = lm[None]
@@ -854,32 +949,141 @@ class PackedCollator:
         return out
 
 
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _batch_positions(shape: Tuple[int, int], example_ids, position_ids, attention_mask):
+    """Which example and which position every entry of a [B, L] batch holds.
+
+    Returns (seq [B, L] int64: index into ``example_ids``, -1 before the first
+    sequence start of a packed batch; pos [B, L] int64: index of the token in
+    its example's input_ids; am [B, L] bool or None; eids [E] int64).
+    """
+    B, L = shape
+    eids = _np(example_ids).reshape(-1).astype(np.int64)
+    am = None
+    if attention_mask is not None:
+        am = _np(attention_mask)
+        if am.size != B * L:
+            raise ValueError(f"attention_mask must have the batch's shape {(B, L)}, "
+                             f"got {am.shape}")
+        am = am.reshape(B, L).astype(bool)
+    if position_ids is None:
+        if eids.shape[0] != B:
+            raise ValueError(f"a padded batch needs one example id per row: got "
+                             f"{eids.shape[0]} ids for {B} rows")
+        pos = np.cumsum(am, axis=1) - 1 if am is not None else np.broadcast_to(np.arange(L), (B, L))
+        seq = np.broadcast_to(np.arange(B)[:, None], (B, L))
+        return seq, pos, am, eids
+    pid = _np(position_ids)
+    if pid.size == L and B > 1:
+        pid = np.broadcast_to(pid.reshape(1, L), (B, L))
+    if pid.size != B * L:
+        raise ValueError(f"position_ids must have the batch's shape {(B, L)}, got {pid.shape}")
+    pos = pid.reshape(B, L).astype(np.int64)
+    starts = pos == 0
+    if am is not None:
+        starts &= am
+    seq = (np.cumsum(starts.reshape(-1)) - 1).reshape(B, L)
+    n_seq = int(starts.sum())
+    if n_seq != eids.shape[0]:
+        raise ValueError(f"the batch packs {n_seq} sequences (position_ids == 0 marks a "
+                         f"start) but {eids.shape[0]} example ids were given")
+    return seq, pos, am, eids
+
+
+def token_keys(labels, example_ids, *, position_ids=None, attention_mask=None,
+               ignore_index: int = IGNORE_INDEX
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Map the *targets* of a batch to token keys: use it for per-token values
+    computed from a batch (losses, log-probs, `t3s.TokenStats`).
+
+    Batch layouts:
+
+    - padded: one sequence per row, ``example_ids`` [B]. Without
+      ``attention_mask`` padding must be on the right; with it, positions count
+      the attended tokens, so left padding works too.
+    - packed, padding-free: ``position_ids`` restart at 0 for each sequence (as
+      from `PackedCollator` or ``DataCollatorWithFlattening``); ``example_ids``
+      lists every sequence in row-major order of its start. A row that does not
+      begin at position 0 continues the previous sequence. Padding whose
+      position id is 0 must be excluded with ``attention_mask``. The position is
+      the position id.
+
+    A target is a token with ``label != ignore_index`` and a predecessor in the
+    same sequence (the first token of a sequence is never predicted).
+
+    Args:
+        labels: [B, L] (or [L]) Hugging Face labels aligned to input_ids.
+        example_ids: [B] for a padded batch; [num_sequences] with ``position_ids``.
+        position_ids: optional [B, L] (or [L]); given, sequences start where it
+            is 0 (packed batches).
+        attention_mask: optional [B, L]; 0 marks padding.
+
+    Returns:
+        (row, col, example_id, position): numpy arrays [M], in row-major order.
+        ``(row, col)`` index the hidden state / logit that predicts the target,
+        i.e. the target is ``labels[row, col + 1]``; ``position`` (int32) is its
+        index in the example's input_ids.
+    """
+    lab = _np(labels)
+    if lab.ndim == 1:
+        lab = lab[None]
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be [B, L] or [L], got shape {lab.shape}")
+    seq, pos, am, eids = _batch_positions(lab.shape, example_ids, position_ids, attention_mask)
+    valid = lab != ignore_index
+    valid[:, 0] = False  # nothing predicts the first token of a row
+    if am is not None:
+        valid &= am
+        valid[:, 1:] &= am[:, :-1]
+    if position_ids is not None:
+        orphan = (lab != ignore_index) & (seq < 0)
+        if am is not None:
+            orphan &= am
+        if np.any(orphan):
+            raise ValueError("labelled tokens come before the first sequence start "
+                             "(position_ids == 0); they cannot be mapped to an example")
+        valid[:, 1:] &= seq[:, 1:] == seq[:, :-1]
+        valid &= seq >= 0
+    valid &= pos >= 1
+    rows, cols = np.nonzero(valid)
+    eid = eids[seq[rows, cols]]
+    position = pos[rows, cols]
+    if position.size and position.max() > np.iinfo(np.int32).max:
+        raise ValueError("token positions exceed int32")
+    return rows, cols - 1, eid, position.astype(np.int32)
+
+
 def packed_keys(batch: Mapping[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Map every position of a packed batch back to its token key.
+    """Map *every* position of a packed batch back to its token key, targets or not:
+    use it to look up per-position inputs (masks, ids) by key. For the keys of
+    the targets, use `token_keys` (any layout) or `packed_token_table`.
 
     batch: a `PackedCollator` output (``position_ids`` [1, N] restarting at 0 per
     example, ``example_id`` [B]). Returns ``(example_id [N] int64, position [N]
     int32)``: packed position j holds token ``input_ids[position[j]]`` of example
     ``example_id[j]``.
     """
-    pos = torch.as_tensor(batch["position_ids"]).reshape(-1)
-    eids = torch.as_tensor(batch["example_id"]).reshape(-1).long()
-    starts = pos == 0
-    if pos.numel() == 0 or not bool(starts[0]):
+    pid = torch.as_tensor(batch["position_ids"]).reshape(1, -1)
+    if pid.numel() == 0 or int(pid[0, 0]) != 0:
         raise ValueError("position_ids must start at 0")
-    seg = torch.cumsum(starts.long(), 0) - 1
-    if int(seg[-1]) + 1 != eids.numel():
-        raise ValueError(f"position_ids hold {int(seg[-1]) + 1} sequences but example_id has "
-                         f"{eids.numel()} entries")
-    return eids[seg], pos.to(torch.int32)
+    seq, pos, _, eids = _batch_positions(tuple(pid.shape), batch["example_id"], pid, None)
+    return (torch.from_numpy(eids[seq.reshape(-1)]),
+            torch.from_numpy(pos.reshape(-1).astype(np.int32)))
 
 
 def packed_token_table(batch: Mapping[str, Any], *, ignore_index: int = IGNORE_INDEX) -> TokenTable:
-    """The keys of the packed positions that carry a label, as a `TokenTable`
-    (rows in packed order)."""
-    eid, pos = packed_keys(batch)
-    keep = torch.as_tensor(batch["labels"]).reshape(-1) != ignore_index
-    return TokenTable(eid[keep], pos[keep])
+    """The keys of the targets of a packed batch (see `token_keys`), as a
+    `TokenTable` (rows in packed order)."""
+    _, _, eid, pos = token_keys(batch["labels"], batch["example_id"],
+                                position_ids=batch["position_ids"],
+                                attention_mask=batch.get("attention_mask"),
+                                ignore_index=ignore_index)
+    return TokenTable(eid, pos)
 
 
 def pack_indices(lengths: Sequence[int], max_tokens: int) -> List[List[int]]:

@@ -3,8 +3,9 @@
 `patch` swaps a model's ``forward`` (on the instance, undone by `unpatch`) for
 one that computes the training loss with `t3s.masked_ce` straight from the
 hidden states, so the [B, T, V] logits are never materialised, and that
-accepts a per-token ``loss_mask``. `T3SCollator` pads batches that carry such
-masks; `count_loss_items` gives the matching ``num_items_in_batch``.
+accepts a per-token ``loss_mask``. `t3s.data.PaddedCollator` pads batches
+that carry such masks; `count_loss_items` gives the matching
+``num_items_in_batch``.
 
 How the patch stays generic (one code path for Llama, Qwen2/3, Mistral,
 Gemma/Gemma2, GPT-2, Phi, Cohere, Granite, multimodal wrappers, ...):
@@ -14,10 +15,11 @@ Gemma/Gemma2, GPT-2, Phi, Cohere, Granite, multimodal wrappers, ...):
   ``cache``, ``use_cache``, pixel inputs, ...). Only the output embedding
   (``model.get_output_embeddings()``) is intercepted for the duration of the
   call: it records the hidden states it receives, i.e. exactly what the model
-  would project, after whatever final norm or scaling the architecture applies.
+  would project, after whatever final norm or scaling the architecture applies
+  (as in `t3s.heads.last_hidden_state`).
 * What the model does to the logits *after* the output embedding is measured
-  once, at patch time, by a probe (``verify=True``): the probe feeds known
-  values through the model's post-processing and fits
+  once, at patch time, by `t3s.heads.lm_head`'s probe (``verify=True``): the
+  probe feeds known values through the model's post-processing and fits
   ``logits = softcap(scale * z)``, with ``softcap`` taken from
   ``config.final_logit_softcapping`` (Gemma 2/3) when the model really applies
   it, and ``scale`` measured (Cohere's
@@ -41,20 +43,21 @@ DTensor, or a ZeRO-3 partition (0 elements), when the loss runs raises a
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .heads import LMHead, _HeadCapture, _output_embedding, lm_head
 from .loss import masked_ce
 
-__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "T3SCollator", "count_loss_items",
+__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "count_loss_items",
            "shift_for_causal_lm"]
 
 _PATCH_ATTR = "_t3s_patch"
@@ -74,12 +77,9 @@ class PatchInfo:
     previous_forward: the instance attribute ``forward`` before patching (e.g. a
         wrapper installed by accelerate), or a sentinel when the class forward
         was in use; `unpatch` restores it.
-    logit_scale: the multiplier applied to ``h @ W.T + b`` before the softcap
-        (measured by the probe, or given by the user).
-    softcap: the final logit softcap: ``config.final_logit_softcapping`` when the
-        probe confirms the model applies it (or without the probe), else None.
-    vocab_size: number of head rows that enter the softmax (a model that slices
-        padded vocabulary rows off its logits keeps only these).
+    head: the model's logit map (`t3s.heads.LMHead`: ``logit_scale``,
+        ``softcap``, ``vocab_size``, ``verified``), measured at patch time. The
+        head's weight is read from the model's output embedding at every call.
     """
 
     forward: Callable
@@ -87,10 +87,7 @@ class PatchInfo:
     patched_forward: Callable
     backend: Optional[str]
     loss_options: Dict[str, Any]
-    logit_scale: float
-    softcap: Optional[float]
-    vocab_size: Optional[int]
-    verified: bool
+    head: LMHead
     liger_applied: bool = False
     param_names: List[str] = field(default_factory=list)
 
@@ -149,11 +146,13 @@ def patch(
         backend: kernel backend for the loss: None (automatic), 'triton' or 'torch'.
         verify: run a probe forward (8 tokens, eval mode, no grad) now to check
             that the model's logits are ``softcap(scale * (h @ W.T + b))`` and to
-            measure ``scale``. Skipped with a warning when the weights are not
-            materialised (meta device, ZeRO-3 partitions, DTensors).
+            measure ``scale`` (see `t3s.heads.lm_head`). Skipped with a warning
+            when the weights are not materialised (meta device, ZeRO-3
+            partitions, DTensors).
         logit_scale: the scalar multiplier on the head's output; measured when
-            None and ``verify`` is on, else 1.0. When given with ``verify``, it is
-            checked.
+            None and ``verify`` is on, else read from the config (Cohere's
+            ``logit_scale``, Granite's ``1 / logits_scaling``; 1.0 without
+            them). When given with ``verify``, it is checked.
         compose_liger: first apply liger-kernel's RMSNorm / RoPE / SwiGLU patches
             for the model type (not its losses: the loss stays t3s's). Needs
             ``pip install liger-kernel``. Liger patches module-level functions of
@@ -182,28 +181,18 @@ def patch(
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
     if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    head = _output_embedding(model)
-    if compose_liger:
-        liger_applied = _apply_liger(model)
-    else:
-        liger_applied = False
+    _output_embedding(model)  # refuse a model without a head before liger changes anything
+    liger_applied = _apply_liger(model) if compose_liger else False
 
     forward = model.forward
     previous = model.__dict__.get("forward", _MISSING)
-    softcap = _final_softcap(getattr(model, "config", None))
-    scale, vocab_size, verified = (1.0 if logit_scale is None else float(logit_scale)), None, False
-    if verify:
-        probed = _probe_logit_map(model, forward, head, softcap, logit_scale)
-        if probed is not None:
-            scale, vocab_size, softcap = probed
-            verified = True
+    head = lm_head(model, verify=verify, logit_scale=logit_scale)
 
     sig = inspect.signature(forward)
     param_names = [p.name for p in sig.parameters.values()
                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     info = PatchInfo(forward=forward, previous_forward=previous, patched_forward=None,
-                     backend=backend, loss_options=dict(loss_options), logit_scale=scale,
-                     softcap=softcap, vocab_size=vocab_size, verified=verified,
+                     backend=backend, loss_options=dict(loss_options), head=head,
                      liger_applied=liger_applied, param_names=param_names)
 
     def t3s_forward(self, *args, **kwargs):
@@ -269,7 +258,7 @@ def count_loss_items(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = N
     the micro-batches of one optimizer step (and over ranks under DDP) and pass
     it as ``num_items_in_batch``. HF's Trainer counts ``labels != -100`` and
     knows nothing of ``loss_mask``: with a mask, either pass this value yourself
-    or let `T3SCollator` fold the mask's zeros into the labels
+    or let `t3s.data.PaddedCollator` fold the mask's zeros into the labels
     (``fold_mask_into_labels=True``), which makes the Trainer's count exact for
     0/1 masks.
     """
@@ -281,89 +270,6 @@ def count_loss_items(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = N
     if loss_mask is not None:
         keep = keep * loss_mask.to(device=keep.device).float()
     return keep.sum()
-
-
-@dataclass
-class T3SCollator:
-    """Pad a list of tokenized examples into a batch, masks included.
-
-    Each feature is a mapping with ``input_ids`` (list or 1-D tensor) and
-    optionally ``labels`` (default: a copy of ``input_ids``), ``attention_mask``
-    (default: ones), ``loss_mask`` (bool / float per token, aligned with
-    ``labels``; 1 keeps a token, 0 drops it) and ``position_ids``. Any other key
-    is collated with ``torch.utils.data.default_collate`` (e.g. an example id).
-
-    Returns a dict of [B, T] tensors: ``input_ids`` (padded with
-    ``pad_token_id``), ``labels`` (``label_pad_id`` at padding, and where a
-    given ``attention_mask`` is 0 when labels were defaulted), ``attention_mask``
-    (0 at padding), ``position_ids`` (0 at padding) when any example has them,
-    and ``loss_mask`` (float32, 0 at padding; examples without one get ones)
-    when any example has one.
-
-    ``fold_mask_into_labels=True`` also sets ``labels`` to ``label_pad_id``
-    wherever ``loss_mask`` is 0. The loss is unchanged (those tokens are dropped
-    either way), but then HF's Trainer, which derives ``num_items_in_batch``
-    from the labels alone, counts exactly the kept tokens of a 0/1 mask, so
-    gradient accumulation averages over kept tokens (T3S's 'mean').
-    """
-
-    pad_token_id: int = 0
-    label_pad_id: int = -100
-    padding_side: str = "right"
-    pad_to_multiple_of: Optional[int] = None
-    fold_mask_into_labels: bool = False
-
-    def __post_init__(self):
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-        if len(features) == 0:
-            raise ValueError("cannot collate an empty list of features")
-        ids = [_as_1d(f["input_ids"], "input_ids", i, torch.long) for i, f in enumerate(features)]
-        lengths = [x.numel() for x in ids]
-        T = max(lengths)
-        if self.pad_to_multiple_of:
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        def column(key, dtype, default, pad):
-            rows = []
-            for i, f in enumerate(features):
-                value = f.get(key)
-                x = default(ids[i]) if value is None else _as_1d(value, key, i, dtype)
-                if x.numel() != lengths[i]:
-                    raise ValueError(f"example {i}: {key} has {x.numel()} entries but input_ids "
-                                     f"has {lengths[i]}")
-                rows.append(self._pad(x, T, pad))
-            return torch.stack(rows)
-
-        batch = {
-            "input_ids": column("input_ids", torch.long, None, self.pad_token_id),
-            "labels": column("labels", torch.long, lambda x: x.clone(), self.label_pad_id),
-            "attention_mask": column("attention_mask", torch.long, torch.ones_like, 0),
-        }
-        for i, f in enumerate(features):  # defaulted labels: no targets where attention is 0
-            if f.get("labels") is None and f.get("attention_mask") is not None:
-                batch["labels"][i][batch["attention_mask"][i] == 0] = self.label_pad_id
-        if any(f.get("position_ids") is not None for f in features):
-            batch["position_ids"] = column(
-                "position_ids", torch.long, lambda x: torch.arange(x.numel()), 0)
-        if any(f.get("loss_mask") is not None for f in features):
-            batch["loss_mask"] = column(
-                "loss_mask", torch.float32, lambda x: torch.ones(x.numel()), 0.0)
-            if self.fold_mask_into_labels:
-                batch["labels"][batch["loss_mask"] == 0] = self.label_pad_id
-        known = set(batch) | {"loss_mask", "position_ids"}
-        for key in features[0]:
-            if key not in known:
-                batch[key] = torch.utils.data.default_collate([f[key] for f in features])
-        return batch
-
-    def _pad(self, x: torch.Tensor, T: int, value) -> torch.Tensor:
-        pad = x.new_full((T - x.numel(),), value)
-        return torch.cat([x, pad] if self.padding_side == "right" else [pad, x])
 
 
 # --------------------------------------------------------------------------------------
@@ -399,8 +305,11 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     skip_logits = model.training if fused is None else bool(fused)
     ignore_index = info.loss_options.get("ignore_index", -100)
 
-    head = _output_embedding(model)
-    with _HeadCapture(head, compute_logits=not skip_logits) as capture:
+    head = info.head
+    module = _output_embedding(model)
+    if module is not head.module:  # replaced since patching (e.g. resize_token_embeddings)
+        head = dataclasses.replace(head, module=module)
+    with _HeadCapture(module, compute_logits=not skip_logits) as capture:
         out = info.forward(*args, **kwargs)
     hidden = capture.single_hidden(type(model).__name__)
     if not isinstance(out, Mapping) or not hasattr(out, "to_tuple"):
@@ -455,16 +364,10 @@ def _add_router_aux_loss(model: nn.Module, out, loss: torch.Tensor) -> torch.Ten
     return loss + coef * aux.to(loss.device)
 
 
-def _fused_loss(info: PatchInfo, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
                 mask: Optional[torch.Tensor], num_items, return_stats: bool):
     """masked_ce on the captured hidden states [B, T, H] with the head's weight [V, H]."""
-    weight = _full_tensor(head.weight, "weight", hidden.shape[-1])
-    bias = getattr(head, "bias", None)
-    if bias is not None:
-        bias = _full_tensor(bias, "bias", None)
-    if info.vocab_size is not None and info.vocab_size < weight.shape[0]:
-        weight = weight[: info.vocab_size]
-        bias = None if bias is None else bias[: info.vocab_size]
+    weight, bias = head.tensors(hidden_size=hidden.shape[-1])
     if hidden.device != weight.device:  # e.g. a head on another GPU under device_map
         hidden = hidden.to(weight.device)
         targets = targets.to(weight.device)
@@ -476,9 +379,9 @@ def _fused_loss(info: PatchInfo, head: nn.Module, hidden: torch.Tensor, targets:
         dtype = weight.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    if info.logit_scale != 1.0:
-        hidden = hidden * info.logit_scale
-        bias = None if bias is None else bias * info.logit_scale
+    if head.logit_scale != 1.0:
+        hidden = hidden * head.logit_scale
+        bias = None if bias is None else bias * head.logit_scale
     # An accumulation step whose tokens are all dropped has num_items == 0: give 0, not 0/0.
     tiny = torch.finfo(torch.float32).tiny
     if isinstance(num_items, torch.Tensor):
@@ -486,264 +389,9 @@ def _fused_loss(info: PatchInfo, head: nn.Module, hidden: torch.Tensor, targets:
     elif num_items is not None and num_items == 0:
         num_items = tiny
     with torch.autocast(device_type, enabled=False):
-        return masked_ce(hidden, weight, targets, mask, bias=bias, softcap=info.softcap,
+        return masked_ce(hidden, weight, targets, mask, bias=bias, softcap=head.softcap,
                          normalizer=num_items, return_stats=return_stats, backend=info.backend,
                          **info.loss_options)
-
-
-class _HeadCapture:
-    """Within the block, the output embedding records its input.
-
-    With ``compute_logits=False`` it returns an empty [..., 0] tensor instead of
-    projecting, so no logits are computed; element-wise post-processing (scale,
-    softcap) runs on the empty tensor at no cost. With a ``replacement``
-    callable, it returns ``replacement(hidden)`` (used by the probe).
-    """
-
-    def __init__(self, head: nn.Module, *, compute_logits: bool, replacement=None):
-        self.head = head
-        self.compute_logits = compute_logits
-        self.replacement = replacement
-        self.hidden: List[torch.Tensor] = []
-        self.logits: Optional[torch.Tensor] = None
-
-    def __enter__(self):
-        self.previous = self.head.__dict__.get("forward", _MISSING)
-        self.original = self.head.forward
-        self.head.forward = self._forward
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is _MISSING:
-            del self.head.forward
-        else:
-            self.head.forward = self.previous
-        return False
-
-    def _forward(self, hidden, *args, **kwargs):
-        self.hidden.append(hidden)
-        if self.replacement is not None:
-            self.logits = self.original(hidden, *args, **kwargs)
-            return self.replacement(hidden)
-        if self.compute_logits:
-            return self.original(hidden, *args, **kwargs)
-        return hidden.new_empty(hidden.shape[:-1] + (0,))
-
-    def single_hidden(self, model_name: str) -> torch.Tensor:
-        if len(self.hidden) != 1:
-            raise NotImplementedError(
-                f"{model_name} called its output embedding {len(self.hidden)} times in one forward "
-                "(expected once); t3s.patch supports models whose logits are one projection of "
-                "the final hidden states")
-        return self.hidden[0]
-
-
-# --------------------------------------------------------------------------------------
-# Patch-time probe: what does the model do to the head's output?
-# --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _probe_logit_map(model, forward, head, softcap, given_scale):
-    """Run 8 tokens through the model to measure its logit map.
-
-    Returns (scale, vocab_size or None, softcap or None), or None when skipped.
-
-    The output embedding is intercepted twice over: its real output on the
-    probe's hidden states is compared with ``F.linear(h, W, b)`` (a LoRA or
-    quantized head would differ), and it returns known values z (a ramp over
-    ±L) so the model's post-processing f is observed directly, independent of
-    the weights. f must be ``softcap(scale * z)``.
-    """
-    name = type(model).__name__
-    weight = head.weight
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    emb_weight = getattr(emb, "weight", None)
-    for t in (weight, emb_weight):
-        if not isinstance(t, torch.Tensor) or not _is_materialised(t):
-            warnings.warn(f"t3s.patch: {name} weights are not materialised (meta device, "
-                          "ZeRO-3 partition or DTensor); skipping the logit-map probe and "
-                          f"assuming logit_scale={given_scale or 1.0}", stacklevel=3)
-            return None
-    V = weight.shape[0]
-    # text tokens only: image / video / audio placeholder ids would ask for pixel inputs
-    allowed = torch.ones(min(V, emb_weight.shape[0]), dtype=torch.bool)
-    special = [i for i in _special_token_ids(getattr(model, "config", None)) if i < allowed.numel()]
-    allowed[special] = False
-    candidates = allowed.nonzero().squeeze(1) if allowed.any() else torch.arange(allowed.numel())
-    generator = torch.Generator().manual_seed(0)
-    pick = torch.randint(0, candidates.numel(), (1, 8), generator=generator)
-    ids = candidates[pick].to(emb_weight.device)
-    L = 3.0 * softcap if softcap else 30.0
-
-    def ramp(hidden):
-        z = torch.linspace(-L, L, V, device=hidden.device, dtype=torch.float32)
-        return z.to(weight.dtype).expand(*hidden.shape[:-1], V).clone()
-
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with _HeadCapture(head, compute_logits=True, replacement=ramp) as capture:
-            try:
-                out = forward(input_ids=ids, use_cache=False)
-            except Exception as exc:  # the model's own failure, not the probe's verdict
-                raise RuntimeError(
-                    f"t3s.patch: the probe forward of {name} on 8 tokens failed ({exc!r}); pass "
-                    "verify=False (and logit_scale= if the model scales its logits)") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    hidden = capture.single_hidden(name)
-    logits = getattr(out, "logits", None) if not isinstance(out, tuple) else out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise NotImplementedError(f"{name}.forward returned no logits; cannot patch it")
-
-    low = weight.dtype in (torch.float16, torch.bfloat16)
-    tol = 2e-2 if low else 1e-4
-    # 1) The head is a plain linear map.
-    bias = getattr(head, "bias", None)
-    linear = F.linear(hidden, weight, bias).float()
-    head_out = capture.logits.float()
-    err = (head_out - linear).abs().max().item()
-    if not err <= tol * (linear.abs().max().item() + 1.0):
-        raise NotImplementedError(
-            f"{name}: the output embedding {type(head).__name__} is not F.linear(h, weight, bias) "
-            f"(max abs difference {err:.3g}); t3s cannot fuse its loss")
-    # 2) The post-processing is softcap(scale * z), possibly over the first V' columns only.
-    #    The config's softcap is a hypothesis, not a fact: a model may not apply it
-    #    (Gemma3ForConditionalGeneration does not), and then neither does t3s.
-    f = logits.float().reshape(-1, logits.shape[-1])
-    Vout = f.shape[-1]
-    if Vout > V:
-        raise NotImplementedError(f"{name}: logits have {Vout} columns but the output embedding "
-                                  f"has {V} rows")
-    z = ramp(hidden).float().reshape(-1, V)[:, :Vout]
-    bound = tol * (f.abs().max().item() + 1.0)
-    tried = []
-    for cap in ([softcap, None] if softcap else [None]):
-        scale, err = _fit_logit_map(f, z, cap, given_scale, tol)
-        if err <= bound:
-            return scale, (Vout if Vout < V else None), cap
-        tried.append(f"softcap={cap}, scale={scale:.6g}: max error {err:.3g}")
-    raise NotImplementedError(
-        f"{name} post-processes its logits in a way t3s cannot reproduce (it supports "
-        f"softcap(scale * (h @ W.T + b)) with a scalar scale and the config's "
-        f"final_logit_softcapping); tried " + "; ".join(tried))
-
-
-def _fit_logit_map(f: torch.Tensor, z: torch.Tensor, cap: Optional[float],
-                   given_scale: Optional[float], tol: float):
-    """Least-squares s for f ~ cap * tanh(s * z / cap) (f ~ s * z without cap): (s, max error)."""
-    if cap:
-        ok = f.abs() < 0.9 * cap  # where tanh is safely invertible
-        pre = cap * torch.atanh((f / cap).clamp(-1 + 1e-6, 1 - 1e-6))
-    else:
-        ok = torch.ones_like(f, dtype=torch.bool)
-        pre = f
-    if given_scale is not None:
-        scale = float(given_scale)
-    else:
-        denom = (z * z * ok).sum().item()
-        scale = (pre * z * ok).sum().item() / denom if denom > 0 else float("nan")
-        if abs(scale - 1.0) <= tol:
-            scale = 1.0
-    if not math.isfinite(scale):
-        return scale, float("inf")
-    expected = scale * z
-    if cap:
-        expected = cap * torch.tanh(expected / cap)
-    return scale, (f - expected).abs().max().item()
-
-
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
-
-
-def _output_embedding(model: nn.Module) -> nn.Module:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding "
-                         "(get_output_embeddings() is None); t3s.patch needs a causal LM head")
-    weight = getattr(head, "weight", None)
-    # A ZeRO-3 partition is 1-D and empty here; `_full_tensor` refuses it when the loss runs.
-    if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and _is_materialised(weight)):
-        raise ValueError(f"{type(model).__name__}'s output embedding {type(head).__name__} has no "
-                         "2-D weight [V, H]")
-    return head
-
-
-def _is_materialised(t: torch.Tensor) -> bool:
-    if t.device.type == "meta" or t.numel() == 0:
-        return False
-    return not _is_dtensor(t)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _full_tensor(t: torch.Tensor, what: str, hidden_size: Optional[int]) -> torch.Tensor:
-    """The head's parameter as a full local tensor, or a clear error."""
-    if _is_dtensor(t):
-        raise RuntimeError(
-            f"the output embedding {what} is a DTensor (FSDP2 / tensor parallel) when the fused "
-            "loss runs; t3s needs the whole [V, H] weight there. Leave the output embedding in "
-            "the root FSDP unit (do not fully_shard it separately; fully_shard(model) last keeps "
-            "root parameters gathered from forward to backward) or do not tensor-parallelise it")
-    if t.numel() == 0:
-        raise RuntimeError(
-            f"the output embedding {what} is partitioned (DeepSpeed ZeRO-3: {t.numel()} local "
-            "elements) when the fused loss runs; t3s needs the whole [V, H] weight. Register it "
-            "with the root module so it is gathered around the model's forward and backward: "
-            "deepspeed.zero.register_external_parameter(model, "
-            "model.get_output_embeddings().weight), or train the head outside ZeRO-3")
-    if hidden_size is not None and (t.dim() != 2 or t.shape[1] != hidden_size):
-        raise RuntimeError(f"the output embedding {what} has shape {tuple(t.shape)}, expected "
-                           f"[V, {hidden_size}]")
-    return t
-
-
-def _final_softcap(config) -> Optional[float]:
-    if config is None:
-        return None
-    configs = [config]
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        try:
-            configs.append(get_text())
-        except Exception:  # pragma: no cover - exotic configs
-            pass
-    for c in configs:
-        cap = getattr(c, "final_logit_softcapping", None)
-        if cap:
-            return float(cap)
-    return None
-
-
-def _special_token_ids(config) -> List[int]:
-    """Integer ``*token_id`` / ``*token_index`` values of a config and its sub-configs."""
-    found: List[int] = []
-    seen = set()
-    stack = [config]
-    while stack:
-        c = stack.pop()
-        if c is None or id(c) in seen:
-            continue
-        seen.add(id(c))
-        for key, value in getattr(c, "__dict__", {}).items():
-            if key.endswith(("token_id", "token_index", "token_ids")):
-                values = value if isinstance(value, (list, tuple)) else [value]
-                found += [v for v in values if isinstance(v, int) and not isinstance(v, bool)
-                          and v >= 0]
-            elif hasattr(value, "to_dict") and hasattr(value, "__dict__"):
-                stack.append(value)
-    return found
 
 
 def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
@@ -797,15 +445,6 @@ def _mask_dtype(mask: torch.Tensor) -> torch.Tensor:
     if mask.is_complex():
         raise TypeError(f"loss_mask must be bool, float or 0/1 integers, got {mask.dtype}")
     return mask.float()
-
-
-def _as_1d(value, key: str, index: int, dtype) -> torch.Tensor:
-    t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if t.dim() != 1:
-        raise ValueError(f"example {index}: {key} must be 1-D, got shape {tuple(t.shape)}")
-    if t.is_complex():
-        raise TypeError(f"example {index}: {key} must be real, got {t.dtype}")
-    return t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Exact mode: c_t(theta) = log p_theta(y_t | y_<t, x) by a forward-only pass.
 
 `profile` runs a Hugging Face ``*ForCausalLM`` (anything with
-``get_output_embeddings()`` and a base model returning the last hidden state)
-over the data at one checkpoint, and computes each response token's log-prob
-with `t3s_kernels.target_logprobs` on the last hidden state and the lm_head
-weight: the N x V logits are never materialised. The result is a per-token
-table in the `t3s.store` schema (step, example_id, position, logprob), written
-to a store (resumable) or returned.
+``get_output_embeddings()``) over the data at one checkpoint, and computes each
+response token's log-prob with `t3s_kernels.target_logprobs` on the last hidden
+state and the lm_head weight: the N x V logits are never materialised. The
+hidden states and the logit map come from `t3s.heads` (`last_hidden_state`,
+`lm_head`), the same description `t3s.patch` trains with. The result is a
+per-token table in the `t3s.store` schema (step, example_id, position,
+logprob), written to a store (resumable) or returned.
 
 `online_delta`, `exact_delta` and `compare_deltas` then measure how well the
 checkpoint-free (online) Delta c_t = c_t(theta_b) - c_t(theta_0), read from the
@@ -31,7 +32,8 @@ import torch
 
 from t3s_kernels import target_logprobs
 
-from .recorder import token_keys
+from .data import _batch_positions, token_keys
+from .heads import LMHead, last_hidden_state, lm_head
 from .store import (
     MANIFEST_NAME,
     PathLike,
@@ -45,9 +47,6 @@ from .store import (
 
 __all__ = [
     "profile",
-    "model_head",
-    "LMHead",
-    "last_hidden_state",
     "online_delta",
     "exact_delta",
     "compare_deltas",
@@ -58,86 +57,18 @@ Example = Tuple[int, np.ndarray, np.ndarray]  # (example_id, input_ids [L], labe
 
 
 # --------------------------------------------------------------------------- model access
-@dataclasses.dataclass
-class LMHead:
-    """What maps the last hidden state to logits: z = softcap(scale * (h W^T + b))."""
+def _logprobs(model, head: LMHead, weight, bias, input_ids, attention_mask, labels, *,
+              want_entropy, ignore_index, backend):
+    """log p(labels[:, i+1]) from hidden[:, i]: float32 [B, T-1] (+ entropy).
 
-    weight: torch.Tensor  # [V, H]
-    bias: Optional[torch.Tensor]  # [V]
-    softcap: Optional[float]
-    scale: Optional[float]  # logits are multiplied by it (before the softcap)
-
-
-def model_head(model) -> LMHead:
-    """The output projection of a causal LM: weight, bias, softcap and logit scale.
-
-    Reads ``get_output_embeddings()`` and, from ``model.config``,
-    ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere: logits are
-    multiplied) and ``logits_scaling`` (Granite: logits are divided).
+    weight [V, H], bias [V] or None: ``head.tensors(gather=True)``, read once per profile.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); "
-                         "profile needs a *ForCausalLM model")
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel): gather once
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = None
-    if getattr(config, "logit_scale", None) is not None:
-        scale = float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:
-        scale = (scale or 1.0) / float(config.logits_scaling)
-    return LMHead(weight=weight.detach(), bias=None if bias is None else bias.detach(),
-                 softcap=None if softcap is None else float(softcap), scale=scale)
-
-
-def _base_model(model):
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            dec = get_decoder()
-        except (AttributeError, NotImplementedError):
-            dec = None
-        if isinstance(dec, torch.nn.Module) and dec is not model:
-            return dec
-    base = getattr(model, "base_model", None)
-    if isinstance(base, torch.nn.Module) and base is not model:
-        return base
-    return None
-
-
-def last_hidden_state(model, input_ids: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, T, H] hidden states that the lm_head maps to logits (final norm applied).
-
-    Calls the base model (``get_decoder()`` or ``base_model``) so that no
-    logits are computed; falls back to ``output_hidden_states=True`` on the
-    full model.
-    """
-    base = _base_model(model)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    if base is not None:
-        out = base(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    else:
-        out = model(**kwargs, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-    return hidden
-
-
-def _logprobs(model, head: LMHead, input_ids, attention_mask, labels, *, want_entropy,
-              ignore_index, backend):
-    """log p(labels[:, i+1]) from hidden[:, i]: float32 [B, T-1] (+ entropy)."""
     hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1]
-    weight, bias = head.weight, head.bias
     if hidden.device != weight.device:
         hidden = hidden.to(weight.device)
-    if head.scale is not None:
-        hidden = hidden * head.scale
-        bias = None if bias is None else bias * head.scale
+    if head.logit_scale != 1.0:
+        hidden = hidden * head.logit_scale
+        bias = None if bias is None else bias * head.logit_scale
     targets = labels[:, 1:].to(weight.device)
     out = target_logprobs(hidden, weight, targets, bias=bias, softcap=head.softcap,
                           return_entropy=want_entropy, ignore_index=ignore_index,
@@ -147,8 +78,8 @@ def _logprobs(model, head: LMHead, input_ids, attention_mask, labels, *, want_en
     return out, None
 
 
-def _verify(model, head: LMHead, ids: np.ndarray, *, n_tokens: int, atol: float,
-            backend) -> float:
+def _verify(model, head: LMHead, weight, bias, ids: np.ndarray, *, n_tokens: int,
+            atol: float, backend) -> float:
     """Max |ours - log_softmax(model logits)| on a prefix; ValueError above atol."""
     length = min(len(ids), n_tokens)
     if length < 2:
@@ -157,14 +88,14 @@ def _verify(model, head: LMHead, ids: np.ndarray, *, n_tokens: int, atol: float,
     x = torch.as_tensor(ids[:length], dtype=torch.long, device=device)[None]
     logits = model(input_ids=x, use_cache=False).logits.float()
     ref = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, x[0, 1:, None].to(logits.device))
-    ours, _ = _logprobs(model, head, x, None, x, want_entropy=False, ignore_index=-100,
-                        backend=backend)
+    ours, _ = _logprobs(model, head, weight, bias, x, None, x, want_entropy=False,
+                        ignore_index=-100, backend=backend)
     err = float((ours[0].to(ref.device) - ref[:, 0]).abs().max())
     if not err <= atol:
         raise ValueError(
             f"profile: log-probs from the last hidden state and lm_head differ from the model's "
             f"own logits by {err:.3g} (> {atol:g}). {type(model).__name__} transforms its "
-            "logits in a way profile does not know; pass verify=False to skip this check")
+            "logits in a way t3s does not know; pass verify=False to skip this check")
     return err
 
 
@@ -189,38 +120,20 @@ def _is_batch(item: Mapping) -> bool:
 
 
 def _unpack_batch(batch: Mapping) -> List[Example]:
-    """Split a padded or packed batch into its examples (padding removed)."""
-    ids = np.asarray(_as_np2(batch["input_ids"]))
-    labels = np.asarray(_as_np2(batch["labels"]))
-    eids = _as_1d(batch["example_ids"] if "example_ids" in batch else batch["example_id"])
-    am = batch.get("attention_mask")
-    am = None if am is None else _as_np2(am).astype(bool)
-    pid = batch.get("position_ids")
-    out: List[Example] = []
-    if pid is None:
-        if len(eids) != ids.shape[0]:
-            raise ValueError(f"a padded batch needs one example id per row: got {len(eids)} "
-                             f"ids for {ids.shape[0]} rows")
-        for r in range(ids.shape[0]):
-            keep = am[r] if am is not None else slice(None)
-            out.append((int(eids[r]), ids[r][keep], labels[r][keep]))
-        return out
-    pid = _as_np2(pid).reshape(ids.shape)
-    starts = pid == 0
-    if am is not None:
-        starts &= am
-    flat_starts = np.flatnonzero(starts.reshape(-1))
-    if len(flat_starts) != len(eids):
-        raise ValueError(f"the batch packs {len(flat_starts)} sequences but {len(eids)} example "
-                         "ids were given")
-    flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
-    flat_keep = am.reshape(-1) if am is not None else np.ones(flat_ids.size, dtype=bool)
-    bounds = np.r_[flat_starts, flat_ids.size]
-    for k, eid in enumerate(eids):
-        sl = slice(bounds[k], bounds[k + 1])
-        keep = flat_keep[sl]
-        out.append((int(eid), flat_ids[sl][keep], flat_labels[sl][keep]))
-    return out
+    """Split a padded or packed batch into its examples (padding removed).
+
+    The layouts are those of `t3s.data.token_keys`, read by the same parser.
+    """
+    ids, labels = _as_np2(batch["input_ids"]), _as_np2(batch["labels"])
+    if labels.shape != ids.shape:
+        raise ValueError(f"input_ids {ids.shape} and labels {labels.shape} differ in shape")
+    eids = batch["example_ids"] if "example_ids" in batch else batch["example_id"]
+    seq, _, am, eids = _batch_positions(ids.shape, eids, batch.get("position_ids"),
+                                        batch.get("attention_mask"))
+    keep = seq >= 0 if am is None else (seq >= 0) & am
+    seq, ids, labels = seq[keep], ids[keep], labels[keep]  # row-major: seq is non-decreasing
+    bounds = np.searchsorted(seq, np.arange(len(eids) + 1))
+    return [(int(eid), ids[a:b], labels[a:b]) for eid, a, b in zip(eids, bounds[:-1], bounds[1:])]
 
 
 def _as_np2(x) -> np.ndarray:
@@ -328,9 +241,13 @@ def profile(
             value does not matter as padding is masked).
         sort_window: examples are read in windows of sort_window x batch_size
             and sorted by length within each, to limit padding.
-        verify: check once, on a prefix of the first example, that the result
-            equals ``log_softmax(model(input_ids).logits)`` (within
-            `verify_atol`: 1e-3 for float32 models, 0.25 otherwise).
+        verify: measure the model's logit map (scale, softcap) with one probe
+            forward of 8 tokens (`t3s.heads.lm_head`, as `t3s.patch` does), and
+            check once, on a prefix of the first example, that the result equals
+            ``log_softmax(model(input_ids).logits)`` (within `verify_atol`: 1e-3
+            for float32 models, 0.25 otherwise). False: take the logit map from
+            the config (``final_logit_softcapping``, ``logit_scale``,
+            ``logits_scaling``) and check nothing.
         backend: kernel backend for `t3s_kernels.target_logprobs`.
         progress: show a tqdm bar. fsync: passed to the store writer.
 
@@ -347,6 +264,10 @@ def profile(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    # The logit map is measured (or read from the config) and the head gathered once per call.
+    head = lm_head(model, verify=verify)
+    weight, bias = head.tensors(gather=True)
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
     extra = ("entropy",) if return_entropy else ()
     schema = trajectory_schema(extra)
     writer = done = None
@@ -367,10 +288,9 @@ def profile(
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
 
-    head = model_head(model)
     device = _input_device(model)
     if verify_atol is None:
-        verify_atol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 0.25
+        verify_atol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 0.25
     total = len(data) if hasattr(data, "__len__") else None
     try:
         from tqdm.auto import tqdm
@@ -390,11 +310,11 @@ def profile(
                 todo = [e for e, s in zip(todo, skip) if not s]
             for batch in _batches(todo, batch_size, max_tokens):
                 if not verified:
-                    _verify(model, head, batch[0][1], n_tokens=32, atol=verify_atol,
-                            backend=backend)
+                    _verify(model, head, weight, bias, batch[0][1], n_tokens=32,
+                            atol=verify_atol, backend=backend)
                     verified = True
                 ids, lab, am, eids = _collate(batch, pad_token_id, ignore_index)
-                lp, ent = _logprobs(model, head, ids.to(device), am.to(device), lab,
+                lp, ent = _logprobs(model, head, weight, bias, ids.to(device), am.to(device), lab,
                                     want_entropy=return_entropy, ignore_index=ignore_index,
                                     backend=backend)
                 rows, cols, key_eid, key_pos = token_keys(lab, eids, attention_mask=am,

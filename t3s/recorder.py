@@ -12,20 +12,11 @@ Token keys (shared convention): ``(example_id int64, position int32)``, where
 With Hugging Face labels (aligned to ``input_ids``, shifted inside the loss),
 the logit at hidden index i predicts ``labels[i + 1]``: key position i + 1.
 
-Batch layouts (`token_keys`):
-
-- padded: ``labels [B, T]``, one sequence per row, ``example_ids [B]``. Without
-  `attention_mask` padding must be on the right; with it, positions count the
-  attended tokens, so left padding works too.
-- packed, padding-free: ``position_ids [B, T]`` restart at 0 for each sequence
-  (as from ``DataCollatorWithFlattening``); ``example_ids`` lists every sequence
-  in row-major order of its start. A row that does not begin at position 0
-  continues the previous sequence. Padding whose position id is 0 must be
-  excluded with `attention_mask`. The position is the position id.
-
-Only targets with ``label != ignore_index``, a predecessor in the same
-sequence, and a finite value are recorded (the fused loss gives NaN for tokens
-it dropped, e.g. anchors masked out during T3S retraining).
+Padded (right or left) and packed batches are mapped to keys by
+`t3s.data.token_keys`, which documents the layouts. Only targets with
+``label != ignore_index``, a predecessor in the same sequence, and a finite
+value are recorded (the fused loss gives NaN for tokens it dropped, e.g.
+anchors masked out during T3S retraining).
 
 Cost. `record` only validates shapes and enqueues: on CUDA it issues
 ``non_blocking`` copies into pinned host memory plus a CUDA event, and performs
@@ -41,101 +32,17 @@ import queue
 import threading
 import warnings
 import weakref
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .data import _np, token_keys
 from .store import PathLike, TrajectoryWriter
 
-__all__ = ["TrajectoryRecorder", "token_keys"]
+__all__ = ["TrajectoryRecorder"]
 
 _STOP = object()
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def token_keys(labels, example_ids, *, position_ids=None, attention_mask=None,
-               ignore_index: int = -100) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Map the targets of a batch to token keys.
-
-    Args:
-        labels: [B, T] (or [T]) Hugging Face labels aligned to input_ids.
-        example_ids: [B] for a padded batch; [num_sequences] (row-major order of
-            the sequence starts) with `position_ids`.
-        position_ids: optional [B, T] (or [T]); given, sequences start where it
-            is 0 (packed batches).
-        attention_mask: optional [B, T]; 0 marks padding.
-
-    Returns:
-        (row, col, example_id, position): numpy arrays [M]. ``(row, col)`` index
-        the hidden state / logit that predicts the target, i.e. the target is
-        ``labels[row, col + 1]``; ``position`` is its index in the example.
-    """
-    lab = _np(labels)
-    if lab.ndim == 1:
-        lab = lab[None]
-    if lab.ndim != 2:
-        raise ValueError(f"labels must be [B, T] or [T], got shape {lab.shape}")
-    B, T = lab.shape
-    eids = _np(example_ids).reshape(-1).astype(np.int64)
-    am = None
-    if attention_mask is not None:
-        am = _np(attention_mask)
-        if am.size != B * T:
-            raise ValueError(f"attention_mask must have the shape of labels {lab.shape}, "
-                             f"got {am.shape}")
-        am = am.reshape(B, T).astype(bool)
-    valid = lab != ignore_index
-    valid[:, 0] = False  # nothing predicts the first token of a row
-    if am is not None:
-        valid &= am
-        valid[:, 1:] &= am[:, :-1]
-
-    if position_ids is None:
-        if eids.shape[0] != B:
-            raise ValueError(f"a padded batch needs one example id per row: got "
-                             f"{eids.shape[0]} ids for {B} rows")
-        if am is not None:
-            pos = np.cumsum(am, axis=1) - 1
-        else:
-            pos = np.broadcast_to(np.arange(T), (B, T))
-        seq = np.broadcast_to(np.arange(B)[:, None], (B, T))
-    else:
-        pid = _np(position_ids)
-        if pid.size == T and B > 1:
-            pid = np.broadcast_to(pid.reshape(1, T), (B, T))
-        if pid.size != B * T:
-            raise ValueError(f"position_ids must have the shape of labels {lab.shape}, "
-                             f"got {pid.shape}")
-        pos = pid.reshape(B, T).astype(np.int64)
-        starts = pos == 0
-        if am is not None:
-            starts &= am
-        seq = (np.cumsum(starts.reshape(-1)) - 1).reshape(B, T)
-        n_seq = int(starts.sum())
-        if n_seq != eids.shape[0]:
-            raise ValueError(f"the batch packs {n_seq} sequences (position_ids == 0 marks a "
-                             f"start) but {eids.shape[0]} example ids were given")
-        orphan = (lab != ignore_index) & (seq < 0)
-        if am is not None:
-            orphan &= am
-        if np.any(orphan):
-            raise ValueError("labelled tokens come before the first sequence start "
-                             "(position_ids == 0); they cannot be mapped to an example")
-        valid[:, 1:] &= seq[:, 1:] == seq[:, :-1]
-        valid &= seq >= 0
-    valid &= pos >= 1
-    rows, cols = np.nonzero(valid)
-    eid = eids[seq[rows, cols]]
-    position = pos[rows, cols]
-    if position.size and position.max() > np.iinfo(np.int32).max:
-        raise ValueError("token positions exceed int32")
-    return rows, cols - 1, eid, position.astype(np.int32)
 
 
 class _Item:
@@ -238,7 +145,7 @@ class TrajectoryRecorder:
                 named like the store's extra columns). NaN entries are skipped.
             labels: [B, T] Hugging Face labels aligned to input_ids.
             example_ids: [B] (padded) or [num_sequences] (packed) int64.
-            position_ids, attention_mask: optional [B, T]; see `token_keys`.
+            position_ids, attention_mask: optional [B, T]; see `t3s.data.token_keys`.
             extras: {column: tensor shaped like values} for the extra columns.
         """
         if self._closed:

@@ -6,8 +6,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from t3s.artifact import (
     SelectionArtifact,
@@ -17,22 +15,15 @@ from t3s.artifact import (
 )
 from t3s.data import PackedCollator, TokenTable, TraceDataset
 from t3s.selection import anchor_mask, confidence_change, forced_mask
+import tiny
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=;# ")
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_tokenizer(chars=CHARS, special=SPECIAL, eos="</s>"):
-    vocab = {t: i for i, t in enumerate(special + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                  eos_token=eos, unk_token="<unk>")
-    tok.chat_template = TEMPLATE
+def make_tokenizer(chars=CHARS, eos="</s>"):
+    tok = tiny.make_tokenizer(chat_template=True, chars=chars, special=SPECIAL)
+    tok.eos_token = eos
     return tok
 
 

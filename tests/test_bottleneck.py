@@ -5,29 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from t3s.bottleneck import BottleneckTracker, find_bottleneck, select_subset, training_accuracy
 from t3s.data import TraceDataset
 from t3s.verify import exact_match, extract_boxed, extract_final_answer, get_verifier, math_verify_match
+from tiny import make_tokenizer
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list("0123456789+=;# ")
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def make_tokenizer():
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = TEMPLATE
-    return tok
 
 
 @pytest.fixture
@@ -189,7 +175,7 @@ class FakeModel:
 
 
 def test_training_accuracy_fake_model(rng):
-    tok = make_tokenizer()
+    tok = make_tokenizer(chat_template=True, chars=CHARS, special=SPECIAL)
     ds = dataset(tok, rng, 13)
     right = {ex["example_id"]: bool(rng.random() < 0.5) for ex in ds}
     outputs = {}
@@ -215,7 +201,7 @@ def test_training_accuracy_fake_model(rng):
 
 
 def test_training_accuracy_tiny_gpt2(rng):
-    tok = make_tokenizer()
+    tok = make_tokenizer(chat_template=True, chars=CHARS, special=SPECIAL)
     ds = dataset(tok, rng, 6)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -5,8 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from t3s.data import (
     IGNORE_INDEX,
@@ -21,26 +19,10 @@ from t3s.data import (
     packed_keys,
     packed_token_table,
     read_traces,
+    token_keys,
     tokenize_trace,
 )
-
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=;# \n:.{}\\")
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def make_tokenizer(chat_template=True):
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
-    if chat_template:
-        tok.chat_template = TEMPLATE
-    return tok
+from tiny import make_tokenizer
 
 
 @pytest.fixture
@@ -50,7 +32,7 @@ def rng():
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_tokenizer()
+    return make_tokenizer(chat_template=True)
 
 
 def random_records(rng, n):
@@ -285,6 +267,67 @@ def test_padded_collator(tok, rng):
         assert torch.equal(batch["loss_mask"][i, :n], masks[ex["example_id"]])
         assert not batch["loss_mask"][i, n:].any()
     assert batch["example_id"].tolist() == ds.example_ids
+
+
+def test_padded_collator_options():
+    # Plain feature dicts (no TraceDataset): per-feature masks, defaulted labels, left padding.
+    features = [
+        {"input_ids": [5, 6, 7, 8], "loss_mask": [True, False, True, True], "example_id": 0},
+        {"input_ids": torch.tensor([9, 10]), "labels": [-100, 10], "loss_mask": [0.5, 1.0],
+         "example_id": 1},
+        {"input_ids": [11, 12, 13], "example_id": 2},
+    ]
+    batch = PaddedCollator(0)(features)
+    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0],
+                                                         [11, 12, 13, 0]]))
+    assert torch.equal(batch["labels"], torch.tensor([[5, 6, 7, 8], [-100, 10, -100, -100],
+                                                      [11, 12, 13, -100]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0],
+                                                              [1, 1, 1, 0]]))
+    # float as soon as one mask is; an example without a mask keeps every token
+    assert batch["loss_mask"].dtype == torch.float32
+    assert torch.equal(batch["loss_mask"], torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.5, 1.0, 0, 0],
+                                                         [1.0, 1.0, 1.0, 0.0]]))
+    assert torch.equal(batch["example_id"], torch.tensor([0, 1, 2]))
+    assert "position_ids" not in batch
+
+    left = PaddedCollator(0, padding_side="left", pad_to_multiple_of=8)(features)
+    assert left["input_ids"].shape == (3, 8)
+    assert torch.equal(left["input_ids"][1], torch.tensor([0] * 6 + [9, 10]))
+    assert torch.equal(left["labels"][1], torch.tensor([-100] * 7 + [10]))
+    assert torch.equal(left["loss_mask"][1], torch.tensor([0.0] * 6 + [0.5, 1.0]))
+    # left padding keeps the token keys, through the attention mask
+    keys = token_keys(left["labels"], left["example_id"], attention_mask=left["attention_mask"])
+    assert list(zip(keys[2].tolist(), keys[3].tolist())) == (
+        [(0, p) for p in (1, 2, 3)] + [(1, 1)] + [(2, p) for p in (1, 2)])
+
+    no_masks = PaddedCollator(7, label_pad_id=-1)([{"input_ids": [1, 2]},
+                                                   {"input_ids": [3, 4, 5],
+                                                    "attention_mask": [1, 1, 0]}])
+    assert "loss_mask" not in no_masks and "example_id" not in no_masks
+    assert torch.equal(no_masks["input_ids"], torch.tensor([[1, 2, 7], [3, 4, 5]]))
+    assert torch.equal(no_masks["labels"], torch.tensor([[1, 2, -1], [3, 4, -1]]))
+    assert torch.equal(no_masks["attention_mask"], torch.tensor([[1, 1, 0], [1, 1, 0]]))
+    folded = PaddedCollator(0, fold_mask_into_labels=True)(features)
+    assert torch.equal(folded["labels"][0], torch.tensor([5, -100, 7, 8]))
+    assert torch.equal(folded["loss_mask"], batch["loss_mask"])
+    packed_rows = PaddedCollator(0, extra_keys=["score"])(
+        [{"input_ids": [1, 2, 3], "position_ids": [0, 1, 0], "score": 0.5},
+         {"input_ids": [4], "score": 1.5}])
+    assert torch.equal(packed_rows["position_ids"], torch.tensor([[0, 1, 0], [0, 0, 0]]))
+    assert torch.equal(packed_rows["score"], torch.tensor([0.5, 1.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="loss_mask for example at index 0 .* labels have length 3"):
+        PaddedCollator(0)([{"input_ids": [1, 2, 3], "loss_mask": [1, 0]}])
+    with pytest.raises(ValueError, match="labels has 2 entries but input_ids has 3"):
+        PaddedCollator(0)([{"input_ids": [1, 2, 3], "labels": [1, 0]}])
+    with pytest.raises(ValueError, match="some examples have an example_id"):
+        PaddedCollator(0)([{"input_ids": [1]}, {"input_ids": [2], "example_id": 3}])
+    with pytest.raises(ValueError, match="no example_id to look up"):
+        PaddedCollator(0, loss_masks={})([{"input_ids": [1]}])
+    with pytest.raises(ValueError, match="padding_side"):
+        PaddedCollator(0, padding_side="middle")
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        PaddedCollator(0, pad_to_multiple_of=0)
 
 
 def test_mask_length_must_match_labels(tok, rng):

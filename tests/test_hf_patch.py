@@ -1,4 +1,4 @@
-"""t3s.hf: the generic fused-loss patch for Hugging Face causal LMs, and its collator.
+"""t3s.hf: the generic fused-loss patch for Hugging Face causal LMs, fed by t3s.data's collator.
 
 Tiny models are built from configs (no downloads). The patched model is
 compared with the same model unpatched, which computes HF's own loss from
@@ -19,8 +19,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from t3s.data import PaddedCollator  # noqa: E402
 from t3s.hf import (  # noqa: E402
-    T3SCollator, count_loss_items, is_patched, patch, shift_for_causal_lm, unpatch)
+    count_loss_items, is_patched, patch, shift_for_causal_lm, unpatch)
 
 V = 101
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -134,9 +135,9 @@ def test_loss_and_grads_match_unpatched(arch):
     config = model.config
     expected_scale = (config.logit_scale if arch == "cohere-scale"
                       else 1.0 / config.logits_scaling if arch == "granite-scale" else 1.0)
-    assert info.verified
-    assert info.logit_scale == pytest.approx(expected_scale, rel=1e-5)
-    assert info.softcap == (0.5 if arch == "gemma2-softcap" else None)
+    assert info.head.verified
+    assert info.head.logit_scale == pytest.approx(expected_scale, rel=1e-5)
+    assert info.head.softcap == (0.5 if arch == "gemma2-softcap" else None)
     head = model.get_output_embeddings()
     if arch in ("qwen2-tied", "gemma2-softcap", "gpt2"):
         assert head.weight is model.get_input_embeddings().weight
@@ -172,7 +173,7 @@ def test_multimodal_wrappers_text_only(kind):
     labels = torch.where(labels == -100, labels, ids)
     ref, g_ref = step(model, input_ids=ids, attention_mask=am, labels=labels)
     patch(model, backend="torch")
-    assert model._t3s_patch.softcap is None
+    assert model._t3s_patch.head.softcap is None
     out, g = step(model, input_ids=ids, attention_mask=am, labels=labels)
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
@@ -516,6 +517,17 @@ def test_probe_refuses_unknown_logit_maps():
         patch(make_model("cohere-scale"), logit_scale=1.0)
 
 
+@pytest.mark.parametrize("arch", ["cohere-scale", "granite-scale", "gemma2-softcap"])
+def test_without_the_probe_the_config_gives_the_logit_map(arch):
+    model = make_model(arch)
+    ids, am, labels = make_batch()
+    ref = model(input_ids=ids, attention_mask=am, labels=labels).loss
+    patch(model, backend="torch", verify=False)
+    assert not model._t3s_patch.head.verified
+    out = model(input_ids=ids, attention_mask=am, labels=labels).loss
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_sliced_vocabulary_padding():
     config = CONFIGS["llama"]()
 
@@ -535,7 +547,7 @@ def test_sliced_vocabulary_padding():
     targets, _ = shift_for_causal_lm(labels)
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     patch(model, backend="torch")
-    assert model._t3s_patch.vocab_size == V
+    assert model._t3s_patch.head.vocab_size == V
     out = model(input_ids=ids, attention_mask=am, labels=labels)
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
 
@@ -554,7 +566,7 @@ def test_meta_model_skips_probe_with_warning():
         model = transformers.LlamaForCausalLM(config)
     with pytest.warns(UserWarning, match="not materialised"):
         patch(model)
-    assert not model._t3s_patch.verified
+    assert not model._t3s_patch.head.verified
 
 
 FSDP2_SCRIPT = """
@@ -686,47 +698,24 @@ def test_compose_liger_real_package(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def test_collator_pads_masks_and_labels():
-    features = [
-        {"input_ids": [5, 6, 7, 8], "loss_mask": [True, False, True, True], "example_id": 0},
-        {"input_ids": torch.tensor([9, 10]), "labels": [-100, 10], "loss_mask": [0.5, 1.0],
-         "example_id": 1},
-        {"input_ids": [11, 12, 13], "example_id": 2},
-    ]
-    batch = T3SCollator(pad_token_id=0)(features)
-    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0],
-                                                         [11, 12, 13, 0]]))
-    assert torch.equal(batch["labels"], torch.tensor([[5, 6, 7, 8], [-100, 10, -100, -100],
-                                                      [11, 12, 13, -100]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0],
-                                                              [1, 1, 1, 0]]))
-    assert batch["loss_mask"].dtype == torch.float32
-    assert torch.equal(batch["loss_mask"], torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.5, 1.0, 0, 0],
-                                                         [1.0, 1.0, 1.0, 0.0]]))
-    assert torch.equal(batch["example_id"], torch.tensor([0, 1, 2]))
-    assert "position_ids" not in batch
-
-    left = T3SCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=8)(features)
-    assert left["input_ids"].shape == (3, 8)
-    assert torch.equal(left["input_ids"][1], torch.tensor([0] * 6 + [9, 10]))
-    assert torch.equal(left["loss_mask"][1], torch.tensor([0.0] * 6 + [0.5, 1.0]))
-
-    no_masks = T3SCollator()([{"input_ids": [1, 2]},
-                              {"input_ids": [3, 4], "attention_mask": [1, 0]}])
-    assert "loss_mask" not in no_masks
-    assert torch.equal(no_masks["labels"], torch.tensor([[1, 2], [3, -100]]))
-    folded = T3SCollator(fold_mask_into_labels=True)(features)
-    assert torch.equal(folded["labels"][0], torch.tensor([5, -100, 7, 8]))
-    assert torch.equal(folded["loss_mask"], batch["loss_mask"])
-    with pytest.raises(ValueError, match="loss_mask has 2 entries but input_ids has 3"):
-        T3SCollator()([{"input_ids": [1, 2, 3], "loss_mask": [1, 0]}])
-    with pytest.raises(ValueError, match="padding_side"):
-        T3SCollator(padding_side="middle")
-
-    # The batch feeds a patched model directly.
-    model = patch(make_model("llama"), backend="torch")
-    out = model(**{k: v for k, v in batch.items() if k != "example_id"})
-    assert torch.isfinite(out.loss)
+def test_padded_collator_feeds_a_patched_model():
+    # Rows of different lengths, per-example 0/1 masks (one example has none: all kept), no
+    # example ids: the batch goes straight into the patched model. Folding the masks into the
+    # labels gives HF's own loss and makes HF's label count the kept-token count.
+    features = [{"input_ids": torch.randint(0, V, (n,)), "loss_mask": torch.rand(n) > 0.3}
+                for n in (7, 4, 9)]
+    del features[1]["loss_mask"]
+    batch = PaddedCollator(0)(features)
+    folded = PaddedCollator(0, fold_mask_into_labels=True)(features)
+    assert torch.equal(folded["loss_mask"], batch["loss_mask"]) and "example_id" not in batch
+    model = make_model("llama")
+    ref = model(input_ids=folded["input_ids"], attention_mask=folded["attention_mask"],
+                labels=folded["labels"])
+    patch(model, backend="torch")
+    out = model(**batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert count_loss_items(folded["labels"]) == count_loss_items(batch["labels"],
+                                                                  batch["loss_mask"])
 
 
 @pytest.mark.parametrize("fold", [False, True])
@@ -743,7 +732,7 @@ def test_trainer_passes_loss_mask_and_num_items(tmp_path, fold):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                       data_collator=T3SCollator(fold_mask_into_labels=fold))
+                                       data_collator=PaddedCollator(0, fold_mask_into_labels=fold))
         trainer.train()
     # Every token dropped: zero loss (not 0/0 with num_items_in_batch == 0 when the mask is
     # folded into the labels), zero gradients, and Adam leaves the weights alone.

@@ -10,11 +10,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import t3s_kernels  # noqa: E402
+from t3s.heads import last_hidden_state, lm_head  # noqa: E402
 from t3s.profile import (  # noqa: E402
     _rankdata,
     compare_deltas,
     exact_delta,
-    last_hidden_state,
     online_delta,
     profile,
 )
@@ -137,7 +137,12 @@ def test_profile_accepts_padded_and_packed_batches():
               "position_ids": torch.cat([torch.arange(len(e["input_ids"]))
                                          for e in examples])[None],
               "example_ids": eids}
-    for batch in (padded, packed):
+    left = {k: v.clone() for k, v in padded.items()}  # left padding, read through the mask
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        for k in ("input_ids", "labels", "attention_mask"):
+            left[k][r] = torch.roll(padded[k][r], width - n)
+    for batch in (padded, packed, left):
         got = _as_dict(profile(model, [batch], batch_size=4, backend="torch", progress=False))
         assert got.keys() == ref.keys()
         assert max(abs(got[k] - ref[k]) for k in ref) < 1e-5
@@ -201,19 +206,49 @@ def test_profile_resumes_after_a_crash(tmp_path):
         profile(model, examples, **{**kw, "dataset_fingerprint": "other-data"})
 
 
-def test_verify_catches_a_head_profile_does_not_know():
+def test_last_hidden_state_computes_no_logits():
     model = _llama()
-    model.lm_head.register_forward_hook(lambda mod, args, out: out * 2.0)  # a hidden logit scale
-    examples = _examples(2, _rng())
-    with pytest.raises(ValueError, match="differ from the model's own logits"):
-        profile(model, examples, backend="torch", progress=False)
-    # Known scalings from the config are applied (Granite-style division).
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        h = last_hidden_state(model, torch.randint(0, V, (2, 9)))
+    assert h.shape == (2, 9, 32) and seen == [(2, 9, 0)]
+    assert "forward" not in model.lm_head.__dict__  # the head is restored
+
+
+def test_profile_measures_the_logit_map():
+    examples = _examples(2, _rng(), lo=12)
+    # A scale the config does not mention is measured by the probe (as in t3s.patch).
     model = _llama()
-    model.config.logits_scaling = 4.0
-    model.lm_head.register_forward_hook(lambda mod, args, out: out / 4.0)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 2.0)
+    assert lm_head(model).logit_scale == pytest.approx(2.0)
     table = profile(model, examples, backend="torch", progress=False)
     expected = _direct(model, examples)
     assert max(abs(v - expected[k]) for k, v in _as_dict(table).items()) < 1e-5
+    # Without the probe (verify=False) the config's map is used: Granite-style division.
+    model = _llama()
+    model.config.logits_scaling = 4.0
+    model.lm_head.register_forward_hook(lambda mod, args, out: out / 4.0)
+    assert lm_head(model, verify=False).logit_scale == 0.25
+    for verify in (True, False):
+        table = profile(model, examples, backend="torch", progress=False, verify=verify)
+        expected = _direct(model, examples)
+        assert max(abs(v - expected[k]) for k, v in _as_dict(table).items()) < 1e-5
+
+
+def test_verify_catches_a_head_profile_does_not_know():
+    examples = _examples(2, _rng(), lo=12)
+    # Not softcap(scale * z): refused by the probe.
+    model = _llama()
+    model.lm_head.register_forward_hook(lambda mod, args, out: out + torch.linspace(0, 1, V))
+    with pytest.raises(NotImplementedError, match="post-processes its logits"):
+        profile(model, examples, backend="torch", progress=False)
+    # A transform the 8-token probe does not see is caught by the check on the data.
+    model = _llama()
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 2.0 if out.shape[-2] > 8
+                                        else out)
+    with pytest.raises(ValueError, match="differ from the model's own logits"):
+        profile(model, examples, backend="torch", progress=False)
 
 
 def _markov_examples(rng, n, P, first_id=0):

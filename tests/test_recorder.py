@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from t3s.recorder import TrajectoryRecorder, token_keys
+from t3s.data import token_keys
+from t3s.recorder import TrajectoryRecorder
 from t3s.store import TrajectoryReader, TrajectoryWriter
 from t3s_kernels import linear_cross_entropy
 
