@@ -25,7 +25,11 @@ setup(
         "pyarrow>=14",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # The command line: config files and report figures.
+        "pyyaml>=5.1",
+        "matplotlib>=3.5",
     ],
+    entry_points={"console_scripts": ["t3s = t3s.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],

@@ -1,0 +1,444 @@
+"""The `t3s` command: a whole run on a tiny model, resuming, redoing, a killed stage,
+settings from YAML, and the errors a user can fix.
+
+The model is a ~30k-parameter Llama (tests/tiny.py) saved to a temporary
+directory with its character-level tokenizer; nothing is downloaded. The
+commands run in-process through `t3s.cli.main`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+yaml = pytest.importorskip("yaml")
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
+
+import t3s  # noqa: E402
+import t3s.run as t3s_run  # noqa: E402
+from t3s.cli import main  # noqa: E402
+from t3s.report import METRIC_KEYS  # noqa: E402
+
+STAGES = ("pilot", "select", "train", "baseline", "eval", "report")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A model this small runs fastest on one thread (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny θ0 (model + tokenizer directory) and train / held-out JSONL files."""
+    root = tmp_path_factory.mktemp("assets")
+    tok = make_tokenizer()
+    model = tiny_llama(tok, seed=0)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    records = arithmetic_records(24, seed=0)
+    write_jsonl(root / "train.jsonl", records[:16])
+    write_jsonl(root / "heldout.jsonl", records[16:])
+    return root
+
+
+def settings(assets):
+    return ["--model", str(assets / "model"), "--train", str(assets / "train.jsonl"),
+            "--heldout", str(assets / "heldout.jsonl"), "--steps", "4", "--eval-steps", "2",
+            "--eval-subset", "4", "--batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-2",
+            "--baseline", "random", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    """A finished `t3s run` (do not modify it; copy it with `copy_run`)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    t0 = time.perf_counter()
+    rc = main(["run", *settings(assets), "--run-dir", str(run_dir)])
+    assert rc == 0
+    print(f"t3s run took {time.perf_counter() - t0:.1f} s")
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ledger(run_dir: Path):
+    return json.loads((run_dir / "stages.json").read_text())["stages"]
+
+
+def run_ids(run_dir: Path):
+    return {name: rec["run_id"] for name, rec in ledger(run_dir).items()}
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err               # one line, no traceback
+    assert err[0].startswith("t3s: error: ")
+    return err[0]
+
+
+# --------------------------------------------------------------------------------------
+# A whole run
+# --------------------------------------------------------------------------------------
+
+def test_run_writes_consistent_outputs(finished, assets):
+    run_dir = finished
+    assert list(ledger(run_dir)) == list(STAGES)
+    assert not list(run_dir.glob(".partial-*"))
+    for name in STAGES:
+        assert (run_dir / name / "stage.json").is_file(), name
+    assert (run_dir / "pilot" / "final" / "model.safetensors").is_file()
+    assert (run_dir / "train" / "model" / "model.safetensors").is_file()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["config"]["steps"] == 4 and cfg["config"]["rule"] == "anchor"
+
+    # the bottleneck: argmin of the pilot's training accuracy after step 0; θb kept
+    hist = t3s.read_accuracy_history(run_dir / "pilot")
+    after = {s: a for s, a in hist["train_acc"].items() if s > 0}
+    b = t3s.find_bottleneck(after)
+    assert sorted(hist["train_acc"]) == [0, 2, 4]
+    assert hist["bottleneck_step"] == b
+    pilot = ledger(run_dir)["pilot"]["summary"]
+    assert pilot["bottleneck_step"] == b
+    thetab = run_dir / "pilot" / pilot["thetab"]
+    assert (thetab / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "pilot").glob("checkpoint-*")) == \
+        ([] if pilot["thetab"] == "final" else [pilot["thetab"]])
+
+    # the artifact: anchors are Δc > 0, checked against the tokenizer and the data
+    tok = make_tokenizer()
+    data = t3s.TraceDataset.from_jsonl(assets / "train.jsonl", tok)
+    art = t3s.SelectionArtifact.load(run_dir / "select" / "selection.parquet", tokenizer=tok,
+                                     examples=data)
+    assert art.rule == "anchor"
+    assert len(art.table) == data.num_response_tokens()
+    np.testing.assert_array_equal(art.table["loss_mask"], ~(art.table["delta"] > 0))
+    base = t3s.SelectionArtifact.load(run_dir / "select" / "baseline.parquet")
+    assert base.rule == "random"
+    assert int(base.table["loss_mask"].sum()) == int(art.table["loss_mask"].sum())  # same budget
+
+    # metrics.json: the stable keys first, equal to what the stages recorded
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert tuple(metrics)[:len(METRIC_KEYS)] == METRIC_KEYS
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    for arm in ("base", "sft", "t3s", "baseline"):
+        assert metrics[f"{arm}_acc"] == results["arms"][arm]["accuracy"]
+        assert 0.0 <= metrics[f"{arm}_acc"] <= 1.0
+        lines = (run_dir / "eval" / f"{arm}.jsonl").read_text().splitlines()
+        assert len(lines) == results["arms"][arm]["n"] == 8
+    assert metrics["bottleneck_step"] == b
+    assert metrics["masked_fraction"] == pytest.approx(1 - art.table["loss_mask"].mean())
+    online = pq.read_table(run_dir / "select" / "delta_online.parquet")
+    exact = pq.read_table(run_dir / "select" / "delta_exact.parquet")
+    agreement = t3s.compare_deltas(online, exact, bottleneck_step=b)
+    assert metrics["mask_agreement"] == pytest.approx(agreement.mask_agreement)
+
+    # report.md: the table, and plain statements that follow from the numbers
+    report = (run_dir / "report" / "report.md").read_text()
+    for text in ("| base (θ0) |", "| plain SFT", "| T3S (rule `anchor`) |", "| baseline",
+                 "bottleneck step", "masked fraction", "mask agreement",
+                 "shock.png", "delta_hist.png", "traces.png"):
+        assert text in report, text
+    if metrics["t3s_acc"] <= metrics["sft_acc"]:
+        assert "T3S did not beat plain SFT" in report
+    else:
+        assert "did not beat plain SFT" not in report
+    for name in ("shock.png", "delta_hist.png", "traces.png"):
+        png = (run_dir / "report" / name).read_bytes()
+        assert png.startswith(PNG) and len(png) > 10_000, name
+
+
+def test_second_run_does_nothing(finished, assets, tmp_path, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+    t0 = time.perf_counter()
+    assert main(["run", *settings(assets), "--run-dir", str(run_dir)]) == 0
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out
+    assert run_ids(run_dir) == before
+    assert seconds < 5, seconds
+    # with no settings at all the stored ones are used
+    assert main(["run", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert run_ids(run_dir) == before
+
+
+def test_redo_train_redoes_train_and_what_uses_it(finished, tmp_path, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+    assert main(["run", "--run-dir", str(run_dir), "--redo", "train", "--no-progress"]) == 0
+    after = run_ids(run_dir)
+    out = capsys.readouterr().out
+    assert "[train] running (asked to redo)" in out
+    # upstream and unrelated stages untouched; train redone; eval and report used the old
+    # train's model and report, so they follow
+    for name in ("pilot", "select", "baseline"):
+        assert after[name] == before[name], name
+    for name in ("train", "eval", "report"):
+        assert after[name] != before[name], name
+    assert ledger(run_dir)["eval"]["inputs"]["train"] == after["train"]
+    # `t3s train --redo train` runs the one stage only
+    assert main(["train", "--run-dir", str(run_dir), "--redo", "train", "--no-progress"]) == 0
+    again = run_ids(run_dir)
+    assert again["train"] != after["train"]
+    assert {k: v for k, v in again.items() if k != "train"} == \
+        {k: v for k, v in after.items() if k != "train"}
+
+
+def test_killed_stage_restarts_cleanly(finished, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+
+    def killed(trainer, tok, path):
+        raise RuntimeError("killed while saving the model")
+
+    monkeypatch.setattr(t3s_run, "_save_model", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["run", "--run-dir", str(run_dir), "--redo", "train", "--no-progress"])
+    partial = run_dir / ".partial-train"
+    assert (partial / "t3s_accuracy.json").is_file()      # it had started writing
+    assert not (run_dir / "train").exists()
+    assert "train" not in ledger(run_dir)
+    assert ledger(run_dir)["pilot"]["run_id"] == before["pilot"]
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] removing the unfinished attempt" in out
+    assert "[pilot] already done" in out and "[select] already done" in out
+    after = run_ids(run_dir)
+    assert after["pilot"] == before["pilot"] and after["select"] == before["select"]
+    assert after["train"] != before["train"]
+    assert not partial.exists()
+    assert (run_dir / "train" / "model" / "model.safetensors").is_file()
+    assert (run_dir / "report" / "report.md").is_file()
+
+
+def test_ledger_adopts_a_stage_renamed_before_the_ledger_was_written(tmp_path):
+    run = t3s_run.RunDir(tmp_path / "run")
+    run.create()
+    record = {"stage": "pilot", "run_id": "abc", "hash": "h", "inputs": {}}
+    run.partial_dir("pilot").mkdir()
+    run.commit("pilot", record)
+    assert run.ledger()["pilot"]["run_id"] == "abc"
+    # killed after the rename, before the ledger write: the stage record is adopted
+    (run.path / "stages.json").unlink()
+    assert run.ledger()["pilot"]["run_id"] == "abc"
+    # a ledger entry whose directory is gone is dropped
+    shutil.rmtree(run.stage_dir("pilot"))
+    assert "pilot" not in run.ledger()
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+def test_yaml_config_and_flag_override(assets, tmp_path, capsys):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(assets / "train.jsonl", conf / "traces.jsonl")
+    (conf / "run.yaml").write_text(yaml.safe_dump({
+        "model": str(assets / "model"), "train": "traces.jsonl", "steps": 7, "lr": 0.001,
+        "eval-steps": 3, "rule": "inverse", "rule_params": {"threshold": 0.5},
+        "run_dir": "out"}))
+    assert main(["run", "--config", str(conf / "run.yaml"), "--lr", "0.5",
+                 "--rule-param", "threshold=0.25", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["lr"] == 0.5                      # the flag wins
+    assert cfg["steps"] == 7 and cfg["eval_steps"] == 3
+    assert cfg["rule"] == "inverse_anchor"        # alias made canonical
+    assert cfg["rule_params"] == {"threshold": 0.25}
+    assert cfg["train"] == str(conf / "traces.jsonl")   # relative to the YAML file
+    assert cfg["run_dir"] == str(conf / "out")
+    assert cfg["batch_size"] == t3s_run.DEFAULTS["batch_size"]
+    assert not (conf / "out").exists()           # --print-config does nothing else
+
+
+def test_unknown_yaml_key(assets, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nlearning_rate: 0.1\n")
+    assert main(["run", "--config", str(path)]) == 2
+    line = error_line(capsys)
+    assert "unknown setting 'learning_rate'" in line and "run.yaml" in line
+
+
+def test_bad_yaml_values(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: many\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "steps must be an integer" in error_line(capsys)
+    path.write_text("- a\n- b\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "expected a mapping" in error_line(capsys)
+    path.write_text("rule: nonsense\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "unknown rule 'nonsense'" in error_line(capsys)
+
+
+# --------------------------------------------------------------------------------------
+# Errors a user can fix: one line, exit status 2, nothing created
+# --------------------------------------------------------------------------------------
+
+def test_missing_model_path(assets, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = settings(assets)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    assert main(["run", *args, "--run-dir", str(run_dir)]) == 2
+    line = error_line(capsys)
+    assert "no-such-model does not exist" in line
+    assert not run_dir.exists()
+    assert main(["run", "--run-dir", str(run_dir), "--train", str(assets / "train.jsonl")]) == 2
+    assert "no model given" in error_line(capsys)
+
+
+def test_model_needing_remote_code(assets, tmp_path, capsys):
+    model = shutil.copytree(assets / "model", tmp_path / "custom")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    args = settings(assets)
+    args[args.index("--model") + 1] = str(model)
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "--trust-remote-code" in line and "auto_map" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_jsonl_names_the_line(assets, tmp_path, capsys):
+    lines = (assets / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:2] + ['{"prompt": "1+1=", "response": '] + lines[2:]) + "\n")
+    args = settings(assets)
+    args[args.index("--train") + 1] = str(bad)
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "bad training data" in line and "line 3" in line and "invalid JSON" in line
+    # a record without its answer
+    bad.write_text(lines[0] + "\n" + '{"prompt": "1+1=", "response": "2"}\n')
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "line 2" in line and "answer" in line
+
+
+def test_empty_dataset(assets, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    args = settings(assets)
+    args[args.index("--heldout") + 1] = str(empty)
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "held-out data" in (line := error_line(capsys)) and "holds no examples" in line
+    args[args.index("--train") + 1] = str(empty)
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "training data" in (line := error_line(capsys)) and "holds no examples" in line
+
+
+def test_run_dir_from_a_different_config(finished, assets, tmp_path, capsys):
+    config_before = (finished / "config.json").read_bytes()
+    assert main(["run", *settings(assets), "--run-dir", str(finished), "--lr", "0.5"]) == 2
+    line = error_line(capsys)
+    assert "other settings" in line and "lr (0.01 -> 0.5)" in line and "--force" in line
+    assert (finished / "config.json").read_bytes() == config_before
+    # data with other contents is another config (paths do not matter, contents do)
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, arithmetic_records(24, seed=0)[1:17])
+    args = settings(assets)
+    args[args.index("--train") + 1] = str(data)
+    assert main(["run", *args, "--run-dir", str(finished)]) == 2
+    assert "train (contents differ)" in error_line(capsys)
+    shutil.copy(assets / "train.jsonl", data)   # same contents elsewhere: the same run
+    assert main(["run", *args, "--run-dir", str(finished), "--print-config"]) == 0
+    capsys.readouterr()
+    # a directory that is not a run directory is never used or deleted
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["run", *settings(assets), "--run-dir", str(other), *extra]) == 2
+        assert "not a t3s run directory" in error_line(capsys)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_force_keeps_the_stages_a_change_does_not_affect(finished, tmp_path, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+    assert main(["select", "--run-dir", str(run_dir), "--rule", "static", "--rule-param",
+                 "fraction=0.3", "--force", "--no-progress"]) == 0
+    after = run_ids(run_dir)
+    assert after["pilot"] == before["pilot"] and after["select"] != before["select"]
+    art = t3s.SelectionArtifact.load(run_dir / "select" / "selection.parquet")
+    assert art.rule == "static" and art.params == {"fraction": 0.3}
+    assert art.table["loss_mask"].mean() == pytest.approx(0.7, abs=0.01)
+    # the stages that used the old mask are stale; the pilot is not
+    status = t3s_run.stage_status(
+        t3s_run.RunDir(run_dir), json.loads((run_dir / "config.json").read_text())["config"],
+        json.loads((run_dir / "config.json").read_text())["fingerprints"])
+    assert status["pilot"][0] == before["pilot"]
+    assert status["train"][0] is None and status["report"][0] is None
+
+
+def test_stage_needs_the_stages_before_it(assets, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["select", *settings(assets), "--run-dir", str(run_dir)]) == 2
+    assert "needs stage 'pilot'" in error_line(capsys)
+    assert not run_dir.exists()
+
+
+def test_rule_parameters_are_checked_before_training(assets, tmp_path, capsys):
+    assert main(["run", *settings(assets), "--run-dir", str(tmp_path / "run"),
+                 "--rule", "rho1"]) == 2
+    assert "keep_fraction" in error_line(capsys)
+    assert main(["run", *settings(assets), "--run-dir", str(tmp_path / "run"),
+                 "--rule", "forced"]) == 2
+    assert "diffusion" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------
+
+def test_demo_subcommand(monkeypatch, capsys):
+    import types
+    calls = []
+    fake = types.ModuleType("t3s.demo")
+    monkeypatch.setitem(sys.modules, "t3s.demo", fake)
+    monkeypatch.setattr(t3s, "demo", fake, raising=False)
+    assert main(["demo", "--quick"]) == 2
+    assert "no main()" in error_line(capsys)
+    fake.main = lambda quick, out: calls.append((quick, out))
+    assert main(["demo", "--quick", "--out", "somewhere"]) == 0
+    assert calls == [(True, "somewhere")]
+
+
+def test_python_dash_m(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-m", "t3s", "run", "--help"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--model", "--trust-remote-code", "--dtype", "--grad-accum", "--eval-subset",
+                 "--max-new-tokens", "--redo", "--config", "--force", "--overwrite"):
+        assert flag in out.stdout, flag
+    bad = subprocess.run([sys.executable, "-m", "t3s", "report", "--run-dir",
+                          str(tmp_path / "nothing")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("t3s: error:") and "Traceback" not in bad.stderr
