@@ -12,6 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["t3s", "t3s.*", "t3s_kernels", "t3s_kernels.*"]),
+    # The demo's base student (safetensors weights, tokenizer, config) ships with the package.
+    package_data={"t3s.demo": ["assets/base/*"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: an installed torch (the CPU build on CPU machines, the CUDA

@@ -1,0 +1,223 @@
+"""The demo's task, tokenizer, shipped base student and a tiny run of its pipeline."""
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from t3s.data import TraceDataset, read_traces  # noqa: E402
+from t3s.demo import model as demo_model  # noqa: E402
+from t3s.demo import task  # noqa: E402
+from t3s.demo.experiment import (  # noqa: E402
+    DemoConfig,
+    OnlineTrajectory,
+    batch_schedule,
+    max_new_tokens_for,
+    run_experiment,
+)
+from t3s.verify import get_verifier  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ task
+def test_problem_styles():
+    p = task.Problem((23, 45, 12))
+    assert p.prompt == "23+45+12="
+    assert p.answer == "80"
+    assert p.direct_response() == "\\boxed{80}"
+    assert p.teacher_response() == "23+45=68;68+12=80;\\boxed{80}"
+    assert task.Problem((10, 99)).teacher_response() == "10+99=109;\\boxed{109}"
+    with pytest.raises(ValueError):
+        p.response("other")
+    with pytest.raises(ValueError):
+        task.Problem((5,))
+
+
+def test_generation_is_deterministic():
+    for split in ("train", "held_out"):
+        a = task.make_problems(50, 3, split, seed=7)
+        assert a == task.make_problems(50, 3, split, seed=7)
+        assert a != task.make_problems(50, 3, split, seed=8)
+        assert len(set(a)) == 50
+        assert all(p.n_terms == 3 and all(10 <= t <= 99 for t in p.terms) for p in a)
+    s1 = task.iter_problems((2, 3), seed=3)
+    s2 = task.iter_problems((2, 3), seed=3)
+    assert [next(s1) for _ in range(100)] == [next(s2) for _ in range(100)]
+    mixed = task.make_mixed_problems({2: 5, 3: 6, 4: 7}, seed=1)
+    assert mixed == task.make_mixed_problems({2: 5, 3: 6, 4: 7}, seed=1)
+    assert sorted(p.n_terms for p in mixed) == [2] * 5 + [3] * 6 + [4] * 7
+
+
+def test_splits_are_disjoint():
+    for k in (2, 3, 4):
+        train = set(task.make_problems(300, k, "train", seed=0))
+        held = set(task.make_problems(300, k, "held_out", seed=0))
+        assert not train & held
+        assert not any(task.is_held_out(p) for p in train)
+        assert all(task.is_held_out(p) for p in held)
+    stream = task.iter_problems((2, 3), "train", seed=0)
+    assert not any(task.is_held_out(next(stream)) for _ in range(2000))
+    # the held-out pool is about HELD_OUT_PERCENT of all problems
+    rng = random.Random(0)
+    frac = np.mean([task.is_held_out(task.Problem((rng.randint(10, 99), rng.randint(10, 99))))
+                    for _ in range(4000)])
+    assert abs(frac - task.HELD_OUT_PERCENT / 100) < 0.03
+    with pytest.raises(ValueError):
+        task.make_problems(10_000, 2, "held_out")
+
+
+@pytest.mark.parametrize("style", task.STYLES)
+def test_responses_verify(style):
+    verify = get_verifier("math")
+    for p in task.make_mixed_problems({2: 10, 3: 10, 4: 10}, seed=2):
+        r = p.response(style)
+        assert r.endswith("\\boxed{" + p.answer + "}")
+        assert verify(r, p.answer)
+        assert not verify(r, str(int(p.answer) + 1))
+
+
+def test_jsonl_round_trip(tmp_path):
+    probs = task.make_mixed_problems({2: 3, 4: 2}, seed=0)
+    path = task.write_jsonl(tmp_path / "d" / "traces.jsonl", probs, "teacher")
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert [json.loads(x)["prompt"] for x in lines] == [p.prompt for p in probs]
+    recs = read_traces(path)
+    assert [r.response for r in recs] == [p.teacher_response() for p in probs]
+    assert [r.answer for r in recs] == [p.answer for p in probs]
+    assert [r.example_id for r in recs] == list(range(len(probs)))
+    tok = demo_model.build_tokenizer()
+    ds = TraceDataset.from_jsonl(path, tok)
+    ex = ds[0]
+    ids = ex["input_ids"].tolist()
+    n = ex["prompt_length"]
+    assert ids[0] == demo_model.BOS_ID and ids[-1] == demo_model.EOS_ID
+    assert tok.decode(ids[1:n]) == probs[0].prompt
+    assert tok.decode(ids[n:-1]) == probs[0].teacher_response()
+    assert (ex["labels"][:n] == -100).all() and (ex["labels"][n:] == ex["input_ids"][n:]).all()
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_round_trips_every_character():
+    tok = demo_model.build_tokenizer()
+    assert len(tok) == len(demo_model.VOCAB)
+    for i, t in enumerate(demo_model.VOCAB):
+        assert tok.convert_tokens_to_ids(t) == i
+    for ch in demo_model.CHARS:
+        ids = tok(ch, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != demo_model.UNK_ID
+        assert tok.decode(ids) == ch
+    text = demo_model.CHARS + "\\boxed{123}" + demo_model.CHARS[::-1]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert ids.count(tok.convert_tokens_to_ids("boxed")) == 1
+    assert tok(text)["input_ids"] == [demo_model.BOS_ID] + ids
+    assert tok.decode([demo_model.BOS_ID] + ids + [demo_model.EOS_ID], skip_special_tokens=True) == text
+    assert tok("x", add_special_tokens=False)["input_ids"] == [demo_model.UNK_ID]
+    rng = random.Random(0)
+    pieces = list(demo_model.CHARS) + ["boxed", "box", "b", "xed"]
+    for _ in range(200):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        assert demo_model.encode(s) == tok(s, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_save_load(tmp_path):
+    tok = demo_model.build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    import transformers
+    tok2 = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    s = "12+34=46;\\boxed{46}"
+    assert tok2(s)["input_ids"] == tok(s)["input_ids"]
+    assert (tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id) == (demo_model.BOS_ID, demo_model.EOS_ID,
+                                                                        demo_model.PAD_ID)
+
+
+# ------------------------------------------------------------------------------ model
+def test_fresh_model_parameter_count():
+    assert demo_model.count_parameters(demo_model.build_model()) == demo_model.PARAM_COUNT
+
+
+def test_shipped_base_loads():
+    base = demo_model.BASE_DIR
+    assert demo_model.base_exists(base), "build it with: python scripts/build_demo_base.py"
+    size = sum(f.stat().st_size for f in base.iterdir() if f.is_file())
+    assert size < 10 * 2**20
+    assert not list(base.glob("*.bin")) and not list(base.glob("*.pt"))  # safetensors only
+    model, tok = demo_model.load_base()
+    assert demo_model.count_parameters(model) == demo_model.PARAM_COUNT
+    assert model.config.vocab_size == len(demo_model.VOCAB) == len(tok)
+    info = demo_model.load_build_info()
+    assert info["seed"] == 0 and info["parameters"] == demo_model.PARAM_COUNT
+    # the base answers in the direct style
+    p = task.make_problems(8, 2, "held_out", seed=0)
+    gen = demo_model.greedy_generate(model, [tok(q.prompt)["input_ids"] for q in p], max_new_tokens=10)
+    outs = [tok.decode(g) for g in gen]
+    assert all(o.startswith("\\boxed{") for o in outs), outs
+
+
+def test_greedy_generate_matches_hf_generate():
+    model, tok = demo_model.load_base()
+    prompts = [tok(q.prompt)["input_ids"] for q in task.make_mixed_problems({2: 2, 4: 2}, "held_out")]
+    ours = demo_model.greedy_generate(model, prompts, max_new_tokens=10, batch_size=2)
+    for p, g in zip(prompts, ours):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                             eos_token_id=demo_model.EOS_ID, pad_token_id=demo_model.PAD_ID)[0, len(p):].tolist()
+        if demo_model.EOS_ID in ref:
+            ref = ref[:ref.index(demo_model.EOS_ID)]
+        assert g == ref
+
+
+# ------------------------------------------------------------------------------ experiment
+def test_online_trajectory_nearest():
+    traj = OnlineTrajectory()
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    eids = torch.tensor([10, 11])
+    for step in (0, 2, 4):
+        lp = torch.full((2, 3), float(step))
+        lp[0, 1] = float("nan") if step == 2 else lp[0, 1]  # a dropped token is not recorded
+        traj.record(step, lp, labels, eids)
+    near = traj.nearest(3, column="cb").sorted()
+    assert near.example_id.tolist() == [10, 10, 11, 11]
+    assert near.position.tolist() == [2, 3, 1, 2]
+    # ties go to the earlier step; (10, 2) was not visited at step 2
+    assert near["step"].tolist() == [4, 2, 2, 2]
+    assert near["cb"].tolist() == [4.0, 2.0, 2.0, 2.0]
+
+
+def test_batch_schedule():
+    s = batch_schedule(10, 7, 4, seed=0)
+    assert s == batch_schedule(10, 7, 4, seed=0)
+    flat = [i for b in s for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert max_new_tokens_for(4) >= len(demo_model.encode(task.Problem((99,) * 4).teacher_response())) + 1
+
+
+def test_experiment_smoke():
+    cfg = DemoConfig(trace_counts={2: 6, 3: 6, 4: 4}, steps=4, batch_size=8, eval_every=2,
+                     eval_train_size=6, eval_heldout_size=6, eval_heldout4_size=4, verifier="math",
+                     num_threads=1)  # tiny ops: one thread avoids oversubscription on busy machines
+    threads = torch.get_num_threads()
+    t = time.perf_counter()
+    res = run_experiment(cfg)
+    assert time.perf_counter() - t < 20
+    assert torch.get_num_threads() == threads
+    m = res.metrics
+    for arm in ("base", "sft", "t3s", "random"):
+        assert set(m[arm]) == {"train", "heldout", "heldout4"}
+        assert all(0.0 <= v <= 1.0 for v in m[arm].values())
+    assert m["bottleneck_step"] in (2, 4)
+    assert 0.0 <= m["masked_fraction"] <= 1.0 and 0.0 <= m["mask_agreement"] <= 1.0
+    for arm in ("sft", "t3s", "random"):
+        assert [e["step"] for e in res.curves[arm]] == [0, 2, 4]
+        assert len(res.losses[arm]) == 4
+    n_tok = m["n_trace_tokens"]
+    assert len(res.delta) == n_tok == len(res.masks["t3s"])
+    # T3S drops exactly the tokens with Δc > 0; the random mask keeps as many
+    keep = np.asarray(res.masks["t3s"]["loss_mask"])
+    assert np.array_equal(keep, ~(np.asarray(res.delta["delta"]) > 0))
+    assert np.asarray(res.masks["random"]["loss_mask"]).sum() == keep.sum()
+    assert m["masked_fraction"] == pytest.approx(1 - keep.mean())
+    json.dumps(m)  # JSON-able
