@@ -59,7 +59,7 @@ import t3s  # noqa: E402
 from t3s.data import IGNORE_INDEX  # noqa: E402
 from t3s.demo import model as demo_model  # noqa: E402
 from t3s.demo import task  # noqa: E402
-from t3s.demo.experiment import Evaluator  # noqa: E402
+from t3s.demo.evaluate import Evaluator  # noqa: E402
 
 
 def encode_batch(problems, style: str = "direct"):

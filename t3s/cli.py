@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in CPU demo (no download)",
                           description="Reproduce imitation shock and T3S on a synthetic task.")
     demo.add_argument("--quick", action="store_true", help="the short variant (for tests)")
-    demo.add_argument("--out", default=None, metavar="DIR", help="output directory (runs/demo)")
+    demo.add_argument("--out", default=None, metavar="DIR", help="output directory (runs/demo; runs/demo-quick with --quick)")
     demo.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 

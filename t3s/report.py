@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -357,6 +358,10 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         "accuracy_source": source,
         "n_test": {k: v for k, v in n.items() if m.get(f"{k}_acc") is not None},
         "test_set": results.get("test_set"),
+        "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
+                            for k, d in (results.get("sets") or {}).items()},
+        "n_by_set": {k: d.get("n") for k, d in (results.get("sets") or {}).items()},
+        "set_paths": {k: d.get("path") for k, d in (results.get("sets") or {}).items()},
         "rule": select_sum.get("rule", config.get("rule")),
         "rule_params": select_sum.get("rule_params"),
         "baseline_rule": (None if config.get("baseline") in (None, "none")
@@ -409,8 +414,20 @@ def _compare(name_a: str, a: Optional[float], na, name_b: str, b: Optional[float
         text = f"{name_a} ({a:.3f}) is {abs(diff):.3f} {word} {name_b} ({b:.3f})."
     if noise is not None and abs(diff) < noise and noise > 0:
         text += (f" The difference is within sampling noise (about ±{noise:.3f}, two standard "
-                 "errors, on this test set).")
+                 "errors, on this set).")
     return text
+
+
+def _short_path(path: Any, run_dir: str) -> Any:
+    """A path as the report shows it: relative to the run directory when inside it,
+    relative to the installed package for the shipped demo assets."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return path
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (run_dir, package_root):
+        if root and os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root):
+            return os.path.relpath(path, root)
+    return path
 
 
 def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str, Any]] = None,
@@ -422,20 +439,27 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     rule = m.get("rule") or "?"
     lines = ["# T3S run report", ""]
     if run_dir:
-        lines.append(f"Run directory: `{run_dir}`")
+        lines.append(f"Run directory: `{os.path.basename(os.path.abspath(run_dir))}`")
     if cfg:
-        lines.append(f"Model θ0: `{cfg.get('model')}`; training traces: `{cfg.get('train')}`; "
+        lines.append(f"Model θ0: `{_short_path(cfg.get('model'), run_dir)}`; training traces: "
+                     f"`{_short_path(cfg.get('train'), run_dir)}`; "
                      f"{cfg.get('steps')} steps, lr {cfg.get('lr')}, batch "
                      f"{cfg.get('batch_size')}×{cfg.get('grad_accum')}; rule `{rule}`"
                      + (f" {m['rule_params']}" if m.get("rule_params") else "") + ".")
     lines.append("")
     src = m.get("accuracy_source")
-    where = (f"on `{m.get('test_set')}`" if src == "eval" else
+    where = (f"on `{_short_path(m.get('test_set'), run_dir)}`" if src == "eval" else
              "at the last held-out evaluation during training" if src else "")
     lines += ["## Results", ""]
     if src is None:
         lines += ["No accuracy was measured (no held-out or test set was given).", ""]
-    lines += [f"| model | accuracy {where} | n |", "|---|---|---|"]
+    others = [k for k in (m.get("accuracy_by_set") or {}) if src == "eval"
+              and k != _primary_set(m)]
+    tag = f" ({_primary_set(m)})" if others else ""
+    head = f"| model | accuracy {where}{tag} | n |" + "".join(
+        f" accuracy on `{_short_path(m['set_paths'].get(k), run_dir) or k}` ({k}) | n |"
+        for k in others)
+    lines += [head, "|---|---|---|" + "---|---|" * len(others)]
     labels = [("base", "base (θ0)"), ("sft", "plain SFT (the pilot: all trace tokens)"),
               ("t3s", f"T3S (rule `{rule}`)" if rule != "none" else
                "retrained with `--rule none` (plain SFT)"),
@@ -444,7 +468,11 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     for arm, label in labels:
         if arm == "baseline" and not m.get("baseline_rule"):
             continue
-        lines.append(f"| {label} | {_fmt(m.get(f'{arm}_acc'))} | {n.get(arm) or 'n/a'} |")
+        row = f"| {label} | {_fmt(m.get(f'{arm}_acc'))} | {n.get(arm) or 'n/a'} |"
+        for k in others:
+            acc = m["accuracy_by_set"][k].get(arm)
+            row += f" {_fmt(acc)} | {(m.get('n_by_set') or {}).get(k) or 'n/a'} |"
+        lines.append(row)
     lines += ["", "| quantity | value |", "|---|---|"]
     b = m.get("bottleneck_step")
     lines.append(f"| bottleneck step | {b if b is not None else 'n/a'}"
@@ -462,6 +490,12 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
         for title, fname in figures:
             lines += [f"**{title}**", "", f"![{title}]({fname})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _primary_set(m: Mapping[str, Any]) -> Optional[str]:
+    """The eval set the headline accuracies come from (the first in ``accuracy_by_set``)."""
+    sets = list(m.get("accuracy_by_set") or {})
+    return sets[0] if sets else None
 
 
 def _statements(m: Mapping[str, Any]) -> List[str]:
@@ -497,6 +531,17 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
               _compare("Plain SFT", sft, n.get("sft"), "the base θ0", base, n.get("base"))):
         if s:
             out.append(s)
+    nb = m.get("n_by_set") or {}
+    for k in [k for k in (m.get("accuracy_by_set") or {}) if k != _primary_set(m)]:
+        acc = m["accuracy_by_set"][k]
+        for s in (_compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "plain SFT",
+                           acc.get("sft"), nb.get(k)),
+                  _compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "the base θ0",
+                           acc.get("base"), nb.get(k)),
+                  _compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "the baseline",
+                           acc.get("baseline"), nb.get(k))):
+            if s:
+                out.append(s)
     if is_t3s and t3s is not None and sft is not None and t3s <= sft:
         out.append("T3S did not beat plain SFT in this run.")
     if is_t3s and t3s is not None and base is not None and t3s < base:

@@ -19,9 +19,11 @@ train      retraining from θ0 with the artifact's loss masks          select (n
            (plain SFT with ``rule: none``)                            with rule none)
 baseline   the same with the baseline's masks (only when              select
            ``baseline`` is set)
-eval       accuracy on the test set (``test``, else ``heldout``)      model, test set
-           with the verifier, of θ0 and of every trained model
-           that is current (SFT, T3S, baseline)
+eval       accuracy with the verifier on the test set (``test``)     model, test set
+           and on the held-out set (``heldout``), of θ0 and of
+           every trained model that is current (SFT, T3S,
+           baseline); the headline numbers come from ``test``,
+           else ``heldout`` (`eval_sets`)
 report     figures, ``metrics.json`` and ``report.md``                any stage
            (`t3s.report`)
 =========  ========================================================  ================
@@ -42,7 +44,8 @@ Layout of a run directory::
                delta_exact.parquet, profile/, summary.json
       train/   stage.json, model/, t3s_accuracy.json, log_history.json
       baseline/  (as train/)
-      eval/    stage.json, results.json, <arm>.jsonl (every prediction)
+      eval/    stage.json, results.json, <arm>.jsonl (every prediction on the first set),
+               <arm>.heldout.jsonl (on the held-out set, when a test set is first)
       report/  stage.json, report.md, metrics.json, shock.png, delta_hist.png, traces.png
       .partial-<stage>/    a stage at work
 
@@ -105,6 +108,7 @@ __all__ = [
     "load_tokenizer",
     "load_data",
     "check_model_dir",
+    "eval_sets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1269,20 +1273,32 @@ ARMS = (("base", None, None), ("sft", "pilot", "final"), ("t3s", "train", "model
         ("baseline", "baseline", "model"))
 
 
+def eval_sets(cfg: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """(name, path) of the sets the eval stage scores, the primary one first: the test
+    set (``test``) when given, and the held-out set (``heldout``) unless it is the
+    same file *(choice: both are reported, the headline numbers come from the first)*."""
+    out = []
+    for key in ("test", "heldout"):
+        if cfg.get(key) and all(path != cfg[key] for _, path in out):
+            out.append((key, cfg[key]))
+    return out
+
+
 def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
-    """Accuracy of θ0 and of every trained model available on the test set."""
+    """Accuracy of θ0 and of every trained model available on the test set and the
+    held-out set."""
     from .bottleneck import training_accuracy
     cfg, work = ctx.cfg, ctx.work
-    key = "test" if cfg["test"] else ("heldout" if cfg["heldout"] else None)
-    if key is None:
+    sets = eval_sets(cfg)
+    if not sets:
         ctx.say("[eval] no test set (--test or --heldout): nothing to evaluate")
         out = {"skipped": "no test set", "arms": {}}
         _write_json(work / "results.json", out)
         return out
     tok = load_tokenizer(cfg)
-    test = load_data(cfg, key, tok)
+    data = {key: load_data(cfg, key, tok) for key, _ in sets}
     device = resolve_device(cfg)
-    arms: Dict[str, Any] = {}
+    by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
     for arm, stage, sub in ARMS:
         if stage is None:
             path = cfg["model"]
@@ -1291,22 +1307,31 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
         else:
             continue
         model = load_model(path, cfg, device=device)
-        acc, details = training_accuracy(
-            model, tok, test, verifier=cfg["verifier"], subset_size=None,
-            max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
-            seed=cfg["seed"], progress=cfg["progress"], return_details=True)
+        for i, (key, _) in enumerate(sets):
+            acc, details = training_accuracy(
+                model, tok, data[key], verifier=cfg["verifier"], subset_size=None,
+                max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
+                seed=cfg["seed"], progress=cfg["progress"], return_details=True)
+            # predictions: <arm>.jsonl for the primary set, <arm>.<set>.jsonl for the others
+            fname = f"{arm}.jsonl" if i == 0 else f"{arm}.{key}.jsonl"
+            with open(work / fname, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
+            by_set[key][arm] = {"accuracy": acc, "n": len(details),
+                                "n_correct": int(sum(d["correct"] for d in details)),
+                                "model": path}
+            label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
+            ctx.say(f"[eval] {key}: {label}: {acc:.3f} "
+                    f"({by_set[key][arm]['n_correct']}/{len(details)})")
         del model
-        with open(work / f"{arm}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
-        arms[arm] = {"accuracy": acc, "n": len(details),
-                     "n_correct": int(sum(d["correct"] for d in details)), "model": path}
-        label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
-        ctx.say(f"[eval] {label}: {acc:.3f} ({arms[arm]['n_correct']}/{len(details)})")
-    out = {"test_set": cfg[key], "test_key": key, "n": len(test), "verifier": cfg["verifier"],
-           "arms": arms}
+    key = sets[0][0]
+    out = {"test_set": cfg[key], "test_key": key, "n": len(data[key]), "verifier": cfg["verifier"],
+           "arms": by_set[key],
+           "sets": {k: {"path": p, "n": len(data[k]), "arms": by_set[k]} for k, p in sets}}
     _write_json(work / "results.json", out)
-    return {k: v for k, v in out.items() if k != "arms"} | {
-        "accuracy": {a: v["accuracy"] for a, v in arms.items()}}
+    return {k: v for k, v in out.items() if k not in ("arms", "sets")} | {
+        "accuracy": {a: v["accuracy"] for a, v in by_set[key].items()},
+        "accuracy_by_set": {k: {a: v["accuracy"] for a, v in by_set[k].items()}
+                            for k, _ in sets}}
 
 
 def _stage_report(ctx: StageContext) -> Dict[str, Any]:

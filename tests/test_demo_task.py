@@ -1,8 +1,7 @@
-"""The demo's task, tokenizer, shipped base student and a tiny run of its pipeline."""
+"""The demo's task, data files, tokenizer, shipped base student and evaluator."""
 
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -13,13 +12,8 @@ pytest.importorskip("transformers")
 from t3s.data import TraceDataset, read_traces  # noqa: E402
 from t3s.demo import model as demo_model  # noqa: E402
 from t3s.demo import task  # noqa: E402
-from t3s.demo.experiment import (  # noqa: E402
-    DemoConfig,
-    OnlineTrajectory,
-    batch_schedule,
-    max_new_tokens_for,
-    run_experiment,
-)
+from t3s.demo import write_data  # noqa: E402
+from t3s.demo.evaluate import Evaluator, max_new_tokens_for  # noqa: E402
 from t3s.verify import get_verifier  # noqa: E402
 
 
@@ -170,54 +164,28 @@ def test_greedy_generate_matches_hf_generate():
         assert g == ref
 
 
-# ------------------------------------------------------------------------------ experiment
-def test_online_trajectory_nearest():
-    traj = OnlineTrajectory()
-    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
-    eids = torch.tensor([10, 11])
-    for step in (0, 2, 4):
-        lp = torch.full((2, 3), float(step))
-        lp[0, 1] = float("nan") if step == 2 else lp[0, 1]  # a dropped token is not recorded
-        traj.record(step, lp, labels, eids)
-    near = traj.nearest(3, column="cb").sorted()
-    assert near.example_id.tolist() == [10, 10, 11, 11]
-    assert near.position.tolist() == [2, 3, 1, 2]
-    # ties go to the earlier step; (10, 2) was not visited at step 2
-    assert near["step"].tolist() == [4, 2, 2, 2]
-    assert near["cb"].tolist() == [4.0, 2.0, 2.0, 2.0]
+# ------------------------------------------------------------------------------ demo data, evaluator
+def test_write_data(tmp_path):
+    sizes = dict(trace_counts={2: 5, 3: 4, 4: 3}, heldout_size=7, test_size=6)
+    paths = write_data(tmp_path / "a", **sizes)
+    again = write_data(tmp_path / "b", **sizes)
+    for key in ("train", "heldout", "test"):
+        assert open(paths[key], "rb").read() == open(again[key], "rb").read()  # deterministic
+    recs = {k: [json.loads(x) for x in open(p, encoding="utf-8")] for k, p in paths.items()}
+    assert sorted(r["n_terms"] for r in recs["train"]) == [2] * 5 + [3] * 4 + [4] * 3
+    assert sorted(r["n_terms"] for r in recs["heldout"]) == [2] * 3 + [3] * 4
+    assert [r["n_terms"] for r in recs["test"]] == [4] * 6
+    train = {r["prompt"] for r in recs["train"]}
+    assert not train & {r["prompt"] for r in recs["heldout"] + recs["test"]}
+    # the traces are in the teacher's style
+    assert all(r["response"].count(";") == r["n_terms"] - 1 for r in recs["train"])
 
 
-def test_batch_schedule():
-    s = batch_schedule(10, 7, 4, seed=0)
-    assert s == batch_schedule(10, 7, 4, seed=0)
-    flat = [i for b in s for i in b]
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+def test_evaluator_on_base():
+    model, tok = demo_model.load_base()
+    sets = {"two": task.make_problems(6, 2, "held_out"), "four": task.make_problems(4, 4, "held_out")}
+    ev = Evaluator(tok, sets, batch_size=4)
+    accs = ev(model)
+    assert set(accs) == {"two", "four"} and all(0.0 <= a <= 1.0 for a in accs.values())
+    assert len(ev.last_details["four"]) == 4
     assert max_new_tokens_for(4) >= len(demo_model.encode(task.Problem((99,) * 4).teacher_response())) + 1
-
-
-def test_experiment_smoke():
-    cfg = DemoConfig(trace_counts={2: 6, 3: 6, 4: 4}, steps=4, batch_size=8, eval_every=2,
-                     eval_train_size=6, eval_heldout_size=6, eval_heldout4_size=4, verifier="math",
-                     num_threads=1)  # tiny ops: one thread avoids oversubscription on busy machines
-    threads = torch.get_num_threads()
-    t = time.perf_counter()
-    res = run_experiment(cfg)
-    assert time.perf_counter() - t < 20
-    assert torch.get_num_threads() == threads
-    m = res.metrics
-    for arm in ("base", "sft", "t3s", "random"):
-        assert set(m[arm]) == {"train", "heldout", "heldout4"}
-        assert all(0.0 <= v <= 1.0 for v in m[arm].values())
-    assert m["bottleneck_step"] in (2, 4)
-    assert 0.0 <= m["masked_fraction"] <= 1.0 and 0.0 <= m["mask_agreement"] <= 1.0
-    for arm in ("sft", "t3s", "random"):
-        assert [e["step"] for e in res.curves[arm]] == [0, 2, 4]
-        assert len(res.losses[arm]) == 4
-    n_tok = m["n_trace_tokens"]
-    assert len(res.delta) == n_tok == len(res.masks["t3s"])
-    # T3S drops exactly the tokens with Δc > 0; the random mask keeps as many
-    keep = np.asarray(res.masks["t3s"]["loss_mask"])
-    assert np.array_equal(keep, ~(np.asarray(res.delta["delta"]) > 0))
-    assert np.asarray(res.masks["random"]["loss_mask"]).sum() == keep.sum()
-    assert m["masked_fraction"] == pytest.approx(1 - keep.mean())
-    json.dumps(m)  # JSON-able

@@ -1,20 +1,165 @@
 """The embedded demo: Imitation Shock and T3S on a task that runs on 2 CPU cores.
 
-* `t3s.demo.task`: sums of two-digit numbers (``23+45+12=``), a direct answer
-  style (``\\boxed{80}``) and a rule-based teacher's step-by-step style
-  (``23+45=68;68+12=80;\\boxed{80}``), seeded generators, hash-based
-  train/held-out split, JSONL writer.
+``t3s demo [--quick] [--out DIR]`` calls `main`, which
+
+1. writes the demo's data into ``DIR/data/`` with `t3s.demo.task`:
+   ``train.jsonl`` (the rule-based teacher's step-by-step traces of 2-, 3- and
+   4-term sums), ``heldout.jsonl`` (held-out 2- and 3-term sums, the kind the
+   base student already answers) and ``test.jsonl`` (held-out 4-term sums,
+   which the base has never seen);
+2. runs the stages of ``t3s run`` (`t3s.run`) in ``DIR`` on the shipped base
+   student θ0 (``t3s/demo/assets/base``, `t3s.demo.model`): the pilot SFT
+   (= plain SFT), selection (bottleneck, Δc, anchor mask), T3S retraining, a
+   random-mask baseline with the same token budget, evaluation on both
+   held-out sets and the report (``DIR/report/``: ``report.md``,
+   ``metrics.json``, ``shock.png``, ``delta_hist.png``, ``traces.png``).
+
+``DIR`` is an ordinary run directory: running the demo again resumes after the
+last finished stage, and ``t3s report --run-dir DIR`` etc. work on it.
+
+Modules:
+
+* `t3s.demo.task`: the sums, the direct and teacher answer styles, seeded
+  generators with a hash-based train/held-out split, a JSONL writer.
 * `t3s.demo.model`: the char-level tokenizer, the ~0.86M-parameter Llama
-  config, loading the shipped base student θ0 (``assets/base``, built by
-  ``scripts/build_demo_base.py``) and batched greedy generation.
-* `t3s.demo.experiment`: `run_experiment`, the whole pipeline as a library
-  call (pilot SFT with online log-prob recording, bottleneck, Δc, anchor
-  mask, T3S / random-mask retraining, evaluation).
+  config, the shipped base θ0 (built by ``scripts/build_demo_base.py``) and
+  fast batched greedy generation.
+* `t3s.demo.evaluate`: greedy accuracy on problem lists (used by the base build).
 """
 
-from .experiment import DemoConfig, DemoResult, run_experiment
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
 from .task import Problem
 
-__all__ = ["DemoConfig", "DemoResult", "run_experiment", "BASE_DIR", "PARAM_COUNT", "build_tokenizer",
+__all__ = ["main", "demo_settings", "write_data", "DATA_SIZES", "QUICK_DATA_SIZES",
+           "SETTINGS", "QUICK_SETTINGS", "BASE_DIR", "PARAM_COUNT", "build_tokenizer",
            "load_base", "Problem"]
+
+#: the data of the full demo: teacher traces per number of terms, held-out 2/3-term
+#: problems (half each) and held-out 4-term problems
+DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 200,
+                              "test_size": 100}
+QUICK_DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 100,
+                                    "test_size": 50}
+
+#: `t3s run` settings of the full demo (model, data and run_dir are added by `demo_settings`)
+SETTINGS: Dict[str, Any] = {
+    "seed": 0, "steps": 90, "batch_size": 64, "lr": 1e-3, "lr_scheduler": "constant",
+    "warmup_steps": 0, "eval_steps": 5, "eval_subset": 64,
+    "max_new_tokens": 43,  # the longest teacher-style answer to a 4-term sum, plus 4
+    "eval_batch_size": 256, "verifier": "math", "device": "cpu",
+    "rule": "anchor", "delta": "online", "agreement": True, "baseline": "random",
+}
+#: the quick demo (for tests): fewer steps and evaluations
+QUICK_SETTINGS: Dict[str, Any] = {**SETTINGS, "steps": 60, "eval_steps": 5, "eval_subset": 32}
+
+_DATA_KEYS = ("trace_counts", "heldout_size", "test_size")
+
+
+def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldout_size: int,
+               test_size: int, seed: int = 0) -> Dict[str, str]:
+    """Write ``train.jsonl`` (teacher traces), ``heldout.jsonl`` (2/3-term) and
+    ``test.jsonl`` (4-term) into ``data_dir``; returns {"train", "heldout", "test"} ->
+    path. Deterministic given the arguments, so a rerun writes the same bytes."""
+    from . import task
+    data_dir = Path(data_dir)
+    traces = task.make_mixed_problems({int(k): int(v) for k, v in trace_counts.items()},
+                                      "train", seed=seed)
+    half = heldout_size // 2
+    heldout = (task.make_problems(half, 2, "held_out", seed=seed)
+               + task.make_problems(heldout_size - half, 3, "held_out", seed=seed))
+    test = task.make_problems(test_size, 4, "held_out", seed=seed)
+    # the answer style of the evaluation sets does not matter (only prompt and answer are used)
+    return {"train": task.write_jsonl(data_dir / "train.jsonl", traces, "teacher"),
+            "heldout": task.write_jsonl(data_dir / "heldout.jsonl", heldout, "teacher"),
+            "test": task.write_jsonl(data_dir / "test.jsonl", test, "teacher")}
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(2, n))  # a 0.86M-parameter model gains nothing from more threads
+
+
+def demo_settings(quick: bool, out: os.PathLike, data: Mapping[str, str],
+                  **overrides) -> Dict[str, Any]:
+    """The `t3s run` settings of the demo (before `t3s.run.normalize_config`)."""
+    values = dict(QUICK_SETTINGS if quick else SETTINGS)
+    values.update(model=str(BASE_DIR), threads=_default_threads(), run_dir=os.fspath(out), **data)
+    values.update(overrides)
+    return values
+
+
+def main(quick: bool = False, out: Optional[str] = None, *,
+         say: Callable[[str], None] = print, **overrides) -> Dict[str, Any]:
+    """Run the demo into ``out`` (default ``runs/demo``, ``runs/demo-quick`` with
+    ``quick``) and return the report's metrics (``metrics.json``).
+
+    ``overrides``: data sizes (``trace_counts``, ``heldout_size``, ``test_size``)
+    and any `t3s run` setting (``steps``, ``progress``, ``threads``, ...). Running
+    again with the same settings resumes (finished stages are skipped); a
+    directory holding a run with other settings is refused (`t3s.run.RunDirError`).
+    """
+    from ..cli import _print_metrics, _quiet_libraries
+    from ..run import (_PATH_KEYS, STAGE_NAMES, RunDir, RunDirError, fingerprint_path,
+                       normalize_config, run_stages)
+    t0 = time.perf_counter()
+    out_path = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
+    out_path = out_path.expanduser().resolve()
+    sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
+    sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
+    run = RunDir(out_path)
+    if out_path.exists() and not run.is_run_dir() and any(
+            p.name not in ("data", ".lock") and not p.name.startswith(".data-")
+            for p in out_path.iterdir()):
+        raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another "
+                          "--out")
+    # The data is written next to data/ first and moved in only once the settings are
+    # known to match the directory's run, so a refused call changes nothing.
+    out_path.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".data-", dir=out_path))
+    try:
+        staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
+        data = {k: str(out_path / "data" / Path(v).name) for k, v in staged.items()}
+        cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
+        fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in _PATH_KEYS}
+        diff = run.config_diff(cfg, fps)
+        if diff:
+            raise RunDirError(f"{out_path} holds a demo run with other settings "
+                              f"({'; '.join(diff)}); choose another --out or delete it")
+        (out_path / "data").mkdir(exist_ok=True)
+        for key, path in staged.items():
+            os.replace(path, data[key])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
+        f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
+    _quiet_libraries(cfg["progress"], False)
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        with run.locked():
+            run.write_config(cfg, fps)
+            outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), say=say)
+    finally:
+        torch.set_num_threads(threads)
+    with open(run.stage_dir("report") / "metrics.json", encoding="utf-8") as f:
+        metrics = json.load(f)
+    _print_metrics(run, say)
+    seconds = time.perf_counter() - t0
+    ran = [s for s, v in outcome.items() if v == "ran"]
+    say(f"t3s demo: {'ran ' + ', '.join(ran) if ran else 'nothing to do (every stage done)'} "
+        f"in {seconds:.0f} s")
+    return metrics

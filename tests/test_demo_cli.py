@@ -1,0 +1,101 @@
+"""`t3s demo --quick` end to end through the command line, and resuming it."""
+
+import json
+import re
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from t3s.cli import main  # noqa: E402
+from t3s.report import METRIC_KEYS  # noqa: E402
+
+QUICK_LIMIT_S = 180  # the issue's budget for --quick on 2 CPU cores
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    t = time.perf_counter()
+    rc = main(["demo", "--quick", "--out", str(out)])
+    return out, rc, time.perf_counter() - t
+
+
+def test_quick_demo_end_to_end(quick_run):
+    out, rc, seconds = quick_run
+    assert rc == 0
+    assert seconds < QUICK_LIMIT_S
+    for name in ("train.jsonl", "heldout.jsonl", "test.jsonl"):
+        assert (out / "data" / name).stat().st_size > 0
+    report = out / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert list(metrics)[:len(METRIC_KEYS)] == list(METRIC_KEYS)
+    for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "masked_fraction",
+                "mask_agreement"):
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, key
+    # both evaluation sets: 4-term test sums (headline) and held-out 2/3-term sums
+    assert set(metrics["accuracy_by_set"]) == {"test", "heldout"}
+    assert metrics["accuracy_source"] == "eval"
+    for arm in ("base", "sft", "t3s", "baseline"):
+        assert metrics[f"{arm}_acc"] == metrics["accuracy_by_set"]["test"][arm]
+        assert 0.0 <= metrics["accuracy_by_set"]["heldout"][arm] <= 1.0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["sets"]["test"]["n"] == 50 and results["sets"]["heldout"]["n"] == 100
+    for arm in ("base", "sft", "t3s", "baseline"):
+        assert len((out / "eval" / f"{arm}.jsonl").read_text().splitlines()) == 50
+        assert len((out / "eval" / f"{arm}.heldout.jsonl").read_text().splitlines()) == 100
+    # the bottleneck is one of the pilot's evaluated steps after θ0
+    config = json.loads((out / "config.json").read_text())["config"]
+    b = metrics["bottleneck_step"]
+    assert isinstance(b, int) and 0 < b <= config["steps"] and b % config["eval_steps"] == 0
+    assert str(b) in metrics["pilot_train_acc"]
+    assert metrics["pilot_train_acc"][str(b)] == min(
+        v for k, v in metrics["pilot_train_acc"].items() if int(k) > 0)
+    # the masked fraction is the artifact's
+    sel = pq.read_table(out / "select" / "selection.parquet", columns=["loss_mask"])
+    keep = sel["loss_mask"].to_numpy(zero_copy_only=False)
+    assert metrics["masked_fraction"] == pytest.approx(1.0 - keep.mean())
+    # report.md states the numbers
+    text = (report / "report.md").read_text()
+    for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "mask_agreement"):
+        assert f"{metrics[key]:.3f}" in text, key
+    for arm in ("base", "sft", "t3s", "baseline"):
+        assert f"{metrics['accuracy_by_set']['heldout'][arm]:.3f}" in text
+    assert re.search(rf"\| bottleneck step \| {b}\b", text)
+    assert f"{100 * metrics['masked_fraction']:.1f}%" in text
+    for png in ("shock.png", "delta_hist.png", "traces.png"):
+        data = (report / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000, png
+        assert f"({png})" in text
+
+
+def test_quick_demo_resumes(quick_run, capsys):
+    out, rc, _ = quick_run
+    assert rc == 0
+    before = {p: p.stat().st_mtime_ns for p in (out / "report").iterdir()}
+    capsys.readouterr()
+    t = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert time.perf_counter() - t < 20
+    printed = capsys.readouterr().out
+    assert "nothing to do" in printed
+    assert "already done" in printed
+    assert {p: p.stat().st_mtime_ns for p in (out / "report").iterdir()} == before
+
+
+def test_demo_refuses_other_settings(quick_run, capsys):
+    out, rc, _ = quick_run
+    assert rc == 0
+    assert main(["demo", "--out", str(out)]) == 2   # full settings in a quick directory
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_demo_refuses_foreign_directory(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not a t3s demo directory" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
