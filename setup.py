@@ -36,7 +36,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "hf": ["transformers>=4.46", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4",
-               "math-verify>=0.5"],
+               "math-verify>=0.5", "trl>=0.12"],
         "trl": ["trl>=0.12"],
         "flash": ["flash-attn>=2.6"],
     },
