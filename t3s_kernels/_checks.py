@@ -120,6 +120,11 @@ def check_loss_mask(loss_mask: Optional[torch.Tensor], targets: torch.Tensor) ->
         raise ValueError(f"loss_mask is on {loss_mask.device} but targets is on {targets.device}")
 
 
+def check_softcap(softcap: Optional[float]) -> None:
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+
+
 def check_options(
     *,
     reduction: str,
@@ -136,8 +141,7 @@ def check_options(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (0.0 <= float(label_smoothing) <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    check_softcap(softcap)
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss must be a finite coefficient >= 0, got {z_loss}")
     if normalizer is not None:

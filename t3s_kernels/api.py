@@ -23,6 +23,7 @@ from ._checks import (
     check_linear_inputs,
     check_loss_mask,
     check_options,
+    check_softcap,
     flatten_and_weigh,
     resolve_filter_eps,
 )
@@ -216,8 +217,7 @@ def target_logprobs(
         output is requested. Extra memory is O(N); nothing is kept for backward.
     """
     check_linear_inputs(hidden, weight, targets, bias)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    check_softcap(softcap)
     backend = _resolve_backend(backend, hidden)
     prep = flatten_and_weigh(hidden.detach(), weight.detach(), targets,
                              bias.detach().contiguous() if bias is not None else None,

@@ -80,6 +80,11 @@ def per_token_loss(lse: torch.Tensor, target_logit: torch.Tensor,
     return loss
 
 
+def row_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """entropy_t = lse_t - sum_j p_tj z_tj for a chunk. z: [C, V], lse: [C]."""
+    return lse - (torch.exp(z - lse[:, None]) * z).sum(1)
+
+
 def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                label_smoothing: float, z_loss: float, softcap: Optional[float]) -> torch.Tensor:
     """d loss_t / d r_t for a chunk. z: [C, V] logits (after softcap), lse/targets: [C]."""
@@ -98,15 +103,16 @@ class _TokenLossRef(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, label_smoothing, z_loss, softcap,
-                accum_dtype, buffer_bytes):
+                accum_dtype, buffer_bytes, want_stats):
         V = weight.shape[0]
         cd = compute_dtype_for(hidden.dtype)
         w = weight.to(cd)
         b = bias.to(cd) if bias is not None else None
         M = rows.numel()
-        out = {k: empty(M, dtype=cd, device=hidden.device)
-               for k in ("loss", "logprob", "entropy", "lse")}
-        correct = empty(M, dtype=torch.bool, device=hidden.device)
+        n_stats = M if want_stats else 0  # entropy and argmax cost extra passes over [C, V]
+        out = {k: empty(n, dtype=cd, device=hidden.device)
+               for k, n in (("loss", M), ("logprob", n_stats), ("entropy", n_stats), ("lse", M))}
+        correct = empty(n_stats, dtype=torch.bool, device=hidden.device)
         step = rows_per_chunk(V, buffer_bytes)
         for s in range(0, M, step):
             sl = slice(s, s + step)
@@ -116,9 +122,10 @@ class _TokenLossRef(torch.autograd.Function):
             sum_z = z.sum(1) if label_smoothing else None
             out["loss"][sl] = per_token_loss(lse, tz, sum_z, V, label_smoothing, z_loss)
             out["lse"][sl] = lse
-            out["logprob"][sl] = tz - lse
-            out["entropy"][sl] = lse - (torch.softmax(z, dim=1) * z).sum(1)
-            correct[sl] = z.argmax(1) == targets[sl]
+            if want_stats:
+                out["logprob"][sl] = tz - lse
+                out["entropy"][sl] = row_entropy(z, lse)
+                correct[sl] = z.argmax(1) == targets[sl]
         ctx.save_for_backward(hidden, weight, bias, rows, targets, out["lse"])
         ctx.opts = (label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes)
         ctx.mark_non_differentiable(out["logprob"], out["entropy"], correct, out["lse"])
@@ -130,7 +137,7 @@ class _TokenLossRef(torch.autograd.Function):
         label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_loss is None:
-            return (None,) * 10
+            return (None,) * 11
         V = weight.shape[0]
         cd = compute_dtype_for(hidden.dtype)
         w = weight.to(cd)
@@ -155,7 +162,7 @@ class _TokenLossRef(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def token_losses_ref(prep: Prepared, *, label_smoothing: float, z_loss: float,
@@ -166,12 +173,15 @@ def token_losses_ref(prep: Prepared, *, label_smoothing: float, z_loss: float,
     The reference is always exact: `filter_eps` (a speed option of the kernels)
     is accepted and ignored.
     """
-    del filter_eps, want_stats  # stats are cheap here; the reference always computes them
+    del filter_eps
     rows = prep.kept_rows
     loss, logprob, entropy, correct, lse = _TokenLossRef.apply(
         prep.hidden, prep.weight, prep.bias, rows, prep.targets[rows],
-        float(label_smoothing), float(z_loss), softcap, accum_dtype, buffer_bytes)
-    stats = {"target_logprob": logprob, "entropy": entropy, "argmax_correct": correct, "lse": lse}
+        float(label_smoothing), float(z_loss), softcap, accum_dtype, buffer_bytes, want_stats)
+    stats = None
+    if want_stats:
+        stats = {"target_logprob": logprob, "entropy": entropy, "argmax_correct": correct,
+                 "lse": lse}
     return loss, stats
 
 
@@ -199,7 +209,7 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         lse = torch.logsumexp(z, dim=1)
         logprob[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
         if want_entropy:
-            entropy[sl] = lse - (torch.softmax(z, dim=1) * z).sum(1)
+            entropy[sl] = row_entropy(z, lse)
         if want_argmax:
             argmax[sl] = z.argmax(1)
     return logprob, entropy, argmax

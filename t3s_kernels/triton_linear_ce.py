@@ -15,11 +15,11 @@ Two modes (`backward_mode`):
 - dense (exact): the kernel writes G for a vocabulary chunk, and the two
   GEMMs run in the BLAS library.
 
-Memory: the temporaries together stay within `buffer_bytes`.
-grad_hidden is accumulated in an fp32 [M, H] buffer (M kept rows) when that
-takes at most half the budget, else in fp32 row chunks during an extra pass; grad_weight in fp32 vocabulary chunks,
-each written out in the weight's dtype once complete (so fp32 accumulation
-never needs a V x H fp32 buffer). With accum_dtype equal to the weight's
+Memory: the temporaries together stay within `buffer_bytes`. grad_hidden is
+accumulated in an fp32 [M, H] buffer (M kept rows) when that takes at most
+half the budget, else in fp32 row chunks during an extra pass; grad_weight in
+fp32 vocabulary chunks, each written out in the weight's dtype once complete
+(so fp32 accumulation never needs a V x H fp32 buffer). With accum_dtype equal to the weight's
 dtype the atomics go straight into grad_weight and no chunk buffer is used.
 
 Atomics make the float summation order, hence the last bits, run-dependent.
@@ -172,8 +172,7 @@ class _TokenLossTriton(torch.autograd.Function):
         args = (hidden, weight, bias, rows, targets, lse, grad_loss.float().contiguous(), need,
                 dict(softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
                      filter_eps=filter_eps), accum_dtype, buffer_bytes)
-        # The dense mode's [M, H] fp32 accumulator and kept-row copy must fit half the budget.
-        dense_fits = rows.numel() * hidden.shape[1] * (4 + hidden.element_size()) <= buffer_bytes // 2
+        dense_fits = _dense_fixed_bytes(rows.numel(), hidden) <= buffer_bytes // 2
         mode = backward_mode(filter_eps, dense_fits)
         grad_h, grad_w, grad_b = _dense_backward(*args) if mode == "dense" else _fused_backward(*args)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
@@ -250,6 +249,12 @@ def _fused_backward(hidden, weight, bias, rows, targets, lse, gcoef, need, kw, a
     return grad_h, grad_w, grad_b
 
 
+def _dense_fixed_bytes(M: int, hidden: torch.Tensor) -> int:
+    """Bytes the dense mode holds besides its G chunk: the fp32 [M, H] grad_hidden
+    accumulator and the [M, H] copy of the kept rows (input dtype)."""
+    return M * hidden.shape[1] * (4 + hidden.element_size())
+
+
 def _dense_backward(hidden, weight, bias, rows, targets, lse, gcoef, need, kw, accum_dtype,
                     buffer_bytes):
     """Exact backward: the kernel writes G in [M, chunk] tiles (input dtype), and
@@ -269,7 +274,7 @@ def _dense_backward(hidden, weight, bias, rows, targets, lse, gcoef, need, kw, a
         h_kept = hidden.index_select(0, rows) if need_w else None
         dh = torch.zeros(M, K, **f32) if need_h else None
         block_n = pick_config(M, V, K).block_n
-        budget = buffer_bytes - M * K * (4 + hidden.element_size())
+        budget = buffer_bytes - _dense_fixed_bytes(M, hidden)
         chunk = max(block_n, (budget // (M * hidden.element_size())) // block_n * block_n)
         g_buf = torch.empty(M, min(chunk, V), dtype=hidden.dtype, device=hidden.device)
         for v0 in range(0, V, chunk):
