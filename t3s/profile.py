@@ -32,7 +32,7 @@ import torch
 
 from t3s_kernels import target_logprobs
 
-from .data import _batch_positions, token_keys
+from .data import _batch_positions, _np, token_keys
 from .heads import LMHead, last_hidden_state, lm_head
 from .store import (
     MANIFEST_NAME,
@@ -107,12 +107,6 @@ def _input_device(model) -> torch.device:
 
 
 # --------------------------------------------------------------------------- data
-def _as_1d(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x).reshape(-1)
-
-
 def _is_batch(item: Mapping) -> bool:
     x = item["input_ids"]
     ndim = x.dim() if isinstance(x, torch.Tensor) else np.ndim(x)
@@ -124,7 +118,7 @@ def _unpack_batch(batch: Mapping) -> List[Example]:
 
     The layouts are those of `t3s.data.token_keys`, read by the same parser.
     """
-    ids, labels = _as_np2(batch["input_ids"]), _as_np2(batch["labels"])
+    ids, labels = np.atleast_2d(_np(batch["input_ids"])), np.atleast_2d(_np(batch["labels"]))
     if labels.shape != ids.shape:
         raise ValueError(f"input_ids {ids.shape} and labels {labels.shape} differ in shape")
     eids = batch["example_ids"] if "example_ids" in batch else batch["example_id"]
@@ -134,13 +128,6 @@ def _unpack_batch(batch: Mapping) -> List[Example]:
     seq, ids, labels = seq[keep], ids[keep], labels[keep]  # row-major: seq is non-decreasing
     bounds = np.searchsorted(seq, np.arange(len(eids) + 1))
     return [(int(eid), ids[a:b], labels[a:b]) for eid, a, b in zip(eids, bounds[:-1], bounds[1:])]
-
-
-def _as_np2(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    return x[None] if x.ndim == 1 else x
 
 
 def _iter_examples(data: Iterable) -> Iterator[Example]:
@@ -155,7 +142,7 @@ def _iter_examples(data: Iterable) -> Iterator[Example]:
         else:
             if "example_id" not in item:
                 raise ValueError("each example needs an 'example_id'")
-            ids, lab = _as_1d(item["input_ids"]), _as_1d(item["labels"])
+            ids, lab = _np(item["input_ids"]).reshape(-1), _np(item["labels"]).reshape(-1)
             if ids.shape != lab.shape:
                 raise ValueError(f"input_ids {ids.shape} and labels {lab.shape} differ in length")
             yield int(item["example_id"]), ids, lab
