@@ -11,7 +11,7 @@ import torch
 from conftest import BACKENDS, DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_helpers import TOL, assert_close64, make_case, naive_lce64
+from kernel_helpers import TOL, assert_close64, gemm_term_scales, make_case, naive_lce64
 
 import t3s_kernels
 from t3s_kernels import _debug, linear_cross_entropy
@@ -56,16 +56,18 @@ def _run_case(backend, dtype, opts, *, n=N, h=H, v=V, lead=None, peaked=False, *
               label_smoothing=opts.get("label_smoothing", 0.0), softcap=opts.get("softcap"),
               z_loss=opts.get("z_loss", 0.0))
     loss = linear_cross_entropy(hidden, weight, targets, backend=backend, **kw, **kernel_kw)
-    ref, (h64, w64, b64) = naive_lce64(
-        hidden, weight, targets, **{**kw, "normalizer": None if normalizer is None else float(normalizer)})
+    ref, (h64, w64, b64), logits64 = naive_lce64(
+        hidden, weight, targets, keep_logits=True,
+        **{**kw, "normalizer": None if normalizer is None else float(normalizer)})
     # A random per-token grad_output for 'none' checks that it is honoured token by token.
     grad_out = torch.randn_like(ref) if kw["reduction"] == "none" else torch.ones_like(ref)
     loss.backward(grad_out.to(loss.dtype).to(loss.device))
     ref.backward(grad_out)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close64(loss, ref, torch.float32 if dtype != torch.float64 else dtype, "loss")
-    assert_close64(hidden.grad, h64.grad, dtype, "grad_hidden")
-    assert_close64(weight.grad, w64.grad, dtype, "grad_weight")
+    scale_h, scale_w = gemm_term_scales(h64, w64, logits64)
+    assert_close64(hidden.grad, h64.grad, dtype, "grad_hidden", term_scale=scale_h)
+    assert_close64(weight.grad, w64.grad, dtype, "grad_weight", term_scale=scale_w)
     if bias is not None:
         assert_close64(bias.grad, b64.grad, dtype, "grad_bias")
     return hidden, weight, targets
