@@ -4,19 +4,11 @@
 The base is `t3s.demo.model.build_model(seed)` (a ~0.86M-parameter Llama with
 the demo's char-level tokenizer) trained on sums of two-digit numbers from the
 training pool (`t3s.demo.task`; held-out problems are never drawn), half of
-them with two terms and half with three:
-
-* most examples (1 - ``--cot-fraction``) are answered in the *direct* style,
-  ``23+45+12=`` -> ``\\boxed{80}``;
-* ``--cot-fraction`` (default 0.2) of them carry a worked solution in the
-  step-by-step style, ``23+45=68;68+12=80;\\boxed{80}``, standing in for the
-  worked solutions a real base model has seen in pre-training *(choice)*.
-
-Greedy decoding picks the majority style, so the base *answers* directly; the
-step-by-step style stays latent. It never sees four-term sums. With
-``--cot-fraction 0`` the base knows only the direct style; in that setting the
-demo's pilot SFT crashed and did not recover within a few hundred steps
-(the copying the step-by-step style needs had to be learned from scratch).
+them with two terms and half with three, answered in the student's own
+step-by-step style, ``23+45+12=`` -> ``23+45=68;68+12=80;\\boxed{80}``.
+``--direct-fraction`` of them (default 0) are answered directly instead,
+``\\boxed{80}``. The base never sees four-term sums, nor the teacher's
+layout (``23 + 45 = 68`` one step per line), which the demo then distils.
 
 Loss: `t3s.masked_ce` on the last hidden states and the tied lm_head weight,
 over the answer tokens only (sum over tokens / number of tokens, each style in
@@ -25,14 +17,14 @@ AdamW (betas 0.9/0.98, weight decay 0.01), linear warmup for ``--warmup``
 steps, then cosine decay to 10% of ``--lr``; gradients clipped at norm 1.
 
 Defaults (the shipped base): ``--seed 0 --steps 1200 --batch-size 128
---lr 1e-3 --cot-fraction 0.2``. The seed sets the initialisation, the problem
+--lr 1e-3 --direct-fraction 0``. The seed sets the initialisation, the problem
 stream and the style draw; rebuilding with the same seed gives the same data
 and, up to floating-point non-determinism of the CPU kernels, the same
 weights.
 
 At the end the script reports greedy accuracy (verified by `t3s.verify`'s
 ``"math"`` verifier on the boxed answer) on held-out 2-, 3- and 4-term sums
-and the share of answers given in the direct style, and writes them, the
+and the share of answers given in the step-by-step style, and writes them, the
 settings and the wall time to ``build_info.json`` next to the weights.
 
     python scripts/build_demo_base.py                 # rebuild the shipped base
@@ -62,7 +54,7 @@ from t3s.demo import task  # noqa: E402
 from t3s.demo.evaluate import Evaluator  # noqa: E402
 
 
-def encode_batch(problems, style: str = "direct"):
+def encode_batch(problems, style: str = "steps"):
     """input_ids / attention_mask / labels [B, L] (right-padded, loss on the answer + EOS)."""
     seqs, prompt_lens = [], []
     for p in problems:
@@ -95,16 +87,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--cot-fraction", type=float, default=0.2,
-                    help="share of training examples written in the step-by-step style")
+    ap.add_argument("--direct-fraction", type=float, default=0.0,
+                    help="share of training examples answered directly (the rest step by step)")
     ap.add_argument("--eval-every", type=int, default=500, help="held-out check every N steps (0: off)")
     ap.add_argument("--eval-size", type=int, default=200, help="held-out problems per number of terms")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1:
         ap.error("--batch-size must be >= 2 and --steps >= 1")
-    if not 0.0 <= args.cot_fraction < 0.5:
-        ap.error("--cot-fraction must be in [0, 0.5) so that the base answers directly")
+    if not 0.0 <= args.direct_fraction < 0.5:
+        ap.error("--direct-fraction must be in [0, 0.5) so that the base answers step by step")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -129,11 +121,11 @@ def main(argv=None) -> int:
     running = []
     for step in range(1, args.steps + 1):
         probs = [next(streams[2]) for _ in range(half)] + [next(streams[3]) for _ in range(args.batch_size - half)]
-        styles = ["teacher" if style_rng.random() < args.cot_fraction else "direct" for _ in probs]
+        styles = ["direct" if style_rng.random() < args.direct_fraction else "steps" for _ in probs]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         parts = []
-        for style in ("direct", "teacher"):
+        for style in ("direct", "steps"):
             group = [p for p, st in zip(probs, styles) if st == style]
             if group:
                 parts.append(encode_batch(group, style))
@@ -162,9 +154,9 @@ def main(argv=None) -> int:
     accs = evaluator(model)
     eval_s += time.perf_counter() - te
     print("final held-out accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
-    direct = {k: sum(d["prediction"].startswith("\\boxed{") for d in v) / len(v)
-              for k, v in evaluator.last_details.items()}
-    print("share of direct-style answers: " + "  ".join(f"{k} {v:.3f}" for k, v in direct.items()))
+    stepwise = {k: sum(";" in d["prediction"] for d in v) / len(v)
+                for k, v in evaluator.last_details.items()}
+    print("share of step-by-step answers: " + "  ".join(f"{k} {v:.3f}" for k, v in stepwise.items()))
     for d in evaluator.last_details["heldout4"][:3]:
         print(f"  e.g. {d['prompt']} -> {d['prediction']!r} (gold {d['answer']})")
 
@@ -173,10 +165,11 @@ def main(argv=None) -> int:
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "warmup": args.warmup, "schedule": "linear warmup, cosine to 0.1*lr",
         "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), grad clip 1.0",
-        "cot_fraction": args.cot_fraction,
+        "direct_fraction": args.direct_fraction,
         "data": ("half 2-term and half 3-term sums of two-digit numbers (training pool); "
-                 f"{args.cot_fraction:.0%} step-by-step answers, the rest direct"),
-        "direct_style_share": {k: round(v, 4) for k, v in direct.items()},
+                 f"{args.direct_fraction:.0%} direct answers, the rest step by step "
+                 "(the student's style)"),
+        "step_style_share": {k: round(v, 4) for k, v in stepwise.items()},
         "parameters": n_params,
         "heldout_accuracy": {k: round(v, 4) for k, v in accs.items()},
         "heldout_sizes": {k: len(v) for k, v in sets.items()},

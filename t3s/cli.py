@@ -28,6 +28,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from .run import (
+    _PATH_KEYS,
     DEFAULTS,
     NEEDS_MODEL,
     NEEDS_TRAIN,
@@ -48,7 +49,6 @@ from .run import (
 
 __all__ = ["main", "build_parser", "resolve_config", "load_yaml"]
 
-_PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test")
 
 
 # --------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def _params_arg(text: str):
 
 _GROUPS = {
     "model and data": ("model", "tokenizer", "trust_remote_code", "train", "heldout", "test",
-                       "max_length", "truncation"),
+                       "extra_test", "max_length", "truncation"),
     "hardware": ("device", "dtype", "threads"),
     "selection": ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params"),
     "run directory": ("run_dir", "progress"),
@@ -271,7 +271,7 @@ def _check_inputs(cfg: Dict[str, Any], pending: Sequence[str], command: str) -> 
         raise UsageError("no training data given: pass --train FILE.jsonl or set 'train' in the "
                          "config file")
     uses = {"train": NEEDS_TRAIN, "heldout": ("pilot", "train", "baseline", "eval"),
-            "test": ("eval",)}
+            "test": ("eval",), "extra_test": ("eval",)}
     for key, stages in uses.items():
         if cfg[key] is not None and any(s in stages for s in pending):
             _check_jsonl(cfg[key], key)

@@ -520,6 +520,16 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
             out.append(f"Pilot held-out accuracy: {held[0]:.3f} at step 0, lowest "
                        f"{held[low_step]:.3f} at step {low_step}, {held[max(held)]:.3f} at the "
                        "end.")
+    dips = []
+    for label, key in (("plain SFT", "pilot_heldout_acc"), ("T3S", "t3s_heldout_acc"),
+                       ("the baseline", "baseline_heldout_acc")):
+        curve = {int(k): v for k, v in (m.get(key) or {}).items() if int(k) > 0}
+        if curve:
+            low = min(curve, key=lambda s: (curve[s], s))
+            dips.append(f"{label} {curve[low]:.3f} (step {low}, final {curve[max(curve)]:.3f})")
+    if len(dips) > 1:
+        out.append("Lowest held-out accuracy during training (the depth of the shock): "
+                   + "; ".join(dips) + ".")
     n = m.get("n_test") or {}
     sft, t3s, base, bl = (m.get("sft_acc"), m.get("t3s_acc"), m.get("base_acc"),
                           m.get("baseline_acc"))

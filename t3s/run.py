@@ -19,11 +19,11 @@ train      retraining from θ0 with the artifact's loss masks          select (n
            (plain SFT with ``rule: none``)                            with rule none)
 baseline   the same with the baseline's masks (only when              select
            ``baseline`` is set)
-eval       accuracy with the verifier on the test set (``test``)     model, test set
-           and on the held-out set (``heldout``), of θ0 and of
-           every trained model that is current (SFT, T3S,
-           baseline); the headline numbers come from ``test``,
-           else ``heldout`` (`eval_sets`)
+eval       accuracy with the verifier on the test set (``test``),    model, test set
+           the held-out set (``heldout``) and ``extra_test``, of
+           θ0 and of every trained model that is current (SFT,
+           T3S, baseline); the headline numbers come from
+           ``test``, else ``heldout`` (`eval_sets`)
 report     figures, ``metrics.json`` and ``report.md``                any stage
            (`t3s.report`)
 =========  ========================================================  ================
@@ -175,6 +175,9 @@ OPTIONS: Tuple[Option, ...] = (
            metavar="JSONL"),
     Option("test", "path", None, "test set for `t3s eval`, JSONL (default: --heldout)",
            metavar="JSONL"),
+    Option("extra_test", "path", None,
+           "a further set `t3s eval` scores and reports next to the test set, JSONL "
+           "(e.g. harder problems)", metavar="JSONL"),
     Option("max_length", "int", None, "longest example in tokens (default: no limit)"),
     Option("truncation", "choice", "error", "examples longer than max_length",
            choices=("error", "truncate", "drop")),
@@ -222,7 +225,7 @@ OPTIONS: Tuple[Option, ...] = (
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
-_PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test")
+_PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test")
 
 
 def canonical_rule(name: Optional[str], what: str = "rule") -> Optional[str]:
@@ -801,7 +804,8 @@ def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str
 # Loading models and data (errors a user can fix are UsageError)
 # --------------------------------------------------------------------------------------
 
-_DATA_WHAT = {"train": "training data", "heldout": "held-out data", "test": "test data"}
+_DATA_WHAT = {"train": "training data", "heldout": "held-out data", "test": "test data",
+              "extra_test": "extra test data"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -1275,10 +1279,11 @@ ARMS = (("base", None, None), ("sft", "pilot", "final"), ("t3s", "train", "model
 
 def eval_sets(cfg: Mapping[str, Any]) -> List[Tuple[str, str]]:
     """(name, path) of the sets the eval stage scores, the primary one first: the test
-    set (``test``) when given, and the held-out set (``heldout``) unless it is the
-    same file *(choice: both are reported, the headline numbers come from the first)*."""
+    set (``test``) when given, the held-out set (``heldout``) and ``extra_test``, each
+    unless it is a file already listed *(choice: all are reported, the headline numbers
+    come from the first)*."""
     out = []
-    for key in ("test", "heldout"):
+    for key in ("test", "heldout", "extra_test"):
         if cfg.get(key) and all(path != cfg[key] for _, path in out):
             out.append((key, cfg[key]))
     return out
@@ -1363,7 +1368,8 @@ STAGES: Tuple[Stage, ...] = (
     Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",),
           lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
           help="retraining from θ0 with the baseline's masks"),
-    Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "max_new_tokens",
+    Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
+                                "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed"),
           lambda cfg: (), optional=("pilot", "train", "baseline"),
           help="accuracy on a JSONL test set with the verifier"),

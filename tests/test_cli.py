@@ -395,6 +395,31 @@ def test_force_keeps_the_stages_a_change_does_not_affect(finished, tmp_path, cap
     assert status["train"][0] is None and status["report"][0] is None
 
 
+def test_extra_test_set_is_scored_and_reported(finished, assets, tmp_path, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+    extra = tmp_path / "hard.jsonl"
+    write_jsonl(extra, arithmetic_records(30, seed=5)[24:])
+    assert main(["eval", "--run-dir", str(run_dir), "--extra-test", str(extra), "--force",
+                 "--no-progress"]) == 0
+    after = run_ids(run_dir)
+    assert all(after[s] == before[s] for s in ("pilot", "select", "train", "baseline"))
+    assert after["eval"] != before["eval"]
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert list(results["sets"]) == ["heldout", "extra_test"]  # the headline set stays first
+    assert results["sets"]["extra_test"]["n"] == 6
+    for arm in ("base", "sft", "t3s", "baseline"):
+        assert len((run_dir / "eval" / f"{arm}.extra_test.jsonl").read_text().splitlines()) == 6
+    assert main(["report", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "(extra_test)" in report and "hard.jsonl" in report
+    # a missing file is a clear error before anything runs
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run_dir), "--extra-test", str(tmp_path / "no.jsonl"),
+                 "--force", "--no-progress"]) == 2
+    assert "no.jsonl" in error_line(capsys)
+
+
 def test_stage_needs_the_stages_before_it(assets, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["select", *settings(assets), "--run-dir", str(run_dir)]) == 2

@@ -29,7 +29,7 @@ def test_quick_demo_end_to_end(quick_run):
     out, rc, seconds = quick_run
     assert rc == 0
     assert seconds < QUICK_LIMIT_S
-    for name in ("train.jsonl", "heldout.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "heldout.jsonl", "four_terms.jsonl"):
         assert (out / "data" / name).stat().st_size > 0
     report = out / "report"
     metrics = json.loads((report / "metrics.json").read_text())
@@ -37,17 +37,17 @@ def test_quick_demo_end_to_end(quick_run):
     for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "masked_fraction",
                 "mask_agreement"):
         assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, key
-    # both evaluation sets: 4-term test sums (headline) and held-out 2/3-term sums
-    assert set(metrics["accuracy_by_set"]) == {"test", "heldout"}
+    # both evaluation sets: held-out 2/3-term sums (headline) and 4-term sums (extra_test)
+    assert list(metrics["accuracy_by_set"]) == ["heldout", "extra_test"]
     assert metrics["accuracy_source"] == "eval"
     for arm in ("base", "sft", "t3s", "baseline"):
-        assert metrics[f"{arm}_acc"] == metrics["accuracy_by_set"]["test"][arm]
-        assert 0.0 <= metrics["accuracy_by_set"]["heldout"][arm] <= 1.0
+        assert metrics[f"{arm}_acc"] == metrics["accuracy_by_set"]["heldout"][arm]
+        assert 0.0 <= metrics["accuracy_by_set"]["extra_test"][arm] <= 1.0
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert results["sets"]["test"]["n"] == 50 and results["sets"]["heldout"]["n"] == 100
+    assert results["sets"]["heldout"]["n"] == 100 and results["sets"]["extra_test"]["n"] == 50
     for arm in ("base", "sft", "t3s", "baseline"):
-        assert len((out / "eval" / f"{arm}.jsonl").read_text().splitlines()) == 50
-        assert len((out / "eval" / f"{arm}.heldout.jsonl").read_text().splitlines()) == 100
+        assert len((out / "eval" / f"{arm}.jsonl").read_text().splitlines()) == 100
+        assert len((out / "eval" / f"{arm}.extra_test.jsonl").read_text().splitlines()) == 50
     # the bottleneck is one of the pilot's evaluated steps after θ0
     config = json.loads((out / "config.json").read_text())["config"]
     b = metrics["bottleneck_step"]
@@ -64,7 +64,8 @@ def test_quick_demo_end_to_end(quick_run):
     for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "mask_agreement"):
         assert f"{metrics[key]:.3f}" in text, key
     for arm in ("base", "sft", "t3s", "baseline"):
-        assert f"{metrics['accuracy_by_set']['heldout'][arm]:.3f}" in text
+        assert f"{metrics['accuracy_by_set']['extra_test'][arm]:.3f}" in text
+    assert "Lowest held-out accuracy during training" in text
     assert re.search(rf"\| bottleneck step \| {b}\b", text)
     assert f"{100 * metrics['masked_fraction']:.1f}%" in text
     for png in ("shock.png", "delta_hist.png", "traces.png"):

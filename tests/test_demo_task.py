@@ -23,8 +23,11 @@ def test_problem_styles():
     assert p.prompt == "23+45+12="
     assert p.answer == "80"
     assert p.direct_response() == "\\boxed{80}"
-    assert p.teacher_response() == "23+45=68;68+12=80;\\boxed{80}"
-    assert task.Problem((10, 99)).teacher_response() == "10+99=109;\\boxed{109}"
+    assert p.steps_response() == "23+45=68;68+12=80;\\boxed{80}"
+    assert p.teacher_response() == "23 + 45 = 68\n68 + 12 = 80\n\\boxed{80}"
+    assert task.Problem((10, 99)).teacher_response() == "10 + 99 = 109\n\\boxed{109}"
+    assert [p.response(s) for s in task.STYLES] == [
+        p.steps_response(), p.teacher_response(), p.direct_response()]
     with pytest.raises(ValueError):
         p.response("other")
     with pytest.raises(ValueError):
@@ -145,11 +148,13 @@ def test_shipped_base_loads():
     assert model.config.vocab_size == len(demo_model.VOCAB) == len(tok)
     info = demo_model.load_build_info()
     assert info["seed"] == 0 and info["parameters"] == demo_model.PARAM_COUNT
-    # the base answers in the direct style
+    # the base answers in its own step-by-step style, not in the teacher's layout
     p = task.make_problems(8, 2, "held_out", seed=0)
-    gen = demo_model.greedy_generate(model, [tok(q.prompt)["input_ids"] for q in p], max_new_tokens=10)
+    gen = demo_model.greedy_generate(model, [tok(q.prompt)["input_ids"] for q in p],
+                                     max_new_tokens=max_new_tokens_for(2, "steps"))
     outs = [tok.decode(g) for g in gen]
-    assert all(o.startswith("\\boxed{") for o in outs), outs
+    assert sum(o == q.steps_response() for o, q in zip(outs, p)) >= 6, outs
+    assert not any(" " in o or "\n" in o for o in outs), outs
 
 
 def test_greedy_generate_matches_hf_generate():
@@ -166,19 +171,20 @@ def test_greedy_generate_matches_hf_generate():
 
 # ------------------------------------------------------------------------------ demo data, evaluator
 def test_write_data(tmp_path):
-    sizes = dict(trace_counts={2: 5, 3: 4, 4: 3}, heldout_size=7, test_size=6)
+    sizes = dict(trace_counts={2: 5, 3: 4, 4: 3}, heldout_size=7, four_term_size=6)
     paths = write_data(tmp_path / "a", **sizes)
     again = write_data(tmp_path / "b", **sizes)
-    for key in ("train", "heldout", "test"):
+    for key in ("train", "heldout", "extra_test"):
         assert open(paths[key], "rb").read() == open(again[key], "rb").read()  # deterministic
     recs = {k: [json.loads(x) for x in open(p, encoding="utf-8")] for k, p in paths.items()}
     assert sorted(r["n_terms"] for r in recs["train"]) == [2] * 5 + [3] * 4 + [4] * 3
     assert sorted(r["n_terms"] for r in recs["heldout"]) == [2] * 3 + [3] * 4
-    assert [r["n_terms"] for r in recs["test"]] == [4] * 6
+    assert [r["n_terms"] for r in recs["extra_test"]] == [4] * 6
     train = {r["prompt"] for r in recs["train"]}
-    assert not train & {r["prompt"] for r in recs["heldout"] + recs["test"]}
-    # the traces are in the teacher's style
-    assert all(r["response"].count(";") == r["n_terms"] - 1 for r in recs["train"])
+    assert not train & {r["prompt"] for r in recs["heldout"] + recs["extra_test"]}
+    # the traces are in the teacher's layout: one spaced step per line
+    assert all(r["response"].count(" = ") == r["response"].count("\n") == r["n_terms"] - 1
+               for r in recs["train"])
 
 
 def test_evaluator_on_base():

@@ -3,10 +3,11 @@
 ``t3s demo [--quick] [--out DIR]`` calls `main`, which
 
 1. writes the demo's data into ``DIR/data/`` with `t3s.demo.task`:
-   ``train.jsonl`` (the rule-based teacher's step-by-step traces of 2-, 3- and
-   4-term sums), ``heldout.jsonl`` (held-out 2- and 3-term sums, the kind the
-   base student already answers) and ``test.jsonl`` (held-out 4-term sums,
-   which the base has never seen);
+   ``train.jsonl`` (the rule-based teacher's traces of 2-, 3- and 4-term sums,
+   the student's reasoning steps in the teacher's layout: one spaced step per
+   line), ``heldout.jsonl`` (held-out 2- and 3-term sums, which the base student
+   answers in its own style; the headline accuracies) and ``four_terms.jsonl``
+   (held-out 4-term sums, which the base has never seen; ``extra_test``);
 2. runs the stages of ``t3s run`` (`t3s.run`) in ``DIR`` on the shipped base
    student θ0 (``t3s/demo/assets/base``, `t3s.demo.model`): the pilot SFT
    (= plain SFT), selection (bottleneck, Δc, anchor mask), T3S retraining, a
@@ -19,7 +20,7 @@ last finished stage, and ``t3s report --run-dir DIR`` etc. work on it.
 
 Modules:
 
-* `t3s.demo.task`: the sums, the direct and teacher answer styles, seeded
+* `t3s.demo.task`: the sums, the student's and the teacher's answer styles, seeded
   generators with a hash-based train/held-out split, a JSONL writer.
 * `t3s.demo.model`: the char-level tokenizer, the ~0.86M-parameter Llama
   config, the shipped base θ0 (built by ``scripts/build_demo_base.py``) and
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from .evaluate import max_new_tokens_for
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
 from .task import Problem
 
@@ -47,29 +49,30 @@ __all__ = ["main", "demo_settings", "write_data", "DATA_SIZES", "QUICK_DATA_SIZE
 #: the data of the full demo: teacher traces per number of terms, held-out 2/3-term
 #: problems (half each) and held-out 4-term problems
 DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 200,
-                              "test_size": 100}
+                              "four_term_size": 100}
 QUICK_DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 100,
-                                    "test_size": 50}
+                                    "four_term_size": 50}
 
 #: `t3s run` settings of the full demo (model, data and run_dir are added by `demo_settings`)
 SETTINGS: Dict[str, Any] = {
-    "seed": 0, "steps": 90, "batch_size": 64, "lr": 1e-3, "lr_scheduler": "constant",
+    "seed": 0, "steps": 90, "batch_size": 64, "lr": 3e-4, "lr_scheduler": "constant",
     "warmup_steps": 0, "eval_steps": 5, "eval_subset": 64,
-    "max_new_tokens": 43,  # the longest teacher-style answer to a 4-term sum, plus 4
+    "max_new_tokens": max_new_tokens_for(4),  # the longest teacher-style 4-term answer, plus 4
     "eval_batch_size": 256, "verifier": "math", "device": "cpu",
     "rule": "anchor", "delta": "online", "agreement": True, "baseline": "random",
 }
 #: the quick demo (for tests): fewer steps and evaluations
 QUICK_SETTINGS: Dict[str, Any] = {**SETTINGS, "steps": 60, "eval_steps": 5, "eval_subset": 32}
 
-_DATA_KEYS = ("trace_counts", "heldout_size", "test_size")
+_DATA_KEYS = ("trace_counts", "heldout_size", "four_term_size")
 
 
 def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldout_size: int,
-               test_size: int, seed: int = 0) -> Dict[str, str]:
+               four_term_size: int, seed: int = 0) -> Dict[str, str]:
     """Write ``train.jsonl`` (teacher traces), ``heldout.jsonl`` (2/3-term) and
-    ``test.jsonl`` (4-term) into ``data_dir``; returns {"train", "heldout", "test"} ->
-    path. Deterministic given the arguments, so a rerun writes the same bytes."""
+    ``four_terms.jsonl`` (4-term) into ``data_dir``; returns {"train", "heldout",
+    "extra_test"} -> path. Deterministic given the arguments, so a rerun writes the
+    same bytes."""
     from . import task
     data_dir = Path(data_dir)
     traces = task.make_mixed_problems({int(k): int(v) for k, v in trace_counts.items()},
@@ -77,11 +80,11 @@ def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldou
     half = heldout_size // 2
     heldout = (task.make_problems(half, 2, "held_out", seed=seed)
                + task.make_problems(heldout_size - half, 3, "held_out", seed=seed))
-    test = task.make_problems(test_size, 4, "held_out", seed=seed)
+    four = task.make_problems(four_term_size, 4, "held_out", seed=seed)
     # the answer style of the evaluation sets does not matter (only prompt and answer are used)
     return {"train": task.write_jsonl(data_dir / "train.jsonl", traces, "teacher"),
             "heldout": task.write_jsonl(data_dir / "heldout.jsonl", heldout, "teacher"),
-            "test": task.write_jsonl(data_dir / "test.jsonl", test, "teacher")}
+            "extra_test": task.write_jsonl(data_dir / "four_terms.jsonl", four, "teacher")}
 
 
 def _default_threads() -> int:
@@ -106,7 +109,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     """Run the demo into ``out`` (default ``runs/demo``, ``runs/demo-quick`` with
     ``quick``) and return the report's metrics (``metrics.json``).
 
-    ``overrides``: data sizes (``trace_counts``, ``heldout_size``, ``test_size``)
+    ``overrides``: data sizes (``trace_counts``, ``heldout_size``, ``four_term_size``)
     and any `t3s run` setting (``steps``, ``progress``, ``threads``, ...). Running
     again with the same settings resumes (finished stages are skipped); a
     directory holding a run with other settings is refused (`t3s.run.RunDirError`).

@@ -12,11 +12,10 @@ Model. `LlamaForCausalLM` with `CONFIG`: 4 layers, hidden size 128, 4 heads,
 MLP 384, tied embeddings, RoPE; `PARAM_COUNT` (856,704) parameters, about
 3.4 MB of float32 safetensors.
 
-The base student θ0 answers 2- and 3-term sums in the direct style
-(``\\boxed{80}``); a fifth of its training examples were worked solutions in
-the teacher's step-by-step style, so that style is latent (greedy decoding
-never picks it for 2/3-term prompts) and it has never seen a 4-term sum. It
-lives in `BASE_DIR` (``t3s/demo/assets/base/``):
+The base student θ0 answers 2- and 3-term sums step by step in its own compact
+style (``23+45=68;68+12=80;\\boxed{80}``, `t3s.demo.task`); it has never seen
+the teacher's layout (one spaced step per line) nor a 4-term sum. It lives in
+`BASE_DIR` (``t3s/demo/assets/base/``):
 ``config.json``, ``generation_config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json`` and ``build_info.json`` (seed,
 steps and accuracies of the build). ``scripts/build_demo_base.py`` rebuilds it.

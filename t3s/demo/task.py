@@ -1,19 +1,29 @@
-"""The demo task: sums of two-digit numbers, answered in two styles.
+"""The demo task: sums of two-digit numbers, answered in three styles.
 
 A problem is a tuple of terms, e.g. ``(23, 45, 12)``, whose prompt is
-``23+45+12=``. It is answered in one of two styles:
+``23+45+12=``. It is answered in one of these styles:
 
-* ``"direct"`` (the base student's style, short)::
-
-      \\boxed{80}
-
-* ``"teacher"`` (the rule-based teacher's style, a step-by-step trace)::
+* ``"steps"`` (the base student's own style: compact running sums)::
 
       23+45=68;68+12=80;\\boxed{80}
 
-The final answer is always in ``\\boxed{}``, so the same verifier as a real
-run (`t3s.verify`, ``"math"`` by default) checks it; the gold answer is the
-sum as a decimal string.
+* ``"teacher"`` (the rule-based teacher's style: the same steps, one per line,
+  with spaces around the operators)::
+
+      23 + 45 = 68
+      68 + 12 = 80
+      \\boxed{80}
+
+* ``"direct"`` (the answer alone)::
+
+      \\boxed{80}
+
+The teacher's traces carry the same reasoning as the student's own style in a
+different surface form, as when a strong reasoning model is distilled from a
+teacher that writes differently (continual reasoning distillation). The final
+answer is always in ``\\boxed{}``, so the same verifier as a real run
+(`t3s.verify`, ``"math"`` by default) checks it; the gold answer is the sum as a
+decimal string.
 
 Splits. Every problem belongs to exactly one of two pools, fixed by a hash of
 its prompt (`is_held_out`): about `HELD_OUT_PERCENT` percent of all problems
@@ -49,7 +59,7 @@ __all__ = [
 #: percentage of all problems in the held-out pool (by prompt hash)
 HELD_OUT_PERCENT = 10
 #: answer styles
-STYLES = ("direct", "teacher")
+STYLES = ("steps", "teacher", "direct")
 #: default range of the terms (two-digit numbers, inclusive)
 LOW, HIGH = 10, 99
 
@@ -78,29 +88,38 @@ class Problem:
     def answer(self) -> str:
         return str(sum(self.terms))
 
+    def _running_sums(self) -> List[Tuple[int, int, int]]:
+        """(accumulator, term, new accumulator) for each term after the first."""
+        acc, out = self.terms[0], []
+        for t in self.terms[1:]:
+            out.append((acc, t, acc + t))
+            acc += t
+        return out
+
     def direct_response(self) -> str:
-        """The base style: ``\\boxed{<sum>}``."""
+        """The answer alone: ``\\boxed{<sum>}``."""
         return "\\boxed{" + self.answer + "}"
 
+    def steps_response(self) -> str:
+        """The student's style: one ``acc+t=acc';`` step per remaining term, then the boxed sum."""
+        return "".join(f"{a}+{t}={b};" for a, t, b in self._running_sums()) + self.direct_response()
+
     def teacher_response(self) -> str:
-        """The teacher style: one ``acc+t=acc';`` step per remaining term, then the boxed sum."""
-        acc = self.terms[0]
-        steps = []
-        for t in self.terms[1:]:
-            steps.append(f"{acc}+{t}={acc + t};")
-            acc += t
-        return "".join(steps) + "\\boxed{" + str(acc) + "}"
+        """The teacher's style: one ``acc + t = acc'`` line per remaining term, then the boxed sum."""
+        return "".join(f"{a} + {t} = {b}\n" for a, t, b in self._running_sums()) + self.direct_response()
 
     def response(self, style: str) -> str:
         return response_for(self, style)
 
 
 def response_for(problem: Problem, style: str) -> str:
-    """The response of ``problem`` in ``style`` (``"direct"`` or ``"teacher"``)."""
-    if style == "direct":
-        return problem.direct_response()
+    """The response of ``problem`` in ``style`` (one of `STYLES`)."""
+    if style == "steps":
+        return problem.steps_response()
     if style == "teacher":
         return problem.teacher_response()
+    if style == "direct":
+        return problem.direct_response()
     raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
