@@ -189,6 +189,11 @@ class TrajectoryRecorder:
         self._queue.put(_Item(step=int(step), extras=host_extras, events=events, **host))
         self.steps_recorded += 1
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` has been called (no more steps can be recorded)."""
+        return self._closed
+
     def flush(self) -> None:
         """Wait until every queued step is written."""
         self._queue.join()

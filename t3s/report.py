@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .run import _read_json
+
 __all__ = [
     "METRIC_KEYS",
     "build_report",
@@ -268,11 +270,6 @@ def plot_traces(path, examples: Sequence[Mapping[str, Any]], *, columns: int = 9
 # --------------------------------------------------------------------------------------
 # Reading a run directory
 # --------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
 
 def _history(stage_dir: Optional[Path]) -> Dict[str, Any]:
     """{"train_acc", "heldout_acc": {step: acc}, "loss": {step: loss}, "bottleneck_step"}."""

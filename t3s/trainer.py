@@ -257,7 +257,7 @@ class T3STrainerMixin:
 
     def _t3s_open_recorder(self) -> None:
         if self._t3s_trajectory_dir is None:
-            if self.recorder is not None and self.recorder._closed:
+            if self.recorder is not None and self.recorder.closed:
                 raise RuntimeError("the recorder passed to the trainer is closed (it is closed "
                                    "at the end of train()); pass trajectory_dir= to open one "
                                    "per run")

@@ -188,8 +188,10 @@ def test_mapping_errors_surface_on_close(tmp_path):
     rec = TrajectoryRecorder(tmp_path, dataset_fingerprint=DS)
     # Two example ids for one row: detected in the writer thread.
     rec.record(0, torch.zeros(1, 2), torch.tensor([[I, 1, 2]]), [3, 4])
+    assert not rec.closed
     with pytest.raises(RuntimeError, match="one example id per row") as info:
         rec.close()
+    assert rec.closed
     assert isinstance(info.value.__cause__, ValueError)
     with pytest.raises(RuntimeError, match="closed"):
         rec.record(1, torch.zeros(1, 2), torch.tensor([[I, 1, 2]]), [3])
