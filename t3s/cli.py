@@ -30,11 +30,7 @@ from typing import Any, Dict, Optional, Sequence
 from .run import (
     _PATH_KEYS,
     DEFAULTS,
-    NEEDS_MODEL,
-    NEEDS_TRAIN,
     OPTIONS,
-    STAGE_NAMES,
-    STAGES,
     RunDir,
     RunDirError,
     UsageError,
@@ -46,6 +42,7 @@ from .run import (
     settings_from,
     stage_status,
 )
+from .stages import NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
 
 __all__ = ["main", "build_parser", "resolve_config", "load_yaml"]
 
@@ -276,7 +273,7 @@ def _check_inputs(cfg: Dict[str, Any], pending: Sequence[str], command: str) -> 
         if cfg[key] is not None and any(s in stages for s in pending):
             _check_jsonl(cfg[key], key)
     if cfg["rule"] == "forced" and ("train" in pending or command == "run"):
-        from .run import _FORCED_MSG
+        from .stages import _FORCED_MSG
         raise UsageError(_FORCED_MSG)
     if cfg["baseline"] == "random" and cfg["rule"] == "forced" and not any(
             k in cfg["baseline_params"] for k in ("keep_fraction", "budget", "like")):

@@ -298,7 +298,8 @@ def _summary(stage_dir: Optional[Path]) -> Dict[str, Any]:
 
 
 def _default_stage_dirs(run_dir: Path) -> Dict[str, Optional[Path]]:
-    from .run import STAGE_NAMES, RunDir
+    from .run import RunDir
+    from .stages import STAGE_NAMES
     ledger = RunDir(run_dir).ledger()
     return {name: (run_dir / name if name in ledger else None) for name in STAGE_NAMES}
 

@@ -27,6 +27,7 @@ from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # 
 
 import t3s  # noqa: E402
 import t3s.run as t3s_run  # noqa: E402
+import t3s.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
 from t3s.report import METRIC_KEYS  # noqa: E402
 
@@ -210,7 +211,7 @@ def test_killed_stage_restarts_cleanly(finished, tmp_path, monkeypatch, capsys):
     def killed(trainer, tok, path):
         raise RuntimeError("killed while saving the model")
 
-    monkeypatch.setattr(t3s_run, "_save_model", killed)
+    monkeypatch.setattr(t3s_stages, "_save_model", killed)
     with pytest.raises(RuntimeError, match="killed"):
         main(["run", "--run-dir", str(run_dir), "--redo", "train", "--no-progress"])
     partial = run_dir / ".partial-train"

@@ -115,8 +115,9 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     directory holding a run with other settings is refused (`t3s.run.RunDirError`).
     """
     from ..cli import _print_metrics, _quiet_libraries
-    from ..run import (_PATH_KEYS, STAGE_NAMES, RunDir, RunDirError, fingerprint_path,
+    from ..run import (_PATH_KEYS, RunDir, RunDirError, fingerprint_path,
                        normalize_config, run_stages)
+    from ..stages import STAGE_NAMES
     t0 = time.perf_counter()
     out_path = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
     out_path = out_path.expanduser().resolve()
