@@ -907,6 +907,12 @@ class PackedCollator:
     predicted across a boundary. With ``return_flash_attn_kwargs=True`` the batch
     also carries ``cu_seq_lens_q/k`` [B+1] int32 and ``max_length_q/k``.
     `packed_keys` maps every packed position back to its key.
+
+    The batch also carries ``use_cache=False`` and no ``attention_mask``: only then
+    do Hugging Face models build the block-diagonal causal mask from the restarting
+    ``position_ids`` for sdpa and eager attention (transformers 5.x); with a cache
+    (a model's default ``use_cache=True``) every sequence would attend to the ones
+    packed before it.
     """
 
     def __init__(self, *, loss_masks: Optional[Mapping[int, Any]] = None,
@@ -933,6 +939,7 @@ class PackedCollator:
             "labels": torch.cat(labs)[None],
             "position_ids": torch.cat(pos)[None],
             "example_id": torch.tensor([int(ex["example_id"]) for ex in examples], dtype=torch.long),
+            "use_cache": False,  # see the docstring: sequences must not see each other
         }
         masks = _loss_masks(examples, self.loss_masks, [t.numel() for t in labs])
         if masks is not None:

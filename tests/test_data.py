@@ -382,3 +382,28 @@ def test_pack_indices():
     assert pack_indices([1, 1, 1], 2) == [[0, 1], [2]]
     with pytest.raises(ValueError):
         pack_indices([1], 0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_keeps_sequences_apart(tok, rng, attn):
+    """A packed batch, fed as is to a Hugging Face model in train mode, gives every
+    sequence the logits it gets alone (the collator turns the cache off so the
+    model builds a block-diagonal mask from position_ids)."""
+    from tiny import tiny_llama
+    ds = TraceDataset.from_jsonl(random_records(rng, 3), tok)
+    exs = list(ds)
+    batch = PackedCollator()(exs)
+    assert batch["use_cache"] is False and "attention_mask" not in batch
+    model = tiny_llama(tok, seed=int(rng.integers(1 << 30)), attn_implementation=attn)
+    inputs = {k: v for k, v in batch.items() if k not in ("example_id", "labels")}
+    with torch.no_grad():
+        packed = model(**inputs).logits[0]
+        leaky = model(**{**inputs, "use_cache": True}).logits[0]
+        start = 0
+        for ex in exs:
+            n = ex["input_ids"].numel()
+            alone = model(input_ids=ex["input_ids"][None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=1e-5)
+            if start > 0:  # the check can fail: with a cache, later sequences see earlier ones
+                assert (leaky[start:start + n] - alone).abs().max() > 1e-3
+            start += n
