@@ -170,13 +170,10 @@ def test_run_writes_consistent_outputs(finished, assets):
 def test_second_run_does_nothing(finished, assets, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path / "run")
     before = run_ids(run_dir)
-    t0 = time.perf_counter()
     assert main(["run", *settings(assets), "--run-dir", str(run_dir)]) == 0
-    seconds = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert "nothing to do" in out
-    assert run_ids(run_dir) == before
-    assert seconds < 5, seconds
+    assert run_ids(run_dir) == before  # no stage ran again (checked by id, not by time)
     # with no settings at all the stored ones are used
     assert main(["run", "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert run_ids(run_dir) == before
