@@ -2,7 +2,7 @@
 
     t3s run    --model DIR --train traces.jsonl --heldout heldout.jsonl [--run-dir DIR] [...]
     t3s pilot | select | train | baseline | eval | report   [same options]
-    t3s demo   [--quick] [--out DIR]
+    t3s demo   [--quick] [--out DIR] [--seed N]
 
 ``t3s run`` runs the stages of `t3s.run` (pilot, select, train, baseline,
 eval, report) in a run directory and resumes after the last finished one;
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Reproduce imitation shock and T3S on a synthetic task.")
     demo.add_argument("--quick", action="store_true", help="the short variant (for tests)")
     demo.add_argument("--out", default=None, metavar="DIR", help="output directory (runs/demo; runs/demo-quick with --quick)")
+    demo.add_argument("--seed", type=int, default=None, metavar="N",
+                      help="seed of the traces, held-out problems and data order (default 0; "
+                           "the base student is the same)")
     demo.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 
@@ -388,7 +391,8 @@ def _demo(args: argparse.Namespace, say) -> int:
     if not callable(fn):
         raise UsageError("this installation's t3s.demo has no main(); the demo is not available "
                          "in this version")
-    result = fn(quick=args.quick, out=args.out)
+    kw = {} if args.seed is None else {"seed": args.seed}
+    result = fn(quick=args.quick, out=args.out, **kw)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

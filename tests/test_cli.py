@@ -447,9 +447,10 @@ def test_demo_subcommand(monkeypatch, capsys):
     monkeypatch.setattr(t3s, "demo", fake, raising=False)
     assert main(["demo", "--quick"]) == 2
     assert "no main()" in error_line(capsys)
-    fake.main = lambda quick, out: calls.append((quick, out))
+    fake.main = lambda quick, out, **kw: calls.append((quick, out, kw))
     assert main(["demo", "--quick", "--out", "somewhere"]) == 0
-    assert calls == [(True, "somewhere")]
+    assert main(["demo", "--out", "elsewhere", "--seed", "2"]) == 0
+    assert calls == [(True, "somewhere", {}), (False, "elsewhere", {"seed": 2})]
 
 
 def test_python_dash_m(tmp_path):
