@@ -97,6 +97,18 @@ def assert_grads_close(g, g_ref, **tol):
         torch.testing.assert_close(g[name], g_ref[name], msg=lambda m: f"{name}: {m}", **tol)
 
 
+def patch_matches_unpatched(model, **inputs):
+    """One step before and after `patch(model, backend="torch")` on the same inputs: the
+    loss and every parameter gradient must match. Returns (ref, out, grads): the two
+    outputs and the patched model's gradients by parameter name."""
+    ref, g_ref = step(model, **inputs)
+    patch(model, backend="torch")
+    out, g = step(model, **inputs)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    return ref, out, g
+
+
 def assert_grads_equal(g, g_ref):
     assert g.keys() == g_ref.keys()
     for name in g_ref:
@@ -121,16 +133,10 @@ def cache_kwarg(model):
 def test_loss_and_grads_match_unpatched(arch):
     model = make_model(arch)
     ids, am, labels = make_batch()
-    ref, g_ref = step(model, input_ids=ids, attention_mask=am, labels=labels)
-    assert ref.logits is not None
-
-    patch(model, backend="torch")
+    ref, out, g = patch_matches_unpatched(model, input_ids=ids, attention_mask=am, labels=labels)
     info = model._t3s_patch
-    out, g = step(model, input_ids=ids, attention_mask=am, labels=labels)
-
+    assert ref.logits is not None
     assert out.logits is None  # training: no [B, T, V] logits
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g, g_ref, rtol=1e-4, atol=1e-6)
     # What the probe measured matches each architecture's documented logit map.
     config = model.config
     expected_scale = (config.logit_scale if arch == "cohere-scale"
@@ -171,13 +177,9 @@ def test_multimodal_wrappers_text_only(kind):
     ids, am, labels = make_batch()
     ids = ids % 90  # no image placeholder tokens
     labels = torch.where(labels == -100, labels, ids)
-    ref, g_ref = step(model, input_ids=ids, attention_mask=am, labels=labels)
-    patch(model, backend="torch")
+    _, out, _ = patch_matches_unpatched(model, input_ids=ids, attention_mask=am, labels=labels)
     assert model._t3s_patch.head.softcap is None
-    out, g = step(model, input_ids=ids, attention_mask=am, labels=labels)
     assert out.logits is None
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_checkpointing():
@@ -186,11 +188,7 @@ def test_gradient_checkpointing():
     (enable or model.gradient_checkpointing_enable)()
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     ids, am, labels = make_batch()
-    ref, g_ref = step(model, input_ids=ids, attention_mask=am, labels=labels)
-    patch(model, backend="torch")
-    out, g = step(model, input_ids=ids, attention_mask=am, labels=labels)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    patch_matches_unpatched(model, input_ids=ids, attention_mask=am, labels=labels)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2-softcap", "phi-bias", "cohere-scale"])
@@ -269,11 +267,7 @@ def test_packed_batch_with_position_ids():
     position_ids = torch.cat([torch.arange(5), torch.arange(6)]).unsqueeze(0)
     labels = ids.clone()
     labels[0, 5] = -100  # first token of the second sequence: no cross-boundary target
-    ref, g_ref = step(model, input_ids=ids, position_ids=position_ids, labels=labels)
-    patch(model, backend="torch")
-    out, g = step(model, input_ids=ids, position_ids=position_ids, labels=labels)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    patch_matches_unpatched(model, input_ids=ids, position_ids=position_ids, labels=labels)
 
 
 # ------------------------------------------------------------------------------------------
