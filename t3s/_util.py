@@ -1,0 +1,62 @@
+"""Small helpers shared across t3s's modules (no t3s imports: any module may use them).
+
+- `to_numpy`: a tensor, array or sequence as a numpy array (bf16/fp16 tensors upcast).
+- `canonical_json` / `sha256_json`: the stable hash of a JSON-able object.
+- `sha256_file`: the hash of a file's bytes.
+- `one_line`: an exception's message on one line, for log lines and CLI errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["to_numpy", "canonical_json", "sha256_json", "sha256_file", "one_line"]
+
+
+def to_numpy(x: Any, dtype: Optional[Any] = None) -> np.ndarray:
+    """``x`` (torch tensor on any device, numpy array, sequence) as a numpy array.
+
+    A tensor is detached and moved to the CPU; bfloat16 / float16 become float32
+    (numpy has no bfloat16). With ``dtype`` the result is cast to it.
+    """
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor, without importing torch
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        x = x.numpy()
+    arr = np.asarray(x)
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, compact JSON; values JSON cannot hold are written with ``str``."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                      default=str)
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 hex digest of `canonical_json` (equal objects hash equal)."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message with its lines joined (its type name when empty)."""
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
