@@ -960,7 +960,7 @@ def main(argv=None) -> int:
     for name, ver in sorted(comps.versions.items()):
         print(f"[competitors] {name} {ver}")
 
-    from t3s_kernels.triton_lse import KERNELS_INTERPRETED
+    from t3s_kernels.triton.config import KERNELS_INTERPRETED
     if device.type == "cuda":
         t3s_backend = "triton"
     elif "triton" in t3s_kernels.available_backends() and KERNELS_INTERPRETED:

@@ -45,7 +45,7 @@ def reference(inputs):
 
 @pytest.fixture(scope="module")
 def builder():
-    from t3s_kernels.triton_lse import KERNELS_INTERPRETED
+    from t3s_kernels.triton.config import KERNELS_INTERPRETED
     backend = "triton" if (CUDA or KERNELS_INTERPRETED) else "torch"
     return compare.Builder(compare.load_competitors(), backend, compiled={})
 

@@ -3,25 +3,37 @@
     linear_cross_entropy(hidden [..., H], weight [V, H], targets [...], ...)
     target_logprobs(hidden [..., H], weight [V, H], targets [...], ...)
 
-Triton kernels on CUDA, a chunked pure-PyTorch reference elsewhere
-(`t3s_kernels.reference`, which is also the specification).
+Layout, top-down:
+
+- `api`: the two public functions (static checks, dispatch, reductions);
+- `ops`: the `torch.library` custom ops that `torch.compile` traces;
+- `backends`: the registry and the built-in backends ('triton', 'torch');
+- `triton`: the Triton kernels (`forward`, `backward`, launch `config`);
+- `reference`: the pure-PyTorch specification, also the 'torch' backend;
+- `prepare`: validation and compaction shared by every backend;
+- `debug`: test hooks (forced blocks, splits, NaN-poisoned outputs).
+
+Triton kernels on CUDA, the chunked reference elsewhere.
 """
 
-from .api import (
-    BACKENDS,
-    TargetLogprobs,
-    TokenStats,
-    available_backends,
-    linear_cross_entropy,
-    target_logprobs,
-)
+from .api import TargetLogprobs, TokenStats, linear_cross_entropy, target_logprobs
+from .backends import Backend, available_backends, register_backend, registered_backends
 
 __all__ = [
-    "BACKENDS",
+    "Backend",
     "TargetLogprobs",
     "TokenStats",
     "available_backends",
     "linear_cross_entropy",
+    "register_backend",
+    "registered_backends",
     "target_logprobs",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # BACKENDS was a fixed tuple; the registry is the source of truth now.
+    if name == "BACKENDS":
+        return registered_backends()
+    raise AttributeError(f"module 't3s_kernels' has no attribute {name!r}")

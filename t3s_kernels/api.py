@@ -1,42 +1,38 @@
 """Public functional API: `linear_cross_entropy` and `target_logprobs`.
 
-Both pick a backend themselves (Triton on CUDA, the PyTorch reference
-elsewhere) and accept ``backend="triton" | "torch"`` to force one.
-``backend="triton"`` also runs on CPU tensors when TRITON_INTERPRET=1 was set
-before this package was imported (that is how CI tests the real kernels).
+Both pick a backend themselves from the registry (`t3s_kernels.backends`:
+Triton on CUDA, the PyTorch reference elsewhere) and accept ``backend=`` with
+a registered name (`available_backends()`) to force one. ``backend="triton"``
+also runs on CPU tensors when TRITON_INTERPRET=1 was set before this package
+was imported (that is how CI tests the real kernels).
+
+Both are `torch.compile`-friendly: the static checks below are traced, and the
+work runs in the custom ops of `t3s_kernels.ops` (static output shapes; the
+compaction of kept rows and its host sync happen inside them).
 
 Semantics are specified in `t3s_kernels.reference`.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import reference
-from ._checks import (
+from . import ops, reference
+from .backends import available_backends, resolve_backend
+from .prepare import (
     DEFAULT_BUFFER_BYTES,
-    KERNEL_DTYPES,
-    Prepared,
     check_linear_inputs,
     check_loss_mask,
     check_options,
     check_softcap,
-    flatten_and_weigh,
     resolve_filter_eps,
+    token_weights,
 )
 
-try:  # Triton is optional: without it everything runs on the reference.
-    from . import triton_linear_ce, triton_lse
-except ImportError as _triton_import_error:  # pragma: no cover - depends on the install
-    triton_linear_ce = triton_lse = None
-    _TRITON_ERROR: Optional[BaseException] = _triton_import_error
-else:
-    _TRITON_ERROR = None
-
-BACKENDS = ("triton", "torch")
+__all__ = ["TokenStats", "TargetLogprobs", "available_backends", "linear_cross_entropy",
+           "target_logprobs"]
 
 
 class TokenStats(NamedTuple):
@@ -58,51 +54,6 @@ class TargetLogprobs(NamedTuple):
     logprobs: torch.Tensor  # float32, shaped like targets; NaN at ignore_index
     entropy: Optional[torch.Tensor]  # float32 or None; NaN at ignore_index
     argmax: Optional[torch.Tensor]  # int64 or None; -1 at ignore_index
-
-
-def available_backends() -> tuple:
-    """Backends usable in this process ('torch' always)."""
-    return BACKENDS if triton_lse is not None else ("torch",)
-
-
-def _resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
-    if backend is None:
-        if not hidden.is_cuda:
-            return "torch"
-        if triton_lse is None:
-            _warn_once(f"t3s_kernels: Triton is unavailable ({_TRITON_ERROR}); "
-                       "using the PyTorch reference")
-            return "torch"
-        if hidden.dtype not in KERNEL_DTYPES:
-            _warn_once(f"t3s_kernels: the Triton kernels take fp16/bf16/fp32, not "
-                       f"{hidden.dtype}; using the PyTorch reference")
-            return "torch"
-        return "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton":
-        if triton_lse is None:
-            raise ValueError(f"backend='triton' but Triton failed to import: {_TRITON_ERROR}")
-        if hidden.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, "
-                            f"got {hidden.dtype}")
-        triton_lse.check_triton_device(hidden)
-    return backend
-
-
-_WARNED: set = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _scatter_rows(values: torch.Tensor, prep: Prepared, fill) -> torch.Tensor:
-    out = torch.full((prep.targets.numel(),), fill, dtype=values.dtype, device=values.device)
-    out[prep.kept_rows] = values
-    return out.view(prep.lead_shape)
 
 
 def linear_cross_entropy(
@@ -149,42 +100,45 @@ def linear_cross_entropy(
             lossier).
         return_stats: also return `TokenStats` computed in the same pass.
         buffer_bytes: bound on any temporary buffer (default 256 MiB).
-        backend: None (automatic), 'triton' or 'torch'.
+        backend: None (automatic) or a registered name ('triton', 'torch'; see
+            `available_backends`).
 
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, TokenStats)``
         when ``return_stats``.
 
-    Validation performs one host sync (label range and the number of kept
-    tokens); everything else stays on the device.
+    Shapes, dtypes and options are checked here; label range and mask values
+    inside the op, with the one host sync that also sizes the list of kept
+    tokens (a second one in the backward). Both raise before any kernel runs.
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_loss_mask(loss_mask, targets)
     check_options(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                   z_loss=z_loss, normalizer=normalizer, filter_eps=filter_eps,
                   accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes)
-    backend = _resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden)
     if weight.dtype == torch.float64:
         accum_dtype = torch.float64  # never sum below the weight's own precision
-    prep = flatten_and_weigh(hidden, weight, targets,
-                             bias.contiguous() if bias is not None else None,
-                             loss_mask, ignore_index)
-    token_losses = (triton_linear_ce.token_losses_triton if backend == "triton"
-                    else reference.token_losses_ref)
-    loss_kept, stats = token_losses(
-        prep, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        filter_eps=resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype=accum_dtype,
-        buffer_bytes=buffer_bytes, want_stats=return_stats)
-    loss = reference.reduce_token_losses(loss_kept, prep, reduction, normalizer)
+    lead_shape = targets.shape
+    targets1d = targets.reshape(-1).long()
+    mask1d = None if loss_mask is None else loss_mask.reshape(-1)
+    token_loss, lse, logprob, entropy, correct = ops.linear_ce_forward(
+        hidden.reshape(-1, hidden.shape[-1]), weight, None if bias is None else bias.contiguous(),
+        targets1d, mask1d, ignore_index,
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+        resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes, return_stats,
+        backend)
+    loss = reference.reduce_token_losses(token_loss, token_weights(targets1d, mask1d, ignore_index),
+                                         reduction, normalizer)
+    if reduction == "none":
+        loss = loss.view(lead_shape)
     if not return_stats:
         return loss
-    nan = float("nan")
     token_stats = TokenStats(
-        target_logprob=_scatter_rows(stats["target_logprob"].float(), prep, nan),
-        entropy=_scatter_rows(stats["entropy"].float(), prep, nan),
-        argmax_correct=_scatter_rows(stats["argmax_correct"], prep, False),
-        lse=_scatter_rows(stats["lse"].float(), prep, nan),
+        target_logprob=logprob.view(lead_shape),
+        entropy=entropy.view(lead_shape),
+        argmax_correct=correct.view(lead_shape),
+        lse=lse.float().view(lead_shape),
     )
     return loss, token_stats
 
@@ -218,28 +172,18 @@ def target_logprobs(
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_softcap(softcap)
-    backend = _resolve_backend(backend, hidden)
-    prep = flatten_and_weigh(hidden.detach(), weight.detach(), targets,
-                             bias.detach().contiguous() if bias is not None else None,
-                             None, ignore_index)
-    rows = prep.kept_rows
-    kept_targets = prep.targets[rows].contiguous()
-    if backend == "triton":
-        part = triton_lse.lse_partials(prep.hidden, prep.weight, prep.bias, rows, kept_targets,
-                                       softcap=softcap, want_entropy=return_entropy,
-                                       want_argmax=return_argmax)
-        st = triton_lse.combine_partials(part)
-        logprob, entropy, argmax = st.target_logit - st.lse, st.entropy, st.argmax
-    else:
-        logprob, entropy, argmax = reference.target_logprobs_ref(
-            prep.hidden, prep.weight, prep.bias, rows, kept_targets, softcap=softcap,
-            want_entropy=return_entropy, want_argmax=return_argmax, buffer_bytes=buffer_bytes)
-    nan = float("nan")
-    logprob = _scatter_rows(logprob.float(), prep, nan)
+    backend = resolve_backend(backend, hidden)
+    lead_shape = targets.shape
+    logprob, entropy, argmax = ops.target_logprobs_op(
+        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+        None if bias is None else bias.detach().contiguous(), targets.reshape(-1).long(),
+        ignore_index, None if softcap is None else float(softcap), return_entropy,
+        return_argmax, buffer_bytes, backend)
+    logprob = logprob.view(lead_shape)
     if not (return_entropy or return_argmax):
         return logprob
     return TargetLogprobs(
         logprobs=logprob,
-        entropy=_scatter_rows(entropy.float(), prep, nan) if return_entropy else None,
-        argmax=_scatter_rows(argmax, prep, -1) if return_argmax else None,
+        entropy=entropy.view(lead_shape) if return_entropy else None,
+        argmax=argmax.view(lead_shape) if return_argmax else None,
     )

@@ -40,12 +40,12 @@ float32 copy of a low-precision weight.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ._checks import Prepared
-from ._debug import empty
+from .debug import empty
+from .prepare import Grads, LossOptions, RowLosses
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -98,91 +98,82 @@ def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_
     return grad
 
 
-class _TokenLossRef(torch.autograd.Function):
-    """Per-kept-token loss [M] plus non-differentiable statistics, chunked over rows."""
+def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], rows: torch.Tensor,
+                             targets: torch.Tensor, opts: LossOptions,
+                             want_stats: bool) -> RowLosses:
+    """loss_t, lse_t (and the statistics) for the kept rows, chunked over rows.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, label_smoothing, z_loss, softcap,
-                accum_dtype, buffer_bytes, want_stats):
-        V = weight.shape[0]
-        cd = compute_dtype_for(hidden.dtype)
-        w = weight.to(cd)
-        b = bias.to(cd) if bias is not None else None
-        M = rows.numel()
-        n_stats = M if want_stats else 0  # entropy and argmax cost extra passes over [C, V]
-        out = {k: empty(n, dtype=cd, device=hidden.device)
-               for k, n in (("loss", M), ("logprob", n_stats), ("entropy", n_stats), ("lse", M))}
-        correct = empty(n_stats, dtype=torch.bool, device=hidden.device)
-        step = rows_per_chunk(V, buffer_bytes)
-        for s in range(0, M, step):
-            sl = slice(s, s + step)
-            z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap)
-            lse = torch.logsumexp(z, dim=1)
-            tz = z.gather(1, targets[sl, None]).squeeze(1)
-            sum_z = z.sum(1) if label_smoothing else None
-            out["loss"][sl] = per_token_loss(lse, tz, sum_z, V, label_smoothing, z_loss)
-            out["lse"][sl] = lse
-            if want_stats:
-                out["logprob"][sl] = tz - lse
-                out["entropy"][sl] = row_entropy(z, lse)
-                correct[sl] = z.argmax(1) == targets[sl]
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, out["lse"])
-        ctx.opts = (label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes)
-        ctx.mark_non_differentiable(out["logprob"], out["entropy"], correct, out["lse"])
-        return out["loss"], out["logprob"], out["entropy"], correct, out["lse"]
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused_stat_grads):
-        hidden, weight, bias, rows, targets, lse_all = ctx.saved_tensors
-        label_smoothing, z_loss, softcap, accum_dtype, buffer_bytes = ctx.opts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_loss is None:
-            return (None,) * 11
-        V = weight.shape[0]
-        cd = compute_dtype_for(hidden.dtype)
-        w = weight.to(cd)
-        b = bias.to(cd) if bias is not None else None
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(V, dtype=cd, device=weight.device) if need_b else None
-        step = rows_per_chunk(V, buffer_bytes)
-        for s in range(0, rows.numel(), step):
-            sl = slice(s, s + step)
-            h = hidden[rows[sl]].to(cd)
-            z = logits_ref(h, w, b, softcap)
-            g = logit_grad(z, lse_all[sl], targets[sl], V, label_smoothing, z_loss, softcap)
-            g *= grad_loss[sl, None].to(cd)
-            if need_h:
-                grad_h[rows[sl]] = (g @ w).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.T @ h).to(accum_dtype)
-            if need_b:
-                grad_b += g.sum(0)
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
-
-
-def token_losses_ref(prep: Prepared, *, label_smoothing: float, z_loss: float,
-                     softcap: Optional[float], filter_eps: Optional[float],
-                     accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool):
-    """Backend entry point: per-kept-token losses [M] and stats (dict of [M]).
-
-    The reference is always exact: `filter_eps` (a speed option of the kernels)
-    is accepted and ignored.
+    hidden: [N, H]; weight: [V, H]; bias: [V] or None; rows: [M] int64 indices
+    into hidden; targets: [M] int64 (the kept rows' labels). `opts.filter_eps`
+    (a speed option of the kernels) is ignored: the reference is always exact.
     """
-    del filter_eps
-    rows = prep.kept_rows
-    loss, logprob, entropy, correct, lse = _TokenLossRef.apply(
-        prep.hidden, prep.weight, prep.bias, rows, prep.targets[rows],
-        float(label_smoothing), float(z_loss), softcap, accum_dtype, buffer_bytes, want_stats)
-    stats = None
-    if want_stats:
-        stats = {"target_logprob": logprob, "entropy": entropy, "argmax_correct": correct,
-                 "lse": lse}
-    return loss, stats
+    V = weight.shape[0]
+    cd = compute_dtype_for(hidden.dtype)
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    M = rows.numel()
+    n_stats = M if want_stats else 0  # entropy and argmax cost extra passes over [C, V]
+    loss = empty(M, dtype=cd, device=hidden.device)
+    lse_all = empty(M, dtype=cd, device=hidden.device)
+    logprob = empty(n_stats, dtype=torch.float32, device=hidden.device)
+    entropy = empty(n_stats, dtype=torch.float32, device=hidden.device)
+    correct = empty(n_stats, dtype=torch.bool, device=hidden.device)
+    step = rows_per_chunk(V, opts.buffer_bytes)
+    for s in range(0, M, step):
+        sl = slice(s, s + step)
+        z = logits_ref(hidden[rows[sl]].to(cd), w, b, opts.softcap)
+        lse = torch.logsumexp(z, dim=1)
+        tz = z.gather(1, targets[sl, None]).squeeze(1)
+        sum_z = z.sum(1) if opts.label_smoothing else None
+        loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss)
+        lse_all[sl] = lse
+        if want_stats:
+            logprob[sl] = tz - lse
+            entropy[sl] = row_entropy(z, lse)
+            correct[sl] = z.argmax(1) == targets[sl]
+    return RowLosses(loss, lse_all, logprob, entropy, correct)
+
+
+def token_losses_backward_ref(hidden: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], rows: torch.Tensor,
+                              targets: torch.Tensor, lse: torch.Tensor,
+                              grad_loss: torch.Tensor, opts: LossOptions,
+                              need: Tuple[bool, bool, bool]) -> Grads:
+    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) from d out / d loss_t.
+
+    rows, targets, lse, grad_loss: [M] for the kept rows (`lse` from the
+    forward). Entries of ``need`` that are False give None. Rows of hidden that
+    are not kept get a zero gradient.
+    """
+    need_h, need_w, need_b = need
+    V = weight.shape[0]
+    cd = compute_dtype_for(hidden.dtype)
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = (torch.zeros(weight.shape, dtype=opts.accum_dtype, device=weight.device)
+              if need_w else None)
+    grad_b = torch.zeros(V, dtype=cd, device=weight.device) if need_b else None
+    step = rows_per_chunk(V, opts.buffer_bytes)
+    for s in range(0, rows.numel(), step):
+        sl = slice(s, s + step)
+        h = hidden[rows[sl]].to(cd)
+        z = logits_ref(h, w, b, opts.softcap)
+        g = logit_grad(z, lse[sl], targets[sl], V, opts.label_smoothing, opts.z_loss,
+                       opts.softcap)
+        g *= grad_loss[sl, None].to(cd)
+        if need_h:
+            grad_h[rows[sl]] = (g @ w).to(hidden.dtype)
+        if need_w:
+            grad_w += (g.T @ h).to(opts.accum_dtype)
+        if need_b:
+            grad_b += g.sum(0)
+    if need_w:
+        grad_w = grad_w.to(weight.dtype)
+    if need_b:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
 
 
 @torch.no_grad()
@@ -215,19 +206,17 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     return logprob, entropy, argmax
 
 
-def reduce_token_losses(token_loss: torch.Tensor, prep: Prepared, reduction: str,
+def reduce_token_losses(token_loss: torch.Tensor, token_weight: torch.Tensor, reduction: str,
                         normalizer) -> torch.Tensor:
-    """Apply token weights and the reduction to the per-kept-token losses [M].
+    """Apply token weights and the reduction. token_loss, token_weight: [N] -> [N] or [].
 
-    Plain differentiable PyTorch, so autograd hands each kept token its own
+    ``token_loss`` is 0 (never NaN) where ``token_weight`` is 0. Plain
+    differentiable PyTorch, so autograd hands each kept token its own
     d(out)/d(loss_t): a per-token grad_output under reduction='none' works.
     """
-    w_kept = prep.token_weight[prep.kept_rows].to(token_loss.dtype)
-    weighted = token_loss * w_kept
+    weighted = token_loss * token_weight.to(token_loss.dtype)
     if reduction == "none":
-        out = torch.zeros(prep.targets.numel(), dtype=token_loss.dtype, device=token_loss.device)
-        out = out.index_put((prep.kept_rows,), weighted)
-        return out.view(prep.lead_shape)
+        return weighted
     total = weighted.sum()
     if normalizer is not None:
         denom = torch.as_tensor(normalizer, dtype=token_loss.dtype, device=token_loss.device)
@@ -235,5 +224,5 @@ def reduce_token_losses(token_loss: torch.Tensor, prep: Prepared, reduction: str
     if reduction == "sum":
         return total
     # 'mean': sum(w l) / sum(w); an all-dropped batch has an empty sum -> 0, not 0/0.
-    denom = w_kept.sum().clamp_min(torch.finfo(w_kept.dtype).tiny)
+    denom = token_weight.to(token_loss.dtype).sum().clamp_min(torch.finfo(token_loss.dtype).tiny)
     return total / denom

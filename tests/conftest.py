@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import t3s_kernels  # noqa: E402  (after TRITON_INTERPRET)
-from t3s_kernels import _debug  # noqa: E402
+from t3s_kernels import debug  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = list(t3s_kernels.available_backends())
@@ -23,9 +23,9 @@ BACKENDS = list(t3s_kernels.available_backends())
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs():
     """Every kernel output buffer starts as NaN; unwritten elements fail the comparisons."""
-    _debug.OVERRIDES["poison"] = True
+    debug.OVERRIDES["poison"] = True
     yield
-    _debug.OVERRIDES.update(poison=False, block=None, splits=None, backward=None)
+    debug.OVERRIDES.update(poison=False, block=None, splits=None, backward=None)
 
 
 @pytest.fixture

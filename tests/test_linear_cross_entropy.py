@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kernel_helpers import TOL, assert_close64, gemm_term_scales, make_case, naive_lce64
 
 import t3s_kernels
-from t3s_kernels import _debug, linear_cross_entropy
+from t3s_kernels import debug, linear_cross_entropy
 
 N, H, V = 37, 48, 1000  # odd sizes: no dimension is a multiple of a block
 
@@ -82,7 +82,7 @@ PATHS = [("torch", None)] + ([("triton", "dense"), ("triton", "fused")] if "trit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_options_match_float64(backend, mode, dtype, case):
-    _debug.OVERRIDES["backward"] = mode
+    debug.OVERRIDES["backward"] = mode
     _run_case(backend, dtype, OPTION_CASES[case], filter_eps=None)
 
 
@@ -125,7 +125,7 @@ def test_triton_vocab_splits_and_small_blocks():
     """Several vocab splits exercise the host-side merge of partial lse/argmax."""
     if "triton" not in BACKENDS:
         pytest.skip("triton unavailable")
-    _debug.OVERRIDES.update(splits=3, block=(16, 32, 16))
+    debug.OVERRIDES.update(splits=3, block=(16, 32, 16))
     hidden, weight, targets = _run_case("triton", torch.float32, OPTION_CASES["everything"])
     _, stats = linear_cross_entropy(hidden, weight, targets, backend="triton", return_stats=True)
     z = hidden.detach().double() @ weight.detach().double().T
@@ -263,7 +263,7 @@ def test_gradient_filtering_skips_tiles():
     exactly zero gradient, which the exact path never gives on random data."""
     if "triton" not in BACKENDS:
         pytest.skip("triton unavailable")
-    _debug.OVERRIDES.update(block=(16, 64, 16))
+    debug.OVERRIDES.update(block=(16, 64, 16))
     hidden, weight, _, _ = make_case(N, H, V, torch.float32, DEVICE)
     weight = (weight.detach() * 0.25).requires_grad_()  # flat softmax: every p_j << 0.5
     targets = torch.randint(0, 64, (N,), device=DEVICE)  # all targets in the first vocab tile
@@ -315,11 +315,11 @@ def test_random_shapes_reference(n, h, v, smooth, use_bias, mask_frac):
 @given(n=st.integers(1, 24), h=st.integers(1, 40), v=st.integers(1, 200),
        splits=st.integers(1, 3))
 def test_random_shapes_triton(n, h, v, splits):
-    _debug.OVERRIDES.update(splits=splits, block=(16, 32, 16))
+    debug.OVERRIDES.update(splits=splits, block=(16, 32, 16))
     try:
         _run_case("triton", torch.float32, {"ignore_frac": 0.25, "bias": True}, n=n, h=h, v=v)
     finally:
-        _debug.OVERRIDES.update(splits=None, block=None)
+        debug.OVERRIDES.update(splits=None, block=None)
 
 
 def test_float64_reference_backend():
@@ -335,7 +335,7 @@ def test_wide_hidden_small_buffer(backend, monkeypatch):
     """M * H * 4 > buffer_bytes: grad_hidden is done in row chunks in a separate pass."""
     n, h = 40, 512
     assert n * h * 4 > 2**16
-    from t3s_kernels import triton_linear_ce
+    from t3s_kernels.triton import backward as triton_linear_ce
     launches = []
     real = triton_linear_ce._launch_backward
     monkeypatch.setattr(triton_linear_ce, "_launch_backward",
@@ -352,7 +352,7 @@ def test_exact_backward_modes(h, monkeypatch):
     """Exact mode: G in vocabulary chunks + GEMMs when its buffers fit, else the fused path."""
     if "triton" not in BACKENDS:
         pytest.skip("triton unavailable")
-    from t3s_kernels import triton_linear_ce
+    from t3s_kernels.triton import backward as triton_linear_ce
     used = []
     for name in ("_dense_backward", "_fused_backward"):
         real = getattr(triton_linear_ce, name)

@@ -5,7 +5,7 @@ import torch
 from conftest import BACKENDS, DEVICE
 from kernel_helpers import make_case
 
-from t3s_kernels import TargetLogprobs, _debug, target_logprobs
+from t3s_kernels import TargetLogprobs, debug, target_logprobs
 
 N, H, V = 37, 48, 1000
 
@@ -82,7 +82,7 @@ def test_triton_vocab_splits_merge():
     hidden, weight, targets, _ = make_case(N, H, V, torch.float32, DEVICE, requires_grad=False)
     # Duplicate a column so that the argmax tie-break across splits is exercised.
     weight[700] = weight[3]
-    _debug.OVERRIDES.update(splits=4, block=(16, 64, 16))
+    debug.OVERRIDES.update(splits=4, block=(16, 64, 16))
     out = target_logprobs(hidden, weight, targets, return_entropy=True, return_argmax=True,
                           backend="triton")
     lp, ent, am, _ = _expected(hidden, weight, targets)

@@ -1,7 +1,17 @@
-"""Input validation and flattening shared by every backend.
+"""Input validation, flattening and compaction shared by every backend.
 
 Every user-facing error is raised here, before any kernel launch, and names
 the offending argument. Nothing here writes to the caller's tensors.
+
+Two kinds of check:
+
+- static ones (`check_linear_inputs`, `check_loss_mask`, `check_options`):
+  shapes, dtypes, devices, option values. They run in Python before the custom
+  ops and are traced by `torch.compile` at no runtime cost;
+- value ones (`validate_and_compact`): labels in range, mask weights finite and
+  >= 0. They need the tensor values, i.e. one host synchronisation, so they run
+  inside the custom ops (`t3s_kernels.ops`), where the same sync also sizes the
+  list of kept rows.
 
 Legend: N tokens (after flattening the leading dims), H hidden size,
 V vocabulary size, M kept tokens (N minus ignored and dropped ones).
@@ -11,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -21,23 +31,39 @@ REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
 
-@dataclass
-class Prepared:
-    """Flattened, validated inputs.
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options every backend receives (validated, `filter_eps` resolved).
 
-    hidden: [N, H] (a view when possible, never a copy of a contiguous input)
-    targets: [N] int64
-    token_weight: [N] float32, 0 for ignored or dropped tokens
-    kept_rows: [M] int64 indices into the N tokens that enter the loss
+    filter_eps: None (exact) or the tile-skipping threshold of the kernels;
+    the reference is always exact and ignores it.
     """
 
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    targets: torch.Tensor
-    token_weight: torch.Tensor
-    kept_rows: torch.Tensor
-    lead_shape: torch.Size
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    filter_eps: Optional[float] = None
+    accum_dtype: torch.dtype = torch.float32
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+
+class RowLosses(NamedTuple):
+    """What a backend's loss forward returns for the M kept rows.
+
+    loss: [M] per-token loss (float32; float64 for float64 inputs), unweighted;
+    lse: [M] log-sum-exp (same dtype), saved for the backward;
+    target_logprob, entropy: [M] float32 and argmax_correct: [M] bool when
+    stats are asked for, else empty tensors.
+    """
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    target_logprob: torch.Tensor
+    entropy: torch.Tensor
+    argmax_correct: torch.Tensor
+
+
+Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 def _check_tensor(name: str, t, *, floating: bool = False) -> None:
@@ -183,41 +209,41 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
     return float(filter_eps)
 
 
-def flatten_and_weigh(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    loss_mask: Optional[torch.Tensor],
-    ignore_index: int,
-) -> Prepared:
-    """Flatten to [N, H] / [N], validate label range and mask values, find kept rows.
+def token_weights(targets: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                  ignore_index: int) -> torch.Tensor:
+    """w_t [N] float32: 0 where ``targets == ignore_index``, else the mask value (1 without one).
 
-    This performs one host synchronisation, which validates labels and mask
-    values and sizes the compacted row list; it is the only one on the forward
-    path.
+    targets: [N] integer; loss_mask: [N] bool or float, or None.
     """
-    V = weight.shape[0]
-    lead_shape = targets.shape
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    targets1d = targets.reshape(-1).long()
-    not_ignored = targets1d != ignore_index
+    not_ignored = targets != ignore_index
     if loss_mask is None:
-        token_weight = not_ignored.float()
-    else:
-        mask1d = loss_mask.reshape(-1)
-        token_weight = torch.where(not_ignored, mask1d.float(), torch.zeros((), device=mask1d.device))
+        return not_ignored.float()
+    return torch.where(not_ignored, loss_mask.float(), torch.zeros((), device=loss_mask.device))
 
+
+def validate_and_compact(targets: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                         token_weight: torch.Tensor, vocab_size: int,
+                         ignore_index: int) -> torch.Tensor:
+    """Check label range and mask values, and return the kept rows [M] int64.
+
+    targets: [N] int64; loss_mask: [N] bool / float or None; token_weight: [N]
+    (`token_weights`). Rows with ``w_t == 0`` are dropped before any matmul.
+
+    This performs one host synchronisation: it validates labels and mask values
+    and sizes the compacted row list (the count is known, so the compaction
+    itself needs no second sync).
+    """
+    not_ignored = targets != ignore_index
     kept = token_weight != 0
-    bad_label = not_ignored & ((targets1d < 0) | (targets1d >= V))
+    bad_label = not_ignored & ((targets < 0) | (targets >= vocab_size))
     counts = [kept.sum(), bad_label.sum()]
     if loss_mask is not None and loss_mask.is_floating_point():
         counts.append((~torch.isfinite(loss_mask) | (loss_mask < 0)).sum())
     num_kept, *counts = torch.stack(counts).tolist()  # the one host sync
     if counts[0]:
-        first = targets1d[bad_label][0].item()
+        first = targets[bad_label][0].item()
         raise ValueError(
-            f"targets has {counts[0]} label(s) outside [0, V={V}) that are not "
+            f"targets has {counts[0]} label(s) outside [0, V={vocab_size}) that are not "
             f"ignore_index={ignore_index} (first: {first})"
         )
     if len(counts) > 1 and counts[1]:
@@ -225,9 +251,15 @@ def flatten_and_weigh(
             f"loss_mask has {counts[1]} negative or non-finite value(s); weights must be "
             "finite and >= 0"
         )
-    # The count is known, so the compaction needs no second sync.
+    return kept_rows(kept, num_kept)
+
+
+def kept_rows(kept: torch.Tensor, num_kept: Optional[int] = None) -> torch.Tensor:
+    """Indices [M] int64 of the True entries of ``kept`` [N] (a host sync unless
+    ``num_kept`` is given)."""
+    if num_kept is None:
+        return torch.nonzero(kept).squeeze(1)
     try:
-        kept_rows = torch.nonzero_static(kept, size=num_kept).squeeze(1)
+        return torch.nonzero_static(kept, size=num_kept).squeeze(1)
     except (AttributeError, NotImplementedError, RuntimeError):  # older torch / backend
-        kept_rows = torch.nonzero(kept).squeeze(1)
-    return Prepared(hidden2d, weight, bias, targets1d, token_weight, kept_rows, lead_shape)
+        return torch.nonzero(kept).squeeze(1)

@@ -1,4 +1,4 @@
-"""Test hooks shared by the backends.
+"""Test and benchmark hooks shared by the backends (not for production use).
 
 `OVERRIDES` lets tests force a block shape, a number of vocab splits or the
 backward mode ('fused' or 'dense'), and

@@ -1,0 +1,23 @@
+"""Kernel backends: the registry (`registry`) and the built-in backends.
+
+- 'torch' (`torch_reference`): the PyTorch reference, every device;
+- 'triton' (`triton_kernels`): the Triton kernels, the default on CUDA.
+
+A new backend (a C++ CPU extension, a vocab-parallel head, ...) subclasses
+`Backend`, implements its three methods and calls `register_backend`; dispatch,
+`available_backends()` and ``backend=`` pick it up from there.
+"""
+
+from . import torch_reference, triton_kernels  # noqa: F401  (each registers itself)
+from .registry import (
+    Backend,
+    available_backends,
+    check_backend_name,
+    get_backend,
+    register_backend,
+    registered_backends,
+    resolve_backend,
+)
+
+__all__ = ["Backend", "available_backends", "check_backend_name", "get_backend",
+           "register_backend", "registered_backends", "resolve_backend"]

@@ -1,0 +1,158 @@
+"""The backend registry: one op contract, one implementation per backend.
+
+A backend is a `Backend` subclass registered under a name with `register_backend`.
+Dispatch (`resolve_backend`), `available_backends()` and every ``backend=``
+argument read this registry; nothing else in the package names a backend.
+
+The contract works on *compacted* rows: the custom ops in `t3s_kernels.ops`
+validate the inputs, drop the tokens that leave the loss and hand a backend
+only the M kept rows (``rows`` [M] int64 indices into ``hidden`` [N, H], and
+their ``targets`` [M] int64). Outputs are [M]-shaped; the ops scatter them
+back to [N].
+
+Automatic choice (``backend=None``): among the registered backends whose
+`auto_devices` contain the input's device type, the highest `priority` that
+is usable for the input (`unavailable_reason`, `ineligible_reason`); a
+passed-over backend is reported once with a warning. The torch reference
+(priority 0, every device) is the last resort.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..prepare import Grads, LossOptions, RowLosses
+
+__all__ = ["Backend", "register_backend", "get_backend", "registered_backends",
+           "available_backends", "resolve_backend", "check_backend_name"]
+
+
+class Backend:
+    """One implementation of the kernels' contract. Subclasses set `name` and override
+    the three compute methods; the eligibility hooks have permissive defaults.
+
+    name: the ``backend=`` value that selects it.
+    priority: rank in automatic dispatch (higher wins).
+    auto_devices: device types on which automatic dispatch considers it ("*":
+        every device; empty: only when asked for by name).
+    """
+
+    name: str = ""
+    priority: int = 0
+    auto_devices: Tuple[str, ...] = ()
+
+    # ---- eligibility -------------------------------------------------------------------
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run in this process at all (None: it can)."""
+        return None
+
+    def ineligible_reason(self, hidden: torch.Tensor) -> Optional[str]:
+        """Why it cannot run on these inputs (dtype, device, ...); None: it can."""
+        return None
+
+    # ---- the contract ------------------------------------------------------------------
+    def loss_forward(self, hidden: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
+                     opts: LossOptions, want_stats: bool) -> RowLosses:
+        """Per-kept-row loss and lse (+ stats): hidden [N, H], weight [V, H], bias [V] or
+        None, rows / targets [M] -> `RowLosses` of [M] tensors."""
+        raise NotImplementedError
+
+    def loss_backward(self, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
+                      lse: torch.Tensor, grad_loss: torch.Tensor, opts: LossOptions,
+                      need: Tuple[bool, bool, bool]) -> Grads:
+        """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) from grad_loss [M];
+        None where ``need`` is False. Rows of hidden that are not kept get zeros."""
+        raise NotImplementedError
+
+    def target_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], rows: torch.Tensor,
+                        targets: torch.Tensor, *, softcap: Optional[float], want_entropy: bool,
+                        want_argmax: bool, buffer_bytes: int):
+        """Forward-only (log p(target) [M] float32, entropy [M] float32 or None,
+        argmax [M] int64 or None) for the rows ``rows``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<t3s_kernels backend {self.name!r}>"
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_WARNED: set = set()
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add ``backend`` under ``backend.name``. Returns it.
+
+    Raises `ValueError` when the name is empty or already taken (unless ``replace``).
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a t3s_kernels Backend, got {type(backend).__name__}")
+    name = backend.name
+    if not name or not isinstance(name, str):
+        raise ValueError("a backend needs a non-empty string name")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a backend named {name!r} is already registered (replace=True "
+                         "to swap it)")
+    _REGISTRY[name] = backend
+    return backend
+
+
+def registered_backends() -> Tuple[str, ...]:
+    """Every registered backend's name, usable here or not."""
+    return tuple(_REGISTRY)
+
+
+def available_backends() -> Tuple[str, ...]:
+    """The backends usable in this process (always including 'torch')."""
+    return tuple(n for n, b in _REGISTRY.items() if b.unavailable_reason() is None)
+
+
+def check_backend_name(backend: Optional[str]) -> None:
+    """`ValueError` unless ``backend`` is None or a registered name (no device checks)."""
+    if backend is not None and backend not in _REGISTRY:
+        raise ValueError(f"backend must be one of {registered_backends()} or None, "
+                         f"got {backend!r}")
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name`` (`ValueError` if none is)."""
+    check_backend_name(name)
+    return _REGISTRY[name]
+
+
+def resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
+    """The name of the backend that runs on ``hidden``.
+
+    A named backend must be usable here and for these inputs (else `ValueError`
+    or `TypeError` saying why); None picks one automatically (module docstring).
+    """
+    if backend is not None:
+        impl = get_backend(backend)
+        reason = impl.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} is unavailable: {reason}")
+        reason = impl.ineligible_reason(hidden)
+        if reason is not None:
+            raise (TypeError if "dtype" in reason else ValueError)(
+                f"backend={backend!r} cannot run here: {reason}")
+        return backend
+    device = hidden.device.type
+    candidates = sorted((b for b in _REGISTRY.values() if {device, "*"} & set(b.auto_devices)),
+                        key=lambda b: -b.priority)
+    for impl in candidates:
+        reason = impl.unavailable_reason() or impl.ineligible_reason(hidden)
+        if reason is None:
+            return impl.name
+        _warn_once(f"t3s_kernels: not using the {impl.name!r} backend ({reason})")
+    raise RuntimeError(f"no registered t3s_kernels backend runs on {device} tensors")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)

@@ -1,0 +1,59 @@
+"""The 'triton' backend: the Triton kernels of `t3s_kernels.triton`.
+
+The automatic choice on CUDA for float16 / bfloat16 / float32 inputs. It also
+runs on CPU tensors when TRITON_INTERPRET=1 was set before t3s_kernels was
+imported (that is how CI tests the real kernels), but only when asked for by
+name there. Without an importable Triton it stays registered, unavailable,
+with the import error as the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..prepare import KERNEL_DTYPES
+from .registry import Backend, register_backend
+
+try:  # Triton is optional: without it everything runs on the reference.
+    from ..triton import backward as triton_backward
+    from ..triton import config as triton_config
+    from ..triton import forward as triton_forward
+except ImportError as exc:  # pragma: no cover - depends on the install
+    triton_backward = triton_config = triton_forward = None
+    IMPORT_ERROR: Optional[str] = f"Triton failed to import: {exc}"
+else:
+    IMPORT_ERROR = None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 10
+    auto_devices = ("cuda",)
+
+    def unavailable_reason(self):
+        return IMPORT_ERROR
+
+    def ineligible_reason(self, hidden):
+        if hidden.dtype not in KERNEL_DTYPES:
+            return (f"the Triton kernels take float16, bfloat16 and float32 inputs, not dtype "
+                    f"{hidden.dtype}")
+        return triton_config.device_problem(hidden)
+
+    def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
+        return triton_backward.loss_forward(hidden, weight, bias, rows, targets, opts,
+                                            want_stats)
+
+    def loss_backward(self, hidden, weight, bias, rows, targets, lse, grad_loss, opts, need):
+        return triton_backward.loss_backward(hidden, weight, bias, rows, targets, lse,
+                                             grad_loss, opts, need)
+
+    def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
+                        want_argmax, buffer_bytes):
+        del buffer_bytes  # the streaming kernel holds O(M * splits), never a [rows, V] chunk
+        part = triton_forward.lse_partials(hidden, weight, bias, rows, targets, softcap=softcap,
+                                           want_entropy=want_entropy, want_argmax=want_argmax)
+        st = triton_forward.combine_partials(part)
+        return st.target_logit - st.lse, st.entropy, st.argmax
+
+
+register_backend(TritonBackend())

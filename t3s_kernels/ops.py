@@ -1,0 +1,193 @@
+"""The custom ops: what `torch.compile` sees of the kernels.
+
+Three `torch.library.custom_op` ops, each with a fake (meta) implementation so
+that `torch.compile` traces them with static output shapes, and the loss op
+with its autograd formula:
+
+    t3s_kernels::linear_ce_forward(hidden [N, H], weight [V, H], bias [V]?,
+        targets [N], loss_mask [N]?, ...) ->
+        (token_loss [N], lse [N], target_logprob [N'], entropy [N'], argmax_correct [N'])
+    t3s_kernels::linear_ce_backward(grad_token_loss [N], hidden, weight, bias?,
+        targets, loss_mask?, lse [N], ...) -> (grad_hidden, grad_weight, grad_bias)
+    t3s_kernels::target_logprobs(hidden [N, H], weight [V, H], bias [V]?, targets [N], ...)
+        -> (logprob [N], entropy [N'], argmax [N'])
+
+N' is N when the statistic is asked for and 0 otherwise; a gradient that is
+not needed comes back as an empty tensor. token_loss and lse are float32
+(float64 for float64 inputs); the statistics are float32 (argmax int64).
+Rows that leave the loss (``targets == ignore_index`` or weight 0) hold
+token_loss 0, lse / log-probs NaN, argmax_correct False, argmax -1.
+
+Inside each op: the value checks (label range, mask weights), the compaction
+of the kept rows and its one host synchronisation (`prepare.validate_and_compact`),
+then the backend's implementation on the M kept rows. Compaction happens
+inside, where a data-dependent size is no concern of the tracer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import prepare
+from .backends import get_backend
+from .prepare import LossOptions
+from .reference import compute_dtype_for
+
+__all__ = ["linear_ce_forward", "linear_ce_backward", "target_logprobs_op"]
+
+
+def _scatter(values: Tensor, rows: Tensor, n: int, fill) -> Tensor:
+    """[M] values at ``rows`` of a new [n] tensor filled with ``fill``."""
+    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
+    out[rows] = values
+    return out
+
+
+def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes):
+    return LossOptions(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                       filter_eps=filter_eps, accum_dtype=accum_dtype,
+                       buffer_bytes=buffer_bytes)
+
+
+# --------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("t3s_kernels::linear_ce_forward", mutates_args=())
+def linear_ce_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+    loss_mask: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+    softcap: Optional[float], filter_eps: Optional[float], accum_dtype: torch.dtype,
+    buffer_bytes: int, want_stats: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token loss of the flattened inputs (module docstring for the contract)."""
+    n = targets.shape[0]
+    token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
+    rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
+                                        ignore_index)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    out = get_backend(backend).loss_forward(hidden, weight, bias, rows,
+                                            targets[rows].contiguous(), opts, want_stats)
+    nan = float("nan")
+    stats_n = n if want_stats else 0
+    stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
+    if want_stats:
+        stats = tuple(_scatter(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
+    else:
+        stats = tuple(s.new_empty(stats_n) for s in stats)
+    return (_scatter(out.loss, rows, n, 0.0), _scatter(out.lse, rows, n, nan), *stats)
+
+
+@linear_ce_forward.register_fake
+def _(hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
+      filter_eps, accum_dtype, buffer_bytes, want_stats, backend):
+    n = targets.shape[0]
+    cd = compute_dtype_for(hidden.dtype)
+    stats_n = n if want_stats else 0
+    return (hidden.new_empty(n, dtype=cd), hidden.new_empty(n, dtype=cd),
+            hidden.new_empty(stats_n, dtype=torch.float32),
+            hidden.new_empty(stats_n, dtype=torch.float32),
+            hidden.new_empty(stats_n, dtype=torch.bool))
+
+
+@torch.library.custom_op("t3s_kernels::linear_ce_backward", mutates_args=())
+def linear_ce_backward(
+    grad_token_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    targets: Tensor, loss_mask: Optional[Tensor], lse: Tensor, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: Optional[float],
+    filter_eps: Optional[float], accum_dtype: torch.dtype, buffer_bytes: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_t grad_token_loss_t * token_loss_t; empty where not needed.
+
+    Re-derives the kept rows from targets and the mask (one host sync; the
+    values were validated by the forward).
+    """
+    token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
+    rows = prepare.kept_rows(token_weight != 0)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    grads = get_backend(backend).loss_backward(
+        hidden, weight, bias, rows, targets[rows].contiguous(), lse[rows].contiguous(),
+        grad_token_loss[rows].contiguous(), opts, need)
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@linear_ce_backward.register_fake
+def _(grad_token_loss, hidden, weight, bias, targets, loss_mask, lse, ignore_index,
+      label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes, need_hidden,
+      need_weight, need_bias, backend):
+    grad_b = bias.new_empty(bias.shape) if (need_bias and bias is not None) else None
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            grad_b if grad_b is not None else hidden.new_empty(0))
+
+
+_SAVED_OPTIONS = ("ignore_index", "label_smoothing", "z_loss", "softcap", "filter_eps",
+                  "accum_dtype", "buffer_bytes")
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
+     filter_eps, accum_dtype, buffer_bytes, _want_stats, backend) = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, loss_mask, output[1])
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, filter_eps, accum_dtype,
+                   buffer_bytes)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(*output[1:])  # lse and the statistics carry no gradient
+
+
+def _backward(ctx, grad_token_loss, *_stat_grads):
+    hidden, weight, bias, targets, loss_mask, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    none = (None,) * 11
+    if grad_token_loss is None or not (need_h or need_w or need_b):
+        return (None, None, None) + none
+    grad_h, grad_w, grad_b = linear_ce_backward(
+        grad_token_loss, hidden, weight, bias, targets, loss_mask, lse, *ctx.options,
+        need_h, need_w, need_b, ctx.backend)
+    return (grad_h if need_h else None, grad_w if need_w else None,
+            grad_b if need_b else None) + none
+
+
+linear_ce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Forward-only log-probs
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("t3s_kernels::target_logprobs", mutates_args=())
+def target_logprobs_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
+    softcap: Optional[float], want_entropy: bool, want_argmax: bool, buffer_bytes: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """log p(target) [N] (+ entropy, argmax) of the flattened inputs; no autograd."""
+    n = targets.shape[0]
+    token_weight = prepare.token_weights(targets, None, ignore_index)
+    rows = prepare.validate_and_compact(targets, None, token_weight, weight.shape[0],
+                                        ignore_index)
+    logprob, entropy, argmax = get_backend(backend).target_logprobs(
+        hidden, weight, bias, rows, targets[rows].contiguous(), softcap=softcap,
+        want_entropy=want_entropy, want_argmax=want_argmax, buffer_bytes=buffer_bytes)
+    nan = float("nan")
+    entropy = (_scatter(entropy.float(), rows, n, nan) if want_entropy
+               else hidden.new_empty(0, dtype=torch.float32))
+    argmax = (_scatter(argmax, rows, n, -1) if want_argmax
+              else hidden.new_empty(0, dtype=torch.int64))
+    return _scatter(logprob.float(), rows, n, nan), entropy, argmax
+
+
+@target_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, softcap, want_entropy, want_argmax,
+      buffer_bytes, backend):
+    n = targets.shape[0]
+    return (hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty(n if want_entropy else 0, dtype=torch.float32),
+            hidden.new_empty(n if want_argmax else 0, dtype=torch.int64))

@@ -1,0 +1,77 @@
+"""Launch configuration of the Triton kernels: block shapes, vocabulary splits, precision.
+
+`KERNELS_INTERPRETED` is True when the kernels run in the Triton CPU interpreter
+(TRITON_INTERPRET=1 set before this package was imported), which is how CI runs
+them. `OVERRIDES` in `t3s_kernels.debug` lets tests force blocks and splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ..debug import OVERRIDES
+
+
+@triton.jit
+def _interpreter_probe():
+    pass
+
+
+# The interpreter is chosen when @triton.jit runs, i.e. when this module is imported.
+KERNELS_INTERPRETED = type(_interpreter_probe).__name__ == "InterpretedFunction"
+
+
+@dataclass
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_config(M: int, V: int, K: int) -> LaunchConfig:
+    """Block shapes. GPU defaults follow Hopper leads (128x256x64 class tiles
+    need autotuning per (H, V) bucket; that is tuned separately)."""
+    if OVERRIDES["block"] is not None:
+        bm, bn, bk = OVERRIDES["block"]
+        return LaunchConfig(bm, bn, bk, 4, 1)
+    if KERNELS_INTERPRETED:
+        # Large numpy blocks run fastest in the interpreter; keep them odd-shape friendly.
+        return LaunchConfig(16, 128, 32, 4, 1)
+    bm = 64 if M <= 4096 else 128
+    return LaunchConfig(bm, 128, 64, 8, 3)
+
+
+def pick_splits(M: int, V: int, cfg: LaunchConfig, device: torch.device) -> int:
+    if OVERRIDES["splits"] is not None:
+        return max(1, min(int(OVERRIDES["splits"]), triton.cdiv(V, cfg.block_n)))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(M, cfg.block_m)
+    want = triton.cdiv(4 * sms, row_blocks)
+    return max(1, min(want, triton.cdiv(V, cfg.block_n), 64))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: match torch's default fp32 matmul (no TF32) unless the user allowed TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+
+def device_problem(t: torch.Tensor) -> Optional[str]:
+    """Why the kernels cannot run on ``t``'s device (None: they can).
+
+    They need CUDA tensors, or CPU tensors with the interpreter on.
+    """
+    if t.device.type == "cuda" or (t.device.type == "cpu" and KERNELS_INTERPRETED):
+        return None
+    return (f"got tensors on {t.device}: Triton kernels need CUDA tensors, or CPU tensors "
+            "with TRITON_INTERPRET=1 set before t3s_kernels is imported")

@@ -1,0 +1,232 @@
+"""Triton forward kernel: per-row log-sum-exp and friends over a linear head, streamed.
+
+Used by the forward of both ops (the loss and `target_logprobs`).
+
+For each kept row t and a slice of the vocabulary (a "split"), the kernel
+computes logit tiles z = softcap(h_t W^T + b) block by block (fp32
+accumulation) and folds them into running statistics without ever storing a
+logit:
+
+    m      running max                 s    sum exp(z - m)
+    tz     target logit (0 if the target is in another split)
+    sz     sum of logits (label smoothing)
+    ez     sum exp(z - m) * z          (entropy)
+    av/ai  max logit and its index     (argmax)
+
+Splits are combined on the host side in O(N * splits) (`combine_partials`).
+Keeping the per-split partials reachable is deliberate: a vocab-parallel head
+combines the same partials across devices.
+
+Legend: M kept rows, V vocab, K (= H) hidden size, S vocab splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..debug import empty
+from .config import KERNELS_INTERPRETED, dot_precision, pick_config, pick_splits
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The Triton CPU interpreter multiplies bf16 bit patterns as integers;
+    # upcasting first is exact (bf16 products fit in fp32) and only used there.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice needed.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
+               stride_hm, stride_hk, stride_wv, stride_wk, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+                    mask=col_mask[None, :] & kmask[:, None], other=0.0)
+        acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _lse_partials_kernel(
+    H, W, B, ROWS, TGT,
+    OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI,
+    M, V, K, vocab_per_split,
+    stride_hm, stride_hk, stride_wv, stride_wk,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TARGET: tl.constexpr,
+    WANT_SUMZ: tl.constexpr, WANT_ENT: tl.constexpr, WANT_ARGMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < M
+    hrows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
+    if HAS_TARGET:
+        tgt = tl.load(TGT + offs_m, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    tz = tl.zeros((BLOCK_M,), tl.float32)
+    sz = tl.zeros((BLOCK_M,), tl.float32)
+    ez = tl.zeros((BLOCK_M,), tl.float32)
+    av = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    ai = tl.zeros((BLOCK_M,), tl.int64)
+
+    v_start = pid_s * vocab_per_split
+    v_end = tl.minimum(v_start + vocab_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < v_end
+        z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
+                       stride_hm, stride_hk, stride_wv, stride_wk, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        z_valid = tl.where(col_mask[None, :], z, 0.0)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        if HAS_TARGET:
+            tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
+        if WANT_SUMZ:
+            sz += tl.sum(z_valid, axis=1)
+        blk_max = tl.max(z, axis=1)
+        if WANT_ARGMAX:
+            blk_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + v0
+            better = blk_max > av  # strict: earlier blocks win ties, like torch.argmax
+            ai = tl.where(better, blk_arg, ai)
+            av = tl.where(better, blk_max, av)
+        m_new = tl.maximum(m, blk_max)
+        scale = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s = s * scale + tl.sum(p, axis=1)
+        if WANT_ENT:
+            ez = ez * scale + tl.sum(p * z_valid, axis=1)
+        m = m_new
+
+    out = pid_s * M + offs_m
+    tl.store(OUT_M + out, m, mask=row_mask)
+    tl.store(OUT_S + out, s, mask=row_mask)
+    if HAS_TARGET:
+        tl.store(OUT_TZ + out, tz, mask=row_mask)
+    if WANT_SUMZ:
+        tl.store(OUT_SZ + out, sz, mask=row_mask)
+    if WANT_ENT:
+        tl.store(OUT_EZ + out, ez, mask=row_mask)
+    if WANT_ARGMAX:
+        tl.store(OUT_AV + out, av, mask=row_mask)
+        tl.store(OUT_AI + out, ai, mask=row_mask)
+
+
+@dataclass
+class Partials:
+    """Per-split row statistics, each [S, M] float32 (ai: int64)."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    tz: Optional[torch.Tensor]
+    sz: Optional[torch.Tensor]
+    ez: Optional[torch.Tensor]
+    av: Optional[torch.Tensor]
+    ai: Optional[torch.Tensor]
+
+
+def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 rows: torch.Tensor, targets: Optional[torch.Tensor], *,
+                 softcap: Optional[float], want_sumz: bool = False, want_entropy: bool = False,
+                 want_argmax: bool = False) -> Partials:
+    """Launch the streaming kernel over rows `rows` of hidden [N, K]; weight [V, K].
+
+    rows: [M] int64 row indices, targets: [M] int64 or None. O(S * M) output.
+    """
+    M = rows.numel()
+    V, K = weight.shape
+    cfg = pick_config(M, V, K)
+    S = pick_splits(M, V, cfg, hidden.device)
+    vocab_per_split = triton.cdiv(triton.cdiv(V, S), cfg.block_n) * cfg.block_n
+    S = triton.cdiv(V, vocab_per_split)  # every split holds at least one column
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    out_m = empty(S, M, **f32)
+    out_s = empty(S, M, **f32)
+    out_tz = empty(S, M, **f32) if targets is not None else None
+    out_sz = empty(S, M, **f32) if want_sumz else None
+    out_ez = empty(S, M, **f32) if want_entropy else None
+    out_av = empty(S, M, **f32) if want_argmax else None
+    out_ai = empty(S, M, dtype=torch.int64, device=hidden.device) if want_argmax else None
+    if M > 0:
+        dummy = out_m  # stands in for absent optional pointers; never dereferenced
+        grid = (triton.cdiv(M, cfg.block_m), S)
+        _lse_partials_kernel[grid](
+            hidden, weight, bias if bias is not None else dummy, rows,
+            targets if targets is not None else rows,
+            out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
+            _or(out_av, dummy), _or(out_ai, dummy),
+            M, V, K, vocab_per_split,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_TARGET=targets is not None, WANT_SUMZ=want_sumz, WANT_ENT=want_entropy,
+            WANT_ARGMAX=want_argmax,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return Partials(out_m, out_s, out_tz, out_sz, out_ez, out_av, out_ai)
+
+
+def _or(t, default):
+    return t if t is not None else default
+
+
+@dataclass
+class RowStats:
+    """Combined per-row statistics, each [M] float32 (argmax: int64)."""
+
+    lse: torch.Tensor
+    target_logit: Optional[torch.Tensor]
+    sum_logits: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    argmax: Optional[torch.Tensor]
+
+
+def combine_partials(p: Partials) -> RowStats:
+    """Merge the S vocab splits: lse = M + log sum_s exp(m_s - M) s_s, etc."""
+    top = p.m.max(dim=0).values
+    # exp(-inf - (-inf)) would be NaN for an empty split; every split has >= 1 column.
+    scale = torch.exp(p.m - top)
+    total = (scale * p.s).sum(0)
+    lse = top + torch.log(total)
+    target_logit = p.tz.sum(0) if p.tz is not None else None
+    sum_logits = p.sz.sum(0) if p.sz is not None else None
+    entropy = None
+    if p.ez is not None:
+        entropy = lse - (scale * p.ez).sum(0) / total
+    argmax = None
+    if p.av is not None:
+        best_split = p.av.argmax(0)  # first split wins ties: lowest vocab index
+        argmax = p.ai.gather(0, best_split[None]).squeeze(0)
+    return RowStats(lse, target_logit, sum_logits, entropy, argmax)
