@@ -20,7 +20,10 @@ Shapes: B batch, T sequence length, H hidden size, V vocabulary size.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import types
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -29,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LMHead", "lm_head", "last_hidden_state"]
-
-_MISSING = object()
-
+__all__ = ["LMHead", "lm_head", "last_hidden_state", "HeadTap", "output_embedding",
+           "single_hidden"]
 
 @dataclass(frozen=True)
 class LMHead:
@@ -118,7 +119,7 @@ def lm_head(model: nn.Module, *, verify: bool = True,
     """
     if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    module = _output_embedding(model)
+    module = output_embedding(model)
     config = getattr(model, "config", None)
     softcap = _config_value(config, "final_logit_softcapping")
     scale = _config_scale(config) if logit_scale is None else float(logit_scale)
@@ -136,68 +137,141 @@ def last_hidden_state(model: nn.Module, input_ids: torch.Tensor,
     """[B, T, H] hidden states that the output embedding maps to logits.
 
     Runs ``model(input_ids=..., attention_mask=..., use_cache=False,
-    **forward_kwargs)`` with the output embedding replaced, for the call, by a
-    recorder that returns an empty [B, T, 0] tensor: the model's own forward
+    **forward_kwargs)`` with the output embedding's `HeadTap` (installed for
+    the call unless `t3s.patch` installed one) recording its input and
+    returning an empty [B, T, 0] tensor: the model's own forward
     decides what reaches the head (final norm, multimodal wrappers, packed
     ``position_ids``, ...) and no logits are computed.
     """
-    module = _output_embedding(model)
-    with _HeadCapture(module, compute_logits=False) as capture:
+    module = output_embedding(model)
+    with head_tap(module) as tap, tap.recording(compute_logits=False):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
               **forward_kwargs)
-    return capture.single_hidden(type(model).__name__)
+        hidden = list(tap.hidden)
+    return single_hidden(hidden, type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------
 # Capturing the head's input
 # --------------------------------------------------------------------------------------
 
+TAP_ATTR = "_t3s_head_tap"
 
-class _HeadCapture:
-    """Within the block, the output embedding records its input.
 
-    With ``compute_logits=False`` it returns an empty [..., 0] tensor instead of
-    projecting, so no logits are computed; element-wise post-processing (scale,
-    softcap) runs on the empty tensor at no cost. With a ``replacement``
-    callable, it returns ``replacement(hidden)`` (used by the probe).
+class HeadTap:
+    """A recorder installed once on the output embedding, not swapped in per call.
+
+    `install` sets the module's ``forward`` (an instance attribute, bound to the
+    module so that ``copy.deepcopy`` rebinds it to the copy) to `tapped_forward`.
+    While idle the tap calls the module's own forward; between `begin` and
+    `end` it records the hidden states the module receives and, with
+    ``compute_logits=False``, returns an empty [..., 0] tensor instead of
+    projecting, so no logits are computed (element-wise post-processing, scale
+    and softcap, then costs nothing). A ``replacement`` callable makes it
+    return ``replacement(hidden)`` and keep the real output in ``logits``
+    (the probe). `torch.compile` traces all of it: installing once is what
+    keeps the head's attributes unchanged inside a compiled forward.
     """
 
-    def __init__(self, head: nn.Module, *, compute_logits: bool, replacement=None):
-        self.head = head
-        self.compute_logits = compute_logits
-        self.replacement = replacement
+    def __init__(self, previous_forward=None):
+        self.previous_forward = previous_forward  # an instance forward set before ours
+        self.active = False
+        self.compute_logits = True
+        self.replacement = None
         self.hidden: List[torch.Tensor] = []
         self.logits: Optional[torch.Tensor] = None
 
-    def __enter__(self):
-        self.previous = self.head.__dict__.get("forward", _MISSING)
-        self.original = self.head.forward
-        self.head.forward = self._forward
-        return self
+    @staticmethod
+    def of(module: nn.Module) -> Optional["HeadTap"]:
+        """The tap installed on ``module``, or None."""
+        return module.__dict__.get(TAP_ATTR)
 
-    def __exit__(self, *exc):
-        if self.previous is _MISSING:
-            del self.head.forward
+    @staticmethod
+    def install(module: nn.Module) -> "HeadTap":
+        """Install a tap on ``module`` (idempotent) and return it."""
+        tap = HeadTap.of(module)
+        if tap is None:
+            tap = HeadTap(module.__dict__.get("forward"))
+            module.__dict__[TAP_ATTR] = tap
+            module.forward = types.MethodType(tapped_forward, module)
+        return tap
+
+    @staticmethod
+    def uninstall(module: nn.Module) -> None:
+        """Remove the tap and restore the forward that was there before."""
+        tap = module.__dict__.pop(TAP_ATTR, None)
+        if tap is None:
+            return
+        if tap.previous_forward is None:
+            module.__dict__.pop("forward", None)
         else:
-            self.head.forward = self.previous
-        return False
+            module.forward = tap.previous_forward
 
-    def _forward(self, hidden, *args, **kwargs):
-        self.hidden.append(hidden)
-        if self.replacement is not None:
-            self.logits = self.original(hidden, *args, **kwargs)
-            return self.replacement(hidden)
-        if self.compute_logits:
-            return self.original(hidden, *args, **kwargs)
-        return hidden.new_empty(hidden.shape[:-1] + (0,))
+    def begin(self, *, compute_logits: bool, replacement=None) -> None:
+        """Start recording (the calls of one forward of the model)."""
+        self.active = True
+        self.compute_logits = compute_logits
+        self.replacement = replacement
+        self.hidden = []
+        self.logits = None
 
-    def single_hidden(self, model_name: str) -> torch.Tensor:
-        if len(self.hidden) != 1:
-            raise NotImplementedError(
-                f"{model_name} called its output embedding {len(self.hidden)} times in one forward "
-                "(expected once); t3s supports models whose logits are one projection of the "
-                "final hidden states")
-        return self.hidden[0]
+    def end(self) -> List[torch.Tensor]:
+        """Stop recording; returns the recorded hidden states and drops the references."""
+        hidden, self.hidden = self.hidden, []
+        self.active = False
+        self.replacement = None
+        return hidden
+
+    @contextlib.contextmanager
+    def recording(self, *, compute_logits: bool, replacement=None):
+        """`begin` ... `end` as a context manager (eager code: the probe, profiling)."""
+        self.begin(compute_logits=compute_logits, replacement=replacement)
+        try:
+            yield self
+        finally:
+            self.end()
+
+
+def tapped_forward(module: nn.Module, hidden: torch.Tensor, *args, **kwargs):
+    """The output embedding's forward while a `HeadTap` is installed."""
+    tap = module.__dict__[TAP_ATTR]
+    if tap.previous_forward is not None:
+        original = tap.previous_forward
+    else:
+        original = functools.partial(type(module).forward, module)
+    if not tap.active:
+        return original(hidden, *args, **kwargs)
+    tap.hidden.append(hidden)
+    if tap.replacement is not None:
+        tap.logits = original(hidden, *args, **kwargs)
+        return tap.replacement(hidden)
+    if tap.compute_logits:
+        return original(hidden, *args, **kwargs)
+    return hidden.new_empty(hidden.shape[:-1] + (0,))
+
+
+def single_hidden(hidden: List[torch.Tensor], model_name: str) -> torch.Tensor:
+    """The one hidden-state tensor a forward fed to the head (`NotImplementedError` otherwise)."""
+    if len(hidden) != 1:
+        raise NotImplementedError(
+            f"{model_name} called its output embedding {len(hidden)} times in one forward "
+            "(expected once); t3s supports models whose logits are one projection of the "
+            "final hidden states")
+    return hidden[0]
+
+
+@contextlib.contextmanager
+def head_tap(module: nn.Module):
+    """The module's installed tap, or one installed for the block and removed after it."""
+    tap = HeadTap.of(module)
+    if tap is not None:
+        yield tap
+        return
+    tap = HeadTap.install(module)
+    try:
+        yield tap
+    finally:
+        HeadTap.uninstall(module)
 
 
 # --------------------------------------------------------------------------------------
@@ -246,17 +320,18 @@ def _probe_logit_map(model, head, softcap, given_scale, fallback_scale):
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with _HeadCapture(head, compute_logits=True, replacement=ramp) as capture:
+        with head_tap(head) as tap, tap.recording(compute_logits=True, replacement=ramp):
             try:
                 out = model.forward(input_ids=ids, use_cache=False)
             except Exception as exc:  # the model's own failure, not the probe's verdict
                 raise RuntimeError(
                     f"t3s: the probe forward of {name} on 8 tokens failed ({exc!r}); pass "
                     "verify=False (and logit_scale= if the model scales its logits)") from exc
+            hidden_seen, head_logits = list(tap.hidden), tap.logits
     finally:
         for m, mode in modes.items():
             m.training = mode
-    hidden = capture.single_hidden(name)
+    hidden = single_hidden(hidden_seen, name)
     logits = getattr(out, "logits", None) if not isinstance(out, tuple) else out[0]
     if not isinstance(logits, torch.Tensor):
         raise NotImplementedError(f"{name}.forward returned no logits; t3s cannot read its head")
@@ -266,7 +341,7 @@ def _probe_logit_map(model, head, softcap, given_scale, fallback_scale):
     # 1) The head is a plain linear map.
     bias = getattr(head, "bias", None)
     linear = F.linear(hidden, weight, bias).float()
-    head_out = capture.logits.float()
+    head_out = head_logits.float()
     err = (head_out - linear).abs().max().item()
     if not err <= tol * (linear.abs().max().item() + 1.0):
         raise NotImplementedError(
@@ -323,7 +398,8 @@ def _fit_logit_map(f: torch.Tensor, z: torch.Tensor, cap: Optional[float],
 # --------------------------------------------------------------------------------------
 
 
-def _output_embedding(model: nn.Module) -> nn.Module:
+def output_embedding(model: nn.Module) -> nn.Module:
+    """``model.get_output_embeddings()``, checked to have a 2-D weight [V, H]."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:

@@ -13,10 +13,14 @@ Gemma/Gemma2, GPT-2, Phi, Cohere, Granite, multimodal wrappers, ...):
 * The model's own forward still runs, with every input passed through
   (``attention_mask``, ``position_ids`` of packed batches, ``past_key_values`` /
   ``cache``, ``use_cache``, pixel inputs, ...). Only the output embedding
-  (``model.get_output_embeddings()``) is intercepted for the duration of the
-  call: it records the hidden states it receives, i.e. exactly what the model
-  would project, after whatever final norm or scaling the architecture applies
-  (as in `t3s.heads.last_hidden_state`).
+  (``model.get_output_embeddings()``) is intercepted, by a `t3s.heads.HeadTap`
+  installed once at patch time: during a loss call it records the hidden
+  states it receives, i.e. exactly what the model would project, after
+  whatever final norm or scaling the architecture applies (as in
+  `t3s.heads.last_hidden_state`), and skips the projection.
+* Nothing is swapped per call, so ``torch.compile(model)`` (and HF's
+  ``TrainingArguments(torch_compile=True)``) traces the patched forward; the
+  loss runs in t3s_kernels' custom ops.
 * What the model does to the logits *after* the output embedding is measured
   once, at patch time, by `t3s.heads.lm_head`'s probe (``verify=True``): the
   probe feeds known values through the model's post-processing and fits
@@ -54,7 +58,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .heads import LMHead, _HeadCapture, _output_embedding, lm_head
+from t3s_kernels.backends import check_backend_name
+
+from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
 from .loss import masked_ce
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "count_loss_items",
@@ -177,11 +183,10 @@ def patch(
         raise ValueError(
             "reduction must be 'mean' or 'sum' for a model loss; per-token values are in "
             "output.token_stats (return_token_stats=True)")
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    check_backend_name(backend)
     if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    _output_embedding(model)  # refuse a model without a head before liger changes anything
+    output_embedding(model)  # refuse a model without a head before liger changes anything
     liger_applied = _apply_liger(model) if compose_liger else False
 
     forward = model.forward
@@ -205,6 +210,9 @@ def patch(
     info.patched_forward = bound
     model.__dict__[_PATCH_ATTR] = info
     model.forward = bound
+    # Installed once here, not swapped in per call: a compiled forward must see the
+    # head's attributes unchanged.
+    HeadTap.install(head.module)
     return model
 
 
@@ -227,6 +235,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     else:
         model.forward = info.previous_forward
     del model.__dict__[_PATCH_ATTR]
+    for module in {id(m): m for m in (info.head.module, _current_head(model))}.values():
+        if module is not None:
+            HeadTap.uninstall(module)
     return model
 
 
@@ -306,12 +317,16 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     ignore_index = info.loss_options.get("ignore_index", -100)
 
     head = info.head
-    module = _output_embedding(model)
+    module = output_embedding(model)
     if module is not head.module:  # replaced since patching (e.g. resize_token_embeddings)
         head = dataclasses.replace(head, module=module)
-    with _HeadCapture(module, compute_logits=not skip_logits) as capture:
+    tap = HeadTap.of(module) or HeadTap.install(module)
+    tap.begin(compute_logits=not skip_logits)
+    try:
         out = info.forward(*args, **kwargs)
-    hidden = capture.single_hidden(type(model).__name__)
+    finally:
+        seen = tap.end()
+    hidden = single_hidden(seen, type(model).__name__)
     if not isinstance(out, Mapping) or not hasattr(out, "to_tuple"):
         raise TypeError(f"{type(model).__name__}.forward returned {type(out).__name__}, not a "
                         "ModelOutput; t3s.patch needs return_dict=True outputs")
@@ -342,6 +357,13 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     if stats is not None:
         new["token_stats"] = stats
     return new if return_dict else new.to_tuple()
+
+
+def _current_head(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return output_embedding(model)
+    except ValueError:
+        return None
 
 
 def _add_router_aux_loss(model: nn.Module, out, loss: torch.Tensor) -> torch.Tensor:

@@ -360,7 +360,7 @@ def test_autocast_bf16():
 def test_triton_backend_tiny(monkeypatch):
     pytest.importorskip("triton")
     import t3s_kernels
-    from t3s_kernels import api
+    from t3s_kernels.backends import get_backend
     if "triton" not in t3s_kernels.available_backends():
         pytest.skip("Triton backend unavailable")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -373,8 +373,9 @@ def test_triton_backend_tiny(monkeypatch):
     ref, g_ref = step(model, input_ids=ids,
                       labels=torch.where(mask, labels, torch.full_like(labels, -100)))
     calls = []
-    kernel = api.triton_linear_ce.token_losses_triton
-    monkeypatch.setattr(api.triton_linear_ce, "token_losses_triton",
+    triton_backend = get_backend("triton")
+    kernel = triton_backend.loss_forward
+    monkeypatch.setattr(triton_backend, "loss_forward",
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
     patch(model, backend="triton", filter_eps=None)
     out, g = step(model, input_ids=ids, labels=labels, loss_mask=mask)
