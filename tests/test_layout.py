@@ -1,0 +1,189 @@
+"""The shape of the code, read from the import graph (ast; nothing is imported).
+
+- Imports point one way: kernels (t3s_kernels) <- method (t3s's library) <- pipeline
+  (t3s.pipeline and its old-path shims) <- cli / demo. Lazy imports inside functions
+  count.
+- No cycles between modules. An import names one module: ``from a.b import c`` is an
+  edge to ``a.b.c`` when that is a module, else to ``a.b``; loading the parents of a
+  package is not counted.
+- No private name (leading underscore) is imported from another module.
+- A module over 550 lines says why in its docstring (a line starting with "Size:").
+"""
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("t3s_kernels", "t3s")
+MAX_LINES = 550
+
+# layer of a module: the first matching prefix wins (longest prefixes first)
+LAYERS = [
+    ("t3s_kernels", 0),
+    ("t3s.pipeline", 2), ("t3s.run", 2), ("t3s.stages", 2), ("t3s.report", 2),
+    ("t3s.cli", 3), ("t3s.__main__", 3), ("t3s.demo", 3),
+    ("t3s", 1),
+]
+LAYER_NAMES = {0: "kernels", 1: "method", 2: "pipeline", 3: "cli/demo"}
+
+
+def _modules():
+    """module name -> (path, is_package) for every .py file of the packages."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            rel = path.relative_to(ROOT).with_suffix("")
+            parts = list(rel.parts)
+            is_pkg = parts[-1] == "__init__"
+            if is_pkg:
+                parts = parts[:-1]
+            out[".".join(parts)] = (path, is_pkg)
+    return out
+
+
+MODULES = _modules()
+
+
+def layer(module: str) -> int:
+    for prefix, lay in LAYERS:
+        if module == prefix or module.startswith(prefix + "."):
+            return lay
+    raise AssertionError(f"no layer for {module}")
+
+
+def _imports(module: str):
+    """(target module, imported names, line) for every internal import of ``module``."""
+    path, is_pkg = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if is_pkg else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PACKAGES:
+                    yield alias.name, [], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] not in PACKAGES:
+                continue
+            plain = []
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                if sub in MODULES:
+                    yield sub, [], node.lineno
+                else:
+                    plain.append(alias.name)
+            if plain:
+                yield source, plain, node.lineno
+
+
+GRAPH = {m: list(_imports(m)) for m in MODULES}
+
+
+def test_every_import_resolves():
+    missing = [f"{m}:{line} imports {t}" for m, edges in GRAPH.items()
+               for t, _, line in edges if t not in MODULES]
+    assert not missing, "\n".join(missing)
+
+
+def test_imports_point_one_way():
+    upward = [f"{m}:{line} ({LAYER_NAMES[layer(m)]}) imports {t} ({LAYER_NAMES[layer(t)]})"
+              for m, edges in GRAPH.items() for t, _, line in edges
+              if t in MODULES and layer(t) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_private_names_across_modules():
+    private = [f"{m}:{line} imports {name} from {t}" for m, edges in GRAPH.items()
+               for t, names, line in edges if t != m
+               for name in names if name.startswith("_") and not name.startswith("__")]
+    assert not private, "\n".join(private)
+
+
+def test_no_import_cycles():
+    edges = {m: sorted({t for t, _, _ in GRAPH[m] if t in MODULES and t != m}) for m in MODULES}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in MODULES:
+        if m not in index:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_long_modules_say_why():
+    long = []
+    for m, (path, _) in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        n = text.count("\n")
+        if n > MAX_LINES:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if not any(line.startswith("Size:") for line in doc.splitlines()):
+                long.append(f"{m}: {n} lines and no 'Size:' line in its docstring")
+    assert not long, "\n".join(long)
+
+
+@pytest.mark.parametrize("source,expect", [
+    ("from t3s.cli import main\n", "upward"),
+    ("from .hf import _secret\n", "private"),
+])
+def test_the_checks_can_fail(tmp_path, monkeypatch, source, expect):
+    """A planted upward import and a planted private import are caught."""
+    fake = "t3s.selection_fake"
+    path = tmp_path / "selection_fake.py"
+    path.write_text(source)
+    monkeypatch.setitem(MODULES, fake, (path, False))
+    monkeypatch.setitem(GRAPH, fake, list(_imports(fake)))
+    check = test_imports_point_one_way if expect == "upward" else test_no_private_names_across_modules
+    with pytest.raises(AssertionError, match=expect == "upward" and "cli/demo" or "_secret"):
+        check()
+
+
+def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from . import cyc_b\n")
+    b.write_text("from . import cyc_a\n")
+    for name, path in (("t3s.cyc_a", a), ("t3s.cyc_b", b)):
+        monkeypatch.setitem(MODULES, name, (path, False))
+    for name in ("t3s.cyc_a", "t3s.cyc_b"):
+        monkeypatch.setitem(GRAPH, name, list(_imports(name)))
+    with pytest.raises(AssertionError, match="cyc_a <-> t3s.cyc_b"):
+        test_no_import_cycles()
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every path in the README's layout table exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    paths = [cell.strip().strip("`") for line in section.splitlines()
+             if line.startswith("| `") for cell in line.split("|")[1:2]]
+    assert paths
+    missing = [p for p in paths if not os.path.exists(ROOT / p.split(" ")[0])]
+    assert not missing, missing
