@@ -9,6 +9,7 @@ A new backend (a C++ CPU extension, a vocab-parallel head, ...) subclasses
 """
 
 from . import torch_reference, triton_kernels  # noqa: F401  (each registers itself)
+
 from .registry import (
     Backend,
     available_backends,

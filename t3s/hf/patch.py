@@ -51,7 +51,6 @@ import dataclasses
 import inspect
 import math
 import types
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -60,11 +59,12 @@ from torch import nn
 
 from t3s_kernels.backends import check_backend_name
 
+from ..loss import masked_ce
 from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
-from .loss import masked_ce
+from .labels import check_mask_shape, shift_for_causal_lm
+from .liger import apply_liger
 
-__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "count_loss_items",
-           "shift_for_causal_lm"]
+__all__ = ["patch", "unpatch", "is_patched", "PatchInfo"]
 
 _PATCH_ATTR = "_t3s_patch"
 _MISSING = object()
@@ -187,7 +187,7 @@ def patch(
     if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
     output_embedding(model)  # refuse a model without a head before liger changes anything
-    liger_applied = _apply_liger(model) if compose_liger else False
+    liger_applied = apply_liger(model) if compose_liger else False
 
     forward = model.forward
     previous = model.__dict__.get("forward", _MISSING)
@@ -246,43 +246,6 @@ def is_patched(model: nn.Module) -> bool:
     return _PATCH_ATTR in getattr(model, "__dict__", {})
 
 
-def shift_for_causal_lm(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None, *,
-                        ignore_index: int = -100):
-    """HF's causal shift: returns (targets [B, T], mask [B, T] or None).
-
-    ``targets[:, i] = labels[:, i + 1]`` and the last position is ``ignore_index``
-    (mask 0), exactly as ``ForCausalLMLoss`` pads and shifts, so the hidden
-    states need no slicing.
-    """
-    targets = _shift_left(labels, ignore_index)
-    mask = None if loss_mask is None else _shift_left(loss_mask, 0)
-    return targets, mask
-
-
-def count_loss_items(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None, *,
-                     ignore_index: int = -100, shifted: bool = False) -> torch.Tensor:
-    """The ``num_items_in_batch`` that makes accumulated masked losses exact.
-
-    Sums the weight of every token that enters the loss: labels not equal to
-    ``ignore_index``, times ``loss_mask`` when given, after the causal shift
-    (``shifted=True`` when ``labels`` are already shifted targets). Sum this over
-    the micro-batches of one optimizer step (and over ranks under DDP) and pass
-    it as ``num_items_in_batch``. HF's Trainer counts ``labels != -100`` and
-    knows nothing of ``loss_mask``: with a mask, either pass this value yourself
-    or let `t3s.data.PaddedCollator` fold the mask's zeros into the labels
-    (``fold_mask_into_labels=True``), which makes the Trainer's count exact for
-    0/1 masks.
-    """
-    if loss_mask is not None:
-        _check_mask(loss_mask, labels, "labels")
-    if not shifted:
-        labels, loss_mask = shift_for_causal_lm(labels, loss_mask, ignore_index=ignore_index)
-    keep = (labels != ignore_index).float()
-    if loss_mask is not None:
-        keep = keep * loss_mask.to(device=keep.device).float()
-    return keep.sum()
-
-
 # --------------------------------------------------------------------------------------
 # The patched forward
 # --------------------------------------------------------------------------------------
@@ -334,11 +297,11 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     if shift_labels is not None:
         targets = shift_labels
         if loss_mask is not None:
-            _check_mask(loss_mask, targets, "shift_labels")
+            check_mask_shape(loss_mask, targets, "shift_labels")
         mask = loss_mask
     else:
         if loss_mask is not None:
-            _check_mask(loss_mask, labels, "labels")
+            check_mask_shape(loss_mask, labels, "labels")
         targets, mask = shift_for_causal_lm(labels, loss_mask, ignore_index=ignore_index)
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
@@ -448,48 +411,9 @@ def _positional_to_keywords(names: List[str], args: tuple, kwargs: dict) -> dict
     return out
 
 
-def _shift_left(x: torch.Tensor, fill) -> torch.Tensor:
-    pad = x.new_full(x.shape[:-1] + (1,), fill)
-    return torch.cat([x[..., 1:], pad], dim=-1)
-
-
-def _check_mask(loss_mask, labels: torch.Tensor, name: str) -> None:
-    if not isinstance(loss_mask, torch.Tensor):
-        raise TypeError(f"loss_mask must be a tensor, got {type(loss_mask).__name__}")
-    if loss_mask.shape != labels.shape:
-        raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)} but {name} has shape "
-                         f"{tuple(labels.shape)}; it must be aligned with {name}")
-
-
 def _mask_dtype(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool or mask.is_floating_point():
         return mask
     if mask.is_complex():
         raise TypeError(f"loss_mask must be bool, float or 0/1 integers, got {mask.dtype}")
     return mask.float()
-
-
-# --------------------------------------------------------------------------------------
-# liger-kernel composition
-# --------------------------------------------------------------------------------------
-
-
-def _apply_liger(model: nn.Module) -> bool:
-    """Apply liger-kernel's non-loss kernels for the model type; the loss stays t3s's."""
-    try:
-        from liger_kernel.transformers import monkey_patch as liger
-    except ImportError as exc:
-        raise ImportError(
-            "compose_liger=True needs liger-kernel: pip install liger-kernel") from exc
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    table = getattr(liger, "MODEL_TYPE_TO_APPLY_LIGER_FN", {})
-    apply_fn = table.get(model_type) or getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
-    if apply_fn is None:
-        warnings.warn(f"t3s.patch(compose_liger=True): liger-kernel has no kernels for model type "
-                      f"{model_type!r}; continuing without them", stacklevel=3)
-        return False
-    accepted = inspect.signature(apply_fn).parameters
-    options = {"fused_linear_cross_entropy": False, "cross_entropy": False, "model": model}
-    apply_fn(**{k: v for k, v in options.items() if k in accepted})
-    return True
