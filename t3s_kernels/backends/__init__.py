@@ -18,7 +18,8 @@ from .registry import (
     register_backend,
     registered_backends,
     resolve_backend,
+    unregister_backend,
 )
 
 __all__ = ["Backend", "available_backends", "check_backend_name", "get_backend",
-           "register_backend", "registered_backends", "resolve_backend"]
+           "register_backend", "registered_backends", "resolve_backend", "unregister_backend"]

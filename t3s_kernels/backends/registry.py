@@ -26,7 +26,7 @@ import torch
 
 from ..prepare import Grads, LossOptions, RowLosses
 
-__all__ = ["Backend", "register_backend", "get_backend", "registered_backends",
+__all__ = ["Backend", "register_backend", "unregister_backend", "get_backend", "registered_backends",
            "available_backends", "resolve_backend", "check_backend_name"]
 
 
@@ -100,6 +100,12 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
                          "to swap it)")
     _REGISTRY[name] = backend
     return backend
+
+
+def unregister_backend(name: str) -> Backend:
+    """Remove and return the backend called ``name`` (`ValueError` if none is)."""
+    check_backend_name(name)
+    return _REGISTRY.pop(name)
 
 
 def registered_backends() -> Tuple[str, ...]:
