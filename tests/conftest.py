@@ -43,3 +43,22 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"T3S_TEST_SEED={seed}")
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (or set T3S_RUN_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: opt-in tests, outside the default run "
+                                       "(--run-slow or T3S_RUN_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("T3S_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or T3S_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
