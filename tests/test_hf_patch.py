@@ -437,7 +437,33 @@ def test_deepcopy_of_patched_model():
     assert out.logits is None
     torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=am,
                                                labels=labels).loss)
-    assert clone.forward.__self__ is clone
+    assert clone.forward.model is clone
+    assert clone.get_output_embeddings().forward.module is clone.get_output_embeddings()
+    # the copy unpatches on its own and generates like an unpatched model
+    unpatch(clone)
+    clone.eval()
+    reference = make_model("llama").eval()
+    reference.load_state_dict(clone.state_dict())
+    prompt = ids[:1, :4]
+    assert torch.equal(clone.generate(prompt, max_new_tokens=3, do_sample=False),
+                       reference.generate(prompt, max_new_tokens=3, do_sample=False))
+    assert is_patched(model)
+
+
+def test_patched_model_pickles_and_keeps_its_state_dict(tmp_path):
+    model = patch(make_model("llama"), backend="torch")
+    keys = list(make_model("llama").state_dict())
+    assert list(model.state_dict()) == keys  # the patch adds no parameters or buffers
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids, am, labels = make_batch()
+    assert is_patched(loaded)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=am, labels=labels).loss,
+                               model(input_ids=ids, attention_mask=am, labels=labels).loss)
+    unpatch(loaded)
+    assert "forward" not in loaded.__dict__
+    assert "forward" not in loaded.get_output_embeddings().__dict__
+    assert loaded(input_ids=ids, attention_mask=am).logits.shape[-1] == V
 
 
 def test_argument_errors():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import types
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -161,8 +160,9 @@ TAP_ATTR = "_t3s_head_tap"
 class HeadTap:
     """A recorder installed once on the output embedding, not swapped in per call.
 
-    `install` sets the module's ``forward`` (an instance attribute, bound to the
-    module so that ``copy.deepcopy`` rebinds it to the copy) to `tapped_forward`.
+    `install` sets the module's ``forward`` (an instance attribute) to the tap
+    itself, a callable object holding the module: ``copy.deepcopy`` rebinds it to
+    the copy and pickle restores it (no closures, no bound methods).
     While idle the tap calls the module's own forward; between `begin` and
     `end` it records the hidden states the module receives and, with
     ``compute_logits=False``, returns an empty [..., 0] tensor instead of
@@ -173,7 +173,8 @@ class HeadTap:
     keeps the head's attributes unchanged inside a compiled forward.
     """
 
-    def __init__(self, previous_forward=None):
+    def __init__(self, module: nn.Module, previous_forward=None):
+        self.module = module
         self.previous_forward = previous_forward  # an instance forward set before ours
         self.active = False
         self.compute_logits = True
@@ -191,9 +192,9 @@ class HeadTap:
         """Install a tap on ``module`` (idempotent) and return it."""
         tap = HeadTap.of(module)
         if tap is None:
-            tap = HeadTap(module.__dict__.get("forward"))
+            tap = HeadTap(module, module.__dict__.get("forward"))
             module.__dict__[TAP_ATTR] = tap
-            module.forward = types.MethodType(tapped_forward, module)
+            module.forward = tap
         return tap
 
     @staticmethod
@@ -222,6 +223,22 @@ class HeadTap:
         self.replacement = None
         return hidden
 
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        """The output embedding's forward while the tap is installed."""
+        if self.previous_forward is not None:
+            original = self.previous_forward
+        else:
+            original = functools.partial(type(self.module).forward, self.module)
+        if not self.active:
+            return original(hidden, *args, **kwargs)
+        self.hidden.append(hidden)
+        if self.replacement is not None:
+            self.logits = original(hidden, *args, **kwargs)
+            return self.replacement(hidden)
+        if self.compute_logits:
+            return original(hidden, *args, **kwargs)
+        return hidden.new_empty(hidden.shape[:-1] + (0,))
+
     @contextlib.contextmanager
     def recording(self, *, compute_logits: bool, replacement=None):
         """`begin` ... `end` as a context manager (eager code: the probe, profiling)."""
@@ -230,24 +247,6 @@ class HeadTap:
             yield self
         finally:
             self.end()
-
-
-def tapped_forward(module: nn.Module, hidden: torch.Tensor, *args, **kwargs):
-    """The output embedding's forward while a `HeadTap` is installed."""
-    tap = module.__dict__[TAP_ATTR]
-    if tap.previous_forward is not None:
-        original = tap.previous_forward
-    else:
-        original = functools.partial(type(module).forward, module)
-    if not tap.active:
-        return original(hidden, *args, **kwargs)
-    tap.hidden.append(hidden)
-    if tap.replacement is not None:
-        tap.logits = original(hidden, *args, **kwargs)
-        return tap.replacement(hidden)
-    if tap.compute_logits:
-        return original(hidden, *args, **kwargs)
-    return hidden.new_empty(hidden.shape[:-1] + (0,))
 
 
 def single_hidden(hidden: List[torch.Tensor], model_name: str) -> torch.Tensor:

@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import functools
 import math
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -64,10 +64,9 @@ from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
-__all__ = ["patch", "unpatch", "is_patched", "PatchInfo"]
+__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
 
 _PATCH_ATTR = "_t3s_patch"
-_MISSING = object()
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes")
@@ -78,19 +77,19 @@ _EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss")
 class PatchInfo:
     """What `patch` installed on a model (stored as ``model._t3s_patch``).
 
-    forward: the forward that was active before patching (bound); the patched
-        forward calls it.
     previous_forward: the instance attribute ``forward`` before patching (e.g. a
-        wrapper installed by accelerate), or a sentinel when the class forward
-        was in use; `unpatch` restores it.
+        wrapper installed by accelerate), or None when the class forward was in
+        use; the patched forward calls it (else the class forward) and `unpatch`
+        restores it. Nothing here is a bound method or a closure, so a patched
+        model survives ``copy.deepcopy`` and pickling (`torch.save`).
+    patched_forward: the `PatchedForward` installed as ``model.forward``.
     head: the model's logit map (`t3s.heads.LMHead`: ``logit_scale``,
         ``softcap``, ``vocab_size``, ``verified``), measured at patch time. The
         head's weight is read from the model's output embedding at every call.
     """
 
-    forward: Callable
-    previous_forward: Any
-    patched_forward: Callable
+    previous_forward: Optional[Callable]
+    patched_forward: "PatchedForward"
     backend: Optional[str]
     loss_options: Dict[str, Any]
     head: LMHead
@@ -190,26 +189,20 @@ def patch(
     liger_applied = apply_liger(model) if compose_liger else False
 
     forward = model.forward
-    previous = model.__dict__.get("forward", _MISSING)
+    previous = model.__dict__.get("forward")
     head = lm_head(model, verify=verify, logit_scale=logit_scale)
 
     sig = inspect.signature(forward)
     param_names = [p.name for p in sig.parameters.values()
                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    info = PatchInfo(forward=forward, previous_forward=previous, patched_forward=None,
-                     backend=backend, loss_options=dict(loss_options), head=head,
+    patched = PatchedForward(model, _patched_signature(sig),
+                             f"{type(model).__name__}.forward patched by t3s (fused masked "
+                             f"loss; see t3s.hf.patch).\n\n{forward.__doc__ or ''}")
+    info = PatchInfo(previous_forward=previous, patched_forward=patched, backend=backend,
+                     loss_options=dict(loss_options), head=head,
                      liger_applied=liger_applied, param_names=param_names)
-
-    def t3s_forward(self, *args, **kwargs):
-        return _patched_forward(self, self.__dict__[_PATCH_ATTR], args, kwargs)
-
-    t3s_forward.__signature__ = _patched_signature(sig)
-    t3s_forward.__doc__ = (f"{type(model).__name__}.forward patched by t3s (fused masked loss; "
-                           f"see t3s.hf.patch).\n\n{forward.__doc__ or ''}")
-    bound = types.MethodType(t3s_forward, model)
-    info.patched_forward = bound
     model.__dict__[_PATCH_ATTR] = info
-    model.forward = bound
+    model.forward = patched
     # Installed once here, not swapped in per call: a compiled forward must see the
     # head's attributes unchanged.
     HeadTap.install(head.module)
@@ -225,12 +218,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     info = model.__dict__.get(_PATCH_ATTR)
     if info is None:
         raise ValueError("model is not patched by t3s")
-    current = model.__dict__.get("forward", _MISSING)
+    current = model.__dict__.get("forward")
     if current is not info.patched_forward:
         raise RuntimeError(
             "model.forward was replaced after t3s.patch (e.g. by accelerate.prepare or another "
             "patch); undo that wrapper first, then call t3s.unpatch")
-    if info.previous_forward is _MISSING:
+    if info.previous_forward is None:
         del model.forward
     else:
         model.forward = info.previous_forward
@@ -251,6 +244,30 @@ def is_patched(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+class PatchedForward:
+    """``model.forward`` after `patch`: a plain callable object holding the model.
+
+    Not a closure or a bound method, so ``copy.deepcopy`` rebinds it to the copy
+    and pickle restores it; `torch.compile` inlines its ``__call__``.
+    ``__signature__`` is the original signature plus t3s's keyword arguments.
+    """
+
+    def __init__(self, model: nn.Module, signature: inspect.Signature, doc: str):
+        self.model = model
+        self.__signature__ = signature
+        self.__doc__ = doc
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        return _patched_forward(model, model.__dict__[_PATCH_ATTR], args, kwargs)
+
+
+def _original_forward(model: nn.Module, info: PatchInfo) -> Callable:
+    if info.previous_forward is not None:
+        return info.previous_forward
+    return functools.partial(type(model).forward, model)
+
+
 def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dict):
     loss_mask = kwargs.pop("loss_mask", None)
     return_token_stats = bool(kwargs.pop("return_token_stats", False))
@@ -262,7 +279,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     if labels is None and shift_labels is None:
         if loss_mask is not None or return_token_stats:
             raise ValueError("loss_mask and return_token_stats need labels")
-        return info.forward(*args, **kwargs)
+        return _original_forward(model, info)(*args, **kwargs)
 
     num_items = kwargs.pop("num_items_in_batch", None)
     for key in ("logits_to_keep", "num_logits_to_keep"):
@@ -286,7 +303,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     tap = HeadTap.of(module) or HeadTap.install(module)
     tap.begin(compute_logits=not skip_logits)
     try:
-        out = info.forward(*args, **kwargs)
+        out = _original_forward(model, info)(*args, **kwargs)
     finally:
         seen = tap.end()
     hidden = single_hidden(seen, type(model).__name__)
@@ -380,13 +397,13 @@ def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: to
 
 
 def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
-    """The original signature plus t3s's keyword-only arguments (and ``self``).
+    """The original signature plus t3s's keyword-only arguments.
 
     HF's Trainer reads it: ``loss_mask`` must be listed so dataset columns of
     that name are kept, and ``**kwargs`` so ``num_items_in_batch`` is passed.
     """
     P = inspect.Parameter
-    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params = []
     var_kw = None
     for p in sig.parameters.values():
         if p.kind == P.VAR_KEYWORD:
