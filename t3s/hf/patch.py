@@ -64,7 +64,7 @@ from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
-__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
+__all__ = ["patch", "unpatch", "is_patched", "check_causal_lm", "PatchInfo", "PatchedForward"]
 
 _PATCH_ATTR = "_t3s_patch"
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
@@ -167,8 +167,9 @@ def patch(
             ``z_loss``, ``filter_eps``, ``accum_dtype``, ``buffer_bytes``.
 
     Raises:
-        ValueError: the model is already patched, has no output embedding, or an
-            option is invalid.
+        ValueError: the model is not a causal LM (`check_causal_lm`: masked LMs,
+            classifiers and encoder-decoders are refused), is already patched,
+            has no output embedding, or an option is invalid.
         NotImplementedError: the probe found logits t3s cannot reproduce.
     """
     if not isinstance(model, nn.Module):
@@ -186,6 +187,7 @@ def patch(
     if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
     output_embedding(model)  # refuse a model without a head before liger changes anything
+    check_causal_lm(model)
     liger_applied = apply_liger(model) if compose_liger else False
 
     forward = model.forward
@@ -207,6 +209,42 @@ def patch(
     # head's attributes unchanged.
     HeadTap.install(head.module)
     return model
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """`ValueError` unless ``model`` is a Hugging Face causal (decoder-only) language model.
+
+    Accepted: a class, or a base class, named ``*ForCausalLM`` or registered by
+    transformers as a causal LM (``GPT2LMHeadModel``, ...) or as an image-text-to-text
+    model (``Gemma3ForConditionalGeneration``, ...), and not encoder-decoder. A masked
+    LM, a classifier or a seq2seq model has another loss: patching it would replace
+    that loss with a shifted next-token loss, silently.
+    """
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"t3s.patch needs a decoder-only causal LM; {name} is an "
+                         "encoder-decoder model, whose loss is not a shifted next-token loss")
+    known = _causal_class_names()
+    for cls in type(model).__mro__:
+        if cls.__name__.endswith("ForCausalLM") or cls.__name__ in known:
+            return
+    raise ValueError(
+        f"t3s.patch needs a causal language model (a *ForCausalLM); {name} is not one, and "
+        "its own loss (masked-LM, classification, ...) is not the shifted next-token loss "
+        "that t3s would put in its place")
+
+
+def _causal_class_names() -> frozenset:
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers is needed for any HF model
+        return frozenset()
+    names = set()
+    for table in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
+        for value in getattr(modeling_auto, table, {}).values():
+            names.update(value if isinstance(value, (list, tuple)) else [value])
+    return frozenset(names)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
