@@ -37,3 +37,33 @@ def test_subclasses_and_lm_head_models_are_causal():
         ids = torch.randint(0, 53, (2, 5))
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
         t3s.unpatch(model)
+
+
+def test_plain_trl_sft_trainer_on_a_patched_model_is_refused_before_the_first_step(tmp_path):
+    """TRL's SFTTrainer replaces model.forward with its fused LM head and runs the backbone
+    itself: t3s's loss (and loss_mask) would be skipped silently. The first training
+    forward raises instead, before any optimizer step."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from tiny import arithmetic_records, make_tokenizer, tiny_llama
+
+    tok = make_tokenizer()
+    model = t3s.patch(tiny_llama(tok), backend="torch")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = [{"prompt": r["prompt"], "completion": r["response"]}
+               for r in arithmetic_records(6, seed=5)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(records))
+    with pytest.raises(RuntimeError, match="TRL's fused LM head.*T3SSFTTrainer"):
+        trainer.train()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed before the error"
+    with pytest.raises(RuntimeError, match="replaced after t3s.patch, by TRL's fused LM head"):
+        t3s.unpatch(model)
+    # generation still works (no gradients: the guard stays out of the way)
+    model.eval()
+    model.generate(torch.tensor([[1, 10, 11]]), max_new_tokens=2, do_sample=False)

@@ -51,6 +51,7 @@ import dataclasses
 import inspect
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -64,7 +65,8 @@ from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
-__all__ = ["patch", "unpatch", "is_patched", "check_causal_lm", "PatchInfo", "PatchedForward"]
+__all__ = ["patch", "unpatch", "is_patched", "check_causal_lm", "PatchInfo", "PatchedForward",
+           "BypassGuard", "describe_forward"]
 
 _PATCH_ATTR = "_t3s_patch"
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
@@ -208,6 +210,9 @@ def patch(
     # Installed once here, not swapped in per call: a compiled forward must see the
     # head's attributes unchanged.
     HeadTap.install(head.module)
+    backbone = _backbone(model)
+    if backbone is not None:
+        backbone.register_forward_pre_hook(BypassGuard(model))
     return model
 
 
@@ -259,13 +264,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     current = model.__dict__.get("forward")
     if current is not info.patched_forward:
         raise RuntimeError(
-            "model.forward was replaced after t3s.patch (e.g. by accelerate.prepare or another "
-            "patch); undo that wrapper first, then call t3s.unpatch")
+            f"model.forward was replaced after t3s.patch, by {describe_forward(current)} (e.g. "
+            "accelerate.prepare, trl.SFTTrainer or another patch); undo that wrapper first, "
+            "then call t3s.unpatch")
     if info.previous_forward is None:
         del model.forward
     else:
         model.forward = info.previous_forward
     del model.__dict__[_PATCH_ATTR]
+    _remove_guards(_backbone(model))
     for module in {id(m): m for m in (info.head.module, _current_head(model))}.values():
         if module is not None:
             HeadTap.uninstall(module)
@@ -294,10 +301,80 @@ class PatchedForward:
         self.model = model
         self.__signature__ = signature
         self.__doc__ = doc
+        self.depth = 0  # > 0 while a call is in progress (read by `BypassGuard`)
 
     def __call__(self, *args, **kwargs):
         model = self.model
-        return _patched_forward(model, model.__dict__[_PATCH_ATTR], args, kwargs)
+        self.depth += 1
+        try:
+            return _patched_forward(model, model.__dict__[_PATCH_ATTR], args, kwargs)
+        finally:
+            self.depth -= 1
+
+
+class BypassGuard:
+    """A forward pre-hook on the backbone: refuses a training forward that skips t3s's loss.
+
+    Something that replaces ``model.forward`` after `patch` and then runs the
+    backbone itself would train on its own loss and drop ``loss_mask``
+    silently; TRL's ``SFTTrainer`` does exactly that with its fused LM head.
+    The guard raises when the backbone runs with gradients in training mode,
+    outside a t3s forward, while ``model.forward`` is no longer t3s's. A
+    wrapper that calls through to t3s's forward (accelerate's) is not affected.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, module: nn.Module, args):
+        model = self.model
+        info = model.__dict__.get(_PATCH_ATTR)
+        if info is None or info.patched_forward.depth or not model.training:
+            return None
+        if not torch.is_grad_enabled():
+            return None
+        current = model.__dict__.get("forward")
+        if current is info.patched_forward:
+            return None  # the user called the backbone directly: not a replaced forward
+        raise RuntimeError(
+            f"t3s.patch's loss was bypassed: {type(model).__name__}.forward was replaced after "
+            f"t3s.patch by {describe_forward(current)}, which ran the backbone itself, so the "
+            "loss would ignore loss_mask and t3s's normalisation. With TRL, train with "
+            "t3s.trainer.T3SSFTTrainer (SFTTrainer with t3s's loss) instead of trl.SFTTrainer; "
+            "otherwise remove that wrapper or call t3s.unpatch first")
+
+
+def describe_forward(fn) -> str:
+    """A short description of a forward function: who installed it.
+
+    Follows ``__func__`` and ``__wrapped__`` (``functools.wraps``), so a wrapper of a
+    wrapper (accelerate's around TRL's) is described by what it wraps.
+    """
+    seen, chain = set(), []
+    while fn is not None and id(fn) not in seen and len(chain) < 16:
+        seen.add(id(fn))
+        chain.append(fn)
+        fn = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
+    files = [getattr(getattr(f, "__code__", None), "co_filename", "") or "" for f in chain]
+    if any(f"{os.sep}trl{os.sep}" in where for where in files):
+        return "TRL's fused LM head (trl add_fused_lm_head, installed by trl.SFTTrainer)"
+    code = next((f.__code__ for f in chain if hasattr(f, "__code__")), None)
+    if code is None:
+        return type(chain[0]).__name__ if chain else "None"
+    return f"{code.co_name} ({code.co_filename})"
+
+
+def _backbone(model: nn.Module) -> Optional[nn.Module]:
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else None
+
+
+def _remove_guards(module: Optional[nn.Module]) -> None:
+    if module is None:
+        return
+    hooks = module._forward_pre_hooks
+    for key in [k for k, hook in hooks.items() if isinstance(hook, BypassGuard)]:
+        del hooks[key]
 
 
 def _original_forward(model: nn.Module, info: PatchInfo) -> Callable:
