@@ -26,10 +26,11 @@ import torch  # noqa: E402
 from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
 
 import t3s  # noqa: E402
-import t3s.run as t3s_run  # noqa: E402
-import t3s.stages as t3s_stages  # noqa: E402
+import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
-from t3s.report import METRIC_KEYS  # noqa: E402
+from t3s.pipeline import engine, rundir  # noqa: E402
+from t3s.pipeline.settings import DEFAULTS  # noqa: E402
+from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
 STAGES = ("pilot", "select", "train", "baseline", "eval", "report")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -232,7 +233,7 @@ def test_killed_stage_restarts_cleanly(finished, tmp_path, monkeypatch, capsys):
 
 
 def test_ledger_adopts_a_stage_renamed_before_the_ledger_was_written(tmp_path):
-    run = t3s_run.RunDir(tmp_path / "run")
+    run = rundir.RunDir(tmp_path / "run")
     run.create()
     record = {"stage": "pilot", "run_id": "abc", "hash": "h", "inputs": {}}
     run.partial_dir("pilot").mkdir()
@@ -267,7 +268,7 @@ def test_yaml_config_and_flag_override(assets, tmp_path, capsys):
     assert cfg["rule_params"] == {"threshold": 0.25}
     assert cfg["train"] == str(conf / "traces.jsonl")   # relative to the YAML file
     assert cfg["run_dir"] == str(conf / "out")
-    assert cfg["batch_size"] == t3s_run.DEFAULTS["batch_size"]
+    assert cfg["batch_size"] == DEFAULTS["batch_size"]
     assert not (conf / "out").exists()           # --print-config does nothing else
 
 
@@ -386,8 +387,8 @@ def test_force_keeps_the_stages_a_change_does_not_affect(finished, tmp_path, cap
     assert art.rule == "static" and art.params == {"fraction": 0.3}
     assert art.table["loss_mask"].mean() == pytest.approx(0.7, abs=0.01)
     # the stages that used the old mask are stale; the pilot is not
-    status = t3s_run.stage_status(
-        t3s_run.RunDir(run_dir), json.loads((run_dir / "config.json").read_text())["config"],
+    status = engine.stage_status(
+        rundir.RunDir(run_dir), json.loads((run_dir / "config.json").read_text())["config"],
         json.loads((run_dir / "config.json").read_text())["fingerprints"])
     assert status["pilot"][0] == before["pilot"]
     assert status["train"][0] is None and status["report"][0] is None
