@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .console import quiet_libraries
 from .engine import run_stages, stage_status
 from .loaders import check_jsonl, check_model_dir
-from .rundir import LOCK_FILE, RunDir, RunDirError
+from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
 from .settings import (
     DEFAULTS,
     UsageError,
@@ -114,10 +114,10 @@ def _check_run_dir(run: RunDir, overwrite: bool) -> None:
     foreign = run.path.exists() and not run.is_run_dir() and \
         any(p.name != LOCK_FILE for p in run.path.iterdir())
     if foreign and overwrite:
-        raise RunDirError(f"{run.path} is not a t3s run directory (no config.json); refusing to "
+        raise RunDirError(f"{run.path} is not a t3s run directory (no {CONFIG_FILE}); refusing to "
                           "delete it with --overwrite: choose another --run-dir")
     if foreign:
-        raise RunDirError(f"{run.path} exists and is not a t3s run directory (no config.json); "
+        raise RunDirError(f"{run.path} exists and is not a t3s run directory (no {CONFIG_FILE}); "
                           "choose another --run-dir")
 
 

@@ -75,12 +75,8 @@ def check_jsonl(path: str, key: str) -> None:
     what = DATA_WHAT[key]
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} not found")
-    try:
+    with _bad_data(what, path):
         records = read_traces(path)
-    except UnicodeDecodeError as e:
-        raise UsageError(f"bad {what}: {path} is not UTF-8 text ({e.reason})") from None
-    except ValueError as e:
-        raise UsageError(f"bad {what}: {one_line(e)}") from None
     if not records:
         raise UsageError(f"{what} {path} holds no examples")
 
@@ -131,19 +127,25 @@ def load_data(cfg: Mapping[str, Any], key: str, tok, *, required: bool = True):
         return None
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} not found")
-    try:
-        with warnings_as_log():
-            ds = TraceDataset.from_jsonl(path, tok, max_length=cfg["max_length"],
-                                         truncation=cfg["truncation"])
-    except UnicodeDecodeError as e:
-        raise UsageError(f"bad {what}: {path} is not UTF-8 text ({e.reason})") from None
-    except ValueError as e:
-        raise UsageError(f"bad {what}: {one_line(e)}") from None
+    with _bad_data(what, path), warnings_as_log():
+        ds = TraceDataset.from_jsonl(path, tok, max_length=cfg["max_length"],
+                                     truncation=cfg["truncation"])
     if len(ds) == 0:
         extra = (f" ({len(ds.dropped)} dropped as longer than max_length={cfg['max_length']})"
                  if ds.dropped else "")
         raise UsageError(f"{what} {path} holds no examples{extra}")
     return ds
+
+
+@contextlib.contextmanager
+def _bad_data(what: str, path: str):
+    """A file that is not UTF-8 or has bad lines: UsageError naming ``what``."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UsageError(f"bad {what}: {path} is not UTF-8 text ({e.reason})") from None
+    except ValueError as e:
+        raise UsageError(f"bad {what}: {one_line(e)}") from None
 
 
 @contextlib.contextmanager

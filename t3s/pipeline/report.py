@@ -66,10 +66,17 @@ def _summary(stage_dir: Optional[Path]) -> Dict[str, Any]:
     return dict(read_json(stage_dir / rundir.RECORD_FILE).get("summary") or {})
 
 
-def _default_stage_dirs(run_dir: Path) -> Dict[str, Optional[Path]]:
+def _stage_dirs_and_config(run_dir: Path, stage_dirs, config):
+    """The stage directories (default: every stage in the ledger) and the settings
+    (default: the run's config.json) a report uses."""
     run = RunDir(run_dir)
-    ledger = run.ledger()
-    return {name: (run.stage_dir(name) if name in ledger else None) for name in STAGE_NAMES}
+    if stage_dirs is None:
+        ledger = run.ledger()
+        stage_dirs = {name: (run.stage_dir(name) if name in ledger else None)
+                      for name in STAGE_NAMES}
+    if config is None and run.config_path.is_file():
+        config = read_json(run.config_path).get("config")
+    return dict(stage_dirs), dict(config or {})
 
 
 def _last(series: Mapping[int, float]) -> Optional[float]:
@@ -86,10 +93,7 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     of the pilot.
     """
     run_dir = Path(run_dir)
-    dirs = dict(stage_dirs) if stage_dirs is not None else _default_stage_dirs(run_dir)
-    if config is None and (run_dir / rundir.CONFIG_FILE).is_file():
-        config = read_json(run_dir / rundir.CONFIG_FILE).get("config")
-    config = dict(config or {})
+    dirs, config = _stage_dirs_and_config(run_dir, stage_dirs, config)
     pilot, train, base_run = (_history(dirs.get(n)) for n in ("pilot", "train", "baseline"))
     pilot_sum, select_sum = _summary(dirs.get("pilot")), _summary(dirs.get("select"))
     eval_dir = dirs.get("eval")
@@ -386,10 +390,7 @@ def build_report(run_dir, *, out_dir=None,
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).stage_dir("report")
     out.mkdir(parents=True, exist_ok=True)
-    dirs = dict(stage_dirs) if stage_dirs is not None else _default_stage_dirs(run_dir)
-    if config is None and (run_dir / rundir.CONFIG_FILE).is_file():
-        config = read_json(run_dir / rundir.CONFIG_FILE).get("config")
-    config = dict(config or {})
+    dirs, config = _stage_dirs_and_config(run_dir, stage_dirs, config)
     metrics = collect_metrics(run_dir, stage_dirs=dirs, config=config)
     figures: List[Tuple[str, str]] = []
     notes: List[str] = []

@@ -280,7 +280,8 @@ def rule_params(cfg: Mapping[str, Any], which: str = "rule",
     """The parameters `t3s.selection.apply_rule` gets for ``cfg[which]``.
 
     ``random`` draws with ``seed`` = the run's seed, and keeps by default as
-    many tokens as the main rule keeps (``budget``) *(choice)*.
+    many tokens as the main rule keeps (``budget``) *(choice)*. A rule name in
+    ``like=`` is made canonical (`canonical_rule`).
     """
     rule = cfg[which]
     params = dict(cfg["rule_params"] if which == "rule" else cfg["baseline_params"])
@@ -291,6 +292,8 @@ def rule_params(cfg: Mapping[str, Any], which: str = "rule",
                 params["budget"] = int(budget)
             elif which == "rule":
                 params["keep_fraction"] = 0.5
+    if isinstance(params.get("like"), str):
+        params["like"] = canonical_rule(params["like"], "rule in like=")
     return params
 
 
@@ -317,8 +320,6 @@ def check_rule_params(cfg: Mapping[str, Any]) -> None:
                 raise UsageError("baseline_params given but baseline is 'none'")
             continue
         params = rule_params(cfg, which, budget=n // 2)
-        if isinstance(params.get("like"), str):
-            params["like"] = canonical_rule(params["like"], "rule in like=")
         try:
             apply_rule(rule, t, **params)
         except UsageError:
@@ -375,7 +376,7 @@ def describe_change(key: str, old: Any, new: Any) -> str:
 
 
 def path_fingerprints(cfg: Mapping[str, Any],
-                 stored: Optional[Mapping[str, Any]] = None) -> Dict[str, Optional[str]]:
+                      stored: Optional[Mapping[str, Any]] = None) -> Dict[str, Optional[str]]:
     """`fingerprint_path` of every path setting (`PATH_KEYS`). A path that is gone
     but unchanged since ``stored`` (a run's ``config.json``) keeps its stored
     fingerprint; the stages that need the file will say it is missing."""

@@ -48,7 +48,7 @@ from . import rundir
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
-from .settings import UsageError, canonical_rule, rule_params
+from .settings import UsageError, rule_params
 from .training import (accuracy_callback, checkpoints, finals, progress_bar, save_log,
                        training_args)
 
@@ -68,6 +68,12 @@ def bottleneck_step(train_acc: Mapping[int, float]) -> Optional[int]:
     return find_bottleneck(after) if after else None
 
 
+def _training_data(cfg: Mapping[str, Any]):
+    """(tokenizer, training traces, held-out problems or None) of a training stage."""
+    tok = load_tokenizer(cfg)
+    return tok, load_data(cfg, "train", tok), load_data(cfg, "heldout", tok, required=False)
+
+
 def _save_model(trainer, tok, path: Path) -> None:
     trainer.save_model(str(path))
     tok.save_pretrained(str(path))
@@ -81,9 +87,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
     """SFT from θ0 with trajectory recording, accuracy every eval_steps, checkpoint pruning."""
     from ..trainer import T3STrainer, read_accuracy_history
     cfg, work = ctx.cfg, ctx.work
-    tok = load_tokenizer(cfg)
-    train = load_data(cfg, "train", tok)
-    heldout = load_data(cfg, "heldout", tok, required=False)
+    tok, train, heldout = _training_data(cfg)
     ctx.say(f"[pilot] {len(train)} traces ({train.num_response_tokens()} trace tokens)"
             + (f", {len(heldout)} held-out problems" if heldout is not None else "")
             + f"; {cfg['steps']} steps, evaluating every {cfg['eval_steps']}")
@@ -204,8 +208,6 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     extra = {"delta_source": cfg["delta"], "bottleneck_step": b, "unvisited_tokens": unvisited,
              "agreement": None if agreement is None else agreement.as_dict()}
     params = rule_params(cfg, "rule")
-    if isinstance(params.get("like"), str):
-        params["like"] = canonical_rule(params["like"], "rule in like=")
     try:
         art = SelectionArtifact.create(
             table, examples=train, tokenizer=tok, rule="sft" if rule == "none" else rule,
@@ -229,8 +231,6 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
             f"({100 * (summary.fraction_masked or 0):.1f}%)")
     if cfg["baseline"] != "none":
         bparams = rule_params(cfg, "baseline", budget=kept)
-        if isinstance(bparams.get("like"), str):
-            bparams["like"] = canonical_rule(bparams["like"], "rule in like=")
         try:
             base_art = art.reapply(cfg["baseline"], **bparams)
         except ValueError as e:
@@ -249,9 +249,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
     from ..data import PaddedCollator
     from ..trainer import T3STrainer, read_accuracy_history
     cfg, work = ctx.cfg, ctx.work
-    tok = load_tokenizer(cfg)
-    train = load_data(cfg, "train", tok)
-    heldout = load_data(cfg, "heldout", tok, required=False)
+    tok, train, heldout = _training_data(cfg)
     masks, kept_fraction = None, 1.0
     if artifact is not None:
         path = ctx.dir("select") / artifact
