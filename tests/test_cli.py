@@ -467,3 +467,89 @@ def test_python_dash_m(tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("t3s: error:") and "Traceback" not in bad.stderr
+
+
+def test_old_module_paths_reexport_the_pipeline():
+    import t3s.pipeline.engine
+    import t3s.pipeline.report
+    import t3s.pipeline.rundir
+    import t3s.pipeline.settings
+    import t3s.report
+    import t3s.run
+    import t3s.stages
+    for shim in (t3s.run, t3s.stages, t3s.report):
+        for name in shim.__all__:
+            assert not name.startswith("_") and getattr(shim, name) is not None, (shim, name)
+    assert t3s.run.RunDir is t3s.pipeline.rundir.RunDir
+    assert t3s.run.normalize_config is t3s.pipeline.settings.normalize_config
+    assert t3s.run.run_stages is t3s.pipeline.engine.run_stages
+    assert t3s.run.STAGES is t3s_stages.STAGES is t3s.stages.STAGES
+    assert t3s.report.build_report is t3s.pipeline.report.build_report
+
+
+# --------------------------------------------------------------------------------------
+# Layout: imports point one way (library <- pipeline <- cli / demo), no cycles
+# --------------------------------------------------------------------------------------
+
+def _import_graph():
+    """module -> {(imported module, imported name or None)}, lazy imports included."""
+    import ast
+    root = Path(t3s.__file__).resolve().parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                edges |= {(a.name, None) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                    if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    edges.add((sub, None) if sub in modules else (target, a.name))
+        graph[name] = {(m, n) for m, n in edges if m in modules and m != name}
+    return graph
+
+
+def _layer(module):
+    if module in ("t3s.cli", "t3s.__main__") or module.startswith("t3s.demo"):
+        return 3
+    if module.startswith("t3s.pipeline") or module in ("t3s.run", "t3s.stages", "t3s.report"):
+        return 2
+    return 1
+
+
+def test_imports_point_one_way_without_cycles_or_private_names():
+    graph = _import_graph()
+    mine = [m for m in graph if _layer(m) > 1]
+    for module in mine:
+        for target, name in graph[module]:
+            assert _layer(target) <= _layer(module), f"{module} imports {target}"
+            if module.startswith("t3s.pipeline"):
+                assert target not in ("t3s.run", "t3s.stages", "t3s.report"), (module, target)
+            if module.startswith("t3s.demo"):
+                assert target != "t3s.cli", module
+            assert not (name or "").startswith("_"), f"{module} imports {target}.{name}"
+    for shim in ("t3s.run", "t3s.stages", "t3s.report"):
+        assert all(t.startswith("t3s.pipeline.") for t, _ in graph[shim]), shim
+    assert not graph["t3s.pipeline"]                  # the package module imports nothing
+    assert "t3s.pipeline.stages" not in {t for t, _ in graph["t3s.pipeline.engine"]}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for target, _ in graph[todo.pop()]:
+                if target not in seen and _layer(target) > 1:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    cycles = [m for m in mine if m in reach(m)]
+    assert not cycles, cycles
