@@ -26,10 +26,11 @@ import torch  # noqa: E402
 from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
 
 import t3s  # noqa: E402
-import t3s.run as t3s_run  # noqa: E402
-import t3s.stages as t3s_stages  # noqa: E402
+import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
-from t3s.report import METRIC_KEYS  # noqa: E402
+from t3s.pipeline import engine, rundir  # noqa: E402
+from t3s.pipeline.settings import DEFAULTS  # noqa: E402
+from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
 STAGES = ("pilot", "select", "train", "baseline", "eval", "report")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -232,7 +233,7 @@ def test_killed_stage_restarts_cleanly(finished, tmp_path, monkeypatch, capsys):
 
 
 def test_ledger_adopts_a_stage_renamed_before_the_ledger_was_written(tmp_path):
-    run = t3s_run.RunDir(tmp_path / "run")
+    run = rundir.RunDir(tmp_path / "run")
     run.create()
     record = {"stage": "pilot", "run_id": "abc", "hash": "h", "inputs": {}}
     run.partial_dir("pilot").mkdir()
@@ -267,7 +268,7 @@ def test_yaml_config_and_flag_override(assets, tmp_path, capsys):
     assert cfg["rule_params"] == {"threshold": 0.25}
     assert cfg["train"] == str(conf / "traces.jsonl")   # relative to the YAML file
     assert cfg["run_dir"] == str(conf / "out")
-    assert cfg["batch_size"] == t3s_run.DEFAULTS["batch_size"]
+    assert cfg["batch_size"] == DEFAULTS["batch_size"]
     assert not (conf / "out").exists()           # --print-config does nothing else
 
 
@@ -386,8 +387,8 @@ def test_force_keeps_the_stages_a_change_does_not_affect(finished, tmp_path, cap
     assert art.rule == "static" and art.params == {"fraction": 0.3}
     assert art.table["loss_mask"].mean() == pytest.approx(0.7, abs=0.01)
     # the stages that used the old mask are stale; the pilot is not
-    status = t3s_run.stage_status(
-        t3s_run.RunDir(run_dir), json.loads((run_dir / "config.json").read_text())["config"],
+    status = engine.stage_status(
+        rundir.RunDir(run_dir), json.loads((run_dir / "config.json").read_text())["config"],
         json.loads((run_dir / "config.json").read_text())["fingerprints"])
     assert status["pilot"][0] == before["pilot"]
     assert status["train"][0] is None and status["report"][0] is None
@@ -466,3 +467,89 @@ def test_python_dash_m(tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("t3s: error:") and "Traceback" not in bad.stderr
+
+
+def test_old_module_paths_reexport_the_pipeline():
+    import t3s.pipeline.engine
+    import t3s.pipeline.report
+    import t3s.pipeline.rundir
+    import t3s.pipeline.settings
+    import t3s.report
+    import t3s.run
+    import t3s.stages
+    for shim in (t3s.run, t3s.stages, t3s.report):
+        for name in shim.__all__:
+            assert not name.startswith("_") and getattr(shim, name) is not None, (shim, name)
+    assert t3s.run.RunDir is t3s.pipeline.rundir.RunDir
+    assert t3s.run.normalize_config is t3s.pipeline.settings.normalize_config
+    assert t3s.run.run_stages is t3s.pipeline.engine.run_stages
+    assert t3s.run.STAGES is t3s_stages.STAGES is t3s.stages.STAGES
+    assert t3s.report.build_report is t3s.pipeline.report.build_report
+
+
+# --------------------------------------------------------------------------------------
+# Layout: imports point one way (library <- pipeline <- cli / demo), no cycles
+# --------------------------------------------------------------------------------------
+
+def _import_graph():
+    """module -> {(imported module, imported name or None)}, lazy imports included."""
+    import ast
+    root = Path(t3s.__file__).resolve().parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                edges |= {(a.name, None) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                    if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    edges.add((sub, None) if sub in modules else (target, a.name))
+        graph[name] = {(m, n) for m, n in edges if m in modules and m != name}
+    return graph
+
+
+def _layer(module):
+    if module in ("t3s.cli", "t3s.__main__") or module.startswith("t3s.demo"):
+        return 3
+    if module.startswith("t3s.pipeline") or module in ("t3s.run", "t3s.stages", "t3s.report"):
+        return 2
+    return 1
+
+
+def test_imports_point_one_way_without_cycles_or_private_names():
+    graph = _import_graph()
+    mine = [m for m in graph if _layer(m) > 1]
+    for module in mine:
+        for target, name in graph[module]:
+            assert _layer(target) <= _layer(module), f"{module} imports {target}"
+            if module.startswith("t3s.pipeline"):
+                assert target not in ("t3s.run", "t3s.stages", "t3s.report"), (module, target)
+            if module.startswith("t3s.demo"):
+                assert target != "t3s.cli", module
+            assert not (name or "").startswith("_"), f"{module} imports {target}.{name}"
+    for shim in ("t3s.run", "t3s.stages", "t3s.report"):
+        assert all(t.startswith("t3s.pipeline.") for t, _ in graph[shim]), shim
+    assert not graph["t3s.pipeline"]                  # the package module imports nothing
+    assert "t3s.pipeline.stages" not in {t for t, _ in graph["t3s.pipeline.engine"]}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for target, _ in graph[todo.pop()]:
+                if target not in seen and _layer(target) > 1:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    cycles = [m for m in mine if m in reach(m)]
+    assert not cycles, cycles

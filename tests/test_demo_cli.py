@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 import pyarrow.parquet as pq  # noqa: E402
 
 from t3s.cli import main  # noqa: E402
-from t3s.report import METRIC_KEYS  # noqa: E402
+from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
 QUICK_BUDGET_S = 180  # the budget for --quick on 2 CPU cores: reported, never asserted
 

@@ -8,7 +8,7 @@
    line), ``heldout.jsonl`` (held-out 2- and 3-term sums, which the base student
    answers in its own style; the headline accuracies) and ``four_terms.jsonl``
    (held-out 4-term sums, which the base has never seen; ``extra_test``);
-2. runs the stages of ``t3s run`` (`t3s.run`) in ``DIR`` on the shipped base
+2. runs the stages of ``t3s run`` (`t3s.pipeline.stages`) in ``DIR`` on the shipped base
    student θ0 (``t3s/demo/assets/base``, `t3s.demo.model`): the pilot SFT
    (= plain SFT), selection (bottleneck, Δc, anchor mask), T3S retraining, a
    random-mask baseline with the same token budget, evaluation on both
@@ -30,7 +30,6 @@ Modules:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -73,6 +72,7 @@ def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldou
     ``four_terms.jsonl`` (4-term) into ``data_dir``; returns {"train", "heldout",
     "extra_test"} -> path. Deterministic given the arguments, so a rerun writes the
     same bytes."""
+    from ..pipeline.rundir import DEMO_DATA_FILES as names
     from . import task
     data_dir = Path(data_dir)
     traces = task.make_mixed_problems({int(k): int(v) for k, v in trace_counts.items()},
@@ -82,9 +82,8 @@ def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldou
                + task.make_problems(heldout_size - half, 3, "held_out", seed=seed))
     four = task.make_problems(four_term_size, 4, "held_out", seed=seed)
     # the answer style of the evaluation sets does not matter (only prompt and answer are used)
-    return {"train": task.write_jsonl(data_dir / "train.jsonl", traces, "teacher"),
-            "heldout": task.write_jsonl(data_dir / "heldout.jsonl", heldout, "teacher"),
-            "extra_test": task.write_jsonl(data_dir / "four_terms.jsonl", four, "teacher")}
+    return {key: task.write_jsonl(data_dir / names[key], problems, "teacher")
+            for key, problems in (("train", traces), ("heldout", heldout), ("extra_test", four))}
 
 
 def _default_threads() -> int:
@@ -97,7 +96,7 @@ def _default_threads() -> int:
 
 def demo_settings(quick: bool, out: os.PathLike, data: Mapping[str, str],
                   **overrides) -> Dict[str, Any]:
-    """The `t3s run` settings of the demo (before `t3s.run.normalize_config`)."""
+    """The `t3s run` settings of the demo (before `t3s.pipeline.settings.normalize_config`)."""
     values = dict(QUICK_SETTINGS if quick else SETTINGS)
     values.update(model=str(BASE_DIR), threads=_default_threads(), run_dir=os.fspath(out), **data)
     values.update(overrides)
@@ -112,12 +111,15 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     ``overrides``: data sizes (``trace_counts``, ``heldout_size``, ``four_term_size``)
     and any `t3s run` setting (``steps``, ``progress``, ``threads``, ...). Running
     again with the same settings resumes (finished stages are skipped); a
-    directory holding a run with other settings is refused (`t3s.run.RunDirError`).
+    directory holding a run with other settings is refused
+    (`t3s.pipeline.rundir.RunDirError`).
     """
-    from ..cli import _print_metrics, _quiet_libraries
-    from ..run import (_PATH_KEYS, RunDir, RunDirError, fingerprint_path,
-                       normalize_config, run_stages)
-    from ..stages import STAGE_NAMES
+    from ..pipeline.console import print_metrics, quiet_libraries
+    from ..pipeline.engine import run_stages
+    from ..pipeline.rundir import (DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, METRICS_FILE,
+                                   RunDir, RunDirError, read_json)
+    from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
+    from ..pipeline.stages import STAGE_NAMES, STAGES
     t0 = time.perf_counter()
     out_path = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
     out_path = out_path.expanduser().resolve()
@@ -125,43 +127,42 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
     run = RunDir(out_path)
     if out_path.exists() and not run.is_run_dir() and any(
-            p.name not in ("data", ".lock") and not p.name.startswith(".data-")
+            p.name not in (DEMO_DATA_DIR, LOCK_FILE) and not p.name.startswith(DEMO_STAGING_PREFIX)
             for p in out_path.iterdir()):
         raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another "
                           "--out")
     # The data is written next to data/ first and moved in only once the settings are
     # known to match the directory's run, so a refused call changes nothing.
     out_path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".data-", dir=out_path))
+    staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
     try:
         staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
-        data = {k: str(out_path / "data" / Path(v).name) for k, v in staged.items()}
+        data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
         cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
-        fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in _PATH_KEYS}
+        fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in PATH_KEYS}
         diff = run.config_diff(cfg, fps)
         if diff:
             raise RunDirError(f"{out_path} holds a demo run with other settings "
                               f"({'; '.join(diff)}); choose another --out or delete it")
-        (out_path / "data").mkdir(exist_ok=True)
+        (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
         for key, path in staged.items():
             os.replace(path, data[key])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
         f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
-    _quiet_libraries(cfg["progress"], False)
+    quiet_libraries(cfg["progress"], False)
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
         with run.locked():
             run.write_config(cfg, fps)
-            outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), say=say)
+            outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), say=say, stages=STAGES)
     finally:
         torch.set_num_threads(threads)
-    with open(run.stage_dir("report") / "metrics.json", encoding="utf-8") as f:
-        metrics = json.load(f)
-    _print_metrics(run, say)
+    metrics = read_json(run.stage_dir("report") / METRICS_FILE)
+    print_metrics(run, say)
     seconds = time.perf_counter() - t0
     ran = [s for s, v in outcome.items() if v == "ran"]
     say(f"t3s demo: {'ran ' + ', '.join(ran) if ran else 'nothing to do (every stage done)'} "

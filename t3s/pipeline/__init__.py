@@ -1,0 +1,22 @@
+"""The ``t3s`` pipeline: the stages of a T3S run in a resumable run directory.
+
+It sits between the method library (`t3s`: data, trajectory store, trainer,
+profile, selection, artifact, ...) and the command line (`t3s.cli`,
+`t3s.demo`); imports point one way: library <- pipeline <- cli / demo.
+
+Modules, lowest first (each imports only those above it):
+
+* `settings`: the options, YAML files, the run's identity and fingerprints.
+* `rundir`: the run directory: every file name in it, config, ledger, lock.
+* `engine`: what a stage is, when it is current, running stages resumably.
+* `loaders`: the device, tokenizer, models and JSONL data a run names.
+* `training`: Trainer pieces shared by the pilot and the retraining stages.
+* `plots`: the report's figures, from plain data.
+* `report`: ``metrics.json`` and ``report.md``.
+* `stages`: the six stages (pilot, select, train, baseline, eval, report);
+  they register themselves with the engine.
+* `console`: what the command and the demo print.
+* `commands`: a ``t3s`` stage subcommand without the command line.
+
+This package module imports none of them, so importing one loads only what it needs.
+"""

@@ -1,0 +1,166 @@
+"""The ``t3s`` stage subcommands, without the command line: settings in, stages run.
+
+`resolve_config` merges the settings of a command (defaults < the run
+directory's ``config.json`` < a YAML file < flags); `redo_list` checks
+``--redo``; `run_command` checks the run directory and the inputs, then runs
+the asked-for stages under the directory's lock. Opening a run directory with
+different settings is refused (`RunDirError`) unless ``force`` (keep the
+stages the changed settings do not affect, redo the others) or ``overwrite``
+(start afresh).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .console import quiet_libraries
+from .engine import run_stages, stage_status
+from .loaders import check_jsonl, check_model_dir
+from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
+from .settings import (
+    DEFAULTS,
+    UsageError,
+    check_rule_params,
+    load_yaml,
+    normalize_config,
+    path_fingerprints,
+    settings_from,
+)
+from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
+
+__all__ = ["resolve_config", "redo_list", "check_inputs", "run_command"]
+
+
+def resolve_config(flags: Mapping[str, Any], *, config_file: Optional[str] = None,
+                   overwrite: bool = False
+                   ) -> Tuple[Dict[str, Any], RunDir, Optional[Dict[str, Any]]]:
+    """(settings, run directory, stored config or None) for a command's ``flags``
+    (setting name -> value, only those given) and YAML ``config_file``.
+
+    Order, later wins: defaults < the run directory's config.json < the YAML
+    file < flags. ``rule_params``/``baseline_params`` merge key by key.
+    ``overwrite``: the stored config is ignored.
+    """
+    yaml_vals: Dict[str, Any] = {}
+    if config_file:
+        path = os.path.abspath(config_file)
+        yaml_vals = settings_from(load_yaml(path), base_dir=os.path.dirname(path),
+                                  where=f"{config_file}: ")
+    flags = settings_from(flags)
+    run_dir = flags.get("run_dir") or yaml_vals.get("run_dir") or \
+        os.path.abspath(DEFAULTS["run_dir"])
+    run = RunDir(run_dir)
+    stored = None if overwrite else run.load_config()
+    merged: Dict[str, Any] = dict(stored["config"]) if stored else {}
+    for source in (yaml_vals, flags):
+        before = dict(merged)
+        for key, value in source.items():
+            if key in ("rule_params", "baseline_params"):
+                # Parameters merge key by key for the same rule; a new rule starts afresh.
+                rule_key = "rule" if key == "rule_params" else "baseline"
+                same_rule = rule_key not in source or source[rule_key] == before.get(rule_key)
+                old = before.get(key) if same_rule and isinstance(before.get(key), dict) else {}
+                merged[key] = {**old, **value}
+            else:
+                if key in ("rule", "baseline") and before.get(key) not in (None, value):
+                    pkey = "rule_params" if key == "rule" else "baseline_params"
+                    if pkey not in source:
+                        merged[pkey] = {}
+                merged[key] = value
+    merged["run_dir"] = run_dir
+    cfg = normalize_config(merged)
+    return cfg, run, stored
+
+
+def redo_list(command: str, redo: Sequence[str]) -> List[str]:
+    """The stages ``--redo`` names ('all': every stage), checked against ``command``
+    (a stage subcommand runs its own stage only)."""
+    out = list(STAGE_NAMES) if "all" in redo else list(dict.fromkeys(redo))
+    if command != "run":
+        extra = [r for r in out if r != command]
+        if extra:
+            raise UsageError(f"`t3s {command}` runs only the {command} stage; --redo "
+                             f"{' '.join(extra)} needs `t3s run` or `t3s {extra[0]}`")
+    return out
+
+
+def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -> None:
+    """Fail before any work on what the pending stages would trip over."""
+    if any(s in NEEDS_MODEL for s in pending):
+        check_model_dir(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
+        if cfg["tokenizer"]:
+            check_model_dir(cfg["tokenizer"], trust_remote_code=cfg["trust_remote_code"],
+                            what="tokenizer")
+    if any(s in NEEDS_TRAIN for s in pending) and cfg["train"] is None:
+        raise UsageError("no training data given: pass --train FILE.jsonl or set 'train' in the "
+                         "config file")
+    uses = {"train": NEEDS_TRAIN, "heldout": ("pilot", "train", "baseline", "eval"),
+            "test": ("eval",), "extra_test": ("eval",)}
+    for key, stages in uses.items():
+        if cfg[key] is not None and any(s in stages for s in pending):
+            check_jsonl(cfg[key], key)
+    if cfg["rule"] == "forced" and ("train" in pending or command == "run"):
+        raise UsageError(FORCED_MSG)
+    if cfg["baseline"] == "random" and cfg["rule"] == "forced" and not any(
+            k in cfg["baseline_params"] for k in ("keep_fraction", "budget", "like")):
+        raise UsageError("baseline 'random' keeps as many tokens as the rule by default, but "
+                         "rule 'forced' is not a loss mask; pass --baseline-param "
+                         "keep_fraction=F (or --baseline none)")
+    check_rule_params(cfg)
+
+
+def _check_run_dir(run: RunDir, overwrite: bool) -> None:
+    foreign = run.path.exists() and not run.is_run_dir() and \
+        any(p.name != LOCK_FILE for p in run.path.iterdir())
+    if foreign and overwrite:
+        raise RunDirError(f"{run.path} is not a t3s run directory (no {CONFIG_FILE}); refusing to "
+                          "delete it with --overwrite: choose another --run-dir")
+    if foreign:
+        raise RunDirError(f"{run.path} exists and is not a t3s run directory (no {CONFIG_FILE}); "
+                          "choose another --run-dir")
+
+
+def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
+                stored: Optional[Mapping[str, Any]], *, redo: Sequence[str] = (),
+                force: bool = False, overwrite: bool = False, debug: bool = False,
+                say: Callable[[str], None] = print) -> Dict[str, str]:
+    """Run ``command`` ("run" or a stage name) with the settings `resolve_config`
+    gave; returns `run_stages`' outcome (stage -> "ran", "done before", "skipped")."""
+    fps = path_fingerprints(cfg, stored)
+    targets = list(STAGE_NAMES) if command == "run" else [command]
+    _check_run_dir(run, overwrite)
+    if stored is not None:
+        diff = run.config_diff(cfg, fps)
+        if diff and not force:
+            raise RunDirError(
+                f"{run.path} holds a run with other settings: {'; '.join(diff)}. Pass --force to "
+                "keep the finished stages these settings do not affect and redo the others, or "
+                "--overwrite to start afresh (or choose another --run-dir)")
+    status = stage_status(run, cfg, fps, redo=redo, stages=STAGES) \
+        if stored is not None and not overwrite else {s: (None, "") for s in STAGE_NAMES}
+    enabled = {s.name for s in STAGES if s.enabled(cfg)}
+    pending = [s for s in targets if status[s][0] is None and (s in enabled or command != "run")]
+    if command != "run":
+        stage = next(s for s in STAGES if s.name == command)
+        if not stage.enabled(cfg):
+            raise RunDirError(f"stage {command!r} is disabled by the settings (baseline is none; "
+                              "pass --baseline RULE)")
+        for dep in stage.deps(cfg):
+            if status[dep][0] is None:
+                why = status[dep][1] or "not run yet"
+                raise RunDirError(f"stage {command!r} needs stage {dep!r}, which is {why} in "
+                                  f"{run.path}; run `t3s {dep}` (or `t3s run`) first")
+    check_inputs(cfg, pending, command)
+
+    quiet_libraries(cfg["progress"], debug)
+    if cfg["threads"]:
+        import torch
+        torch.set_num_threads(cfg["threads"])
+    with run.locked():
+        if overwrite:
+            say(f"t3s: starting {run.path} afresh (--overwrite)")
+            run.wipe()
+        run.write_config(cfg, fps)
+        return run_stages(run, cfg, fps, targets, redo=redo, say=say,
+                          explicit=command != "run", stages=STAGES)

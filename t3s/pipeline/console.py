@@ -1,0 +1,48 @@
+"""What the ``t3s`` command and the demo print, shared by both.
+
+`say` prints one progress line; `print_metrics` prints a finished report's
+headline numbers; `quiet_libraries` turns transformers' warnings and download
+bars off.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .report import METRIC_KEYS
+from .rundir import METRICS_FILE, REPORT_FILE, RunDir, read_json
+
+__all__ = ["say", "print_metrics", "quiet_libraries"]
+
+
+def say(msg: str) -> None:
+    """Print a progress line now (stdout, flushed)."""
+    print(msg, flush=True)
+
+
+def print_metrics(run: RunDir, say: Callable[[str], None] = say) -> None:
+    """The report's `METRIC_KEYS` on one line and where the report is (nothing when
+    the run has no report)."""
+    path = run.stage_dir("report") / METRICS_FILE
+    if not path.is_file():
+        return
+    m = read_json(path)
+
+    def fmt(x):
+        return "n/a" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+    say("t3s: " + ", ".join(f"{k} {fmt(m.get(k))}" for k in METRIC_KEYS))
+    say(f"t3s: report in {run.stage_dir('report') / REPORT_FILE}")
+
+
+def quiet_libraries(progress: bool, debug: bool) -> None:
+    """transformers' warnings off unless ``debug``; its per-file download bars off
+    unless ``progress``."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    if not debug:
+        hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()

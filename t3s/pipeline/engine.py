@@ -1,0 +1,206 @@
+"""The stage machinery: what a stage is, when it is current, running stages resumably.
+
+A run is a sequence of `Stage` s, each a function of the settings and of the
+outputs of the stages before it (the stages themselves, and the table of what
+each does, are in `t3s.pipeline.stages`; they register themselves here with
+`register_stages`, so this module never imports them).
+
+Resuming. A stage works in ``.partial-<stage>/``; when its function returns,
+its record (``stage.json``) is written last, the directory is renamed to
+``<stage>/`` and the ledger is updated (`t3s.pipeline.rundir.RunDir.commit`).
+A stage is *current* when the ledger has it, its directory exists, the
+settings it depends on (`Stage.keys`) hash to the recorded value and the
+stages it consumed are the current ones it recorded (by ``run_id``). Running
+again skips current stages, so a second ``t3s run`` does nothing. A
+``.partial-*`` directory left by a killed run is removed and its stage
+started again; a stage renamed into place whose ledger entry was not yet
+written is adopted from its ``stage.json``. ``redo`` re-runs the named
+stages; the stages that consumed their outputs then are no longer current and
+run again too, and nothing upstream is touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from .._util import sha256_json
+from .rundir import STAGE_NAMES, RunDir, RunDirError, now
+from .settings import identity
+
+__all__ = ["Stage", "StageContext", "register_stages", "registered_stages", "stage_hash",
+           "stage_status", "run_stages"]
+
+_REGISTRY: Tuple["Stage", ...] = ()
+
+
+def register_stages(stages: Sequence["Stage"]) -> None:
+    """Make ``stages`` the pipeline `stage_status` and `run_stages` use by default
+    (`t3s.pipeline.stages` registers its `STAGES` when imported). Their names
+    must be the run directory's `STAGE_NAMES`, in that order."""
+    global _REGISTRY
+    names = tuple(s.name for s in stages)
+    if names != STAGE_NAMES:
+        raise ValueError(f"stages {names} are not the run directory's {STAGE_NAMES}")
+    _REGISTRY = tuple(stages)
+
+
+def registered_stages() -> Tuple["Stage", ...]:
+    """The registered stages (`register_stages`); RuntimeError when there are none."""
+    if not _REGISTRY:
+        raise RuntimeError("no stages registered: import t3s.pipeline.stages first")
+    return _REGISTRY
+
+
+@dataclass
+class Stage:
+    """A step of a run.
+
+    keys: settings it depends on; deps: stages whose outputs it needs (they
+    must be current); optional: stages whose outputs it uses when they are
+    current (their run ids are recorded too, so a later change reruns it).
+    enabled: whether ``t3s run`` runs it under the settings.
+    """
+
+    name: str
+    fn: Callable[["StageContext"], Dict[str, Any]]
+    keys: Tuple[str, ...]
+    deps: Callable[[Mapping[str, Any]], Tuple[str, ...]]
+    optional: Tuple[str, ...] = ()
+    enabled: Callable[[Mapping[str, Any]], bool] = lambda cfg: True
+    help: str = ""
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the settings, its working directory (the
+    partial one) and the directories of the current stages it may read."""
+
+    name: str
+    cfg: Dict[str, Any]
+    work: Path
+    run: RunDir
+    inputs: Dict[str, Optional[str]]
+    say: Callable[[str], None]
+    fingerprints: Dict[str, Any] = field(default_factory=dict)
+
+    def dir(self, stage: str) -> Optional[Path]:
+        """The directory of a stage this one consumed (None when it was not current)."""
+        return self.run.stage_dir(stage) if self.inputs.get(stage) else None
+
+    def record(self, stage: str) -> Optional[Dict[str, Any]]:
+        return self.run.record(stage) if self.inputs.get(stage) else None
+
+
+def stage_hash(stage: Stage, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any]) -> str:
+    ident = identity(cfg, fingerprints)
+    return sha256_json({k: ident.get(k, cfg.get(k)) for k in stage.keys})
+
+
+def stage_status(run: RunDir, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any],
+                 *, redo: Sequence[str] = (), stages: Optional[Sequence[Stage]] = None,
+                 ) -> Dict[str, Tuple[Optional[str], str]]:
+    """stage name -> (run_id when current else None, a reason when not current).
+
+    stages: the pipeline (default: `registered_stages`)."""
+    entries = run.ledger()
+    status: Dict[str, Tuple[Optional[str], str]] = {}
+    for st in stages if stages is not None else registered_stages():
+        rec = entries.get(st.name)
+        if not st.enabled(cfg):
+            status[st.name] = (None, "disabled by the settings")
+        elif st.name in redo:
+            status[st.name] = (None, "asked to redo")
+        elif rec is None:
+            status[st.name] = (None, "not run yet")
+        elif rec.get("hash") != stage_hash(st, cfg, fingerprints):
+            status[st.name] = (None, "its settings changed")
+        else:
+            expected = _inputs(st, cfg, status)
+            if any(expected.get(d) is None for d in st.deps(cfg)):
+                status[st.name] = (None, "a stage it needs is not current")
+            elif rec.get("inputs") != expected:
+                status[st.name] = (None, "a stage it consumed was redone")
+            else:
+                status[st.name] = (rec.get("run_id"), "done")
+    return status
+
+
+def _inputs(st: Stage, cfg, status) -> Dict[str, Optional[str]]:
+    names = list(st.deps(cfg)) + [n for n in st.optional if n not in st.deps(cfg)]
+    return {n: status.get(n, (None, ""))[0] for n in names}
+
+
+def run_stages(run: RunDir, cfg: Dict[str, Any], fingerprints: Dict[str, Any],
+               targets: Sequence[str], *, redo: Sequence[str] = (),
+               say: Callable[[str], None] = print, explicit: bool = False,
+               stages: Optional[Sequence[Stage]] = None) -> Dict[str, str]:
+    """Run the ``targets`` (in pipeline order) that are not current.
+
+    explicit: the targets were asked for by name (``t3s train``): a target
+    whose required stages are not current raises RunDirError saying which to
+    run first, and one that is already current is reported as such. Under
+    ``t3s run`` (not explicit) disabled stages are skipped.
+
+    stages: the pipeline (default: `registered_stages`).
+
+    Returns stage name -> what happened ("ran", "done before", "skipped").
+    """
+    stages = tuple(stages if stages is not None else registered_stages())
+    outcome: Dict[str, str] = {}
+    redo = list(redo)
+    for st in stages:
+        if st.name not in targets:
+            continue
+        status = stage_status(run, cfg, fingerprints, redo=redo, stages=stages)
+        run_id, reason = status[st.name]
+        if not st.enabled(cfg):
+            if explicit:
+                raise RunDirError(f"stage {st.name!r} is disabled by the settings "
+                                  f"({'baseline is none' if st.name == 'baseline' else reason})")
+            outcome[st.name] = "skipped"
+            continue
+        if run_id is not None:
+            rec = run.record(st.name) or {}
+            say(f"[{st.name}] already done ({rec.get('finished', '?')}); "
+                f"pass --redo {st.name} to run it again")
+            outcome[st.name] = "done before"
+            continue
+        missing = [d for d in st.deps(cfg) if status[d][0] is None]
+        if missing:
+            d = missing[0]
+            why = status[d][1]
+            raise RunDirError(f"stage {st.name!r} needs stage {d!r}, which is {why} in "
+                              f"{run.path}; run `t3s {d}` (or `t3s run`) first")
+        inputs = _inputs(st, cfg, status)
+        _run_one(run, st, cfg, fingerprints, inputs, say, reason)
+        if st.name in redo:
+            redo.remove(st.name)
+        outcome[st.name] = "ran"
+    return outcome
+
+
+def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str) -> None:
+    partial = run.partial_dir(st.name)
+    if partial.exists():
+        say(f"[{st.name}] removing the unfinished attempt left by an interrupted run")
+        shutil.rmtree(partial)
+    if run.stage_dir(st.name).exists():
+        run.invalidate(st.name)  # stale or asked to redo: its outputs are replaced
+    partial.mkdir(parents=True)
+    say(f"[{st.name}] running ({reason})")
+    t0 = time.perf_counter()
+    started = now()
+    ctx = StageContext(st.name, dict(cfg), partial, run, dict(inputs), say, dict(fingerprints))
+    summary = st.fn(ctx) or {}
+    seconds = time.perf_counter() - t0
+    record = {"stage": st.name, "run_id": uuid.uuid4().hex,
+              "hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs),
+              "started": started, "finished": now(), "seconds": round(seconds, 3),
+              "summary": summary}
+    run.commit(st.name, record)
+    say(f"[{st.name}] done in {seconds:.1f} s")

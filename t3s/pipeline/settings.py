@@ -1,0 +1,423 @@
+"""The settings of a T3S run: the options, YAML files, and the run's identity.
+
+`OPTIONS` lists every setting (a YAML key and a ``--flag``); `normalize_config`
+turns values from flags, a YAML file (`load_yaml`) or a stored ``config.json``
+into the full, checked settings. `identity` is the part of the settings that
+names a run: the hashed options, with each path replaced by the fingerprint of
+what it names (`fingerprint_path`: data files by content; model and tokenizer
+directories by their files' names and sizes plus the content of those under
+64 MiB), so a changed data file counts as a changed setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .._util import one_line, sha256_file
+
+__all__ = [
+    "UsageError",
+    "Option",
+    "OPTIONS",
+    "DEFAULTS",
+    "RULE_ALIASES",
+    "PATH_KEYS",
+    "canonical_rule",
+    "check_keys",
+    "settings_from",
+    "normalize_config",
+    "rule_params",
+    "check_rule_params",
+    "fingerprint_path",
+    "path_fingerprints",
+    "identity",
+    "describe_change",
+    "load_yaml",
+    "dump_yaml",
+]
+
+_HASH_CONTENT_LIMIT = 64 << 20
+
+
+class UsageError(ValueError):
+    """Bad settings or inputs: the CLI prints the message on one line and exits with 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: a YAML key ``name`` and a flag ``--name-with-dashes``.
+
+    kind: "str", "path", "int", "float", "bool", "choice", "params" (a mapping,
+    given on the command line as repeated ``--flag key=value``).
+    hashed: part of the run's identity (a changed value makes a run directory
+    "from a different config"); the others (device, progress, ...) may change
+    between invocations.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    hashed: bool = True
+    choices: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+RULE_ALIASES = {"inverse": "inverse_anchor", "prob": "prob_threshold"}
+
+OPTIONS: Tuple[Option, ...] = (
+    # model and data
+    Option("model", "path", None, "θ0: a local Hugging Face model directory", metavar="DIR"),
+    Option("tokenizer", "path", None, "tokenizer directory (default: the model's)", metavar="DIR"),
+    Option("trust_remote_code", "bool", False,
+           "allow the model's own Python code (config.json 'auto_map'); off by default",
+           hashed=False),
+    Option("train", "path", None, "training traces, JSONL (prompt/response/answer or messages)",
+           metavar="JSONL"),
+    Option("heldout", "path", None, "held-out problems, JSONL: accuracy during training",
+           metavar="JSONL"),
+    Option("test", "path", None, "test set for `t3s eval`, JSONL (default: --heldout)",
+           metavar="JSONL"),
+    Option("extra_test", "path", None,
+           "a further set `t3s eval` scores and reports next to the test set, JSONL "
+           "(e.g. harder problems)", metavar="JSONL"),
+    Option("max_length", "int", None, "longest example in tokens (default: no limit)"),
+    Option("truncation", "choice", "error", "examples longer than max_length",
+           choices=("error", "truncate", "drop")),
+    # hardware
+    Option("device", "choice", "auto", "where to train and evaluate", hashed=False,
+           choices=("auto", "cpu", "cuda")),
+    Option("dtype", "choice", "fp32", "dtype the model is loaded and trained in",
+           choices=("fp32", "bf16", "fp16")),
+    Option("threads", "int", None, "CPU threads for torch (default: torch's choice)",
+           hashed=False),
+    # training (pilot and retraining share them)
+    Option("seed", "int", 0, "seed of the data order, initialisation and subsets"),
+    Option("batch_size", "int", 8, "examples per micro-batch"),
+    Option("grad_accum", "int", 1, "micro-batches per optimizer step"),
+    Option("lr", "float", 1e-5, "learning rate"),
+    Option("steps", "int", 50, "optimizer steps of the pilot and of each retraining"),
+    Option("lr_scheduler", "str", "constant", "Hugging Face lr_scheduler_type"),
+    Option("warmup_steps", "int", 0, "warmup steps"),
+    Option("weight_decay", "float", 0.0, "AdamW weight decay"),
+    # accuracy
+    Option("eval_steps", "int", 5, "evaluate training / held-out accuracy every N steps"),
+    Option("eval_subset", "int", 64,
+           "training / held-out prompts per evaluation during training (0: all)"),
+    Option("max_new_tokens", "int", 512, "tokens generated per answer"),
+    Option("verifier", "choice", "math", "answer checker (t3s.verify)", choices=("math", "exact")),
+    Option("eval_batch_size", "int", 8, "prompts per generation / profiling batch", hashed=False),
+    # selection
+    Option("delta", "choice", "online",
+           "Δc source: online (from the pilot's trajectory) or exact (forward passes)",
+           choices=("online", "exact")),
+    Option("agreement", "bool", True,
+           "also compute the exact Δc to report online-vs-exact mask agreement"),
+    Option("rule", "str", "anchor",
+           "selection rule (a name in t3s.selection.RULES, 'inverse', 'prob'; 'none' = plain SFT)"),
+    Option("rule_params", "params", None, "a rule parameter, KEY=VALUE (repeatable)",
+           metavar="KEY=VALUE"),
+    Option("baseline", "str", "none",
+           "baseline rule retrained for comparison ('random' keeps the rule's budget; 'none')"),
+    Option("baseline_params", "params", None, "a baseline parameter, KEY=VALUE (repeatable)",
+           metavar="KEY=VALUE"),
+    # the directory
+    Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
+    Option("progress", "bool", True, "progress bars", hashed=False),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
+PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test")
+
+
+def canonical_rule(name: Optional[str], what: str = "rule") -> Optional[str]:
+    """A rule name as `t3s.selection.RULES` spells it; None for 'none'."""
+    from ..selection import RULES
+    if name is None:
+        return None
+    name = str(name).strip()
+    if name.lower() in ("none", "null", "off", ""):
+        return None
+    name = RULE_ALIASES.get(name, name)
+    if name not in RULES:
+        known = sorted(set(RULES) | set(RULE_ALIASES) | {"none"})
+        raise UsageError(f"unknown {what} {name!r}; known: {', '.join(known)}")
+    return name
+
+
+def _coerce(opt: Option, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    k = opt.kind
+    try:
+        if k in ("str", "path"):
+            if not isinstance(value, (str, os.PathLike)):
+                raise TypeError
+            return os.fspath(value)
+        if k == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if k == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if k == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+                return False
+            raise TypeError
+        if k == "choice":
+            value = str(value)
+            if value not in opt.choices:
+                raise UsageError(f"{where}{opt.name} must be one of {', '.join(opt.choices)}, "
+                                 f"got {value!r}")
+            return value
+        if k == "params":
+            if not isinstance(value, Mapping):
+                raise TypeError
+            return {str(a): b for a, b in value.items()}
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}{opt.name} must be {_KIND_WORDS[k]}, got {value!r}") from None
+    raise AssertionError(k)
+
+
+_KIND_WORDS = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number",
+               "bool": "true or false", "choice": "one of the choices",
+               "params": "a mapping of parameter names to values"}
+
+
+def check_keys(mapping: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Keys normalised (dashes to underscores); unknown keys raise UsageError."""
+    import difflib
+    out, unknown = {}, []
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name not in _BY_NAME:
+            close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        out[name] = value
+    if unknown:
+        raise UsageError(f"{where}unknown setting{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; known: {', '.join(sorted(_BY_NAME))}")
+    return out
+
+
+def settings_from(values: Mapping[str, Any], *, base_dir: Optional[str] = None,
+                  where: str = "") -> Dict[str, Any]:
+    """The settings in ``values`` (a YAML mapping, flags or a stored config), typed and
+    checked, paths made absolute (relative ones against ``base_dir``, default the
+    working directory). Unknown keys and bad values raise UsageError; ``where``
+    prefixes the messages (e.g. the YAML file's name)."""
+    out = {}
+    for name, value in check_keys(values, where).items():
+        value = _coerce(_BY_NAME[name], value, where)
+        if name in PATH_KEYS + ("run_dir",) and value is not None:
+            value = os.path.expanduser(value)
+            if not os.path.isabs(value):
+                value = os.path.join(base_dir or os.getcwd(), value)
+            value = os.path.normpath(value)
+        out[name] = value
+    return out
+
+
+def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = None,
+                     where: str = "") -> Dict[str, Any]:
+    """Every setting: `DEFAULTS` updated with `settings_from` ``values``, with the
+    checks that involve several settings; rule names made canonical.
+
+    Raises UsageError on a bad value.
+    """
+    cfg = dict(DEFAULTS)
+    cfg.update(settings_from(values, base_dir=base_dir, where=where))
+    for name in ("run_dir",):
+        if cfg[name] is not None and not os.path.isabs(cfg[name]):
+            cfg[name] = os.path.normpath(os.path.join(base_dir or os.getcwd(), cfg[name]))
+    for name in ("batch_size", "grad_accum", "steps", "eval_steps", "max_new_tokens",
+                 "eval_batch_size"):
+        if cfg[name] < 1:
+            raise UsageError(f"{where}{name} must be >= 1, got {cfg[name]}")
+    for name in ("eval_subset", "warmup_steps"):
+        if cfg[name] < 0:
+            raise UsageError(f"{where}{name} must be >= 0, got {cfg[name]}")
+    if cfg["threads"] is not None and cfg["threads"] < 1:
+        raise UsageError(f"{where}threads must be >= 1, got {cfg['threads']}")
+    if cfg["max_length"] is not None and cfg["max_length"] < 2:
+        raise UsageError(f"{where}max_length must be >= 2, got {cfg['max_length']}")
+    if not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
+        raise UsageError(f"{where}lr must be a positive number, got {cfg['lr']}")
+    if cfg["weight_decay"] < 0:
+        raise UsageError(f"{where}weight_decay must be >= 0, got {cfg['weight_decay']}")
+    cfg["rule"] = canonical_rule(cfg["rule"]) or "none"
+    cfg["baseline"] = canonical_rule(cfg["baseline"], "baseline rule") or "none"
+    if cfg["baseline"] == "forced":
+        raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
+                         "loss mask; choose a loss-mask rule")
+    cfg["rule_params"] = dict(cfg["rule_params"] or {})
+    cfg["baseline_params"] = dict(cfg["baseline_params"] or {})
+    return cfg
+
+
+def rule_params(cfg: Mapping[str, Any], which: str = "rule",
+                budget: Optional[int] = None) -> Dict[str, Any]:
+    """The parameters `t3s.selection.apply_rule` gets for ``cfg[which]``.
+
+    ``random`` draws with ``seed`` = the run's seed, and keeps by default as
+    many tokens as the main rule keeps (``budget``) *(choice)*. A rule name in
+    ``like=`` is made canonical (`canonical_rule`).
+    """
+    rule = cfg[which]
+    params = dict(cfg["rule_params"] if which == "rule" else cfg["baseline_params"])
+    if rule == "random":
+        params.setdefault("seed", cfg["seed"])
+        if not any(k in params for k in ("keep_fraction", "budget", "like")):
+            if budget is not None:
+                params["budget"] = int(budget)
+            elif which == "rule":
+                params["keep_fraction"] = 0.5
+    if isinstance(params.get("like"), str):
+        params["like"] = canonical_rule(params["like"], "rule in like=")
+    return params
+
+
+def check_rule_params(cfg: Mapping[str, Any]) -> None:
+    """Apply the rule and the baseline to a small made-up table, so that bad
+    parameters fail before hours of training rather than after."""
+    import numpy as np
+
+    from ..data import TokenTable
+    from ..selection import apply_rule
+    n = 8
+    t = TokenTable(np.zeros(n, np.int64), np.arange(1, n + 1, dtype=np.int32),
+                   delta=np.linspace(-1, 1, n, dtype=np.float32),
+                   c0=np.linspace(-3, -0.1, n, dtype=np.float32),
+                   cb=np.linspace(-2, -0.2, n, dtype=np.float32),
+                   loss_theta=np.linspace(0.1, 3, n, dtype=np.float32),
+                   loss_ref=np.linspace(0.2, 2, n, dtype=np.float32))
+    for which in ("rule", "baseline"):
+        rule = cfg[which]
+        if rule == "none":
+            if which == "rule" and cfg["rule_params"]:
+                raise UsageError("rule_params given but rule is 'none'")
+            if which == "baseline" and cfg["baseline_params"]:
+                raise UsageError("baseline_params given but baseline is 'none'")
+            continue
+        params = rule_params(cfg, which, budget=n // 2)
+        try:
+            apply_rule(rule, t, **params)
+        except UsageError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            flag = "--rule-param" if which == "rule" else "--baseline-param"
+            raise UsageError(f"{one_line(e)} (given: {params}; set parameters with "
+                             f"{flag} KEY=VALUE)") from None
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints and hashes
+# --------------------------------------------------------------------------------------
+
+def fingerprint_path(path: Optional[str]) -> Optional[str]:
+    """sha256 identifying a data file (its content) or a model directory (its
+    top-level files' names and sizes, and the content of those under 64 MiB).
+    None for None or a path that does not exist."""
+    if path is None or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full) or name.startswith("."):
+            continue
+        size = os.path.getsize(full)
+        h.update(f"{name}\0{size}\0".encode())
+        if size <= _HASH_CONTENT_LIMIT:
+            h.update(sha256_file(full).encode())
+    return h.hexdigest()
+
+
+def identity(cfg: Mapping[str, Any], fingerprints: Mapping[str, Optional[str]]) -> Dict[str, Any]:
+    """The hashed settings: paths replaced by the fingerprints of what they name
+    (a tokenizer left at the model's counts as the model)."""
+    out = {}
+    for o in OPTIONS:
+        if not o.hashed:
+            continue
+        if o.kind == "path":
+            out[o.name] = None if cfg.get(o.name) is None else {"sha256": fingerprints.get(o.name)}
+        else:
+            out[o.name] = cfg.get(o.name)
+    return out
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """One changed identity entry, as error messages show it."""
+    if isinstance(old, dict) and isinstance(new, dict) and "sha256" in old and "sha256" in new:
+        return f"{key} (contents differ)"
+    return f"{key} ({old!r} -> {new!r})"
+
+
+def path_fingerprints(cfg: Mapping[str, Any],
+                      stored: Optional[Mapping[str, Any]] = None) -> Dict[str, Optional[str]]:
+    """`fingerprint_path` of every path setting (`PATH_KEYS`). A path that is gone
+    but unchanged since ``stored`` (a run's ``config.json``) keeps its stored
+    fingerprint; the stages that need the file will say it is missing."""
+    old_cfg = (stored or {}).get("config") or {}
+    old_fp = (stored or {}).get("fingerprints") or {}
+    out = {}
+    for key in PATH_KEYS:
+        fp = fingerprint_path(cfg[key])
+        if fp is None and cfg[key] is not None and old_cfg.get(key) == cfg[key]:
+            fp = old_fp.get(key)
+        out[key] = fp
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# YAML
+# --------------------------------------------------------------------------------------
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """The settings in a YAML file (a mapping; unknown keys are errors)."""
+    import yaml
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"config file {path}{where}: not valid YAML "
+                         f"({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path}: expected a mapping of settings, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def dump_yaml(cfg: Mapping[str, Any]) -> str:
+    """The settings as YAML, in the order of `OPTIONS`."""
+    import yaml
+    ordered = {o.name: cfg[o.name] for o in OPTIONS}
+    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,405 @@
+"""The stages of a T3S run and the training pieces they share.
+
+`STAGES` lists them in the order ``t3s run`` runs them; importing this module
+registers them with `t3s.pipeline.engine`. Each is a function of a
+`t3s.pipeline.engine.StageContext`: it reads the settings and the outputs of
+the stages before it and writes its own outputs into ``ctx.work`` (file names:
+`t3s.pipeline.rundir`); the engine makes that atomic and resumable.
+
+=========  ========================================================  ================
+stage      what it does                                               needs
+=========  ========================================================  ================
+pilot      SFT from θ0 on the traces, recording every trained         model, data
+           token's log-prob at every step (`t3s.TrajectoryRecorder`)
+           and evaluating training / held-out accuracy every
+           ``eval_steps`` (`t3s.trainer.AccuracyCallback`); only the
+           checkpoint θb is kept. The pilot is also the plain-SFT
+           arm of the comparison.
+select     bottleneck b, Δc = c(θb) − c(θ0) (online from the          pilot
+           trajectory, or exact), the mask under ``rule`` and the
+           baseline's mask, as `t3s.SelectionArtifact` files
+train      retraining from θ0 with the artifact's loss masks          select (none
+           (plain SFT with ``rule: none``)                            with rule none)
+baseline   the same with the baseline's masks (only when              select
+           ``baseline`` is set)
+eval       accuracy with the verifier on the test set (``test``),    model, test set
+           the held-out set (``heldout``) and ``extra_test``, of
+           θ0 and of every trained model that is current (SFT,
+           T3S, baseline); the headline numbers come from
+           ``test``, else ``heldout`` (`eval_sets`)
+report     figures, ``metrics.json`` and ``report.md``                any stage
+           (`t3s.pipeline.report`)
+=========  ========================================================  ================
+
+The bottleneck is the argmin of training accuracy over the evaluations
+*after* step 0 *(choice: θ0 is the reference of Δc, so b = 0 would give
+Δc ≡ 0)*; ties go to the earliest step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .._util import one_line
+from . import rundir
+from .engine import Stage, StageContext, register_stages
+from .loaders import load_data, load_model, load_tokenizer, resolve_device
+from .rundir import STAGE_NAMES, write_json
+from .settings import UsageError, rule_params
+from .training import (accuracy_callback, checkpoints, finals, progress_bar, save_log,
+                       training_args)
+
+__all__ = ["STAGES", "STAGE_NAMES", "NEEDS_MODEL", "NEEDS_TRAIN", "ARMS", "FORCED_MSG",
+           "eval_sets", "bottleneck_step"]
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of the stages
+# --------------------------------------------------------------------------------------
+
+def bottleneck_step(train_acc: Mapping[int, float]) -> Optional[int]:
+    """argmin of training accuracy over the evaluated steps after step 0 (ties: earliest)."""
+    from ..bottleneck import find_bottleneck
+    # find_bottleneck excludes θ0 by default
+    after = {s: a for s, a in train_acc.items() if s > 0}
+    return find_bottleneck(after) if after else None
+
+
+def _training_data(cfg: Mapping[str, Any]):
+    """(tokenizer, training traces, held-out problems or None) of a training stage."""
+    tok = load_tokenizer(cfg)
+    return tok, load_data(cfg, "train", tok), load_data(cfg, "heldout", tok, required=False)
+
+
+def _save_model(trainer, tok, path: Path) -> None:
+    trainer.save_model(str(path))
+    tok.save_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------
+
+def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
+    """SFT from θ0 with trajectory recording, accuracy every eval_steps, checkpoint pruning."""
+    from ..trainer import T3STrainer, read_accuracy_history
+    cfg, work = ctx.cfg, ctx.work
+    tok, train, heldout = _training_data(cfg)
+    ctx.say(f"[pilot] {len(train)} traces ({train.num_response_tokens()} trace tokens)"
+            + (f", {len(heldout)} held-out problems" if heldout is not None else "")
+            + f"; {cfg['steps']} steps, evaluating every {cfg['eval_steps']}")
+    model = load_model(cfg["model"], cfg)
+    callback = accuracy_callback(cfg, tok, train, heldout, prune=True)
+    trainer = T3STrainer(
+        model=model, processing_class=tok, train_dataset=train, callbacks=[callback],
+        args=training_args(cfg, work, save_strategy="steps", save_steps=cfg["eval_steps"],
+                            save_only_model=True),
+        trajectory_dir=str(work / rundir.TRAJECTORY_DIR))
+    progress_bar(trainer, cfg, "pilot")
+    trainer.train()
+    save_log(trainer, work)
+    _save_model(trainer, tok, work / rundir.FINAL_MODEL_DIR)
+    history = read_accuracy_history(work / rundir.ACCURACY_FILE)
+    last = int(trainer.state.global_step)
+    b = bottleneck_step(history["train_acc"])
+    # θb is the only checkpoint kept (the final model is in final/).
+    thetab = None
+    for step, path in sorted(checkpoints(work).items()):
+        if step == b and b != last:
+            thetab = path.name
+        else:
+            shutil.rmtree(path)
+    if b is not None and b == last:
+        thetab = rundir.FINAL_MODEL_DIR
+    if b is not None:
+        start = history["train_acc"].get(0, float("nan"))
+        ctx.say(f"[pilot] bottleneck: step {b} (training accuracy "
+                f"{history['train_acc'][b]:.3f}; θ0 had {start:.3f})")
+    return {"bottleneck_step": b, "thetab": thetab, "final_step": last,
+            "train_acc_at_bottleneck": None if b is None else history["train_acc"][b],
+            "n_train": len(train), "trace_tokens": train.num_response_tokens(),
+            "n_heldout": None if heldout is None else len(heldout), **finals(history)}
+
+
+def _delta_table(c0, chosen):
+    """A `TokenTable` over every profiled token (c0's keys) with delta, c0 and cb;
+    tokens missing from ``chosen`` (never visited by the pilot) get Δc = 0 and
+    cb = c0 *(choice: they stay in the loss under the anchor rule)*."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from ..data import TokenTable
+    base = c0.select(["example_id", "position", "logprob"]).rename_columns(
+        ["example_id", "position", "c0"])
+    joined = base.join(chosen.select(["example_id", "position", "delta", "c_b"]),
+                       keys=["example_id", "position"], join_type="left outer")
+    missing = joined["delta"].null_count
+    delta = pc.fill_null(joined["delta"], 0.0).to_numpy().astype(np.float32)
+    cb = pc.coalesce(joined["c_b"], joined["c0"]).to_numpy().astype(np.float32)
+    table = TokenTable(joined["example_id"].to_numpy(), joined["position"].to_numpy(),
+                       delta=delta, c0=joined["c0"].to_numpy().astype(np.float32), cb=cb)
+    return table.sorted(), int(missing)
+
+
+def _stage_select(ctx: StageContext) -> Dict[str, Any]:
+    """Bottleneck, Δc (online and, when possible, exact), the mask artifacts."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .. import compare_deltas, exact_delta, online_delta, profile
+    from ..artifact import SelectionArtifact, dataset_fingerprint, tokenizer_fingerprint
+    from ..data import TokenTable
+    from ..store import TrajectoryReader
+    cfg, work = ctx.cfg, ctx.work
+    pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
+    b = pilot["bottleneck_step"]
+    if b is None:
+        raise UsageError("the pilot evaluated no step after θ0, so it has no bottleneck")
+    tok = load_tokenizer(cfg)
+    train = load_data(cfg, "train", tok)
+    fp, tfp = dataset_fingerprint(train), tokenizer_fingerprint(tok)
+    device = resolve_device(cfg)
+    prof = dict(store_dir=str(work / rundir.PROFILE_DIR), dataset_fingerprint=fp,
+                tokenizer_fingerprint=tfp,
+                batch_size=cfg["eval_batch_size"], progress=cfg["progress"])
+
+    def profile_at(path: Path, step: int):
+        model = load_model(str(path), cfg, device=device)
+        try:
+            return profile(model, train, step=step, model_id=str(path), **prof)
+        finally:
+            del model
+
+    c0 = profile_at(Path(cfg["model"]), 0)
+    reader = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
+                              tokenizer_fingerprint=tfp)
+    online = online_delta(reader, b, initial=c0)
+    pq.write_table(online, work / rundir.delta_file("online"))
+    thetab = pilot_dir / pilot["thetab"] if pilot.get("thetab") else None
+    exact = agreement = None
+    if cfg["delta"] == "exact" or cfg["agreement"]:
+        if thetab is None:
+            if cfg["delta"] == "exact":
+                raise UsageError("delta: exact needs the pilot's θb checkpoint, which is missing; "
+                                 "use delta: online")
+            ctx.say("[select] no θb checkpoint: online-vs-exact agreement not computed")
+        else:
+            cb = profile_at(thetab, b)
+            exact = exact_delta(c0, cb)
+            pq.write_table(exact, work / rundir.delta_file("exact"))
+            agreement = compare_deltas(online, exact, bottleneck_step=b)
+            ctx.say(f"[select] Δc {agreement.summary()}")
+    table, unvisited = _delta_table(c0, exact if cfg["delta"] == "exact" else online)
+    if unvisited:
+        ctx.say(f"[select] {unvisited} trace tokens were never trained on in the pilot; their "
+                "Δc is set to 0")
+    if "rho1" in (cfg["rule"], cfg["baseline"]):
+        # Rho-1 offline *(choice)*: L_θ at θ0, the reference is the pilot's final model
+        # (trained on the traces).
+        cf = profile_at(pilot_dir / rundir.FINAL_MODEL_DIR, int(pilot["final_step"]))
+        ref = table.align(TokenTable(cf["example_id"].to_numpy(), cf["position"].to_numpy(),
+                                     c=cf["logprob"].to_numpy()))
+        table = table.with_columns(loss_theta=-table["c0"], loss_ref=-ref["c"])
+
+    rule = cfg["rule"]
+    extra = {"delta_source": cfg["delta"], "bottleneck_step": b, "unvisited_tokens": unvisited,
+             "agreement": None if agreement is None else agreement.as_dict()}
+    params = rule_params(cfg, "rule")
+    try:
+        art = SelectionArtifact.create(
+            table, examples=train, tokenizer=tok, rule="sft" if rule == "none" else rule,
+            params=params, selector=cfg["model"], theta0=cfg["model"],
+            thetab=None if thetab is None else str(thetab), extra=extra)
+    except ValueError as e:
+        raise UsageError(f"rule {rule!r}: {one_line(e)}") from None
+    art.save(work / rundir.SELECTION_FILE)
+    summary = art.summary()
+    kept = (int(np.count_nonzero(art.table["loss_mask"]))
+            if art.mask_column == "loss_mask" else None)
+    out = {"bottleneck_step": b, "delta_source": cfg["delta"], "rule": rule,
+           "rule_params": art.params, "mask_column": art.mask_column,
+           "n_tokens": summary.n_tokens, "n_examples": summary.n_examples,
+           "masked_fraction": summary.fraction_masked, "kept_tokens": kept,
+           "anchor_fraction": summary.fraction_positive, "unvisited_tokens": unvisited,
+           "mask_agreement": None if agreement is None else agreement.mask_agreement,
+           "agreement": extra["agreement"], "baseline": cfg["baseline"]}
+    ctx.say(f"[select] rule {rule}: {summary.n_masked} of {summary.n_tokens} trace tokens "
+            f"{'forced' if art.mask_column == 'forced' else 'left out of the loss'} "
+            f"({100 * (summary.fraction_masked or 0):.1f}%)")
+    if cfg["baseline"] != "none":
+        bparams = rule_params(cfg, "baseline", budget=kept)
+        try:
+            base_art = art.reapply(cfg["baseline"], **bparams)
+        except ValueError as e:
+            raise UsageError(f"baseline {cfg['baseline']!r}: {one_line(e)}") from None
+        base_art.save(work / rundir.BASELINE_FILE)
+        bs = base_art.summary()
+        out.update(baseline_params=base_art.params, baseline_masked_fraction=bs.fraction_masked)
+        ctx.say(f"[select] baseline {cfg['baseline']}: {bs.n_masked} of {bs.n_tokens} tokens "
+                f"left out ({100 * (bs.fraction_masked or 0):.1f}%)")
+    write_json(work / rundir.SUMMARY_FILE, out)
+    return out
+
+
+def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str, Any]:
+    from ..artifact import SelectionArtifact
+    from ..data import PaddedCollator
+    from ..trainer import T3STrainer, read_accuracy_history
+    cfg, work = ctx.cfg, ctx.work
+    tok, train, heldout = _training_data(cfg)
+    masks, kept_fraction = None, 1.0
+    if artifact is not None:
+        path = ctx.dir("select") / artifact
+        try:
+            art = SelectionArtifact.load(path, tokenizer=tok, examples=train)
+            masks = art.loss_masks(train)
+        except ValueError as e:
+            raise UsageError(f"{path}: {one_line(e)}") from None
+        total = sum(int((ex["labels"] != -100).sum()) for ex in train)
+        kept_fraction = sum(float(m.float().sum()) for m in masks.values()) / max(total, 1)
+        ctx.say(f"[{desc}] retraining from θ0 with rule {art.rule!r}: "
+                f"{100 * kept_fraction:.1f}% of trace tokens in the loss")
+    else:
+        ctx.say(f"[{desc}] plain SFT from θ0 (every trace token in the loss)")
+    model = load_model(cfg["model"], cfg)
+    callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
+    trainer = T3STrainer(model=model, processing_class=tok, train_dataset=train,
+                         callbacks=[callback], args=training_args(cfg, work),
+                         data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
+    progress_bar(trainer, cfg, desc)
+    trainer.train()
+    save_log(trainer, work)
+    _save_model(trainer, tok, work / rundir.MODEL_DIR)
+    history = read_accuracy_history(work / rundir.ACCURACY_FILE)
+    return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
+            "final_step": int(trainer.state.global_step), **finals(history)}
+
+
+def _stage_train(ctx: StageContext) -> Dict[str, Any]:
+    """Retraining from θ0 with the selection artifact's loss masks."""
+    if ctx.cfg["rule"] == "forced":
+        raise UsageError(FORCED_MSG)
+    return _retrain(ctx, None if ctx.cfg["rule"] == "none" else rundir.SELECTION_FILE, "train")
+
+
+def _stage_baseline(ctx: StageContext) -> Dict[str, Any]:
+    """Retraining from θ0 with the baseline's loss masks."""
+    return _retrain(ctx, rundir.BASELINE_FILE, "baseline")
+
+
+#: why ``rule: forced`` cannot be trained here
+FORCED_MSG = ("rule 'forced' marks the tokens a diffusion LM must reconstruct; it is not a loss "
+               "mask, and `t3s train` trains autoregressive models. Use `t3s select --rule forced` "
+               "to write the artifact for a diffusion trainer")
+
+#: the models `t3s eval` compares: arm -> (stage, directory inside the stage)
+ARMS = (("base", None, None), ("sft", "pilot", rundir.FINAL_MODEL_DIR),
+        ("t3s", "train", rundir.MODEL_DIR), ("baseline", "baseline", rundir.MODEL_DIR))
+
+
+def eval_sets(cfg: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """(name, path) of the sets the eval stage scores, the primary one first: the test
+    set (``test``) when given, the held-out set (``heldout``) and ``extra_test``, each
+    unless it is a file already listed *(choice: all are reported, the headline numbers
+    come from the first)*."""
+    out = []
+    for key in ("test", "heldout", "extra_test"):
+        if cfg.get(key) and all(path != cfg[key] for _, path in out):
+            out.append((key, cfg[key]))
+    return out
+
+
+def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
+    """Accuracy of θ0 and of every trained model available on the test set and the
+    held-out set."""
+    from ..bottleneck import training_accuracy
+    cfg, work = ctx.cfg, ctx.work
+    sets = eval_sets(cfg)
+    if not sets:
+        ctx.say("[eval] no test set (--test or --heldout): nothing to evaluate")
+        out = {"skipped": "no test set", "arms": {}}
+        write_json(work / rundir.RESULTS_FILE, out)
+        return out
+    tok = load_tokenizer(cfg)
+    data = {key: load_data(cfg, key, tok) for key, _ in sets}
+    device = resolve_device(cfg)
+    by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
+    for arm, stage, sub in ARMS:
+        if stage is None:
+            path = cfg["model"]
+        elif ctx.dir(stage) is not None:
+            path = str(ctx.dir(stage) / sub)
+        else:
+            continue
+        model = load_model(path, cfg, device=device)
+        for i, (key, _) in enumerate(sets):
+            acc, details = training_accuracy(
+                model, tok, data[key], verifier=cfg["verifier"], subset_size=None,
+                max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
+                seed=cfg["seed"], progress=cfg["progress"], return_details=True)
+            fname = rundir.predictions_file(arm, None if i == 0 else key)
+            with open(work / fname, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
+            by_set[key][arm] = {"accuracy": acc, "n": len(details),
+                                "n_correct": int(sum(d["correct"] for d in details)),
+                                "model": path}
+            label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
+            ctx.say(f"[eval] {key}: {label}: {acc:.3f} "
+                    f"({by_set[key][arm]['n_correct']}/{len(details)})")
+        del model
+    key = sets[0][0]
+    out = {"test_set": cfg[key], "test_key": key, "n": len(data[key]), "verifier": cfg["verifier"],
+           "arms": by_set[key],
+           "sets": {k: {"path": p, "n": len(data[k]), "arms": by_set[k]} for k, p in sets}}
+    write_json(work / rundir.RESULTS_FILE, out)
+    return {k: v for k, v in out.items() if k not in ("arms", "sets")} | {
+        "accuracy": {a: v["accuracy"] for a, v in by_set[key].items()},
+        "accuracy_by_set": {k: {a: v["accuracy"] for a, v in by_set[k].items()}
+                            for k, _ in sets}}
+
+
+def _stage_report(ctx: StageContext) -> Dict[str, Any]:
+    """Figures, metrics.json and report.md from the current stages."""
+    from .report import build_report
+    dirs = {name: ctx.dir(name) for name in STAGE_NAMES if name != "report"}
+    if not any(dirs.values()):
+        raise UsageError(f"nothing to report in {ctx.run.path}: no stage has finished; run "
+                         "`t3s run` (or `t3s pilot`) first")
+    metrics = build_report(ctx.run.path, out_dir=ctx.work, stage_dirs=dirs, config=ctx.cfg)
+    ctx.say(f"[report] {ctx.run.stage_dir('report') / rundir.REPORT_FILE}")
+    return {"metrics": metrics}
+
+
+_DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype", "seed")
+_TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps",
+             "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier")
+
+STAGES: Tuple[Stage, ...] = (
+    Stage("pilot", _stage_pilot, _DATA + _TRAINING, lambda cfg: (),
+          help="SFT from θ0 with trajectory recording and training-accuracy evaluation"),
+    Stage("select", _stage_select,
+          ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params"),
+          lambda cfg: ("pilot",),
+          help="bottleneck, Δc and the mask artifact"),
+    Stage("train", _stage_train, _DATA + _TRAINING + ("rule",),
+          lambda cfg: () if cfg["rule"] == "none" else ("select",),
+          help="masked retraining from θ0 with the artifact's masks"),
+    Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",),
+          lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
+          help="retraining from θ0 with the baseline's masks"),
+    Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
+                                "max_new_tokens",
+                                "verifier", "dtype", "max_length", "truncation", "seed"),
+          lambda cfg: (), optional=("pilot", "train", "baseline"),
+          help="accuracy on a JSONL test set with the verifier"),
+    Stage("report", _stage_report, (), lambda cfg: (),
+          optional=("pilot", "select", "train", "baseline", "eval"),
+          help="figures and a Markdown summary"),
+)
+register_stages(STAGES)   # checks that their names are rundir.STAGE_NAMES
+#: stages that load the model or the training data
+NEEDS_MODEL = ("pilot", "select", "train", "baseline", "eval")
+NEEDS_TRAIN = ("pilot", "select", "train", "baseline")

@@ -1,0 +1,137 @@
+"""Training pieces the pilot and the retraining stages share.
+
+`training_args` (Hugging Face `TrainingArguments` from the settings),
+`accuracy_callback` (training / held-out accuracy every ``eval_steps``, θ0
+recorded but never the bottleneck), `progress_bar` (one bar with loss and
+accuracies instead of the Trainer's printing), `save_log`, `checkpoints` and
+`finals` (the last accuracies of a history).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+from .._util import one_line
+from . import rundir
+from .loaders import resolve_device
+from .rundir import write_json
+from .settings import UsageError
+
+__all__ = ["training_args", "after_start_tracker", "accuracy_callback", "progress_bar",
+           "save_log", "checkpoints", "finals"]
+
+
+def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
+    """`TrainingArguments` of the pilot and the retrainings (``overrides`` on top)."""
+    from transformers import TrainingArguments
+    device = resolve_device(cfg)
+    kw = dict(output_dir=str(out), per_device_train_batch_size=cfg["batch_size"],
+              gradient_accumulation_steps=cfg["grad_accum"], max_steps=cfg["steps"],
+              learning_rate=cfg["lr"], lr_scheduler_type=cfg["lr_scheduler"],
+              warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
+              logging_steps=1, save_strategy="no", report_to=[], use_cpu=device == "cpu",
+              disable_tqdm=True, seed=cfg["seed"], data_seed=cfg["seed"],
+              dataloader_num_workers=0)
+    kw.update(overrides)
+    try:
+        return TrainingArguments(**kw)
+    except ValueError as e:
+        raise UsageError(f"training settings: {one_line(e)}") from None
+
+
+def after_start_tracker():
+    """A `t3s.BottleneckTracker` that records step 0 (θ0) without counting it as a
+    bottleneck candidate (see `t3s.pipeline.stages`); checkpoint pruning follows
+    the same minimum."""
+    from ..bottleneck import BottleneckTracker
+
+    class AfterStartTracker(BottleneckTracker):
+        def update(self, step, acc):
+            # find_bottleneck excludes θ0 by default
+            if int(step) == 0 and not self.history:
+                self.history[0] = float(acc)
+                return False
+            return super().update(step, acc)
+
+    return AfterStartTracker()
+
+
+def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
+    """`t3s.trainer.AccuracyCallback` under the settings, writing `rundir.ACCURACY_FILE`."""
+    from ..trainer import AccuracyCallback
+    subset = cfg["eval_subset"] or None
+    return AccuracyCallback(tok, train, heldout=heldout, eval_steps=cfg["eval_steps"],
+                            verifier=cfg["verifier"], subset_size=subset,
+                            heldout_subset_size=subset, max_new_tokens=cfg["max_new_tokens"],
+                            batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
+                            tracker=after_start_tracker(), prune_checkpoints=prune,
+                            progress=cfg["progress"], history_file=rundir.ACCURACY_FILE)
+
+
+def progress_bar(trainer, cfg, desc: str) -> None:
+    """Replace the Trainer's printing with one bar showing loss and accuracies."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if cfg["progress"]:
+        trainer.add_callback(_bar_callback(desc))
+
+
+def _bar_callback(desc: str):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    shown = {"loss": "loss", "t3s/train_acc": "train_acc", "t3s/heldout_acc": "heldout_acc"}
+
+    class Bar(TrainerCallback):
+        def __init__(self):
+            self.bar, self.postfix = None, {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc,
+                                unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is None or not logs:
+                return
+            for key, label in shown.items():
+                if isinstance(logs.get(key), (int, float)):
+                    self.postfix[label] = f"{logs[key]:.3g}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Bar()
+
+
+def save_log(trainer, work: Path) -> None:
+    """The Trainer's log history as `rundir.LOG_HISTORY_FILE`."""
+    write_json(work / rundir.LOG_HISTORY_FILE, list(trainer.state.log_history))
+
+
+def checkpoints(directory: Path) -> Dict[int, Path]:
+    """step -> Trainer checkpoint directory in ``directory``."""
+    found = {}
+    for p in directory.glob(rundir.CHECKPOINT_PREFIX + "*"):
+        tail = p.name[len(rundir.CHECKPOINT_PREFIX):]
+        if p.is_dir() and tail.isdigit():
+            found[int(tail)] = p
+    return found
+
+
+def finals(history: Mapping[str, Any]) -> Dict[str, Any]:
+    """final_train_acc / final_heldout_acc: the last evaluation of an accuracy history."""
+    out = {}
+    for key in ("train_acc", "heldout_acc"):
+        h = history.get(key) or {}
+        out[f"final_{key}"] = h[max(h)] if h else None
+    return out
