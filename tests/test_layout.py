@@ -150,6 +150,25 @@ def test_long_modules_say_why():
     assert not long, "\n".join(long)
 
 
+def _targets(module):
+    return {t for t, _, _ in GRAPH[module]}
+
+
+def test_the_pipeline_keeps_its_inner_order():
+    """The engine does not know the stages (they register themselves), the package
+    module imports nothing, the pipeline never goes through the old-path shims, and the
+    shims only re-export the pipeline."""
+    assert "t3s.pipeline.stages" not in _targets("t3s.pipeline.engine")
+    assert not GRAPH["t3s.pipeline"]
+    shims = {"t3s.run", "t3s.stages", "t3s.report"}
+    for m in MODULES:
+        if m.startswith("t3s.pipeline"):
+            assert not (_targets(m) & shims), m
+    for shim in shims:
+        assert all(t.startswith("t3s.pipeline.") for t in _targets(shim)), shim
+    assert "t3s.cli" not in {t for m in MODULES if m.startswith("t3s.demo") for t in _targets(m)}
+
+
 @pytest.mark.parametrize("source,expect", [
     ("from t3s.cli import main\n", "upward"),
     ("from .hf import _secret\n", "private"),

@@ -5,13 +5,16 @@
   model turns hidden states into logits, measured by a probe, and the capture of
   the head's input;
 - `shift_for_causal_lm`, `count_loss_items` (`t3s.hf.labels`): label conventions;
-- `apply_liger` (`t3s.hf.liger`): composition with liger-kernel's other kernels.
+- `apply_liger` (`t3s.hf.liger`): composition with liger-kernel's other kernels;
+- `check_causal_lm`, `BypassGuard` (`t3s.hf.guards`): which models the patch takes,
+  and the refusal of a training forward that would skip t3s's loss.
 """
 
+from .guards import BypassGuard, check_causal_lm
 from .heads import HeadTap, LMHead, last_hidden_state, lm_head, output_embedding
 from .labels import count_loss_items, shift_for_causal_lm
 from .patch import PatchInfo, is_patched, patch, unpatch
 
-__all__ = ["HeadTap", "LMHead", "PatchInfo", "count_loss_items", "is_patched",
+__all__ = ["BypassGuard", "HeadTap", "LMHead", "PatchInfo", "check_causal_lm", "count_loss_items", "is_patched",
            "last_hidden_state", "lm_head", "output_embedding", "patch",
            "shift_for_causal_lm", "unpatch"]

@@ -51,7 +51,6 @@ import dataclasses
 import inspect
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -61,14 +60,13 @@ from torch import nn
 from t3s_kernels.backends import check_backend_name
 
 from ..loss import masked_ce
+from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard, remove_guards
 from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
-__all__ = ["patch", "unpatch", "is_patched", "check_causal_lm", "PatchInfo", "PatchedForward",
-           "BypassGuard", "describe_forward"]
+__all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
 
-_PATCH_ATTR = "_t3s_patch"
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes")
@@ -205,51 +203,13 @@ def patch(
     info = PatchInfo(previous_forward=previous, patched_forward=patched, backend=backend,
                      loss_options=dict(loss_options), head=head,
                      liger_applied=liger_applied, param_names=param_names)
-    model.__dict__[_PATCH_ATTR] = info
+    model.__dict__[PATCH_ATTR] = info
     model.forward = patched
     # Installed once here, not swapped in per call: a compiled forward must see the
     # head's attributes unchanged.
     HeadTap.install(head.module)
-    backbone = _backbone(model)
-    if backbone is not None:
-        backbone.register_forward_pre_hook(BypassGuard(model))
+    install_guard(model)
     return model
-
-
-def check_causal_lm(model: nn.Module) -> None:
-    """`ValueError` unless ``model`` is a Hugging Face causal (decoder-only) language model.
-
-    Accepted: a class, or a base class, named ``*ForCausalLM`` or registered by
-    transformers as a causal LM (``GPT2LMHeadModel``, ...) or as an image-text-to-text
-    model (``Gemma3ForConditionalGeneration``, ...), and not encoder-decoder. A masked
-    LM, a classifier or a seq2seq model has another loss: patching it would replace
-    that loss with a shifted next-token loss, silently.
-    """
-    config = getattr(model, "config", None)
-    name = type(model).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"t3s.patch needs a decoder-only causal LM; {name} is an "
-                         "encoder-decoder model, whose loss is not a shifted next-token loss")
-    known = _causal_class_names()
-    for cls in type(model).__mro__:
-        if cls.__name__.endswith("ForCausalLM") or cls.__name__ in known:
-            return
-    raise ValueError(
-        f"t3s.patch needs a causal language model (a *ForCausalLM); {name} is not one, and "
-        "its own loss (masked-LM, classification, ...) is not the shifted next-token loss "
-        "that t3s would put in its place")
-
-
-def _causal_class_names() -> frozenset:
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover - transformers is needed for any HF model
-        return frozenset()
-    names = set()
-    for table in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
-        for value in getattr(modeling_auto, table, {}).values():
-            names.update(value if isinstance(value, (list, tuple)) else [value])
-    return frozenset(names)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -258,7 +218,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     Raises `RuntimeError` if something wrapped the forward after `patch` (unwrap
     that first), and `ValueError` if the model is not patched.
     """
-    info = model.__dict__.get(_PATCH_ATTR)
+    info = model.__dict__.get(PATCH_ATTR)
     if info is None:
         raise ValueError("model is not patched by t3s")
     current = model.__dict__.get("forward")
@@ -271,8 +231,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         del model.forward
     else:
         model.forward = info.previous_forward
-    del model.__dict__[_PATCH_ATTR]
-    _remove_guards(_backbone(model))
+    del model.__dict__[PATCH_ATTR]
+    remove_guards(model)
     for module in {id(m): m for m in (info.head.module, _current_head(model))}.values():
         if module is not None:
             HeadTap.uninstall(module)
@@ -281,7 +241,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """True when `patch` is active on ``model``."""
-    return _PATCH_ATTR in getattr(model, "__dict__", {})
+    return PATCH_ATTR in getattr(model, "__dict__", {})
 
 
 # --------------------------------------------------------------------------------------
@@ -307,74 +267,9 @@ class PatchedForward:
         model = self.model
         self.depth += 1
         try:
-            return _patched_forward(model, model.__dict__[_PATCH_ATTR], args, kwargs)
+            return _patched_forward(model, model.__dict__[PATCH_ATTR], args, kwargs)
         finally:
             self.depth -= 1
-
-
-class BypassGuard:
-    """A forward pre-hook on the backbone: refuses a training forward that skips t3s's loss.
-
-    Something that replaces ``model.forward`` after `patch` and then runs the
-    backbone itself would train on its own loss and drop ``loss_mask``
-    silently; TRL's ``SFTTrainer`` does exactly that with its fused LM head.
-    The guard raises when the backbone runs with gradients in training mode,
-    outside a t3s forward, while ``model.forward`` is no longer t3s's. A
-    wrapper that calls through to t3s's forward (accelerate's) is not affected.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, module: nn.Module, args):
-        model = self.model
-        info = model.__dict__.get(_PATCH_ATTR)
-        if info is None or info.patched_forward.depth or not model.training:
-            return None
-        if not torch.is_grad_enabled():
-            return None
-        current = model.__dict__.get("forward")
-        if current is info.patched_forward:
-            return None  # the user called the backbone directly: not a replaced forward
-        raise RuntimeError(
-            f"t3s.patch's loss was bypassed: {type(model).__name__}.forward was replaced after "
-            f"t3s.patch by {describe_forward(current)}, which ran the backbone itself, so the "
-            "loss would ignore loss_mask and t3s's normalisation. With TRL, train with "
-            "t3s.trainer.T3SSFTTrainer (SFTTrainer with t3s's loss) instead of trl.SFTTrainer; "
-            "otherwise remove that wrapper or call t3s.unpatch first")
-
-
-def describe_forward(fn) -> str:
-    """A short description of a forward function: who installed it.
-
-    Follows ``__func__`` and ``__wrapped__`` (``functools.wraps``), so a wrapper of a
-    wrapper (accelerate's around TRL's) is described by what it wraps.
-    """
-    seen, chain = set(), []
-    while fn is not None and id(fn) not in seen and len(chain) < 16:
-        seen.add(id(fn))
-        chain.append(fn)
-        fn = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
-    files = [getattr(getattr(f, "__code__", None), "co_filename", "") or "" for f in chain]
-    if any(f"{os.sep}trl{os.sep}" in where for where in files):
-        return "TRL's fused LM head (trl add_fused_lm_head, installed by trl.SFTTrainer)"
-    code = next((f.__code__ for f in chain if hasattr(f, "__code__")), None)
-    if code is None:
-        return type(chain[0]).__name__ if chain else "None"
-    return f"{code.co_name} ({code.co_filename})"
-
-
-def _backbone(model: nn.Module) -> Optional[nn.Module]:
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) and base is not model else None
-
-
-def _remove_guards(module: Optional[nn.Module]) -> None:
-    if module is None:
-        return
-    hooks = module._forward_pre_hooks
-    for key in [k for k, hook in hooks.items() if isinstance(hook, BypassGuard)]:
-        del hooks[key]
 
 
 def _original_forward(model: nn.Module, info: PatchInfo) -> Callable:
