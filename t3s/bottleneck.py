@@ -86,9 +86,11 @@ class BottleneckTracker:
 
     exclude_initial: step ``INITIAL_STEP`` (θ0) is recorded in ``history`` but
     is no bottleneck candidate: it sets no minimum, counts for no recovery, and
-    its checkpoint is never kept (the rule of ``find_bottleneck(...,
-    exclude_initial=True)``). Default False *(choice, for compatibility)*:
-    every step, θ0 included, is a candidate.
+    its checkpoint is never kept; `bottleneck` is None until a later step is
+    recorded. This is the rule of `find_bottleneck`, with the same default
+    (True), so ``tracker.bottleneck == find_bottleneck(tracker.history,
+    exclude_initial=tracker.exclude_initial)`` once a candidate is recorded.
+    False: every step, θ0 included, is a candidate.
 
     Steps must be given in increasing order. After ``done`` the tracker keeps
     recording, and `bottleneck` stays the argmin of everything seen *(choice)*;
@@ -100,7 +102,7 @@ class BottleneckTracker:
     """
 
     def __init__(self, *, margin: float = 0.0, recover_margin: float = 0.05, patience: int = 2,
-                 exclude_initial: bool = False):
+                 exclude_initial: bool = True):
         if margin < 0 or recover_margin < 0:
             raise ValueError("margin and recover_margin must be >= 0")
         if patience < 1:

@@ -82,7 +82,7 @@ def test_online_detection():
 
 
 def test_detection_resets_on_new_minimum():
-    t = BottleneckTracker(recover_margin=0.05, patience=2)
+    t = BottleneckTracker(recover_margin=0.05, patience=2, exclude_initial=False)
     for step, acc in [(0, 0.5), (1, 0.6), (2, 0.1), (3, 0.2)]:
         t.update(step, acc)
     assert not t.done                              # 1 recovered, but 2 is a new minimum
@@ -91,7 +91,7 @@ def test_detection_resets_on_new_minimum():
 
 
 def test_retention():
-    t = BottleneckTracker(margin=0.05)
+    t = BottleneckTracker(margin=0.05, exclude_initial=False)
     t.update(0, 0.8)
     assert t.should_keep_checkpoint(0)
     t.update(1, 0.5)
@@ -113,7 +113,7 @@ def test_retention():
 
 
 def test_retention_excluding_theta0():
-    t = BottleneckTracker(margin=0.05, exclude_initial=True)
+    t = BottleneckTracker(margin=0.05)             # exclude_initial=True: find_bottleneck's default
     assert not t.update(0, 0.1)                    # θ0: recorded, but no candidate
     assert t.history == {0: 0.1} and t.bottleneck is None and not t.should_keep_checkpoint(0)
     assert t.update(1, 0.5) and t.bottleneck == 1  # 0.5 > θ0's 0.1, still the minimum
@@ -127,7 +127,7 @@ def test_retention_excluding_theta0():
 
 
 def test_checkpoints_to_delete():
-    t = BottleneckTracker(margin=0.05)
+    t = BottleneckTracker(margin=0.05, exclude_initial=False)
     for step, acc in [(0, 0.8), (2, 0.5), (4, 0.53), (6, 0.7)]:
         t.update(step, acc)
     saved = [2, 3, 4, 6, 8]                        # 3 and 8 were never evaluated

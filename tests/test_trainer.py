@@ -139,7 +139,8 @@ def test_trainer_records_and_evaluates(tmp_path, tok, dataset):
     logs = trainer.state.log_history
     acc_logs = [r for r in logs if "t3s/train_acc" in r]
     assert [r["step"] for r in acc_logs] == [0, 1, 2, 3]
-    assert [r["t3s/bottleneck_step"] for r in acc_logs] == [0, 1, 1, 1]
+    # θ0 (step 0) is no bottleneck candidate (find_bottleneck's rule): none logged at step 0
+    assert [r.get("t3s/bottleneck_step") for r in acc_logs] == [None, 1, 1, 1]
     loss_logs = [r for r in logs if "loss" in r]
     assert len(loss_logs) == 3
     for r in loss_logs:

@@ -52,7 +52,8 @@ class AccuracyCallback(TrainerCallback):
 
     * ``t3s/train_acc``: training accuracy at this step;
     * ``t3s/heldout_acc``: held-out accuracy (with ``heldout``);
-    * ``t3s/bottleneck_step``: the argmin step so far (ties to the earliest).
+    * ``t3s/bottleneck_step``: the argmin step so far (ties to the earliest);
+      not logged while there is none (only θ0 evaluated, with ``exclude_initial``).
 
     Checkpoint retention (``prune_checkpoints=True``): after each save, every
     ``checkpoint-<step>`` directory in ``output_dir`` that can no longer be
@@ -82,7 +83,7 @@ class AccuracyCallback(TrainerCallback):
                  max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
                  generation_kwargs: Optional[Mapping[str, Any]] = None,
                  margin: float = 0.0, recover_margin: float = 0.05, patience: int = 2,
-                 exclude_initial: bool = False,
+                 exclude_initial: bool = True,
                  tracker: Optional[BottleneckTracker] = None, stop_on_recovery: bool = False,
                  prune_checkpoints: bool = False, eval_at_start: bool = True,
                  eval_at_end: bool = True, history_file: str = ACCURACY_FILE,
@@ -201,7 +202,8 @@ class AccuracyCallback(TrainerCallback):
             held = self._accuracy(model, self.heldout, self.heldout_subset_size)
             self.heldout_history[step] = held
             metrics["t3s/heldout_acc"] = held
-        metrics["t3s/bottleneck_step"] = self.tracker.bottleneck
+        if self.tracker.bottleneck is not None:  # None is no number for reporting integrations
+            metrics["t3s/bottleneck_step"] = self.tracker.bottleneck
         self._log(metrics, state, control)
         if self.tracker.done and not was_done:
             logger.info("t3s: bottleneck declared at step %d (recovered for %d evaluations; "
