@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .data.collate import pad_token_id
+from .data.table import IGNORE_INDEX
 from .verify import Verifier, get_verifier
 
 __all__ = ["INITIAL_STEP", "find_bottleneck", "BottleneckTracker", "select_subset",
@@ -221,7 +223,7 @@ def _prompt_ids(ex: Mapping[str, Any]) -> List[int]:
         return ids[:int(ex["prompt_length"])]
     labels = ex["labels"]
     labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-    n = next((i for i, y in enumerate(labels) if y != -100), len(labels))
+    n = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
     return ids[:n]
 
 
@@ -260,11 +262,7 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None)
-    if pad_id is None:
-        pad_id = 0
+    pad_id = pad_token_id(tokenizer)
     device = _model_device(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):

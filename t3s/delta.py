@@ -117,6 +117,7 @@ class Agreement:
     mean_visit_distance: float
 
     def summary(self) -> str:
+        """One line for logs: token counts, mask agreement, kappa, anchors, correlations."""
         return (f"online vs exact on {self.n_common} tokens (online {self.n_online}, exact "
                 f"{self.n_exact}): mask agreement {self.mask_agreement:.4f} "
                 f"(kappa {self.cohen_kappa:.3f}), anchors {self.anchors_online} online / "
@@ -126,6 +127,7 @@ class Agreement:
                 f"mean visit distance {self.mean_visit_distance:.3g}")
 
     def as_dict(self) -> Dict[str, float]:
+        """The fields as a dict (JSON-able: every value is a number)."""
         return dataclasses.asdict(self)
 
 

@@ -4,6 +4,6 @@
 `t3s.weights.rrt`, not this module.
 """
 
-from .weights import load_state_dict, rrt, save_rrt  # noqa: F401
+from .weights import StateSource, load_state_dict, rrt, save_rrt  # noqa: F401
 
 __all__ = ["rrt", "save_rrt", "load_state_dict"]

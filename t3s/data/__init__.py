@@ -33,7 +33,7 @@ Modules, in the order data flows:
 - `t3s.data.collate`: `PaddedCollator`, `PackedCollator`, `pack_indices`.
 """
 
-from .collate import PackedCollator, PaddedCollator, pack_indices
+from .collate import PackedCollator, PaddedCollator, pack_indices, pad_token_id
 from .keys import (batch_positions, dataset_keys, example_keys, packed_keys, packed_token_table,
                    token_keys)
 from .table import IGNORE_INDEX, TokenTable, response_positions
@@ -55,6 +55,7 @@ __all__ = [
     "PaddedCollator",
     "PackedCollator",
     "pack_indices",
+    "pad_token_id",
     "batch_positions",
     "token_keys",
     "packed_keys",

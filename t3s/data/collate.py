@@ -15,7 +15,7 @@ import torch
 
 from .table import IGNORE_INDEX
 
-__all__ = ["PaddedCollator", "PackedCollator", "pack_indices"]
+__all__ = ["PaddedCollator", "PackedCollator", "pack_indices", "pad_token_id"]
 
 
 def _where(ex: Mapping[str, Any], i: int) -> str:
@@ -67,6 +67,25 @@ def _loss_masks(examples: Sequence[Mapping[str, Any]], loss_masks: Optional[Mapp
                              f"have length {n}; masks must be aligned with labels")
         out.append(m.to(dtype))
     return out
+
+
+def pad_token_id(tokenizer, model=None) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos token, else the same two
+    from ``model.config``, else 0.
+
+    ``tokenizer`` may be a processor wrapping one (``.tokenizer``) or None; a list
+    of ids (several eos tokens) gives its first. Padding is masked out (attention,
+    labels), so any valid id works; the pad / eos token keeps generation tidy.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap one
+    for source in (tok, getattr(model, "config", None)):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return 0
 
 
 class PaddedCollator:

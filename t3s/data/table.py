@@ -118,6 +118,7 @@ class TokenTable:
 
     # -- construction ------------------------------------------------------------------
     def keys_only(self) -> "TokenTable":
+        """A new table with the same keys and no value columns."""
         return TokenTable(self.example_id, self.position, _validated=True)
 
     def with_columns(self, columns: Optional[Mapping[str, Any]] = None, **more) -> "TokenTable":

@@ -293,6 +293,8 @@ class TraceDataset(torch.utils.data.Dataset):
     @classmethod
     def from_records(cls, records: Iterable[TraceRecord], tokenizer, *, max_length: Optional[int] = None,
                      truncation: str = "error", **tokenize_kwargs) -> "TraceDataset":
+        """Tokenize ``records`` (`tokenize_trace`); examples dropped under ``truncation="drop"``
+        are listed in ``dropped`` (with a warning)."""
         examples, dropped = [], []
         for rec in records:
             ex = tokenize_trace(rec, tokenizer, max_length=max_length, truncation=truncation,
@@ -324,6 +326,7 @@ class TraceDataset(torch.utils.data.Dataset):
         return iter(self.examples)
 
     def by_id(self, example_id: int) -> Dict[str, Any]:
+        """The example dict with this id; KeyError when there is none."""
         try:
             return self.examples[self._index[int(example_id)]]
         except KeyError:
@@ -331,6 +334,7 @@ class TraceDataset(torch.utils.data.Dataset):
 
     @property
     def example_ids(self) -> List[int]:
+        """The example ids, in dataset order."""
         return [int(ex["example_id"]) for ex in self.examples]
 
     def keys(self) -> TokenTable:
@@ -338,4 +342,5 @@ class TraceDataset(torch.utils.data.Dataset):
         return dataset_keys(self.examples)
 
     def num_response_tokens(self) -> int:
+        """Response tokens (``labels != IGNORE_INDEX``) over all examples: the keyed tokens."""
         return int(sum(int((ex["labels"] != IGNORE_INDEX).sum()) for ex in self.examples))

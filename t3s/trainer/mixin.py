@@ -17,7 +17,7 @@ import transformers
 from transformers import Trainer
 
 from ..artifact import dataset_fingerprint, tokenizer_fingerprint
-from ..data.collate import PaddedCollator
+from ..data.collate import PaddedCollator, pad_token_id
 from ..hf import count_loss_items, is_patched, patch
 from ..trajectory.recorder import TrajectoryRecorder
 from .accuracy import AccuracyCallback
@@ -117,7 +117,7 @@ class T3STrainerMixin:
         self._t3s_steps_seen: set = set()
 
         if kwargs.get("data_collator") is None and len(args) < 3:
-            pad = _pad_token_id(kwargs.get("processing_class"),
+            pad = pad_token_id(kwargs.get("processing_class"),
                                 kwargs.get("model", args[0] if args else None))
             kwargs["data_collator"] = PaddedCollator(pad)
         super().__init__(*args, **kwargs)
@@ -414,15 +414,3 @@ def _kept_weight(batch: Mapping[str, Any]):
     kept = count_loss_items(labels, mask, shifted=shifted)
     labelled = count_loss_items(labels, None, shifted=shifted) if mask is not None else kept
     return kept, labelled
-
-
-def _pad_token_id(processing_class, model) -> int:
-    tok = getattr(processing_class, "tokenizer", processing_class)  # processors wrap one
-    for source in (tok, getattr(model, "config", None)):
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(source, name, None)
-            if isinstance(value, (list, tuple)):
-                value = value[0] if value else None
-            if isinstance(value, int):
-                return value
-    return 0

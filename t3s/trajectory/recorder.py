@@ -223,6 +223,7 @@ class TrajectoryRecorder:
 
     @property
     def rows_written(self) -> int:
+        """Rows the writer has appended so far (the background thread may be behind `record`)."""
         return self.writer.rows_written
 
     def _raise_if_failed(self) -> None:

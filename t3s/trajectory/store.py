@@ -133,6 +133,7 @@ class StoreManifest:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
+        """The manifest as indented, key-sorted JSON (the ``manifest.json`` text)."""
         d = dataclasses.asdict(self)
         d["extra_columns"] = list(self.extra_columns)
         d["metadata"] = dict(self.metadata)
@@ -140,6 +141,8 @@ class StoreManifest:
 
     @classmethod
     def load(cls, directory: PathLike) -> "StoreManifest":
+        """Read ``directory/manifest.json``; ValueError when it is missing, of another format,
+        or of a newer format version."""
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise ValueError(f"{directory} is not a trajectory store: {MANIFEST_NAME} is missing")
@@ -391,6 +394,7 @@ class TrajectoryWriter:
 
     @property
     def closed(self) -> bool:
+        """True once `close` has been called (the shard is unlocked)."""
         return self._file is None
 
     def __enter__(self) -> "TrajectoryWriter":
@@ -436,6 +440,7 @@ class TrajectoryReader:
         return sorted(self.directory.glob("traj-rank*.arrow"))
 
     def reload(self) -> pa.Table:
+        """Re-read every shard (torn tails skipped) and cache the merged table; returns it."""
         tables = []
         for path in self.shards():
             t = read_shard(path)
@@ -455,6 +460,7 @@ class TrajectoryReader:
 
     @property
     def num_rows(self) -> int:
+        """Rows in all shards (one per recorded token visit)."""
         return self.read().num_rows
 
     def example_ids(self) -> np.ndarray:
