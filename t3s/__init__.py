@@ -42,10 +42,10 @@ from .data import (
     token_keys,
     tokenize_trace,
 )
+from .delta import Agreement, compare_deltas, exact_delta, online_delta
 from .heads import LMHead, lm_head
 from .hf import count_loss_items, is_patched, patch, unpatch
 from .loss import masked_ce
-from .delta import Agreement, compare_deltas, exact_delta, online_delta
 from .profiling import profile
 from .selection import (
     anchor_mask,
