@@ -16,7 +16,8 @@ downloaded:
    `t3s.trainer.AccuracyCallback` measuring training accuracy (greedy
    generation, boxed-answer verifier) and held-out accuracy every few steps,
    keeping only the checkpoints that can still be the bottleneck.
-4. **Bottleneck** b = `t3s.find_bottleneck` of the training-accuracy history.
+4. **Bottleneck** b = `t3s.find_bottleneck` of the training-accuracy history
+   (θ0, step 0, is no candidate: Δc would be 0).
 5. **Δc = c(θb) - c(θ0).** Exact: `t3s.profile` at θ0 and at the kept
    checkpoint θb, `t3s.exact_delta`. Online (no checkpoint needed):
    `t3s.online_delta` takes c(θb) from each token's recorded visit nearest b.
@@ -191,12 +192,12 @@ def _run(out_dir: str, seed: int, say, t_start: float) -> Dict[str, Any]:
         callbacks=[pilot_cb]))
     pilot_trainer.train()
 
-    # 4. the bottleneck: argmin of training accuracy over the evaluated checkpoints
+    # 4. the bottleneck: argmin of training accuracy over the checkpoints evaluated after θ0
     history = read_accuracy_history(pilot_dir)
     b = t3s.find_bottleneck(history["train_acc"])
     kept_checkpoints = sorted(int(n.split("-")[1]) for n in os.listdir(pilot_dir)
                               if n.startswith("checkpoint-"))
-    thetab_dir = theta0_dir if b == 0 else os.path.join(pilot_dir, f"checkpoint-{b}")
+    thetab_dir = os.path.join(pilot_dir, f"checkpoint-{b}")
     say(f"pilot: training accuracy {_curve(history['train_acc'])}")
     say(f"       held-out accuracy {_curve(history['heldout_acc'])}")
     say(f"bottleneck: step {b} (training accuracy {history['train_acc'][b]:.2f}); checkpoints "

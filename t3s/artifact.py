@@ -35,7 +35,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX, TokenTable
+from ._util import sha256_json, to_numpy
+from .data.table import IGNORE_INDEX, TokenTable
 from .selection import SelectionSummary, apply_rule, summarize
 
 __all__ = [
@@ -52,11 +53,6 @@ FORMAT = "t3s.selection"
 VERSION = 1
 _META_KEY = b"t3s"
 _MASK_COLUMNS = ("loss_mask", "forced")
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False,
-                                     separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -77,11 +73,11 @@ def tokenizer_signature(tokenizer) -> Dict[str, Any]:
     parts = {
         "class": type(tokenizer).__name__,
         "vocab_size": len(vocab),
-        "vocab_sha": _sha(vocab),
+        "vocab_sha": sha256_json(vocab),
         "special_tokens": {"map": special_map, "ids": special_ids},
     }
-    parts["special_sha"] = _sha(parts["special_tokens"])
-    parts["fingerprint"] = _sha([parts["class"], parts["vocab_sha"], parts["special_sha"]])
+    parts["special_sha"] = sha256_json(parts["special_tokens"])
+    parts["fingerprint"] = sha256_json([parts["class"], parts["vocab_sha"], parts["special_sha"]])
     return parts
 
 
@@ -91,11 +87,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _example_arrays(ex: Mapping[str, Any]):
-    ids = ex["input_ids"]
-    labels = ex["labels"]
-    ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return ids.reshape(-1).astype(np.int64), labels.reshape(-1)
+    """(input_ids [L] int64, labels [L]) of one example dict, as numpy."""
+    return to_numpy(ex["input_ids"], np.int64).reshape(-1), to_numpy(ex["labels"]).reshape(-1)
 
 
 def dataset_signature(examples: Iterable[Mapping[str, Any]], *,
@@ -110,7 +103,7 @@ def dataset_signature(examples: Iterable[Mapping[str, Any]], *,
                      hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()))
     rows.sort()
     return {
-        "fingerprint": _sha([[r[0], r[1], r[2]] for r in rows]),
+        "fingerprint": sha256_json([[r[0], r[1], r[2]] for r in rows]),
         "example_id": [r[0] for r in rows],
         "num_tokens": [r[1] for r in rows],
         "num_response_tokens": [r[2] for r in rows],

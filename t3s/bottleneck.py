@@ -1,6 +1,6 @@
 """The bottleneck θ_b: the pilot-run checkpoint with the lowest training accuracy.
 
-* `find_bottleneck`: argmin over a finished history.
+* `find_bottleneck`: argmin over a finished history, θ0 (step 0) left out by default.
 * `BottleneckTracker`: the same online, plus which checkpoints may be deleted
   (only the ones that can still be the argmin are kept, so disk use stays
   O(1)) and early detection (stop the pilot once accuracy has recovered).
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .data.collate import pad_token_id
+from .data.table import IGNORE_INDEX
 from .verify import Verifier, get_verifier
 
-__all__ = ["find_bottleneck", "BottleneckTracker", "select_subset", "training_accuracy"]
+__all__ = ["INITIAL_STEP", "find_bottleneck", "BottleneckTracker", "select_subset",
+           "training_accuracy"]
 
 
 def _check_acc(step: Any, acc: Any) -> float:
@@ -32,19 +35,47 @@ def _check_acc(step: Any, acc: Any) -> float:
     return a
 
 
-def find_bottleneck(history: Mapping[int, float]) -> int:
+#: The step of θ0 in an accuracy history: steps count the optimizer updates applied
+#: before the evaluation (`t3s.trainer.AccuracyCallback`), so step 0 is the base model.
+INITIAL_STEP = 0
+
+
+def find_bottleneck(history: Mapping[int, float], exclude_initial: bool = True) -> int:
     """The step with the lowest training accuracy; ties go to the earliest step.
 
-    history: step -> accuracy. Raises ValueError when it is empty or holds NaN.
+    history: step -> accuracy (e.g. ``read_accuracy_history(...)["train_acc"]``).
+
+    exclude_initial: leave out the initial entry, step ``INITIAL_STEP`` (0, θ0
+    itself, evaluated before any update), *(choice, default)*: θ0 is the
+    reference of Δc = c(θ_b) - c(θ0), so b = 0 would make Δc ≡ 0 and the
+    selection meaningless. A history without step 0 is used as it is. Pass
+    False for the plain argmin over every step.
+
+    Raises ValueError when the history is empty, holds NaN or a non-number, or
+    (with ``exclude_initial``) holds nothing but θ0: then no checkpoint after
+    θ0 was evaluated and there is no bottleneck to return.
     """
     if not history:
         raise ValueError("empty accuracy history: no checkpoint was evaluated")
+    steps = sorted(history)
+    for step in steps:
+        _check_acc(step, history[step])
+    if exclude_initial:
+        steps = [s for s in steps if not _is_initial(s)]
+        if not steps:
+            raise ValueError(f"the accuracy history holds only step {INITIAL_STEP} (θ0), which is "
+                             "not a bottleneck candidate (Δc would be 0): evaluate at least one "
+                             "step after θ0, or pass exclude_initial=False")
     best_step, best = None, math.inf
-    for step in sorted(history):
-        a = _check_acc(step, history[step])
+    for step in steps:
+        a = float(history[step])
         if a < best:
             best_step, best = step, a
     return int(best_step)
+
+
+def _is_initial(step: int) -> bool:
+    return int(step) == INITIAL_STEP
 
 
 class BottleneckTracker:
@@ -55,12 +86,25 @@ class BottleneckTracker:
     the bottleneck is declared (``done``) once ``patience`` consecutive
     evaluations are >= running minimum + ``recover_margin``.
 
+    exclude_initial: step ``INITIAL_STEP`` (θ0) is recorded in ``history`` but
+    is no bottleneck candidate: it sets no minimum, counts for no recovery, and
+    its checkpoint is never kept; `bottleneck` is None until a later step is
+    recorded. This is the rule of `find_bottleneck`, with the same default
+    (True), so ``tracker.bottleneck == find_bottleneck(tracker.history,
+    exclude_initial=tracker.exclude_initial)`` once a candidate is recorded.
+    False: every step, θ0 included, is a candidate.
+
     Steps must be given in increasing order. After ``done`` the tracker keeps
     recording, and `bottleneck` stays the argmin of everything seen *(choice)*;
     ``done`` does not reset.
+
+    Checkpoint retention lives here, in one rule (`should_keep_checkpoint`):
+    `deletable`, `kept`, `pop_deletable` and `checkpoints_to_delete` (what
+    `t3s.trainer.AccuracyCallback` deletes) all apply it.
     """
 
-    def __init__(self, *, margin: float = 0.0, recover_margin: float = 0.05, patience: int = 2):
+    def __init__(self, *, margin: float = 0.0, recover_margin: float = 0.05, patience: int = 2,
+                 exclude_initial: bool = True):
         if margin < 0 or recover_margin < 0:
             raise ValueError("margin and recover_margin must be >= 0")
         if patience < 1:
@@ -68,6 +112,11 @@ class BottleneckTracker:
         self.margin = float(margin)
         self.recover_margin = float(recover_margin)
         self.patience = int(patience)
+        self.exclude_initial = bool(exclude_initial)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every evaluation (a new run with the same settings)."""
         self.history: Dict[int, float] = {}
         self.running_min = math.inf
         self.min_step: Optional[int] = None
@@ -83,6 +132,8 @@ class BottleneckTracker:
         if self.history and step <= max(self.history):
             raise ValueError(f"step {step} is not after the last recorded step {max(self.history)}")
         self.history[step] = a
+        if self._excluded(step):
+            return False
         new_min = a < self.running_min
         if new_min:
             self.running_min, self.min_step = a, step
@@ -97,24 +148,30 @@ class BottleneckTracker:
 
     @property
     def bottleneck(self) -> Optional[int]:
-        """The argmin step so far (ties to the earliest), None before any update."""
+        """The argmin step so far (ties to the earliest), None before any candidate."""
         return self.min_step
+
+    def _excluded(self, step: int) -> bool:
+        return self.exclude_initial and _is_initial(step)
 
     def should_keep_checkpoint(self, step: int, acc: Optional[float] = None) -> bool:
         """Can this checkpoint still be (within ``margin`` of) the argmin?
-        True iff acc <= running minimum + margin. ``acc`` defaults to the recorded
-        accuracy of ``step``; an unrecorded accuracy is compared with the current
-        minimum without being recorded."""
+        True iff acc <= running minimum + margin (and ``step`` is a candidate, see
+        ``exclude_initial``). ``acc`` defaults to the recorded accuracy of
+        ``step``; an unrecorded accuracy is compared with the current minimum
+        without being recorded."""
         if acc is None:
             if step not in self.history:
                 raise ValueError(f"step {step} was not recorded; pass its accuracy")
             acc = self.history[step]
         a = _check_acc(step, acc)
+        if self._excluded(step):
+            return False
         return a <= min(self.running_min, a) + self.margin
 
     def deletable(self) -> List[int]:
         """All recorded steps whose checkpoints can no longer be the argmin."""
-        return [s for s, a in sorted(self.history.items()) if a > self.running_min + self.margin]
+        return [s for s in sorted(self.history) if not self.should_keep_checkpoint(s)]
 
     def pop_deletable(self) -> List[int]:
         """The deletable steps not returned by an earlier call (delete them now)."""
@@ -124,7 +181,21 @@ class BottleneckTracker:
 
     def kept(self) -> List[int]:
         """Recorded steps whose checkpoints must be kept."""
-        return [s for s, a in sorted(self.history.items()) if a <= self.running_min + self.margin]
+        return [s for s in sorted(self.history) if self.should_keep_checkpoint(s)]
+
+    def checkpoints_to_delete(self, saved_steps: Iterable[int], *,
+                              keep_latest: bool = True) -> List[int]:
+        """Of the checkpoints saved at ``saved_steps``, those that can no longer be θ_b.
+
+        A saved step is deleted when it was never evaluated (its accuracy is
+        unknown, so it can never be chosen) or when `should_keep_checkpoint`
+        says no. With ``keep_latest`` the latest saved step is always kept
+        (training resumes from it). Returns the steps to delete, ascending.
+        """
+        steps = sorted({int(s) for s in saved_steps})
+        latest = steps[-1] if steps and keep_latest else None
+        return [s for s in steps if s != latest
+                and (s not in self.history or not self.should_keep_checkpoint(s))]
 
     def __repr__(self) -> str:
         return (f"BottleneckTracker(bottleneck={self.bottleneck}, min={self.running_min:.4f}, "
@@ -152,7 +223,7 @@ def _prompt_ids(ex: Mapping[str, Any]) -> List[int]:
         return ids[:int(ex["prompt_length"])]
     labels = ex["labels"]
     labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-    n = next((i for i, y in enumerate(labels) if y != -100), len(labels))
+    n = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
     return ids[:n]
 
 
@@ -191,11 +262,7 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None)
-    if pad_id is None:
-        pad_id = 0
+    pad_id = pad_token_id(tokenizer)
     device = _model_device(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):

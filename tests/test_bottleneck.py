@@ -37,7 +37,20 @@ def test_find_bottleneck_random(rng):
     accs = rng.integers(0, 6, 30) / 5             # many ties
     hist = {int(s): float(a) for s, a in zip(steps, accs)}
     lo = min(hist.values())
-    assert find_bottleneck(hist) == min(s for s, a in hist.items() if a == lo)
+    assert find_bottleneck(hist, exclude_initial=False) == min(s for s, a in hist.items() if a == lo)
+
+
+def test_find_bottleneck_excludes_theta0_by_default():
+    hist = {0: 0.1, 10: 0.4, 20: 0.3, 30: 0.5}     # θ0 is the lowest
+    assert find_bottleneck(hist) == 20             # step 0 is θ0: Δc ≡ 0, never the bottleneck
+    assert find_bottleneck(hist, exclude_initial=True) == 20
+    assert find_bottleneck(hist, exclude_initial=False) == 0
+    assert find_bottleneck({10: 0.4, 20: 0.4}) == 10   # no θ0 entry: nothing left out
+    with pytest.raises(ValueError, match="only step 0"):
+        find_bottleneck({0: 0.5})
+    assert find_bottleneck({0: 0.5}, exclude_initial=False) == 0
+    with pytest.raises(ValueError, match="NaN"):   # θ0's entry is still validated
+        find_bottleneck({0: float("nan"), 1: 0.5})
 
 
 def test_find_bottleneck_errors():
@@ -69,7 +82,7 @@ def test_online_detection():
 
 
 def test_detection_resets_on_new_minimum():
-    t = BottleneckTracker(recover_margin=0.05, patience=2)
+    t = BottleneckTracker(recover_margin=0.05, patience=2, exclude_initial=False)
     for step, acc in [(0, 0.5), (1, 0.6), (2, 0.1), (3, 0.2)]:
         t.update(step, acc)
     assert not t.done                              # 1 recovered, but 2 is a new minimum
@@ -78,7 +91,7 @@ def test_detection_resets_on_new_minimum():
 
 
 def test_retention():
-    t = BottleneckTracker(margin=0.05)
+    t = BottleneckTracker(margin=0.05, exclude_initial=False)
     t.update(0, 0.8)
     assert t.should_keep_checkpoint(0)
     t.update(1, 0.5)
@@ -99,19 +112,52 @@ def test_retention():
         t.update(9, float("nan"))
 
 
-def test_tracker_matches_offline(rng):
+def test_retention_excluding_theta0():
+    t = BottleneckTracker(margin=0.05)             # exclude_initial=True: find_bottleneck's default
+    assert not t.update(0, 0.1)                    # θ0: recorded, but no candidate
+    assert t.history == {0: 0.1} and t.bottleneck is None and not t.should_keep_checkpoint(0)
+    assert t.update(1, 0.5) and t.bottleneck == 1  # 0.5 > θ0's 0.1, still the minimum
+    t.update(2, 0.53)
+    assert t.kept() == [1, 2] and t.deletable() == [0]
+    t.update(3, 0.9)
+    t.update(4, 0.9)
+    assert t.done and t.declared_at == 4           # recovered twice after the minimum at 1
+    t.reset()
+    assert t.history == {} and t.bottleneck is None and not t.done and t.exclude_initial
+
+
+def test_checkpoints_to_delete():
+    t = BottleneckTracker(margin=0.05, exclude_initial=False)
+    for step, acc in [(0, 0.8), (2, 0.5), (4, 0.53), (6, 0.7)]:
+        t.update(step, acc)
+    saved = [2, 3, 4, 6, 8]                        # 3 and 8 were never evaluated
+    assert t.checkpoints_to_delete(saved) == [3, 6]             # 8 is the latest: kept
+    assert t.checkpoints_to_delete(saved, keep_latest=False) == [3, 6, 8]
+    assert t.checkpoints_to_delete([]) == []
+    for s in saved[:-1]:                           # the same rule as should_keep_checkpoint
+        assert (s in t.checkpoints_to_delete(saved)) == \
+            (s not in t.history or not t.should_keep_checkpoint(s))
+
+
+@pytest.mark.parametrize("exclude_initial", [False, True])
+def test_tracker_matches_offline(rng, exclude_initial):
     margin = float(rng.uniform(0, 0.2))
-    t = BottleneckTracker(margin=margin, recover_margin=0.1, patience=3)
+    t = BottleneckTracker(margin=margin, recover_margin=0.1, patience=3,
+                          exclude_initial=exclude_initial)
     hist, deleted = {}, set()
     for step in range(0, 400, 10):
         acc = float(rng.integers(0, 11) / 10)
         t.update(step, acc)
         hist[step] = acc
         deleted.update(t.pop_deletable())
-        assert t.bottleneck == find_bottleneck(hist)
+        candidates = {s: a for s, a in hist.items() if not (exclude_initial and s == 0)}
+        if not candidates:                          # only θ0 so far, and it is excluded
+            assert t.bottleneck is None and deleted == {0}
+            continue
+        assert t.bottleneck == find_bottleneck(hist, exclude_initial=exclude_initial)
         assert t.bottleneck not in deleted         # the argmin is never deleted
-        lo = min(hist.values())
-        assert deleted == {s for s, a in hist.items() if a > lo + margin}
+        lo = min(candidates.values())
+        assert deleted == {s for s, a in hist.items() if a > lo + margin or s not in candidates}
 
 
 # -------------------------------------------------------------------------------------

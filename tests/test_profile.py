@@ -11,15 +11,10 @@ transformers = pytest.importorskip("transformers")
 
 import t3s_kernels  # noqa: E402
 from t3s.heads import last_hidden_state, lm_head  # noqa: E402
-from t3s.profile import (  # noqa: E402
-    _rankdata,
-    compare_deltas,
-    exact_delta,
-    online_delta,
-    profile,
-)
-from t3s.recorder import TrajectoryRecorder  # noqa: E402
-from t3s.store import TrajectoryReader  # noqa: E402
+from t3s.delta import compare_deltas, exact_delta, online_delta, rankdata  # noqa: E402
+from t3s.profiling import profile  # noqa: E402
+from t3s.trajectory.recorder import TrajectoryRecorder  # noqa: E402
+from t3s.trajectory.store import TrajectoryReader  # noqa: E402
 from t3s_kernels import linear_cross_entropy  # noqa: E402
 
 DS = "ds-profile"
@@ -374,7 +369,7 @@ def test_compare_deltas_counts():
     assert a.pearson == pytest.approx(np.corrcoef(d_on, d_ex)[0, 1], abs=1e-6)
     with pytest.raises(ValueError, match="dataset_fingerprint"):
         online_delta("some/store/dir", 4)
-    np.testing.assert_array_equal(_rankdata(np.array([3.0, 1.0, 2.0, 2.0, 5.0])),
+    np.testing.assert_array_equal(rankdata(np.array([3.0, 1.0, 2.0, 2.0, 5.0])),
                                   [4.0, 1.0, 2.5, 2.5, 5.0])
     # Opposite orders; the threshold moves the mask.
     flipped = exact.set_column(2, "delta", pa.array([-0.4, 0.1, -0.3, 0.0], pa.float32()))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from t3s.data import token_keys
-from t3s.recorder import TrajectoryRecorder
-from t3s.store import TrajectoryReader, TrajectoryWriter
+from t3s.trajectory.recorder import TrajectoryRecorder
+from t3s.trajectory.store import TrajectoryReader, TrajectoryWriter
 from t3s_kernels import linear_cross_entropy
 
 DS = "ds-recorder"

@@ -1,4 +1,4 @@
-"""t3s.rrt: theta_RRT = theta_0 + (theta_final - theta_b), on state dicts and safetensors."""
+"""t3s.weights (t3s.rrt): theta_RRT = theta_0 + (theta_final - theta_b), on state dicts and safetensors."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from t3s.rrt import load_state_dict, rrt, save_rrt  # noqa: E402
+from t3s.weights import load_state_dict, rrt, save_rrt  # noqa: E402
 
 DTYPES = {"w32": torch.float32, "w16": torch.float16, "wbf": torch.bfloat16,
           "w64": torch.float64}

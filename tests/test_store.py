@@ -9,16 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from t3s.store import (
-    MANIFEST_NAME,
-    TrajectoryReader,
-    TrajectoryWriter,
-    first_visit,
-    nearest_visit,
-    read_shard,
-    shard_path,
-    visits,
-)
+from t3s.trajectory.queries import first_visit, nearest_visit, visits
+from t3s.trajectory.store import MANIFEST_NAME, TrajectoryReader, TrajectoryWriter, read_shard, shard_path
 
 DS = "dataset-sha256:abc"
 

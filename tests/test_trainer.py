@@ -139,7 +139,8 @@ def test_trainer_records_and_evaluates(tmp_path, tok, dataset):
     logs = trainer.state.log_history
     acc_logs = [r for r in logs if "t3s/train_acc" in r]
     assert [r["step"] for r in acc_logs] == [0, 1, 2, 3]
-    assert [r["t3s/bottleneck_step"] for r in acc_logs] == [0, 1, 1, 1]
+    # θ0 (step 0) is no bottleneck candidate (find_bottleneck's rule): none logged at step 0
+    assert [r.get("t3s/bottleneck_step") for r in acc_logs] == [None, 1, 1, 1]
     loss_logs = [r for r in logs if "loss" in r]
     assert len(loss_logs) == 3
     for r in loss_logs:
@@ -201,6 +202,37 @@ def test_resume_reads_history_back(tmp_path, tok, dataset):
     assert set(os.listdir(tmp_path)) == {ACCURACY_FILE, "checkpoint-6", "traj"}
     steps = t3s.TrajectoryReader(tmp_path / "traj", dataset_fingerprint=None).steps()
     assert steps.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("exclude_initial", [False, True])
+def test_pruning_follows_the_tracker_rule(tmp_path, tok, dataset, exclude_initial):
+    """AccuracyCallback deletes exactly what its BottleneckTracker's retention rule says
+    (one rule, in the tracker): also for a tracker whose rule differs from the default."""
+    from types import SimpleNamespace
+
+    class KeepsEverythingEvaluated(t3s.BottleneckTracker):
+        def should_keep_checkpoint(self, step, acc=None):
+            return True
+
+    rng = np.random.default_rng(0)
+    for tracker in (t3s.BottleneckTracker(margin=0.1, exclude_initial=exclude_initial),
+                    KeepsEverythingEvaluated(exclude_initial=exclude_initial)):
+        out = tmp_path / type(tracker).__name__
+        cb = AccuracyCallback(tok, dataset, tracker=tracker, prune_checkpoints=True)
+        for step in range(0, 40, 2):                # odd steps are saved but never evaluated
+            tracker.update(step, float(rng.integers(0, 11) / 10))
+        saved = list(range(0, 40))
+        for step in saved:
+            (out / f"checkpoint-{step}").mkdir(parents=True)
+        expected = set(saved) - set(tracker.checkpoints_to_delete(saved))
+        args = SimpleNamespace(output_dir=str(out))
+        state = SimpleNamespace(is_world_process_zero=True, global_step=39)
+        cb.on_save(args, state, SimpleNamespace())
+        left = {int(d.name.split("-")[1]) for d in out.iterdir() if d.name.startswith("checkpoint-")}
+        assert left == expected
+        assert left == {39} | {s for s in tracker.history if tracker.should_keep_checkpoint(s)}
+        assert sorted(cb.deleted_checkpoints) == sorted(set(saved) - left)
+        assert read_accuracy_history(out)["kept_checkpoints"] == sorted(left)
 
 
 # -------------------------------------------------------------------------------------
@@ -314,8 +346,9 @@ def test_sft_trainer_smoke(tmp_path, tok, dataset):
 
 def test_sft_trainer_without_trl_says_how_to_install(monkeypatch):
     import t3s.trainer as tt
+    import t3s.trainer.sft as sft
 
-    monkeypatch.setattr(tt, "_SFT_CLASS", None)
+    monkeypatch.setattr(sft, "_SFT_CLASS", None)  # the cached class: build it again
     monkeypatch.setitem(sys.modules, "trl", None)   # `import trl` raises ImportError
     with pytest.raises(ImportError, match="pip install trl"):
         tt.T3SSFTTrainer

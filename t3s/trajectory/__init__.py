@@ -1,0 +1,16 @@
+"""The training trajectory: per-token log p(y_t) at every step it was trained on.
+
+- `t3s.trajectory.store`: the on-disk store (Arrow IPC shards, one per rank, and a
+  manifest), `TrajectoryWriter` / `TrajectoryReader`;
+- `t3s.trajectory.queries`: `visits`, `nearest_visit` (c_t(θ_b) read online),
+  `first_visit`, `join_tokens` on tables of that schema;
+- `t3s.trajectory.recorder`: `TrajectoryRecorder`, which feeds the store from the
+  fused loss's per-token statistics during training.
+"""
+
+from .queries import first_visit, join_tokens, nearest_visit, visits
+from .recorder import TrajectoryRecorder
+from .store import StoreManifest, TrajectoryReader, TrajectoryWriter, read_shard, shard_path
+
+__all__ = ["StoreManifest", "TrajectoryWriter", "TrajectoryReader", "TrajectoryRecorder",
+           "read_shard", "shard_path", "visits", "nearest_visit", "first_visit", "join_tokens"]
