@@ -61,11 +61,12 @@ __all__ = ["STAGES", "STAGE_NAMES", "NEEDS_MODEL", "NEEDS_TRAIN", "ARMS", "FORCE
 # --------------------------------------------------------------------------------------
 
 def bottleneck_step(train_acc: Mapping[int, float]) -> Optional[int]:
-    """argmin of training accuracy over the evaluated steps after step 0 (ties: earliest)."""
-    from ..bottleneck import find_bottleneck
-    # find_bottleneck excludes θ0 by default
-    after = {s: a for s, a in train_acc.items() if s > 0}
-    return find_bottleneck(after) if after else None
+    """`t3s.find_bottleneck` (θ0 excluded, ties: earliest); None when no step after θ0
+    was evaluated."""
+    from ..bottleneck import INITIAL_STEP, find_bottleneck
+    if not set(train_acc) - {INITIAL_STEP}:
+        return None
+    return find_bottleneck(train_acc)
 
 
 def _training_data(cfg: Mapping[str, Any]):
@@ -152,7 +153,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     from .. import compare_deltas, exact_delta, online_delta, profile
     from ..artifact import SelectionArtifact, dataset_fingerprint, tokenizer_fingerprint
     from ..data import TokenTable
-    from ..store import TrajectoryReader
+    from ..trajectory import TrajectoryReader
     cfg, work = ctx.cfg, ctx.work
     pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
     b = pilot["bottleneck_step"]

@@ -18,7 +18,7 @@ from .loaders import resolve_device
 from .rundir import write_json
 from .settings import UsageError
 
-__all__ = ["training_args", "after_start_tracker", "accuracy_callback", "progress_bar",
+__all__ = ["training_args", "accuracy_callback", "progress_bar",
            "save_log", "checkpoints", "finals"]
 
 
@@ -40,32 +40,18 @@ def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
         raise UsageError(f"training settings: {one_line(e)}") from None
 
 
-def after_start_tracker():
-    """A `t3s.BottleneckTracker` that records step 0 (θ0) without counting it as a
-    bottleneck candidate (see `t3s.pipeline.stages`); checkpoint pruning follows
-    the same minimum."""
-    from ..bottleneck import BottleneckTracker
-
-    class AfterStartTracker(BottleneckTracker):
-        def update(self, step, acc):
-            # find_bottleneck excludes θ0 by default
-            if int(step) == 0 and not self.history:
-                self.history[0] = float(acc)
-                return False
-            return super().update(step, acc)
-
-    return AfterStartTracker()
-
-
 def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
-    """`t3s.trainer.AccuracyCallback` under the settings, writing `rundir.ACCURACY_FILE`."""
+    """`t3s.trainer.AccuracyCallback` under the settings, writing `rundir.ACCURACY_FILE`.
+
+    Its default tracker excludes θ0 (step 0) from the bottleneck candidates, as
+    `t3s.find_bottleneck` does; checkpoint pruning follows the same minimum."""
     from ..trainer import AccuracyCallback
     subset = cfg["eval_subset"] or None
     return AccuracyCallback(tok, train, heldout=heldout, eval_steps=cfg["eval_steps"],
                             verifier=cfg["verifier"], subset_size=subset,
                             heldout_subset_size=subset, max_new_tokens=cfg["max_new_tokens"],
                             batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
-                            tracker=after_start_tracker(), prune_checkpoints=prune,
+                            prune_checkpoints=prune,
                             progress=cfg["progress"], history_file=rundir.ACCURACY_FILE)
 
 
