@@ -17,16 +17,11 @@ The method, in the order a run uses it:
 The kernels live in `t3s_kernels`. Modules: `t3s.data` (package), `t3s.trajectory`
 (store, queries, recorder), `t3s.bottleneck`, `t3s.profiling`, `t3s.delta`,
 `t3s.selection`, `t3s.artifact`, `t3s.weights` (RRT), `t3s.trainer` (package;
-imported on first use), `t3s.hf` / `t3s.heads` / `t3s.loss` (the patched loss),
+imported on first use), `t3s.hf` (patch, heads, labels, guards) / `t3s.loss` (the patched loss),
 `t3s.verify`.
 """
 
 from t3s_kernels import TokenStats, linear_cross_entropy, target_logprobs
-
-# The deprecated modules t3s.profile and t3s.rrt are loaded before the functions of the
-# same names are bound below: a later `from t3s.profile import x` then finds the module in
-# sys.modules and leaves the attributes t3s.profile / t3s.rrt (the functions) alone.
-from . import profile as _profile_module, rrt as _rrt_module  # noqa: F401  isort: skip
 
 from .artifact import SelectionArtifact, dataset_fingerprint, load_artifact, tokenizer_fingerprint
 from .bottleneck import BottleneckTracker, find_bottleneck, training_accuracy
@@ -43,8 +38,7 @@ from .data import (
     tokenize_trace,
 )
 from .delta import Agreement, compare_deltas, exact_delta, online_delta
-from .heads import LMHead, lm_head
-from .hf import count_loss_items, is_patched, patch, unpatch
+from .hf import LMHead, count_loss_items, is_patched, lm_head, patch, unpatch
 from .loss import masked_ce
 from .profiling import profile
 from .selection import (
@@ -62,8 +56,6 @@ from .selection import (
 from .trajectory import StoreManifest, TrajectoryReader, TrajectoryRecorder, TrajectoryWriter
 from .verify import exact_match, get_verifier, math_verify_match
 from .weights import rrt, save_rrt
-
-del _profile_module, _rrt_module
 
 _TRAINER_NAMES = ("T3STrainerMixin", "T3STrainer", "T3SSFTTrainer", "sft_trainer_class",
                   "AccuracyCallback", "read_accuracy_history")

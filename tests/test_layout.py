@@ -206,3 +206,16 @@ def test_readme_layout_table_matches_the_tree():
     assert paths
     missing = [p for p in paths if not os.path.exists(ROOT / p.split(" ")[0])]
     assert not missing, missing
+
+
+def test_no_module_shares_a_name_with_a_public_function():
+    """`import t3s.x; t3s.x.y` must mean the module: no submodule of t3s is shadowed by a
+    public name of the package (t3s.profile and t3s.rrt are functions; their modules are
+    t3s.profiling and t3s.weights)."""
+    import t3s
+
+    shadowed = [name for name in t3s.__all__ if f"t3s.{name}" in MODULES]
+    assert not shadowed, shadowed
+    import t3s.profiling
+    import t3s.weights
+    assert t3s.profiling.profile is t3s.profile and t3s.weights.rrt is t3s.rrt
