@@ -198,14 +198,19 @@ def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
 
 
 def test_readme_layout_table_matches_the_tree():
-    """Every path in the README's layout table exists."""
+    """Every path the README's layout table names exists, and every subpackage is named."""
+    import re
+
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    paths = [cell.strip().strip("`") for line in section.splitlines()
-             if line.startswith("| `") for cell in line.split("|")[1:2]]
+    paths = [p for line in section.splitlines() if line.startswith("| `")
+             for p in re.findall(r"`([^`]+)`", line.split("|")[1])]
     assert paths
-    missing = [p for p in paths if not os.path.exists(ROOT / p.split(" ")[0])]
+    missing = [p for p in paths if not os.path.exists(ROOT / p)]
     assert not missing, missing
+    packages = {f"{m.replace('.', '/')}/" for m, (_, is_pkg) in MODULES.items()
+                if is_pkg and m not in PACKAGES}
+    assert not packages - set(paths), f"not in the layout table: {sorted(packages - set(paths))}"
 
 
 def test_no_module_shares_a_name_with_a_public_function():
