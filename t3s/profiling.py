@@ -4,7 +4,7 @@
 ``get_output_embeddings()``) over the data at one checkpoint, and computes each
 response token's log-prob with `t3s_kernels.target_logprobs` on the last hidden
 state and the lm_head weight: the N x V logits are never materialised. The
-hidden states and the logit map come from `t3s.heads` (`last_hidden_state`,
+hidden states and the logit map come from `t3s.hf.heads` (`last_hidden_state`,
 `lm_head`), the same description `t3s.patch` trains with. The result is a
 per-token table in the `t3s.trajectory.store` schema (step, example_id,
 position, logprob), written to a store (resumable) or returned.
@@ -213,7 +213,7 @@ def profile(
         sort_window: examples are read in windows of sort_window x batch_size
             and sorted by length within each, to limit padding.
         verify: measure the model's logit map (scale, softcap) with one probe
-            forward of 8 tokens (`t3s.heads.lm_head`, as `t3s.patch` does), and
+            forward of 8 tokens (`t3s.hf.heads.lm_head`, as `t3s.patch` does), and
             check once, on a prefix of the first example, that the result equals
             ``log_softmax(model(input_ids).logits)`` (within `verify_atol`: 1e-3
             for float32 models, 0.25 otherwise). False: take the logit map from

@@ -13,16 +13,16 @@ Gemma/Gemma2, GPT-2, Phi, Cohere, Granite, multimodal wrappers, ...):
 * The model's own forward still runs, with every input passed through
   (``attention_mask``, ``position_ids`` of packed batches, ``past_key_values`` /
   ``cache``, ``use_cache``, pixel inputs, ...). Only the output embedding
-  (``model.get_output_embeddings()``) is intercepted, by a `t3s.heads.HeadTap`
+  (``model.get_output_embeddings()``) is intercepted, by a `t3s.hf.heads.HeadTap`
   installed once at patch time: during a loss call it records the hidden
   states it receives, i.e. exactly what the model would project, after
   whatever final norm or scaling the architecture applies (as in
-  `t3s.heads.last_hidden_state`), and skips the projection.
+  `t3s.hf.heads.last_hidden_state`), and skips the projection.
 * Nothing is swapped per call, so ``torch.compile(model)`` (and HF's
   ``TrainingArguments(torch_compile=True)``) traces the patched forward; the
   loss runs in t3s_kernels' custom ops.
 * What the model does to the logits *after* the output embedding is measured
-  once, at patch time, by `t3s.heads.lm_head`'s probe (``verify=True``): the
+  once, at patch time, by `t3s.hf.heads.lm_head`'s probe (``verify=True``): the
   probe feeds known values through the model's post-processing and fits
   ``logits = softcap(scale * z)``, with ``softcap`` taken from
   ``config.final_logit_softcapping`` (Gemma 2/3) when the model really applies
@@ -83,7 +83,7 @@ class PatchInfo:
         restores it. Nothing here is a bound method or a closure, so a patched
         model survives ``copy.deepcopy`` and pickling (`torch.save`).
     patched_forward: the `PatchedForward` installed as ``model.forward``.
-    head: the model's logit map (`t3s.heads.LMHead`: ``logit_scale``,
+    head: the model's logit map (`t3s.hf.heads.LMHead`: ``logit_scale``,
         ``softcap``, ``vocab_size``, ``verified``), measured at patch time. The
         head's weight is read from the model's output embedding at every call.
     """
@@ -151,7 +151,7 @@ def patch(
         backend: kernel backend for the loss: None (automatic), 'triton' or 'torch'.
         verify: run a probe forward (8 tokens, eval mode, no grad) now to check
             that the model's logits are ``softcap(scale * (h @ W.T + b))`` and to
-            measure ``scale`` (see `t3s.heads.lm_head`). Skipped with a warning
+            measure ``scale`` (see `t3s.hf.heads.lm_head`). Skipped with a warning
             when the weights are not materialised (meta device, ZeRO-3
             partitions, DTensors).
         logit_scale: the scalar multiplier on the head's output; measured when
