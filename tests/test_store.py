@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from t3s.trajectory.queries import first_visit, nearest_visit, visits
-from t3s.trajectory.store import MANIFEST_NAME, TrajectoryReader, TrajectoryWriter, read_shard, shard_path
+from t3s.trajectory.store import (MANIFEST_NAME, TrajectoryReader, TrajectoryWriter, read_shard,
+                                  seal_path, shard_path)
 
 DS = "dataset-sha256:abc"
 
@@ -71,6 +72,7 @@ def test_torn_tail_is_skipped_and_append_resumes(tmp_path):
         last_len = w.path.stat().st_size - before
     with open(path, "r+b") as f:
         f.truncate(full - last_len // 2)
+    seal_path(path).unlink()  # a killed writer never seals its shard
 
     with pytest.warns(RuntimeWarning, match="torn tail"):
         table = TrajectoryReader(tmp_path, dataset_fingerprint=DS).read()

@@ -22,9 +22,20 @@ single buffered write and flushes it (``fsync=True`` also forces it to disk),
 and no end-of-stream marker is needed. A killed run therefore leaves every
 earlier message intact and at most one truncated message at the end: readers
 skip such a torn tail with a warning. Reopening a shard for writing
-(``mode="append"``, the default) truncates a torn tail, checks the schema, and
-appends further messages, so the file stays one valid stream. A shard is locked
-(``fcntl.flock``, where available) while a writer holds it.
+(``mode="append"``, the default) truncates a verified torn tail, checks the
+schema, and appends further messages, so the file stays one valid stream. A
+shard is locked (``fcntl.flock``, where available) while a writer holds it.
+
+Integrity (format version 2). Every record batch carries the CRC32 of its
+decoded columns in its custom metadata (``t3s.crc32``), and closing a writer
+seals its shard: ``traj-rankNNNNN.seal.json`` records the shard's size, rows
+and whole-file CRC32. The manifest records the world size. A reader returns
+exactly what was written, or raises a ``ValueError`` naming the shard, the byte
+offset and what to do: for a flipped bit (a checksum mismatch), a sealed shard
+that changed, a shard that is missing, or damage mid-file. Only a record cut
+off at the very end of an unsealed shard (a killed run) counts as a torn tail.
+``allow_partial=True`` reads the shards that are there when some are missing.
+Version-1 stores (no checksums, no seals) are still read.
 
 Reading. `TrajectoryReader` checks the manifest against the dataset fingerprint
 the caller expects (a mismatch is a ``ValueError``), merges all rank shards and
@@ -46,6 +57,7 @@ import datetime
 import json
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
@@ -54,6 +66,8 @@ import pyarrow as pa
 
 from .._util import to_numpy
 from .queries import KEY_COLUMNS, first_visit, join_tokens, nearest_visit, visits
+from .shards import (BASE_COLUMNS, BASE_FIELDS, ShardCorruption, batch_message, load_shard,
+                     read_seal, read_shard, seal_path, shard_path, trajectory_schema)
 
 try:  # advisory lock against two writers on one shard (POSIX only)
     import fcntl
@@ -61,17 +75,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 FORMAT_NAME = "t3s.trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-BASE_FIELDS = (
-    pa.field("step", pa.int32(), nullable=False),
-    pa.field("example_id", pa.int64(), nullable=False),
-    pa.field("position", pa.int32(), nullable=False),
-    pa.field("logprob", pa.float32(), nullable=False),
-)
-BASE_COLUMNS = tuple(f.name for f in BASE_FIELDS)
-_END_MARKERS = (b"", b"\xff\xff\xff\xff\x00\x00\x00\x00", b"\x00\x00\x00\x00")
-
+INT32_RANGE = (-(2**31), 2**31 - 1)
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
@@ -88,28 +94,15 @@ __all__ = [
     "shard_path",
     "trajectory_schema",
     "read_shard",
+    "load_shard",
+    "read_seal",
+    "seal_path",
+    "ShardCorruption",
     "visits",
     "nearest_visit",
     "first_visit",
     "join_tokens",
 ]
-
-
-def shard_path(directory: PathLike, rank: int) -> Path:
-    """Path of rank `rank`'s shard: ``<directory>/traj-rank{rank:05d}.arrow``."""
-    return Path(directory) / f"traj-rank{int(rank):05d}.arrow"
-
-
-def trajectory_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
-    """Schema of a shard: the base columns plus float32 `extra_columns`."""
-    extra = list(extra_columns)
-    clash = [c for c in extra if c in BASE_COLUMNS]
-    if clash:
-        raise ValueError(f"extra column names clash with the base columns: {clash}")
-    if len(set(extra)) != len(extra):
-        raise ValueError(f"duplicate extra column names: {extra}")
-    return pa.schema(list(BASE_FIELDS) + [pa.field(c, pa.float32(), nullable=False)
-                                          for c in extra])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +113,9 @@ class StoreManifest:
     tokenizer_fingerprint: a string chosen by the caller (e.g. a hash of the vocab).
     model_id: the model (or checkpoint) the values come from.
     extra_columns: float32 columns beyond (step, example_id, position, logprob).
+    world_size: how many rank shards the store holds (None: unknown, e.g. ranks
+        given by hand without torch.distributed); readers refuse a store with
+        one missing.
     created: ISO-8601 UTC time of creation. metadata: free-form JSON.
     """
 
@@ -127,6 +123,7 @@ class StoreManifest:
     tokenizer_fingerprint: str = ""
     model_id: str = ""
     extra_columns: tuple = ()
+    world_size: Optional[int] = None
     created: str = ""
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     format: str = FORMAT_NAME
@@ -192,70 +189,6 @@ def _write_manifest_once(directory: Path, manifest: StoreManifest) -> StoreManif
     return StoreManifest.load(directory)
 
 
-def _scan_messages(buf: pa.Buffer, path: Path):
-    """Decode the messages of one shard held in `buf`.
-
-    Returns (batches, schema, end) where `end` is the byte offset just past the
-    last complete message; bytes beyond it are a torn tail. A schema message
-    may appear again after an end-of-stream marker (concatenated streams).
-    """
-    reader = pa.BufferReader(buf)
-    size = buf.size
-    schema: Optional[pa.Schema] = None
-    batches: List[pa.RecordBatch] = []
-    end = 0
-    while True:
-        start = reader.tell()
-        try:
-            msg = pa.ipc.read_message(reader)
-        except EOFError:
-            # Clean end of file or an end-of-stream marker (another stream may
-            # follow it); anything else read here is a torn length prefix.
-            pos = reader.tell()
-            if bytes(buf[start:pos]) not in _END_MARKERS:
-                break
-            end = pos
-            if pos >= size:
-                break
-            continue
-        except (OSError, pa.ArrowInvalid):
-            break
-        if msg.type == "schema":
-            got = pa.ipc.read_schema(msg)
-            if schema is not None and not got.equals(schema):
-                raise ValueError(f"{path}: schema changes inside the shard: {schema} -> {got}")
-            schema = got
-        elif msg.type == "record batch":
-            if schema is None:
-                raise ValueError(f"{path}: record batch before any schema message")
-            batches.append(pa.ipc.read_record_batch(msg, schema))
-        else:
-            raise ValueError(f"{path}: unexpected IPC message type {msg.type!r}")
-        end = reader.tell()
-    return batches, schema, end
-
-
-def _read_bytes(path: Path) -> pa.Buffer:
-    # Read into memory rather than memory-map: a writer may truncate the file
-    # (torn tail, overwrite) while tables read from it are still alive.
-    with pa.OSFile(str(path), "r") as source:
-        return source.read_buffer()
-
-
-def read_shard(path: PathLike, *, warn: bool = True) -> pa.Table:
-    """All complete records of one shard; a torn tail is skipped with a warning."""
-    path = Path(path)
-    buf = _read_bytes(path)
-    batches, schema, end = _scan_messages(buf, path)
-    if end < buf.size and warn:
-        warnings.warn(f"{path}: skipping a torn tail of {buf.size - end} bytes (a record "
-                      "still being written, or cut off when a run stopped)", RuntimeWarning,
-                      stacklevel=2)
-    if schema is None:
-        return trajectory_schema().empty_table()
-    return pa.Table.from_batches(batches, schema=schema)
-
-
 class TrajectoryWriter:
     """Appends records to one rank's shard of a trajectory store.
 
@@ -264,19 +197,27 @@ class TrajectoryWriter:
         dataset_fingerprint: must equal the manifest's if the store exists.
         tokenizer_fingerprint, model_id, metadata: written to a new manifest.
         rank: shard index (default: the torch.distributed rank, else 0).
+        world_size: shards the store holds (default: the torch.distributed world
+            size; 1 when neither rank nor torch.distributed is set; unknown when a
+            rank is given without it). Written to a new manifest, checked
+            against an existing one.
         extra_columns: float32 columns beyond logprob (e.g. ("entropy",)).
         fsync: also ``os.fsync`` after every append (flush is always done).
         mode: 'append' (default) continues an existing shard after dropping a
             torn tail; 'overwrite' starts the shard afresh.
 
-    Every `append` is one IPC message, written whole and flushed: a killed run
-    loses at most the message being written. Not thread-safe; use one writer
-    per shard (a second writer on the same shard gets a ``RuntimeError``).
+    Every `append` is one IPC message with its CRC32, written whole and flushed:
+    a killed run loses at most the message being written. `close` seals the
+    shard (size, rows, CRC32). Reopening for append verifies the shard first: a
+    damaged one is refused and left unchanged; only a torn tail of an unsealed
+    shard is dropped. Not thread-safe; use one writer per shard (a second writer
+    on the same shard gets a ``RuntimeError``).
     """
 
     def __init__(self, directory: PathLike, *, dataset_fingerprint: str,
                  tokenizer_fingerprint: str = "", model_id: str = "",
-                 rank: Optional[int] = None, extra_columns: Sequence[str] = (),
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 extra_columns: Sequence[str] = (),
                  fsync: bool = False, mode: str = "append",
                  metadata: Optional[Mapping[str, Any]] = None):
         if mode not in ("append", "overwrite"):
@@ -286,6 +227,11 @@ class TrajectoryWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank = _default_rank() if rank is None else int(rank)
+        if world_size is None:
+            world_size = _default_world_size() if rank is None or _dist_ready() else None
+        if world_size is not None and not 0 <= self.rank < int(world_size):
+            raise ValueError(f"rank {self.rank} is outside world_size {world_size}")
+        self.world_size = None if world_size is None else int(world_size)
         self.schema = trajectory_schema(extra_columns)
         self.extra_columns = tuple(extra_columns)
         self.fsync = bool(fsync)
@@ -293,14 +239,26 @@ class TrajectoryWriter:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.manifest = _write_manifest_once(self.directory, StoreManifest(
             dataset_fingerprint=dataset_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
-            model_id=model_id, extra_columns=self.extra_columns, created=created,
-            metadata=dict(metadata or {})))
+            model_id=model_id, extra_columns=self.extra_columns, world_size=self.world_size,
+            created=created, metadata=dict(metadata or {})))
+        if self.manifest.version < FORMAT_VERSION:
+            raise ValueError(f"store {self.directory} has format version {self.manifest.version} "
+                             f"(no checksums); write version {FORMAT_VERSION} to a new directory")
         self.manifest.check(dataset_fingerprint=dataset_fingerprint,
                             tokenizer_fingerprint=tokenizer_fingerprint, where=str(self.directory))
         if tuple(self.manifest.extra_columns) != self.extra_columns:
             raise ValueError(f"store {self.directory} has extra columns "
                              f"{list(self.manifest.extra_columns)}, not {list(self.extra_columns)}")
+        known = self.manifest.world_size
+        if known is not None and not self.rank < known:
+            raise ValueError(f"store {self.directory} holds {known} rank shards; rank "
+                             f"{self.rank} does not belong to it")
+        if known is not None and self.world_size is not None and known != self.world_size:
+            raise ValueError(f"store {self.directory} was created for world_size {known}, "
+                             f"not {self.world_size}")
         self.path = shard_path(self.directory, self.rank)
+        self._crc = 0  # running CRC32, size and rows of the shard, for the seal
+        self._size = self._rows = 0
         self._file = open(self.path, "a+b")
         try:
             self._lock()
@@ -323,14 +281,15 @@ class TrajectoryWriter:
         f.seek(0, os.SEEK_END)
         size = f.tell()
         if mode == "overwrite" or size == 0:
-            f.truncate(0)
-            self._write(self.schema.serialize())
+            self._restart()
             return
-        buf = _read_bytes(self.path)
-        _, schema, end = _scan_messages(buf, self.path)
+        try:  # verify before changing anything: a damaged shard is refused untouched
+            buf, batches, schema, end = load_shard(self.path, schema=self.schema)
+        except ShardCorruption as exc:
+            raise ValueError(f"{exc}. Not appending to it: the shard is left unchanged; use "
+                             "mode='overwrite' to record it again") from None
         if schema is None:
-            f.truncate(0)
-            self._write(self.schema.serialize())
+            self._restart()
             return
         if not schema.equals(self.schema):
             raise ValueError(f"{self.path} has schema {schema}, not {self.schema}; "
@@ -339,14 +298,31 @@ class TrajectoryWriter:
             warnings.warn(f"{self.path}: dropping a torn tail of {size - end} bytes before "
                           "appending", RuntimeWarning, stacklevel=3)
             f.truncate(end)
+        self._unseal()
+        self._crc, self._size = zlib.crc32(memoryview(buf[:end])), end
+        self._rows = sum(b.num_rows for b in batches)
 
-    def _write(self, buf: pa.Buffer) -> None:
+    def _restart(self) -> None:
+        self._unseal()
+        self._file.truncate(0)
+        self._crc = self._size = self._rows = 0
+        self._write(self.schema.serialize())
+
+    def _unseal(self) -> None:
+        seal = seal_path(self.path)
+        if seal.exists():
+            seal.unlink()
+
+    def _write(self, buf) -> None:
         f = self._file
         f.seek(0, os.SEEK_END)
-        f.write(memoryview(buf))
+        view = memoryview(buf)
+        f.write(view)
         f.flush()
         if self.fsync:
             os.fsync(f.fileno())
+        self._crc = zlib.crc32(view, self._crc)
+        self._size += view.nbytes
 
     def append(self, step, example_id, position, logprob, **extra) -> int:
         """Append one record batch; returns its number of rows.
@@ -363,9 +339,9 @@ class TrajectoryWriter:
         eid = _as_array(example_id, np.int64)
         n = eid.shape[0]
         cols = {
-            "step": np.broadcast_to(_as_array(step, np.int32), (n,)),
+            "step": np.broadcast_to(_as_array(step, np.int32, "step"), (n,)),
             "example_id": eid,
-            "position": _as_array(position, np.int32),
+            "position": _as_array(position, np.int32, "position"),
             "logprob": _as_array(logprob, np.float32),
         }
         for name in self.extra_columns:
@@ -377,20 +353,29 @@ class TrajectoryWriter:
             return 0
         batch = pa.record_batch([pa.array(cols[f.name], type=f.type) for f in self.schema],
                                 schema=self.schema)
-        self._write(batch.serialize())
+        self._write(batch_message(batch, self.schema))
         self.rows_written += n
+        self._rows += n
         return n
 
     def close(self) -> None:
-        """Release the shard (idempotent). Every append is already on disk."""
+        """Seal and release the shard (idempotent). Every append is already on disk."""
         if self._file is not None:
             try:
                 self._file.flush()
                 if self.fsync:
                     os.fsync(self._file.fileno())
+                self._seal()
             finally:
                 self._file.close()  # also releases the flock
                 self._file = None
+
+    def _seal(self) -> None:
+        seal = {"bytes": self._size, "rows": self._rows, "crc32": self._crc}
+        path = seal_path(self.path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(seal, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
 
     @property
     def closed(self) -> bool:
@@ -420,30 +405,63 @@ class TrajectoryReader:
             explicitly skips the check.
         tokenizer_fingerprint: checked the same way when given (and when the
             store recorded one).
+        allow_partial: read the shards that are there when some of the
+            manifest's ranks are missing (with a warning) instead of raising.
 
     The merged table is read once and cached; `reload` re-reads the shards
-    (e.g. while a run is still writing). Torn tails are skipped with a warning.
+    (e.g. while a run is still writing). Every shard is verified (`load_shard`);
+    torn tails of unsealed shards are skipped with a warning, and an unsealed
+    shard (still being written, or its run was killed) is reported once.
     """
 
     def __init__(self, directory: PathLike, *, dataset_fingerprint: Optional[str],
-                 tokenizer_fingerprint: Optional[str] = None):
+                 tokenizer_fingerprint: Optional[str] = None, allow_partial: bool = False):
         self.directory = Path(directory)
+        self.allow_partial = bool(allow_partial)
         self.manifest = StoreManifest.load(self.directory)
         self.manifest.check(dataset_fingerprint=dataset_fingerprint,
                             tokenizer_fingerprint=tokenizer_fingerprint,
                             where=str(self.directory))
         self.schema = trajectory_schema(self.manifest.extra_columns)
         self._table: Optional[pa.Table] = None
+        self._reported: set = set()
 
     def shards(self) -> List[Path]:
-        """Shard files, in rank order."""
-        return sorted(self.directory.glob("traj-rank*.arrow"))
+        """Shard files, in rank order. With a known world size, every rank's shard must
+        exist (else `ValueError`, or a warning under ``allow_partial``)."""
+        found = sorted(self.directory.glob("traj-rank*.arrow"))
+        world = self.manifest.world_size
+        if world is None:
+            return found
+        expected = [shard_path(self.directory, r) for r in range(world)]
+        extra = [p for p in found if p not in expected]
+        if extra:
+            raise ValueError(f"trajectory store {self.directory} holds {world} rank shard(s) "
+                             f"by its manifest, but also {[p.name for p in extra]}")
+        missing = [p for p in expected if not p.exists()]
+        if missing:
+            message = (f"trajectory store {self.directory} is incomplete: the shard(s) "
+                       f"{[p.name for p in missing]} of its {world} rank(s) are missing, so "
+                       "the tokens they recorded have no values")
+            if not self.allow_partial:
+                raise ValueError(message + "; restore them, or pass allow_partial=True to "
+                                 "read the others")
+            warnings.warn(message + "; reading the others (allow_partial=True)", RuntimeWarning,
+                          stacklevel=3)
+        return [p for p in expected if p.exists()]
 
     def reload(self) -> pa.Table:
-        """Re-read every shard (torn tails skipped) and cache the merged table; returns it."""
+        """Re-read every shard (verified; torn tails skipped) and cache the merged table;
+        returns it."""
         tables = []
+        legacy = self.manifest.version < 2
         for path in self.shards():
-            t = read_shard(path)
+            if not legacy and read_seal(path) is None and path not in self._reported:
+                self._reported.add(path)
+                warnings.warn(f"{path} is not sealed: its writer is still open or its run was "
+                              "stopped before closing it; reading its complete records",
+                              RuntimeWarning, stacklevel=2)
+            t = read_shard(path, legacy=legacy, schema=None if legacy else self.schema)
             if t.num_rows:
                 if not t.schema.equals(self.schema):
                     raise ValueError(f"{path} has schema {t.schema}, but the manifest "
@@ -485,16 +503,37 @@ class TrajectoryReader:
 
 
 # --------------------------------------------------------------------------- helpers
-def _as_array(x, dtype) -> np.ndarray:
+def _as_array(x, dtype, name: str = "") -> np.ndarray:
     """A column as a numpy array of ``dtype``; float values cast to an integer dtype must be
-    integral (so that a key is never silently rounded)."""
+    integral (so that a key is never silently rounded), and int32 values must fit (so that
+    a large step or position never wraps to a negative number)."""
     arr = to_numpy(x)
     if arr.dtype != dtype:
         if (np.issubdtype(dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer)
                 and arr.size and not np.all(np.floor(arr) == arr)):  # also catches NaN / inf
             raise ValueError(f"expected integers, got non-integral {arr.dtype} values")
+        if dtype == np.int32 and arr.size:
+            low, high = INT32_RANGE
+            if arr.min() < low or arr.max() > high:
+                raise ValueError(f"{name or 'a column'} holds values outside int32 "
+                                 f"[{low}, {high}] (got {arr.min()}..{arr.max()})")
         arr = arr.astype(dtype)
     return arr
+
+
+def _dist_ready() -> bool:
+    try:
+        import torch.distributed as dist
+        return dist.is_available() and dist.is_initialized()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _default_world_size() -> int:
+    if _dist_ready():
+        import torch.distributed as dist
+        return dist.get_world_size()
+    return 1
 
 
 def _default_rank() -> int:
