@@ -32,7 +32,10 @@ the same pass for the kept tokens:
     entropy_t        = lse_t - sum_j p_tj z_tj
     argmax_correct_t = (argmax_j z_tj == y_t)
 
-Everything is accumulated in float32 (float64 for float64 inputs). The
+Everything is accumulated in float32 (float64 for float64 inputs). A kept token
+whose logits hold ±inf or NaN gets a NaN loss and NaN statistics (as with
+``F.cross_entropy``); a dropped token never enters a matmul, so its values
+cannot reach the loss. The
 reference works on row chunks sized so that no chunk's [rows, V] temporaries
 exceed ``buffer_bytes``: it never holds the N x V logits. It keeps one
 float32 copy of a low-precision weight.
@@ -80,6 +83,18 @@ def per_token_loss(lse: torch.Tensor, target_logit: torch.Tensor,
     return loss
 
 
+def row_lse(z: torch.Tensor) -> torch.Tensor:
+    """lse_t = m_t + log sum_j exp(z_tj - m_t), m_t = max_j z_tj. z: [C, V] -> [C].
+
+    Written out rather than `torch.logsumexp`, which returns +inf for a row with
+    an infinite logit: here such a row gives NaN (inf - inf), as
+    ``F.cross_entropy`` and the streaming kernels do. A non-finite hidden state
+    or weight in a kept token therefore makes its loss NaN, never ±inf.
+    """
+    m = z.max(dim=1, keepdim=True).values
+    return (m + torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))).squeeze(1)
+
+
 def row_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """entropy_t = lse_t - sum_j p_tj z_tj for a chunk. z: [C, V], lse: [C]."""
     return lse - (torch.exp(z - lse[:, None]) * z).sum(1)
@@ -123,7 +138,7 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
     for s in range(0, M, step):
         sl = slice(s, s + step)
         z = logits_ref(hidden[rows[sl]].to(cd), w, b, opts.softcap)
-        lse = torch.logsumexp(z, dim=1)
+        lse = row_lse(z)
         tz = z.gather(1, targets[sl, None]).squeeze(1)
         sum_z = z.sum(1) if opts.label_smoothing else None
         loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss)
@@ -197,7 +212,7 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     for s in range(0, M, step):
         sl = slice(s, s + step)
         z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap)
-        lse = torch.logsumexp(z, dim=1)
+        lse = row_lse(z)
         logprob[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
         if want_entropy:
             entropy[sl] = row_entropy(z, lse)

@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKENDS, DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import TOL, assert_close64, gemm_term_scales, make_case, naive_lce64
 
 import t3s_kernels
-from t3s_kernels import debug, linear_cross_entropy
+from t3s_kernels import debug, linear_cross_entropy, target_logprobs
 
 N, H, V = 37, 48, 1000  # odd sizes: no dimension is a multiple of a block
 
@@ -179,6 +180,25 @@ def test_nan_hidden_propagates(backend):
     mask[5] = False
     assert math.isfinite(linear_cross_entropy(hidden, weight, targets, loss_mask=mask,
                                               backend=backend).item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_hidden_gives_nan_like_torch(backend):
+    """An infinite hidden state in a kept token: NaN loss and log-prob, as F.cross_entropy
+    gives (not +inf, which torch.logsumexp alone would give); other tokens unaffected."""
+    hidden, weight, targets, _ = make_case(N, H, V, torch.float32, DEVICE, requires_grad=False)
+    hidden[5, 3] = float("inf")
+    hidden[9, 0] = float("-inf")
+    torch_loss = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="none", backend=backend)
+    lp = target_logprobs(hidden, weight, targets, backend=backend)
+    for row in (5, 9):
+        assert torch_loss[row].isnan() and loss[row].isnan() and lp[row].isnan()
+    finite = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    finite[[5, 9]] = False
+    torch.testing.assert_close(loss[finite], torch_loss[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(-lp[finite], torch_loss[finite], rtol=1e-5, atol=1e-5)
+    assert linear_cross_entropy(hidden, weight, targets, backend=backend).isnan()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
