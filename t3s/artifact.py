@@ -43,6 +43,8 @@ __all__ = [
     "SelectionArtifact",
     "tokenizer_fingerprint",
     "tokenizer_signature",
+    "legacy_tokenizer_fingerprint",
+    "PROBE_TEXT",
     "dataset_fingerprint",
     "dataset_signature",
     "save_artifact",
@@ -59,30 +61,60 @@ _MASK_COLUMNS = ("loss_mask", "forced")
 # Fingerprints
 # --------------------------------------------------------------------------------------
 
+# A fixed text whose token ids join the tokenizer fingerprint: digits, spacing, newlines,
+# LaTeX, code, accents, CJK and an emoji exercise the normalizer and the pre-tokenizer,
+# which the vocabulary alone does not describe.
+PROBE_TEXT = ("Hello, world!  12+345=357;\\boxed{357}\n\tdef f(x):\n    return x**2  "
+              "naïve café — 数学 🙂 <|end|>")
+
+
 def tokenizer_signature(tokenizer) -> Dict[str, Any]:
     """The parts of a tokenizer that decide token ids, hashed separately so that a
     mismatch can be explained: class name, vocab (sorted token -> id, added
-    tokens included) and special tokens (name -> token, token -> id).
-    ``fingerprint`` hashes all of them."""
+    tokens included), special tokens (name -> token, token -> id), the full
+    serialized pipeline of a fast tokenizer (normalizer, pre-tokenizer, model,
+    post-processor, decoder; runtime truncation / padding settings left out) and
+    the token ids of `PROBE_TEXT`. ``fingerprint`` hashes all of them."""
     if not hasattr(tokenizer, "get_vocab"):
         raise TypeError(f"expected a Hugging Face tokenizer with get_vocab(), got {type(tokenizer).__name__}")
     vocab = sorted((str(k), int(v)) for k, v in tokenizer.get_vocab().items())
     special_map = {str(k): v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
     specials = sorted(set(getattr(tokenizer, "all_special_tokens", []) or []))
     special_ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in specials}
+    probe_ids = [int(i) for i in tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]]
     parts = {
         "class": type(tokenizer).__name__,
         "vocab_size": len(vocab),
         "vocab_sha": sha256_json(vocab),
         "special_tokens": {"map": special_map, "ids": special_ids},
+        "config_sha": sha256_json(_pipeline_config(tokenizer)),
+        "probe_ids": probe_ids,
     }
     parts["special_sha"] = sha256_json(parts["special_tokens"])
-    parts["fingerprint"] = sha256_json([parts["class"], parts["vocab_sha"], parts["special_sha"]])
+    parts["fingerprint"] = sha256_json([parts["class"], parts["vocab_sha"], parts["special_sha"],
+                                        parts["config_sha"], probe_ids])
     return parts
 
 
+def _pipeline_config(tokenizer) -> Any:
+    """A fast tokenizer's serialized pipeline without its runtime settings, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    config = json.loads(backend.to_str())
+    config.pop("truncation", None)  # set and reset by calls with truncation= / padding=
+    config.pop("padding", None)
+    return config
+
+
+def legacy_tokenizer_fingerprint(parts: Mapping[str, Any]) -> str:
+    """The fingerprint of signatures written before the pipeline and probe were hashed."""
+    return sha256_json([parts.get("class"), parts.get("vocab_sha"), parts.get("special_sha")])
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A stable hash (sha256 hex) of the tokenizer's vocab, special tokens and class name."""
+    """A stable hash (sha256 hex) of everything that decides the tokenizer's ids
+    (see `tokenizer_signature`)."""
     return tokenizer_signature(tokenizer)["fingerprint"]
 
 
@@ -91,19 +123,26 @@ def _example_arrays(ex: Mapping[str, Any]):
     return to_numpy(ex["input_ids"], np.int64).reshape(-1), to_numpy(ex["labels"]).reshape(-1)
 
 
+def _content_hash(ids: np.ndarray, labels: np.ndarray, ignore_index: int) -> str:
+    """Short hash of an example's token ids and of which of them enter the loss."""
+    trained = (labels != ignore_index).astype(np.uint8)
+    return hashlib.blake2b(ids.tobytes() + b"|" + trained.tobytes(), digest_size=8).hexdigest()
+
+
 def dataset_signature(examples: Iterable[Mapping[str, Any]], *,
                       ignore_index: int = IGNORE_INDEX) -> Dict[str, Any]:
     """Per-example token counts (all tokens and response tokens), a short hash of
-    each example's ``input_ids``, and ``fingerprint``: the hash of the sorted
-    (example_id, num_tokens, num_response_tokens) triples."""
+    each example's ``input_ids`` and trained positions, and ``fingerprint``: the
+    hash of the sorted (example_id, num_tokens, num_response_tokens, content)
+    rows, so one changed token id changes it."""
     rows = []
     for ex in examples:
         ids, labels = _example_arrays(ex)
         rows.append((int(ex["example_id"]), int(ids.size), int((labels != ignore_index).sum()),
-                     hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()))
+                     _content_hash(ids, labels, ignore_index)))
     rows.sort()
     return {
-        "fingerprint": sha256_json([[r[0], r[1], r[2]] for r in rows]),
+        "fingerprint": sha256_json([list(r) for r in rows]),
         "example_id": [r[0] for r in rows],
         "num_tokens": [r[1] for r in rows],
         "num_response_tokens": [r[2] for r in rows],
@@ -112,7 +151,8 @@ def dataset_signature(examples: Iterable[Mapping[str, Any]], *,
 
 
 def dataset_fingerprint(examples: Iterable[Mapping[str, Any]], *, ignore_index: int = IGNORE_INDEX) -> str:
-    """Hash of the per-example token counts (see `dataset_signature`)."""
+    """Hash of every example's id, token counts, token ids and trained positions (see
+    `dataset_signature`)."""
     return dataset_signature(examples, ignore_index=ignore_index)["fingerprint"]
 
 
@@ -122,6 +162,11 @@ def _tokenizer_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> st
         diffs.append(f"class {stored.get('class')} vs {current.get('class')}")
     if stored.get("vocab_sha") != current.get("vocab_sha"):
         diffs.append(f"vocab differs ({stored.get('vocab_size')} vs {current.get('vocab_size')} tokens)")
+    if stored.get("config_sha") and stored.get("config_sha") != current.get("config_sha"):
+        diffs.append("the tokenizer pipeline differs (normalizer, pre-tokenizer, model, "
+                     "post-processor or decoder)")
+    if stored.get("probe_ids") and stored.get("probe_ids") != current.get("probe_ids"):
+        diffs.append("the same probe text gives other token ids")
     if stored.get("special_sha") != current.get("special_sha"):
         a = stored.get("special_tokens", {}).get("ids", {})
         b = current.get("special_tokens", {}).get("ids", {})
@@ -149,7 +194,8 @@ def _dataset_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> Opti
         parts.append(f"token counts differ for {len(counts)} examples ({shown})")
     content = [e for e in sorted(set(a) & set(b)) if a[e][:2] == b[e][:2] and a[e][2] != b[e][2]]
     if content:
-        parts.append(f"token ids differ (same counts) for {len(content)} examples (ids {content[:5]})")
+        parts.append(f"token ids differ, or which tokens are trained (same counts), for "
+                     f"{len(content)} examples (ids {content[:5]})")
     return "; ".join(parts) or None
 
 
@@ -255,6 +301,8 @@ class SelectionArtifact:
         if tokenizer is not None:
             stored = self.metadata.get("tokenizer") or {}
             current = tokenizer_signature(tokenizer)
+            if "config_sha" not in stored:  # written before the pipeline was hashed
+                current = dict(current, fingerprint=legacy_tokenizer_fingerprint(current))
             if stored.get("fingerprint") != current["fingerprint"]:
                 raise ValueError("the selection artifact was made with a different tokenizer: "
                                  + _tokenizer_diff(stored, current))

@@ -16,6 +16,7 @@ from t3s.artifact import (
 from t3s.data import PackedCollator, TokenTable, TraceDataset
 from t3s.selection import anchor_mask, confidence_change, forced_mask
 import tiny
+from t3s import artifact as t3s_artifact
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=;# ")
@@ -178,3 +179,48 @@ def test_not_an_artifact(tmp_path):
     pq.write_table(t, tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="not a t3s selection artifact"):
         load_artifact(tmp_path / "x.parquet")
+
+
+def test_tokenizer_fingerprint_sees_the_pipeline_not_runtime_settings(tmp_path, rng):
+    """Same vocabulary and special tokens, other pre-tokenizer: a different tokenizer.
+    Truncation / padding settings left on the backend by a call are not part of it."""
+    from tokenizers import pre_tokenizers
+
+    tok = make_tokenizer()
+    _, _, art = make_artifact(rng, tok, records(rng))
+    before = tokenizer_fingerprint(tok)
+    tok(["1+2=3 abc"], truncation=True, max_length=4, padding="max_length")
+    assert tokenizer_fingerprint(tok) == before
+    split_differently = make_tokenizer()
+    split_differently.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tokenizer_fingerprint(split_differently) != before
+    with pytest.raises(ValueError, match="different tokenizer: the tokenizer pipeline differs"):
+        art.check(tokenizer=split_differently)
+    # an artifact written before the pipeline was hashed is still checked on what it has
+    legacy = dict(art.metadata["tokenizer"])
+    for key in ("config_sha", "probe_ids"):
+        legacy.pop(key)
+    legacy["fingerprint"] = t3s_artifact.legacy_tokenizer_fingerprint(legacy)
+    art.metadata["tokenizer"] = legacy
+    art.check(tokenizer=make_tokenizer())
+    with pytest.raises(ValueError, match="different tokenizer"):
+        art.check(tokenizer=make_tokenizer(chars=CHARS[::-1]))
+
+
+def test_dataset_fingerprint_sees_one_changed_token(rng):
+    tok = make_tokenizer()
+    ds = TraceDataset.from_jsonl(records(rng), tok)
+    examples = [dict(ex) for ex in ds]
+    base = dataset_fingerprint(examples)
+    changed = [dict(ex) for ex in examples]
+    ids = changed[2]["input_ids"].clone()
+    ids[-2] = (ids[-2] + 1) % len(tok)  # same length, same counts, one other token
+    changed[2]["input_ids"] = ids
+    assert dataset_fingerprint(changed) != base
+    moved = [dict(ex) for ex in examples]
+    labels = moved[1]["labels"].clone()
+    first = int((labels != -100).nonzero()[0])
+    labels[first - 1], labels[first] = labels[first], -100  # the trained span shifts by one
+    moved[1]["labels"] = labels
+    assert dataset_fingerprint(moved) != base
+    assert dataset_fingerprint([dict(ex) for ex in ds]) == base
