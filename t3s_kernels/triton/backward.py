@@ -41,7 +41,7 @@ from .forward import combine_partials, dot_acc, logit_tile, lse_partials
 
 
 @triton.jit
-def _lce_backward_kernel(
+def lce_backward_kernel(
     H, W, B, ROWS, TGT, LSE, GCOEF,
     DH, DW, DB, G,
     M, V, K, v_begin, v_end,
@@ -110,10 +110,10 @@ def _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, *, dh, dw,
                      v_begin, v_end, softcap, label_smoothing, z_loss, filter_eps, g_out=None):
     M = rows.numel()
     V, K = weight.shape
-    cfg = pick_config(M, V, K)
+    cfg = pick_config(M, V, K, hidden.element_size(), backward=True)
     dummy = lse
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(v_end - v_begin, cfg.block_n))
-    _lce_backward_kernel[grid](
+    lce_backward_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, rows, targets, lse, gcoef,
         dh if dh is not None else dummy, dw if dw is not None else dummy,
         db if db is not None else dummy, g_out if g_out is not None else dummy,

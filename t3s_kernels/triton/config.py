@@ -34,17 +34,29 @@ class LaunchConfig:
     num_stages: int
 
 
-def pick_config(M: int, V: int, K: int) -> LaunchConfig:
-    """Block shapes. GPU defaults follow Hopper leads (128x256x64 class tiles
-    need autotuning per (H, V) bucket; that is tuned separately)."""
+def pick_config(M: int, V: int, K: int, element_size: int = 2,
+                backward: bool = False) -> LaunchConfig:
+    """Block shapes, warps and pipeline stages. GPU defaults follow Hopper leads
+    (128x256x64 class tiles need autotuning per (H, V) bucket; that is tuned
+    separately).
+
+    element_size: bytes per operand element (2 for bf16/fp16, 4 for fp32).
+    backward: the backward kernel, which holds more tiles in shared memory: with
+    4-byte operands it pipelines 2 stages, not 3, to stay within sm_90's 227 KiB
+    (3 stages of the fp32 + TF32 backward need 240 KiB at BLOCK_M 64;
+    `t3s_kernels.triton.aot` measures this without a GPU).
+    """
     if OVERRIDES["block"] is not None:
         bm, bn, bk = OVERRIDES["block"]
         return LaunchConfig(bm, bn, bk, 4, 1)
     if KERNELS_INTERPRETED:
         # Large numpy blocks run fastest in the interpreter; keep them odd-shape friendly.
         return LaunchConfig(16, 128, 32, 4, 1)
-    bm = 64 if M <= 4096 else 128
-    return LaunchConfig(bm, 128, 64, 8, 3)
+    # 4-byte operands stay at BLOCK_M 64: at 128 the fp32 kernels spill heavily
+    # (ptxas: ~43 KB per thread in the IEEE backward, 96 B in the TF32 one).
+    bm = 64 if M <= 4096 or element_size >= 4 else 128
+    stages = 2 if backward and element_size >= 4 else 3
+    return LaunchConfig(bm, 128, 64, 8, stages)
 
 
 def pick_splits(M: int, V: int, cfg: LaunchConfig, device: torch.device) -> int:

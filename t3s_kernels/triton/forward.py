@@ -73,7 +73,7 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
 
 
 @triton.jit
-def _lse_partials_kernel(
+def lse_partials_kernel(
     H, W, B, ROWS, TGT,
     OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI,
     M, V, K, vocab_per_split,
@@ -165,7 +165,7 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """
     M = rows.numel()
     V, K = weight.shape
-    cfg = pick_config(M, V, K)
+    cfg = pick_config(M, V, K, hidden.element_size())
     S = pick_splits(M, V, cfg, hidden.device)
     vocab_per_split = triton.cdiv(triton.cdiv(V, S), cfg.block_n) * cfg.block_n
     S = triton.cdiv(V, vocab_per_split)  # every split holds at least one column
@@ -180,7 +180,7 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if M > 0:
         dummy = out_m  # stands in for absent optional pointers; never dereferenced
         grid = (triton.cdiv(M, cfg.block_m), S)
-        _lse_partials_kernel[grid](
+        lse_partials_kernel[grid](
             hidden, weight, bias if bias is not None else dummy, rows,
             targets if targets is not None else rows,
             out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
