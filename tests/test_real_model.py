@@ -22,6 +22,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package: pip install gguf")
+pytest.importorskip("math_verify", reason="the training-accuracy verifier needs: pip install math-verify")
 
 import t3s  # noqa: E402
 from t3s.trainer import read_accuracy_history  # noqa: E402
