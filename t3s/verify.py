@@ -20,6 +20,7 @@ __all__ = [
     "normalize_answer",
     "exact_match",
     "math_verify_match",
+    "answer_text",
     "get_verifier",
 ]
 
@@ -100,21 +101,50 @@ def _math_verify():
     return parse, verify
 
 
-def math_verify_match(prediction: str, gold: str) -> bool:
-    """``math_verify.verify(parse(gold), parse(prediction))``.
+_UNFINISHED = tuple("+-*/^=(,")
 
-    The gold answer is parsed as is, then as ``$gold$`` if that finds nothing;
-    when neither parses, falls back to `exact_match`. math-verify's timeouts use
-    SIGALRM, so they are only enabled in the main thread.
+
+def answer_text(prediction: str) -> Optional[str]:
+    """The part of a generation that states its answer, or None when it states none.
+
+    The last ``\boxed{}`` when there is one; else `extract_final_answer`, cut to
+    what follows its last ``=`` (so ``12+7=19`` gives ``19``). A text that ends in
+    an operator or ``=`` is an unfinished computation, not an answer: a
+    generation cut off at ``31 + 14 = `` would otherwise evaluate to the sum.
+    """
+    boxed = extract_boxed(prediction)
+    if boxed is not None:
+        return f"\\boxed{{{boxed}}}"
+    answer = extract_final_answer(prediction)
+    if "=" in answer:
+        answer = answer.rsplit("=", 1)[1]
+    answer = answer.strip().rstrip(".")
+    if not answer or answer.endswith(_UNFINISHED):
+        return None
+    return answer
+
+
+def math_verify_match(prediction: str, gold: str) -> bool:
+    """``math_verify.verify(parse(gold), parse(answer))`` on the prediction's stated
+    answer (`answer_text`); False when it states none.
+
+    Gold and answer are parsed as they are, then as ``$...$`` if that finds
+    nothing; when the gold parses neither way, falls back to `exact_match`.
+    math-verify's timeouts use SIGALRM, so they are only enabled in the main thread.
     """
     parse, verify = _math_verify()
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = parse(gold, parsing_timeout=timeout)
-    if not gold_parsed:
-        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+
+    def parsed(text):
+        return parse(text, parsing_timeout=timeout) or parse(f"${text}$", parsing_timeout=timeout)
+
+    gold_parsed = parsed(gold)
     if not gold_parsed:
         return exact_match(prediction, gold)
-    pred_parsed = parse(prediction, parsing_timeout=timeout)
+    answer = answer_text(prediction)
+    if answer is None:
+        return False
+    pred_parsed = parsed(answer)
     if not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))

@@ -176,6 +176,10 @@ def test_verifiers():
     assert math_verify_match(r"so \boxed{0.5}", r"\frac12")
     assert math_verify_match("23+45=68;68+12=80;#80", "80")
     assert not math_verify_match(r"\boxed{81}", "80")
+    # a generation cut off before its answer states none: not correct by evaluation
+    assert not math_verify_match("31 + 14 = ", "45")
+    assert not math_verify_match("12+7=19;\n31 + 14 =", "45")
+    assert math_verify_match("31 + 14 = 45", "45") and math_verify_match("The answer is 45.", "45")
     assert get_verifier("exact") is exact_match
     f = lambda p, g: True  # noqa: E731
     assert get_verifier(f) is f
