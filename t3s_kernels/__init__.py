@@ -10,6 +10,7 @@ Layout, top-down:
 - `backends`: the registry and the built-in backends ('triton', 'torch');
 - `triton`: the Triton kernels (`forward`, `backward`, launch `config`);
 - `reference`: the pure-PyTorch specification, also the 'torch' backend;
+- `vocab_parallel`: the loss and log-probs of a head sharded by vocabulary rows;
 - `prepare`: validation and compaction shared by every backend;
 - `debug`: test hooks (forced blocks, splits, NaN-poisoned outputs).
 
@@ -18,6 +19,7 @@ Triton kernels on CUDA, the chunked reference elsewhere.
 
 from .api import TargetLogprobs, TokenStats, linear_cross_entropy, target_logprobs
 from .backends import Backend, available_backends, register_backend, registered_backends
+from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_target_logprobs
 
 __all__ = [
     "Backend",
@@ -28,6 +30,8 @@ __all__ = [
     "register_backend",
     "registered_backends",
     "target_logprobs",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_target_logprobs",
 ]
 __version__ = "0.1.0"
 
