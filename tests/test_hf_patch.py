@@ -621,23 +621,67 @@ model(input_ids=local, labels=local).loss.backward()
 for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
     torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
 
-# Head sharded on its own: resharded after its forward, so the loss refuses it clearly.
-model = patch(transformers.LlamaForCausalLM(config).float().train(), backend="torch")
-fully_shard(model.lm_head, mesh=mesh)
-fully_shard(model, mesh=mesh)
-try:
-    model(input_ids=local, labels=local)
-    sys.exit("no error for a sharded head")
-except RuntimeError as exc:
-    assert "DTensor" in str(exc), exc
+def check_layout(make, shard, name):
+    # one process vs 2 ranks on half the batch each: the same loss and every gradient
+    torch.manual_seed(0)
+    ref = make()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = make()
+    model.load_state_dict(ref.state_dict())
+    patch(model, backend="torch")
+    shard(model)
+    out = model(input_ids=local, labels=local)
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    assert out.logits is None
+    torch.testing.assert_close(loss / 2, ref(input_ids=ids, labels=ids).loss.detach(),
+                               rtol=1e-5, atol=1e-6, msg=name)
+    out.loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(g, ref_grads[pname].grad, rtol=1e-4, atol=1e-6,
+                                   msg=f"{name}: {pname}")
+
+
+def own_head(model):
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def layers_and_root(model):
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+llama = lambda: transformers.LlamaForCausalLM(config).float().train()  # noqa: E731
+tied_config = transformers.Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, tie_word_embeddings=True)
+tied = lambda: transformers.Qwen2ForCausalLM(tied_config).float().train()  # noqa: E731
+# the head in its own unit: a DTensor when the loss runs, gathered there
+check_layout(llama, own_head, "head in its own unit")
+# tied input and output embeddings, decoder layers wrapped one by one
+check_layout(tied, layers_and_root, "tied embeddings")
+def tied_unit(model):  # FSDP2 keeps tied parameters in one group
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard([model.model.embed_tokens, model.lm_head], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+check_layout(tied, tied_unit, "tied embeddings and head in their own unit")
 print("ok", rank)
 dist.destroy_process_group()
 """
 
 
-@pytest.mark.skipif(os.environ.get("T3S_DIST_TESTS") != "1",
-                    reason="2-process gloo test (~15 s); set T3S_DIST_TESTS=1")
-def test_fsdp2_root_head_and_sharded_head_guard(tmp_path):
+def test_fsdp2_layouts_match_one_process(tmp_path):
+    """2 gloo processes (torchrun): head in the root unit, in its own unit, tied embeddings
+    with layers wrapped one by one: loss and every gradient equal one process."""
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -431,7 +431,12 @@ def _full_tensor(t: torch.Tensor, what: str, hidden_size: Optional[int],
     """The head's parameter as a full local tensor, or a clear error."""
     if _is_dtensor(t):
         if gather:
-            t = t.full_tensor()
+            # An autograd-aware all-gather. Its backward turns the replicated gradient
+            # into the parameter's own sharding with an averaging reduce-scatter: each
+            # data-parallel rank's gradient is partial, and FSDP2 averages over ranks
+            # (tensor-parallel ranks hold the same gradient, so averaging keeps it).
+            from torch.distributed.tensor import Partial
+            t = t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
         else:
             raise RuntimeError(
                 f"the output embedding {what} is a DTensor (FSDP2 / tensor parallel) when the "

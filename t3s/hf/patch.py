@@ -36,13 +36,15 @@ Position convention (as in HF's ``ForCausalLMLoss``): the hidden state at
 position i predicts ``labels[:, i + 1]``; ``loss_mask`` is aligned with
 ``labels`` and shifted the same way.
 
-Sharded heads (FSDP / ZeRO-3): the fused loss runs inside the model's forward
-but outside the output embedding's own forward, and needs the whole [V, H]
-head weight there. A plain ``fully_shard(model)`` root keeps its own
-parameters (the head, when it is not wrapped separately) unsharded from the
-root's forward to its backward, so that layout works. A head that is still a
-DTensor, or a ZeRO-3 partition (0 elements), when the loss runs raises a
-`RuntimeError` that says what to do; nothing is gathered behind the user's back.
+Sharded heads (FSDP2 / tensor parallel / ZeRO-3): the fused loss runs inside the
+model's forward but outside the output embedding's own forward, and needs the
+whole [V, H] head weight there. A head in the root ``fully_shard(model)`` unit is
+unsharded from the root's forward to its backward and used as it is. A head that
+is still a DTensor when the loss runs (its own FSDP2 unit, resharded after its
+forward) is gathered with ``full_tensor`` inside the loss: an autograd-aware
+all-gather whose backward reduce-scatters (averages) the gradient back to the
+shards, as FSDP2 does for every other parameter. A ZeRO-3 partition (0 elements)
+raises a `RuntimeError` that says what to do.
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ def _add_router_aux_loss(model: nn.Module, out, loss: torch.Tensor) -> torch.Ten
 def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
                 mask: Optional[torch.Tensor], num_items, return_stats: bool):
     """masked_ce on the captured hidden states [B, T, H] with the head's weight [V, H]."""
-    weight, bias = head.tensors(hidden_size=hidden.shape[-1])
+    weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
     if hidden.device != weight.device:  # e.g. a head on another GPU under device_map
         hidden = hidden.to(weight.device)
         targets = targets.to(weight.device)
