@@ -679,17 +679,68 @@ dist.destroy_process_group()
 """
 
 
-def test_fsdp2_layouts_match_one_process(tmp_path):
-    """2 gloo processes (torchrun): head in the root unit, in its own unit, tied embeddings
-    with layers wrapped one by one: loss and every gradient equal one process."""
-    script = tmp_path / "fsdp2.py"
-    script.write_text(FSDP2_SCRIPT)
+FSDP1_SCRIPT = """
+import warnings
+warnings.simplefilter("ignore")
+import torch, torch.distributed as dist, transformers
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from t3s.hf import patch
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)
+torch.manual_seed(0)
+ref = transformers.LlamaForCausalLM(config).float().train()
+ids = torch.randint(0, 101, (4, 8))
+ref_loss = ref(input_ids=ids, labels=ids).loss
+ref_loss.backward()
+local = ids[2 * rank: 2 * rank + 2]
+# decoder layers wrapped (head in the root unit), then every Linear too (head in its own
+# unit: its weight is whole only during its call, where the loss is computed)
+for units in ({LlamaDecoderLayer}, {LlamaDecoderLayer, torch.nn.Linear}):
+    model = transformers.LlamaForCausalLM(config).float().train()
+    model.load_state_dict(ref.state_dict())
+    patch(model, backend="torch")
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
+                   auto_wrap_policy=ModuleWrapPolicy(units))
+    loss = wrapped(input_ids=local, labels=local).loss
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / 2, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+print("ok", rank)
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(tmp_path, source, name):
+    script = tmp_path / name
+    script.write_text(source)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok") == 2
+
+
+def test_fsdp1_head_in_root_or_own_unit_matches_one_process(tmp_path):
+    """FSDP1 (use_orig_params) on 2 gloo processes; the own-unit head gathers its weight
+    only inside its call, so t3s computes the loss there."""
+    _torchrun(tmp_path, FSDP1_SCRIPT, "fsdp1.py")
+
+
+def test_fsdp2_layouts_match_one_process(tmp_path):
+    """2 gloo processes (torchrun): head in the root unit, in its own unit, tied embeddings
+    with layers wrapped one by one: loss and every gradient equal one process."""
+    _torchrun(tmp_path, FSDP2_SCRIPT, "fsdp2.py")
 
 
 # ------------------------------------------------------------------------------------------

@@ -181,6 +181,8 @@ class HeadTap:
         self.replacement = None
         self.hidden: List[torch.Tensor] = []
         self.logits: Optional[torch.Tensor] = None
+        self.loss_fn = None
+        self.loss_result = None
 
     @staticmethod
     def of(module: nn.Module) -> Optional["HeadTap"]:
@@ -208,11 +210,19 @@ class HeadTap:
         else:
             module.forward = tap.previous_forward
 
-    def begin(self, *, compute_logits: bool, replacement=None) -> None:
-        """Start recording (the calls of one forward of the model)."""
+    def begin(self, *, compute_logits: bool, replacement=None, loss_fn=None) -> None:
+        """Start recording (the calls of one forward of the model).
+
+        ``loss_fn(hidden)``: computed inside the head's own call (where an engine that
+        gathers parameters in module hooks has the whole weight), kept in
+        ``loss_result``; the call then returns an empty [..., 0] tensor that depends
+        on it, so the engine's backward hooks on the head's output run first.
+        """
         self.active = True
         self.compute_logits = compute_logits
         self.replacement = replacement
+        self.loss_fn = loss_fn
+        self.loss_result = None
         self.hidden = []
         self.logits = None
 
@@ -221,6 +231,8 @@ class HeadTap:
         hidden, self.hidden = self.hidden, []
         self.active = False
         self.replacement = None
+        self.loss_fn = None
+        self.loss_result = None
         return hidden
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
@@ -232,6 +244,11 @@ class HeadTap:
         if not self.active:
             return original(hidden, *args, **kwargs)
         self.hidden.append(hidden)
+        if self.loss_fn is not None:
+            self.loss_result = self.loss_fn(hidden)
+            loss = self.loss_result[0] if isinstance(self.loss_result, tuple) else self.loss_result
+            empty = hidden.new_empty(hidden.shape[:-1] + (0,))
+            return empty + loss.reshape(()).to(empty.dtype)
         if self.replacement is not None:
             self.logits = original(hidden, *args, **kwargs)
             return self.replacement(hidden)
@@ -405,8 +422,9 @@ def output_embedding(model: nn.Module) -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no output embedding "
                          "(get_output_embeddings() is None); t3s needs a causal LM head")
     weight = getattr(head, "weight", None)
-    # A ZeRO-3 partition is 1-D and empty here; `_full_tensor` refuses it when it is read.
-    if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and _is_materialised(weight)):
+    # FSDP1 / ZeRO-3 shards are 1-D (or empty) outside the head's call: the loss then runs
+    # inside that call, where the weight is whole (`t3s.hf.patch`).
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
         raise ValueError(f"{type(model).__name__}'s output embedding {type(head).__name__} has no "
                          "2-D weight [V, H]")
     return head

@@ -43,8 +43,11 @@ unsharded from the root's forward to its backward and used as it is. A head that
 is still a DTensor when the loss runs (its own FSDP2 unit, resharded after its
 forward) is gathered with ``full_tensor`` inside the loss: an autograd-aware
 all-gather whose backward reduce-scatters (averages) the gradient back to the
-shards, as FSDP2 does for every other parameter. A ZeRO-3 partition (0 elements)
-raises a `RuntimeError` that says what to do.
+shards, as FSDP2 does for every other parameter. Engines that gather the weight in
+the head module's own hooks (FSDP1 with the head in its own unit, DeepSpeed ZeRO-3)
+leave a 1-D or empty shard outside that call: then the loss is computed inside the
+head's call (`t3s.hf.heads.HeadTap` with a ``loss_fn``), and the head's empty output
+feeds the loss so that the engine's backward hooks re-gather the weight first.
 """
 
 from __future__ import annotations
@@ -308,21 +311,6 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     skip_logits = model.training if fused is None else bool(fused)
     ignore_index = info.loss_options.get("ignore_index", -100)
 
-    head = info.head
-    module = output_embedding(model)
-    if module is not head.module:  # replaced since patching (e.g. resize_token_embeddings)
-        head = dataclasses.replace(head, module=module)
-    tap = HeadTap.of(module) or HeadTap.install(module)
-    tap.begin(compute_logits=not skip_logits)
-    try:
-        out = _original_forward(model, info)(*args, **kwargs)
-    finally:
-        seen = tap.end()
-    hidden = single_hidden(seen, type(model).__name__)
-    if not isinstance(out, Mapping) or not hasattr(out, "to_tuple"):
-        raise TypeError(f"{type(model).__name__}.forward returned {type(out).__name__}, not a "
-                        "ModelOutput; t3s.patch needs return_dict=True outputs")
-
     if shift_labels is not None:
         targets = shift_labels
         if loss_mask is not None:
@@ -332,13 +320,45 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
         if loss_mask is not None:
             check_mask_shape(loss_mask, labels, "labels")
         targets, mask = shift_for_causal_lm(labels, loss_mask, ignore_index=ignore_index)
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
-                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
 
-    result = _fused_loss(info, head, hidden, targets.to(hidden.device),
-                         None if mask is None else _mask_dtype(mask).to(hidden.device),
-                         num_items, return_token_stats)
+    head = info.head
+    tapped = _tapped_module(output_embedding(model))
+    if tapped is not head.module:  # replaced since patching (e.g. resize_token_embeddings)
+        head = dataclasses.replace(head, module=tapped)
+    tap = HeadTap.of(tapped) or HeadTap.install(tapped)
+
+    def loss_of(hidden: torch.Tensor):
+        if targets.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
+                             f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
+        return _fused_loss(info, head, hidden, targets.to(hidden.device),
+                           None if mask is None else _mask_dtype(mask).to(hidden.device),
+                           num_items, return_token_stats)
+
+    # A head whose weight is whole only during its own call (FSDP1 / ZeRO-3 gather it in
+    # module hooks) gets its loss computed inside that call; otherwise after the forward.
+    inside = not _whole_outside_call(tapped.weight)
+    tap.begin(compute_logits=not skip_logits, loss_fn=loss_of if inside else None)
+    try:
+        out = _original_forward(model, info)(*args, **kwargs)
+        inner = tap.loss_result
+    finally:
+        seen = tap.end()
+    hidden = single_hidden(seen, type(model).__name__)
+    if not isinstance(out, Mapping) or not hasattr(out, "to_tuple"):
+        raise TypeError(f"{type(model).__name__}.forward returned {type(out).__name__}, not a "
+                        "ModelOutput; t3s.patch needs return_dict=True outputs")
+    if inside:
+        result = inner
+        carrier = out.get("logits")
+        if isinstance(carrier, torch.Tensor) and carrier.requires_grad:
+            # The head's (empty) output leads to the loss, so the engine's backward hooks
+            # on that output (re-gathering the weight) run before the loss's backward.
+            first = result[0] if return_token_stats else result
+            first = first + carrier.sum().to(first.dtype)
+            result = (first, result[1]) if return_token_stats else first
+    else:
+        result = loss_of(hidden)
     loss, stats = result if return_token_stats else (result, None)
     loss = _add_router_aux_loss(model, out, loss)
 
@@ -349,6 +369,19 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     if stats is not None:
         new["token_stats"] = stats
     return new if return_dict else new.to_tuple()
+
+
+def _tapped_module(module: nn.Module) -> nn.Module:
+    """The module that holds the `HeadTap`: the head itself, or the head inside an engine's
+    wrapper (FSDP1 wraps the output embedding in a module of its own)."""
+    return next((m for m in module.modules() if HeadTap.of(m) is not None), module)
+
+
+def _whole_outside_call(weight) -> bool:
+    """True when the head's weight is usable after its call: a full [V, H] tensor or a
+    DTensor (gathered in the loss). False for FSDP1 / ZeRO-3 shards (1-D or empty)."""
+    return isinstance(weight, torch.Tensor) and (
+        (weight.dim() == 2 and weight.numel() > 0) or type(weight).__name__ == "DTensor")
 
 
 def _current_head(model: nn.Module) -> Optional[nn.Module]:
