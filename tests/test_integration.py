@@ -288,3 +288,23 @@ def test_mask_for_an_unpatched_model_is_refused(tmp_path, tok, rng):
     t3s.unpatch(model)
     with pytest.raises(ValueError, match="not patched by t3s"):
         trainer.train()
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_trajectory_callback_in_t3s_sft_trainer(tmp_path, tok, rng):
+    trl = pytest.importorskip("trl")
+    from t3s.trainer import T3SSFTTrainer
+
+    ds = make_ds(tok, 4, rng)
+    masks = random_masks(ds, rng, torch.bool)
+    config = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                           gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[],
+                           save_strategy="no", use_cpu=True, bf16=False,
+                           gradient_checkpointing=False, disable_tqdm=True, seed=0)
+    cb = TrajectoryCallback(tmp_path / "traj")
+    T3SSFTTrainer(model=tiny_llama(tok), args=config, train_dataset=ds, processing_class=tok,
+                  callbacks=[cb],
+                  data_collator=t3s.PaddedCollator(tok.pad_token_id, loss_masks=masks)).train()
+    kept = t3s.TokenTable(*map(np.asarray, zip(*[(e, p) for e, m in masks.items()
+                                                for p in np.flatnonzero(m.numpy()) if p > 0])))
+    assert read_steps(tmp_path / "traj", ds)[0].same_keys(kept)

@@ -60,14 +60,20 @@ def keep_example_id_column(model: torch.nn.Module, keep: bool = True) -> None:
     target = patched_model(model)
     if target is None:
         raise ValueError(f"{type(model).__name__} is not patched by t3s")
-    forward = target.__dict__.get("forward")
+    forward = target.forward  # what the Trainer inspects
     sig = inspect.signature(forward)
     P = inspect.Parameter
     params = [p for p in sig.parameters.values() if p.name != "example_id"]
     if keep:
         at = next((i for i, p in enumerate(params) if p.kind == P.VAR_KEYWORD), len(params))
         params.insert(at, P("example_id", P.KEYWORD_ONLY, default=None))
-    forward.__signature__ = sig.replace(parameters=params)
+    try:
+        forward.__signature__ = sig.replace(parameters=params)
+    except AttributeError:  # a bound method installed over t3s's forward
+        raise ValueError(
+            f"cannot name example_id in {type(target).__name__}.forward ({type(forward).__name__}, "
+            "installed after t3s.patch); pass TrainingArguments(remove_unused_columns=False) so "
+            "the Trainer keeps the column") from None
 
 
 class LossMaskCallback(TrainerCallback):
