@@ -156,6 +156,9 @@ def test_plain_trainer_records_what_a_recomputation_gives(tmp_path, tok, rng, da
         want = [ref[(int(e), int(p))] for e, p in zip(table.example_id, table.position)]
         np.testing.assert_allclose(table["logprob"], want, rtol=0, atol=2e-4)
     assert not np.allclose(got[0].align(got[2])["logprob"], got[0]["logprob"])
+    # evaluation after training: example_id is kept out of the model, nothing is recorded
+    assert np.isfinite(trainer.evaluate(train)["eval_loss"])
+    assert sorted(read_steps(tmp_path / "traj", ds)) == [0, 1, 2]
 
 
 def test_trajectory_callback_in_t3s_trainer(tmp_path, tok, rng):
@@ -308,3 +311,39 @@ def test_trajectory_callback_in_t3s_sft_trainer(tmp_path, tok, rng):
     kept = t3s.TokenTable(*map(np.asarray, zip(*[(e, p) for e, m in masks.items()
                                                 for p in np.flatnonzero(m.numpy()) if p > 0])))
     assert read_steps(tmp_path / "traj", ds)[0].same_keys(kept)
+
+
+def test_a_step_without_a_seen_forward_is_an_error(tmp_path, tok, rng):
+    class Direct(Trainer):
+        """Calls model.forward itself: module hooks do not run."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != "example_id"}
+            return model.forward(**inputs).loss
+
+    ds = make_ds(tok, 4, rng)
+    cb = TrajectoryCallback(tmp_path / "traj")
+    trainer = Direct(model=t3s.patch(tiny_llama(tok)), args=targs(tmp_path), train_dataset=ds,
+                     data_collator=t3s.PaddedCollator(tok.pad_token_id), callbacks=[cb])
+    with pytest.raises(RuntimeError, match="saw no training forward"):
+        trainer.train()
+    assert cb.recorder.closed
+
+
+def test_collators_fold_01_masks_by_default(tok, rng):
+    ds = list(make_ds(tok, 3, rng))
+    bool_masks = random_masks(ds, rng, torch.bool)
+    weights = random_masks(ds, rng, torch.float32)
+    for make in (lambda **kw: t3s.PaddedCollator(tok.pad_token_id, **kw),
+                 lambda **kw: t3s.PackedCollator(**kw)):
+        plain = make()(ds)["labels"]
+        for masks in (bool_masks, {k: v.float() for k, v in bool_masks.items()}):
+            batch = make(loss_masks=masks)(ds)
+            # the Trainer's label count is now the kept count
+            assert t3s.count_loss_items(batch["labels"]) == t3s.count_loss_items(
+                plain, batch["loss_mask"])
+            assert torch.equal(make(loss_masks=masks, fold_mask_into_labels=False)(ds)["labels"],
+                               plain)
+        assert torch.equal(make(loss_masks=weights)(ds)["labels"], plain)   # weights: no fold
+        folded = make(loss_masks=weights, fold_mask_into_labels=True)(ds)
+        assert torch.equal(folded["labels"] != -100, (plain != -100) & (folded["loss_mask"] != 0))

@@ -313,7 +313,9 @@ class TrajectoryCallback(LossMaskCallback):
             raise ValueError(
                 "trajectory recording needs the batch's 'example_id' (one per row, or per packed "
                 "sequence): use t3s.PaddedCollator / t3s.PackedCollator on data with an "
-                "'example_id' column (t3s.TraceDataset has one)")
+                "'example_id' column (t3s.TraceDataset has one); if the Trainer's column filter "
+                "dropped it (a model from model_init), pass "
+                "TrainingArguments(remove_unused_columns=False)")
         asked = bool(kwargs.get("return_token_stats", False))
         kwargs["return_token_stats"] = True
         self._pending = (labels, example_id, kwargs.get("position_ids"),
