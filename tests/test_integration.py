@@ -347,3 +347,16 @@ def test_collators_fold_01_masks_by_default(tok, rng):
         assert torch.equal(make(loss_masks=weights)(ds)["labels"], plain)   # weights: no fold
         folded = make(loss_masks=weights, fold_mask_into_labels=True)(ds)
         assert torch.equal(folded["labels"] != -100, (plain != -100) & (folded["loss_mask"] != 0))
+
+
+def test_example_id_is_named_while_attached(tok):
+    import inspect
+
+    model = t3s.patch(tiny_llama(tok))
+    cb = LossMaskCallback()
+    cb.attach(model)
+    assert "example_id" in inspect.signature(model.forward).parameters
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    cb.detach()
+    assert "example_id" not in inspect.signature(model.forward).parameters
+    assert not model._forward_pre_hooks and not model._forward_hooks

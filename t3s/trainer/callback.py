@@ -49,13 +49,14 @@ __all__ = ["LossMaskCallback", "TrajectoryCallback", "keep_example_id_column"]
 logger = logging.getLogger(__name__)
 
 
-def keep_example_id_column(model: torch.nn.Module, keep: bool = True) -> None:
+def keep_example_id_column(model: torch.nn.Module, keep: bool = True) -> bool:
     """Name (``keep=True``) or stop naming ``example_id`` in a patched forward's signature.
 
     HF's Trainer drops every dataset column its model's ``forward`` signature
     does not name; ``example_id`` must survive to key the recorded tokens. Only
     the ``__signature__`` that `t3s.patch` set is changed; the forward itself
     never receives the value (`LossMaskCallback`'s pre-hook removes it).
+    Returns whether the signature named ``example_id`` before the call.
     """
     target = patched_model(model)
     if target is None:
@@ -63,6 +64,9 @@ def keep_example_id_column(model: torch.nn.Module, keep: bool = True) -> None:
     forward = target.forward  # what the Trainer inspects
     sig = inspect.signature(forward)
     P = inspect.Parameter
+    had = "example_id" in sig.parameters
+    if had == keep:
+        return had
     params = [p for p in sig.parameters.values() if p.name != "example_id"]
     if keep:
         at = next((i for i, p in enumerate(params) if p.kind == P.VAR_KEYWORD), len(params))
@@ -74,6 +78,7 @@ def keep_example_id_column(model: torch.nn.Module, keep: bool = True) -> None:
             f"cannot name example_id in {type(target).__name__}.forward ({type(forward).__name__}, "
             "installed after t3s.patch); pass TrainingArguments(remove_unused_columns=False) so "
             "the Trainer keeps the column") from None
+    return had
 
 
 class LossMaskCallback(TrainerCallback):
@@ -107,6 +112,7 @@ class LossMaskCallback(TrainerCallback):
         self.model: Optional[torch.nn.Module] = None
         self._handles = []
         self._accumulates = False
+        self._named_example_id = False  # whether attach added example_id to the signature
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -131,7 +137,7 @@ class LossMaskCallback(TrainerCallback):
                 f"loss_mask and gives the per-token statistics); {type(model).__name__} is not "
                 "patched: call t3s.patch(model) before creating the Trainer")
         self.detach()
-        keep_example_id_column(model)
+        self._named_example_id = not keep_example_id_column(model)
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
         self.model = model
@@ -141,8 +147,10 @@ class LossMaskCallback(TrainerCallback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.model is not None and patched_model(self.model) is not None:
-            keep_example_id_column(self.model, keep=False)
+        if (self._named_example_id and self.model is not None
+                and patched_model(self.model) is not None):
+            keep_example_id_column(self.model, keep=False)  # only what attach added
+        self._named_example_id = False
         self.model = None
 
     def _before(self, module, args, kwargs):
