@@ -58,7 +58,8 @@ from .verify import exact_match, get_verifier, math_verify_match
 from .weights import rrt, save_rrt
 
 _TRAINER_NAMES = ("T3STrainerMixin", "T3STrainer", "T3SSFTTrainer", "sft_trainer_class",
-                  "AccuracyCallback", "read_accuracy_history")
+                  "AccuracyCallback", "TrajectoryCallback", "LossMaskCallback",
+                  "read_accuracy_history")
 
 __all__ = [
     "Agreement", "BottleneckTracker", "LMHead", "lm_head", "PackedCollator", "PaddedCollator", "SelectionArtifact",

@@ -15,6 +15,17 @@ plus value columns; see `t3s.data`). Legend: T = number of tokens.
 
 Tie-breaking in the budgeted rules is by key order (example_id, then
 position), so results do not depend on the row order of the input.
+
+Plain tensors. Every rule (and `confidence_change`) also takes a torch tensor
+or a numpy array of any shape S instead of a table (e.g. ``token_stats`` fields
+[B, T], or a flat [T] vector) and returns the same type and shape: a bool [S]
+mask (a tensor on the input's device) from the mask rules and `forced_mask`,
+a float Δc [S] from `confidence_change`. An array is read as a table whose
+"example" is the index along the first dimension (a 0-D or 1-D array is one
+example) and whose key order is the row-major (flat) order, so
+``per_example=True`` works per row and ties break by flat index. Several array
+inputs of one call must have the same shape. NaN values are refused, as in
+tables: select the finite entries first (``x[torch.isfinite(x)]``).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from .data import TokenTable
 
@@ -46,6 +58,76 @@ __all__ = [
 _CONF_NAMES = ("c", "c0", "confidence", "logprob")
 _DELTA_NAMES = ("delta",)
 _LOSS_NAMES = ("loss",)
+
+
+#: What a rule's input may be: a keyed table, or a plain tensor / array of any shape.
+Tokens = Union[TokenTable, torch.Tensor, np.ndarray]
+_ARRAY_COLUMN = "value"  # the column an array becomes (any name works: it is the only one)
+
+
+class _Shape:
+    """How a plain tensor / array input was read, to give results back in its form."""
+
+    def __init__(self, x, what: str):
+        self.tensor = isinstance(x, torch.Tensor)
+        self.device = x.device if self.tensor else None
+        self.shape = tuple(x.shape)
+        self.what = what
+
+    def give_back(self, values: np.ndarray, dtype=None):
+        """values [prod(shape)] (key order = flat order) as a tensor / array of the input's shape."""
+        out = np.ascontiguousarray(values).reshape(self.shape)
+        if dtype is not None:
+            out = out.astype(dtype, copy=False)
+        return torch.from_numpy(out).to(self.device) if self.tensor else out
+
+
+def _as_table(x, what: str, *, like: Optional[_Shape] = None) -> Tuple[TokenTable, Optional[_Shape]]:
+    """(table, None) for a TokenTable; (table, shape) for a tensor / ndarray of any shape.
+
+    The array's keys: example_id = index along the first dimension (0 for 0-D / 1-D
+    arrays), position = flat index, so key order is the flat order. ``like``: the
+    shape an earlier array input of the same call had (they must match).
+    """
+    if isinstance(x, TokenTable):
+        if like is not None:
+            raise TypeError(f"{what} is a TokenTable but {like.what} is a "
+                            f"{'tensor' if like.tensor else 'numpy array'}; pass the same kind")
+        return x, None
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"{what} must be a TokenTable, a torch tensor or a numpy array, got "
+                        f"{type(x).__name__}")
+    shape = _Shape(x, what)
+    if like is not None and (shape.tensor != like.tensor or shape.shape != like.shape):
+        raise ValueError(f"{what} ({type(x).__name__} {shape.shape}) must have the type and shape "
+                         f"of {like.what} ({'tensor' if like.tensor else 'ndarray'} {like.shape})")
+    if shape.tensor:
+        if x.is_complex():
+            raise TypeError(f"{what} must be real, got {x.dtype}")
+        v = x.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    else:
+        if np.iscomplexobj(x):
+            raise TypeError(f"{what} must be real, got {x.dtype}")
+        v = np.asarray(x, dtype=np.float64).reshape(-1)
+    n = v.size
+    rows = shape.shape[0] if len(shape.shape) >= 2 else 1
+    eid = np.repeat(np.arange(rows, dtype=np.int64), n // rows if rows else 0)
+    return TokenTable(eid, np.arange(n, dtype=np.int64), {_ARRAY_COLUMN: v}, _validated=True), shape
+
+
+def _column_of(column: Optional[str], shape: Optional[_Shape]) -> Optional[str]:
+    """The column to read: ``column`` for tables; an array has one value column."""
+    if shape is None:
+        return column
+    if column is not None:
+        raise ValueError(f"column={column!r} names a TokenTable column; {shape.what} is an array "
+                         "with one value per entry")
+    return _ARRAY_COLUMN
+
+
+def _mask_out(table: TokenTable, shape: Optional[_Shape], column: str):
+    """A rule's output table, or its column in the input's tensor / array form."""
+    return table if shape is None else shape.give_back(np.asarray(table[column]), bool)
 
 
 def _values(table: TokenTable, column: Optional[str], prefer: Sequence[str], what: str) -> np.ndarray:
@@ -77,16 +159,28 @@ def _mask_table(table: TokenTable, keep: np.ndarray) -> TokenTable:
 # Confidence change
 # --------------------------------------------------------------------------------------
 
-def confidence_change(c0: TokenTable, cb: TokenTable, *, column: Optional[str] = None,
-                      column_b: Optional[str] = None) -> TokenTable:
+def confidence_change(c0: Tokens, cb: Tokens, *, column: Optional[str] = None,
+                      column_b: Optional[str] = None) -> Tokens:
     """Δc_t = c_t(θ_b) − c_t(θ_0) per token.
 
     c0, cb: tables of confidences (log-probs of the target token) at θ_0 and θ_b,
     one value column each (or pass ``column``/``column_b``). They must hold the
     same keys (any row order), else ValueError naming the differing keys.
     Returns a table with c0's keys and row order and float32 columns ``delta``,
-    ``c0`` and ``cb``.
+    ``c0`` and ``cb``. For tensors / arrays [S] (same type and shape), returns
+    Δc [S] of their (promoted) float dtype, float32 for integer inputs.
     """
+    t0, s0 = _as_table(c0, "c0")
+    if s0 is not None:
+        tb, _ = _as_table(cb, "cb", like=s0)
+        a = _values(t0, _column_of(column, s0), (), "c0")
+        b = _values(tb, _column_of(column_b, s0), (), "cb")
+        if s0.tensor:
+            dtype = torch.promote_types(c0.dtype, cb.dtype)
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            return (cb.detach().to(dtype) - c0.detach().to(cb.device, dtype))
+        dtype = np.result_type(c0.dtype, cb.dtype)
+        return s0.give_back(b - a, dtype if np.issubdtype(dtype, np.floating) else np.float32)
     a = _values(c0, column, _CONF_NAMES, "c0")
     b_table = c0.align(cb)                                  # raises when keys differ
     b = _values(b_table, column_b, _CONF_NAMES + ("cb",), "cb")
@@ -99,30 +193,34 @@ def confidence_change(c0: TokenTable, cb: TokenTable, *, column: Optional[str] =
 # Loss-mask rules
 # --------------------------------------------------------------------------------------
 
-def anchor_mask(delta: TokenTable, *, threshold: float = 0.0, column: Optional[str] = None) -> TokenTable:
+def anchor_mask(delta: Tokens, *, threshold: float = 0.0, column: Optional[str] = None) -> Tokens:
     """The T3S AR rule: ``loss_mask = 0`` on anchors (Δc > threshold), 1 elsewhere.
 
     delta: table with a ``delta`` column [T]. ``threshold=0`` is the paper's rule;
-    a token with Δc exactly 0 is kept. Returns ``loss_mask`` [T] bool.
+    a token with Δc exactly 0 is kept. Returns ``loss_mask`` [T] bool. A
+    tensor / array Δc [S] gives a bool mask [S] of the same type (True keeps).
     """
-    d = _values(delta, column, _DELTA_NAMES, "delta")
-    return _mask_table(delta, ~(d > threshold))
+    delta, shape = _as_table(delta, "delta")
+    d = _values(delta, _column_of(column, shape), _DELTA_NAMES, "delta")
+    return _mask_out(_mask_table(delta, ~(d > threshold)), shape, "loss_mask")
 
 
-def inverse_anchor_mask(delta: TokenTable, *, threshold: float = 0.0,
-                        column: Optional[str] = None) -> TokenTable:
+def inverse_anchor_mask(delta: Tokens, *, threshold: float = 0.0,
+                        column: Optional[str] = None) -> Tokens:
     """Inverse T3S (a baseline): train on the anchors only, ``loss_mask = (Δc > threshold)``."""
-    d = _values(delta, column, _DELTA_NAMES, "delta")
-    return _mask_table(delta, d > threshold)
+    delta, shape = _as_table(delta, "delta")
+    d = _values(delta, _column_of(column, shape), _DELTA_NAMES, "delta")
+    return _mask_out(_mask_table(delta, d > threshold), shape, "loss_mask")
 
 
-def full_mask(keys: TokenTable) -> TokenTable:
+def full_mask(keys: Tokens) -> Tokens:
     """Plain SFT: every token kept."""
-    return _mask_table(keys, np.ones(len(keys), dtype=bool))
+    keys, shape = _as_table(keys, "keys")
+    return _mask_out(_mask_table(keys, np.ones(len(keys), dtype=bool)), shape, "loss_mask")
 
 
-def random_mask(keys: TokenTable, *, keep_fraction: Optional[float] = None, budget: Optional[int] = None,
-                like: Optional[TokenTable] = None, per_example: bool = False, seed: int = 0) -> TokenTable:
+def random_mask(keys: Tokens, *, keep_fraction: Optional[float] = None, budget: Optional[int] = None,
+                like: Optional[Tokens] = None, per_example: bool = False, seed: int = 0) -> Tokens:
     """Random masking with a fixed budget (the same-budget baseline).
 
     keys: any table; only its keys are used. Give exactly one of
@@ -133,11 +231,18 @@ def random_mask(keys: TokenTable, *, keep_fraction: Optional[float] = None, budg
     ``per_example=True`` applies the budget within each example (with ``like``:
     each example keeps as many tokens as it does there; with ``keep_fraction``:
     round(keep_fraction · n_e) per example). The draw uses ``seed`` and is
-    independent of row order. Returns ``loss_mask`` [T] bool.
+    independent of row order. Returns ``loss_mask`` [T] bool. For a tensor /
+    array [S] (``like`` then a mask of the same type and shape), a bool mask
+    [S]; ``per_example`` is per row (index along the first dimension).
     """
     given = sum(x is not None for x in (keep_fraction, budget, like))
     if given != 1:
         raise ValueError("give exactly one of keep_fraction, budget or like")
+    keys, shape = _as_table(keys, "keys")
+    if like is not None:
+        like, _ = _as_table(like, "like", like=shape)
+        if shape is not None:
+            like = _mask_table(like, np.asarray(like[_ARRAY_COLUMN]) != 0)
     rng = np.random.default_rng(seed)
     order = _key_order(keys)
     sorted_eid = keys.example_id[order]
@@ -168,7 +273,7 @@ def random_mask(keys: TokenTable, *, keep_fraction: Optional[float] = None, budg
             keep_sorted[s + rng.permutation(n)[:k]] = True
     keep = np.empty_like(keep_sorted)
     keep[order] = keep_sorted
-    return _mask_table(keys, keep)
+    return _mask_out(_mask_table(keys, keep), shape, "loss_mask")
 
 
 def _top_rows(values: np.ndarray, order: np.ndarray, k: int, largest: bool) -> np.ndarray:
@@ -178,8 +283,8 @@ def _top_rows(values: np.ndarray, order: np.ndarray, k: int, largest: bool) -> n
     return order[ranked[:k]]
 
 
-def static_confidence_mask(c0: TokenTable, fraction: float = 0.2, which: str = "top", *,
-                           column: Optional[str] = None) -> TokenTable:
+def static_confidence_mask(c0: Tokens, fraction: float = 0.2, which: str = "top", *,
+                           column: Optional[str] = None) -> Tokens:
     """Static baseline: mask the tokens with the highest (``which="top"``) or lowest
     (``"bottom"``) initial confidence c_t(θ_0).
 
@@ -189,16 +294,17 @@ def static_confidence_mask(c0: TokenTable, fraction: float = 0.2, which: str = "
     """
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
-    c = _values(c0, column, _CONF_NAMES, "c0")
+    c0, shape = _as_table(c0, "c0")
+    c = _values(c0, _column_of(column, shape), _CONF_NAMES, "c0")
     n_mask = _count(fraction, len(c0), "fraction")
     keep = np.ones(len(c0), dtype=bool)
     keep[_top_rows(c, _key_order(c0), n_mask, largest=(which == "top"))] = False
-    return _mask_table(c0, keep)
+    return _mask_out(_mask_table(c0, keep), shape, "loss_mask")
 
 
-def rho1_mask(loss_theta: TokenTable, loss_ref: TokenTable, keep_fraction: float, *,
-              batch: Union[None, str, Sequence[int], np.ndarray] = None,
-              column: Optional[str] = None, column_ref: Optional[str] = None) -> TokenTable:
+def rho1_mask(loss_theta: Tokens, loss_ref: Tokens, keep_fraction: float, *,
+              batch: Union[None, str, Sequence[int], np.ndarray, torch.Tensor] = None,
+              column: Optional[str] = None, column_ref: Optional[str] = None) -> Tokens:
     """Rho-1 (arXiv 2404.07965): keep the tokens with the largest excess loss
     L_θ − L_ref, the top ``keep_fraction`` of each batch.
 
@@ -207,10 +313,17 @@ def rho1_mask(loss_theta: TokenTable, loss_ref: TokenTable, keep_fraction: float
     batch: None ranks all tokens together; a column name of ``loss_theta`` or an
     array [T] (rows of ``loss_theta``) gives a batch id per token, and each batch
     keeps round(keep_fraction · n_batch) tokens. Returns ``loss_mask`` [T] bool
-    (keys and row order of ``loss_theta``).
+    (keys and row order of ``loss_theta``). Tensors / arrays [S] of one type
+    and shape give a bool mask [S]; ``batch`` is then None or ids of shape [S].
     """
-    lt = _values(loss_theta, column, _LOSS_NAMES, "loss_theta")
-    lr = _values(loss_theta.align(loss_ref), column_ref, _LOSS_NAMES, "loss_ref")
+    loss_theta, shape = _as_table(loss_theta, "loss_theta")
+    loss_ref, _ = _as_table(loss_ref, "loss_ref", like=shape)
+    if shape is not None and batch is not None:
+        if isinstance(batch, str) or tuple(np.shape(batch)) != shape.shape:
+            raise ValueError(f"batch must be None or ids shaped like loss_theta {shape.shape}")
+        batch = np.asarray(batch.cpu() if isinstance(batch, torch.Tensor) else batch).reshape(-1)
+    lt = _values(loss_theta, _column_of(column, shape), _LOSS_NAMES, "loss_theta")
+    lr = _values(loss_theta.align(loss_ref), _column_of(column_ref, shape), _LOSS_NAMES, "loss_ref")
     excess = lt - lr
     if batch is None:
         groups = np.zeros(len(loss_theta), dtype=np.int64)
@@ -226,11 +339,11 @@ def rho1_mask(loss_theta: TokenTable, loss_ref: TokenTable, keep_fraction: float
         rows = order[groups[order] == g]
         k = _count(keep_fraction, rows.size, "keep_fraction")
         keep[_top_rows(excess, rows, k, largest=True)] = True
-    return _mask_table(loss_theta, keep)
+    return _mask_out(_mask_table(loss_theta, keep), shape, "loss_mask")
 
 
-def prob_threshold_mask(c: TokenTable, threshold: Union[float, Tuple[float, float]],
-                        direction: str = "higher", *, column: Optional[str] = None) -> TokenTable:
+def prob_threshold_mask(c: Tokens, threshold: Union[float, Tuple[float, float]],
+                        direction: str = "higher", *, column: Optional[str] = None) -> Tokens:
     """ProFit-style selection by token probability p = exp(c).
 
     * ``"higher"``: keep tokens with p > threshold;
@@ -241,7 +354,8 @@ def prob_threshold_mask(c: TokenTable, threshold: Union[float, Tuple[float, floa
 
     c: confidences (log-probs), e.g. c_t(θ_0). Returns ``loss_mask`` [T] bool.
     """
-    p = np.exp(_values(c, column, _CONF_NAMES, "c"))
+    c, shape = _as_table(c, "c")
+    p = np.exp(_values(c, _column_of(column, shape), _CONF_NAMES, "c"))
     if direction == "middle":
         try:
             low, high = threshold  # type: ignore[misc]
@@ -258,25 +372,28 @@ def prob_threshold_mask(c: TokenTable, threshold: Union[float, Tuple[float, floa
         keep = p > threshold if direction == "higher" else p <= threshold
     else:
         raise ValueError(f"direction must be 'higher', 'lower' or 'middle', got {direction!r}")
-    return _mask_table(c, keep)
+    return _mask_out(_mask_table(c, keep), shape, "loss_mask")
 
 
 # --------------------------------------------------------------------------------------
 # Diffusion-LM forced set
 # --------------------------------------------------------------------------------------
 
-def forced_mask(delta: TokenTable, tau: float = 0.2, *, column: Optional[str] = None) -> TokenTable:
+def forced_mask(delta: Tokens, tau: float = 0.2, *, column: Optional[str] = None) -> Tokens:
     """The diffusion-LM forced set S = {t : Δc_t < −τ}.
 
     NOT a loss mask: returns a bool column ``forced`` [T], True on the tokens that
     must be masked (corrupted) and reconstructed in addition to the usual random
     corruption. τ is on the log-prob scale; τ = 0.2 marks about 5% of tokens in
-    the paper's setting.
+    the paper's setting. A tensor / array Δc [S] gives a bool [S] of the same
+    type (True = forced).
     """
     if not math.isfinite(tau):
         raise ValueError(f"tau must be finite, got {tau}")
-    d = _values(delta, column, _DELTA_NAMES, "delta")
-    return TokenTable(delta.example_id, delta.position, {"forced": d < -tau}, _validated=True)
+    delta, shape = _as_table(delta, "delta")
+    d = _values(delta, _column_of(column, shape), _DELTA_NAMES, "delta")
+    out = TokenTable(delta.example_id, delta.position, {"forced": d < -tau}, _validated=True)
+    return _mask_out(out, shape, "forced")
 
 
 # --------------------------------------------------------------------------------------

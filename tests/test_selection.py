@@ -279,3 +279,86 @@ def test_summarize(rng):
     assert f.mask_kind == "forced" and f.n_masked == int((d["delta"] < -0.2).sum())
     assert "forced" in repr(f)
     assert summarize(d).n_masked is None
+
+
+# -------------------------------------------------------------------------------------
+# plain tensors / arrays
+# -------------------------------------------------------------------------------------
+
+def _flat_table(x, rows, **cols):
+    """The TokenTable an array [S] stands for: example = row, position = flat index."""
+    n = int(np.prod(x.shape))
+    eid = np.repeat(np.arange(rows), n // rows) if rows else np.zeros(0, np.int64)
+    return TokenTable(eid, np.arange(n), **{k: np.reshape(v, -1) for k, v in cols.items()})
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_rules_on_arrays_match_the_table_form(rng, kind):
+    shape = (int(rng.integers(2, 5)), int(rng.integers(3, 9)))
+    if rng.random() < 0.3:
+        shape = (int(np.prod(shape)),)  # a flat vector: one example
+    rows = shape[0] if len(shape) == 2 else 1
+    delta = rng.normal(0, 0.3, shape)
+    delta.flat[rng.integers(0, delta.size)] = 0.0            # exactly 0 is kept
+    c0 = -rng.exponential(1.0, shape)
+    cb = c0 + delta
+    conv = (lambda a: torch.from_numpy(a).float()) if kind == "tensor" else (lambda a: a)
+    d_t, c0_t, cb_t = conv(delta), conv(c0), conv(cb)
+    table = _flat_table(delta, rows, delta=delta, c0=c0, cb=cb)
+
+    def same(got, want_table, column):
+        assert isinstance(got, torch.Tensor if kind == "tensor" else np.ndarray)
+        assert tuple(got.shape) == shape
+        assert got.dtype == (torch.bool if kind == "tensor" else np.bool_)
+        got = got.numpy() if kind == "tensor" else got
+        np.testing.assert_array_equal(got.reshape(-1), np.asarray(want_table[column]))
+
+    same(anchor_mask(d_t), anchor_mask(table.select("delta")), "loss_mask")
+    same(anchor_mask(d_t, threshold=0.1), anchor_mask(table.select("delta"), threshold=0.1),
+         "loss_mask")
+    same(inverse_anchor_mask(d_t), inverse_anchor_mask(table.select("delta")), "loss_mask")
+    same(forced_mask(d_t, 0.2), forced_mask(table.select("delta"), 0.2), "forced")
+    same(full_mask(d_t), full_mask(table), "loss_mask")
+    same(static_confidence_mask(c0_t, 0.3), static_confidence_mask(table.select("c0"), 0.3),
+         "loss_mask")
+    same(prob_threshold_mask(c0_t, 0.4), prob_threshold_mask(table.select("c0"), 0.4),
+         "loss_mask")
+    same(rho1_mask(-cb_t, -c0_t, 0.5),
+         rho1_mask(_flat_table(delta, rows, loss=-cb), _flat_table(delta, rows, loss=-c0), 0.5),
+         "loss_mask")
+    for per_example in (False, True):
+        same(random_mask(d_t, keep_fraction=0.4, per_example=per_example, seed=3),
+             random_mask(table, keep_fraction=0.4, per_example=per_example, seed=3), "loss_mask")
+    like = anchor_mask(d_t)
+    drawn = random_mask(d_t, like=like, seed=1)
+    assert int(drawn.sum()) == int(like.sum())
+
+    got = confidence_change(c0_t, cb_t)
+    assert type(got) is type(d_t) and tuple(got.shape) == shape
+    want = confidence_change(table.select("c0"), table.select("cb"))["delta"]
+    np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=0, atol=1e-6)
+
+
+def test_arrays_keep_device_and_dtype():
+    d = torch.randn(4, 6, dtype=torch.float64)
+    assert confidence_change(torch.zeros_like(d), d).dtype == torch.float64
+    assert confidence_change(np.zeros(3, np.int64), np.ones(3, np.int64)).dtype == np.float32
+    assert confidence_change(d.float(), d.float()).dtype == torch.float32
+    assert anchor_mask(d.bfloat16()).device == d.device
+
+
+def test_array_inputs_bad():
+    d = torch.randn(3, 4)
+    d[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        anchor_mask(d)
+    with pytest.raises(ValueError, match="NaN"):
+        forced_mask(d.numpy())
+    with pytest.raises(TypeError, match="TokenTable, a torch tensor or a numpy array"):
+        anchor_mask([0.1, -0.2])
+    with pytest.raises(ValueError, match="type and shape"):
+        confidence_change(torch.zeros(3, 4), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="type and shape"):
+        confidence_change(torch.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match="column="):
+        anchor_mask(torch.zeros(3), column="delta")

@@ -13,9 +13,56 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..hf import is_patched
 from .table import IGNORE_INDEX
 
-__all__ = ["PaddedCollator", "PackedCollator", "pack_indices", "pad_token_id"]
+__all__ = ["PaddedCollator", "PackedCollator", "pack_indices", "pad_token_id",
+           "patched_model", "check_mask_reaches_loss"]
+
+
+def patched_model(model) -> Optional[torch.nn.Module]:
+    """The `t3s.patch`-ed module inside ``model``, or None when there is none.
+
+    Looks through the wrappers a training run puts around a model: DDP /
+    ``torch.compile`` (``.module`` / ``._orig_mod``) and PEFT
+    (``get_base_model()``).
+    """
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        if is_patched(model):
+            return model
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if callable(get_base) else None
+        for name in ("module", "_orig_mod"):
+            if inner is None or inner is model:
+                inner = getattr(model, name, None)
+        model = inner if isinstance(inner, torch.nn.Module) else None
+    return None
+
+
+def check_mask_reaches_loss(model, where: str = "this batch") -> None:
+    """ValueError unless ``model`` (or the module inside its wrappers) is `t3s.patch`-ed.
+
+    A Hugging Face model that is not patched takes ``loss_mask`` into its
+    ``**kwargs`` and ignores it: every token would be trained, silently.
+    """
+    if patched_model(model) is None:
+        raise ValueError(
+            f"{where} carries a loss_mask but {type(model).__name__} is not patched by t3s, so "
+            "its loss would ignore the mask silently; call t3s.patch(model) before training "
+            "(t3s.trainer.T3STrainer does it for you)")
+
+
+def _mask_is_01(mask: torch.Tensor) -> bool:
+    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+
+
+def _fold(labels: torch.Tensor, mask: torch.Tensor, fold: Optional[bool], label_pad_id: int) -> None:
+    """``labels[mask == 0] = label_pad_id`` (in place) when ``fold`` is True, or None (auto)
+    and the mask is 0/1: then a count of ``labels != -100`` is the kept count."""
+    if fold or (fold is None and _mask_is_01(mask)):
+        labels[mask == 0] = label_pad_id
 
 
 def _where(ex: Mapping[str, Any], i: int) -> str:
@@ -32,6 +79,12 @@ def _as_row(value: Any, key: str, where: str, dtype: torch.dtype) -> torch.Tenso
     return t.to(dtype)
 
 
+# HF's Trainer drops the dataset columns its model's forward does not name, example_id too.
+_DROPPED_HINT = (" (in a Hugging Face Trainer: its column filter drops example_id; add "
+                 "callbacks=[t3s.LossMaskCallback()], which keeps it, or pass "
+                 "TrainingArguments(remove_unused_columns=False))")
+
+
 def _loss_masks(examples: Sequence[Mapping[str, Any]], loss_masks: Optional[Mapping[int, Any]],
                 lengths: Sequence[int]) -> Optional[List[torch.Tensor]]:
     """Each example's ``[L]`` loss mask, or None when no example has one.
@@ -45,7 +98,8 @@ def _loss_masks(examples: Sequence[Mapping[str, Any]], loss_masks: Optional[Mapp
     for i, ex in enumerate(examples):
         if loss_masks is not None:
             if "example_id" not in ex:
-                raise ValueError(f"{_where(ex, i)} has no example_id to look up in loss_masks")
+                raise ValueError(f"{_where(ex, i)} has no example_id to look up in loss_masks"
+                                 f"{_DROPPED_HINT}")
             eid = int(ex["example_id"])
             if eid not in loss_masks:
                 raise ValueError(f"no loss_mask for example {eid}")
@@ -114,18 +168,30 @@ class PaddedCollator:
     ``loss_mask``.
 
     ``padding_side="left"`` pads at the start of each row (token keys then need
-    the ``attention_mask``, see `token_keys`). ``fold_mask_into_labels=True``
-    also sets ``labels`` to ``label_pad_id`` wherever ``loss_mask`` is 0. The
-    loss is unchanged (those tokens are dropped either way), but then HF's
-    Trainer, which derives ``num_items_in_batch`` from the labels alone,
-    counts exactly the kept tokens of a 0/1 mask, so gradient accumulation
-    averages over kept tokens (T3S's 'mean'); see `t3s.hf.count_loss_items`.
+    the ``attention_mask``, see `token_keys`).
+
+    ``fold_mask_into_labels`` sets ``labels`` to ``label_pad_id`` wherever
+    ``loss_mask`` is 0. The loss is unchanged (those tokens are dropped either
+    way), but HF's Trainer, which derives ``num_items_in_batch`` from the labels
+    alone, then counts exactly the kept tokens of a 0/1 mask, so gradient
+    accumulation averages over kept tokens (T3S's 'mean'); see
+    `t3s.hf.count_loss_items`. None (the default) folds when the batch's mask
+    is 0/1 (bool, or only 0s and 1s) and leaves weighted masks alone: no label
+    count can equal a sum of weights. `t3s.trainer.T3STrainer` counts the kept
+    weight itself and turns the default off (its ``t3s/kept_fraction`` metric
+    needs the labels); with a plain ``Trainer`` and weights,
+    `t3s.TrajectoryCallback` corrects the normaliser (see there). True folds the
+    zeros of any mask, False never folds.
+
+    ``model``: the model the batches are for. When given, a batch with a
+    ``loss_mask`` raises ValueError if the model is not `t3s.patch`-ed
+    (`check_mask_reaches_loss`): an unpatched model ignores the mask silently.
     """
 
     def __init__(self, pad_token_id: int, *, loss_masks: Optional[Mapping[int, Any]] = None,
                  pad_to_multiple_of: Optional[int] = None, label_pad_id: int = IGNORE_INDEX,
-                 padding_side: str = "right", fold_mask_into_labels: bool = False,
-                 extra_keys: Sequence[str] = ()):
+                 padding_side: str = "right", fold_mask_into_labels: Optional[bool] = None,
+                 extra_keys: Sequence[str] = (), model: Optional[torch.nn.Module] = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is required (e.g. tokenizer.pad_token_id or eos_token_id)")
         if padding_side not in ("right", "left"):
@@ -139,6 +205,7 @@ class PaddedCollator:
         self.padding_side = padding_side
         self.fold_mask_into_labels = fold_mask_into_labels
         self.extra_keys = tuple(extra_keys)
+        self.model = model
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
         if not examples:
@@ -185,8 +252,9 @@ class PaddedCollator:
             for i, m in enumerate(masks):
                 self._place(loss_mask, i, m)
             out["loss_mask"] = loss_mask
-            if self.fold_mask_into_labels:
-                labels[loss_mask == 0] = self.label_pad_id
+            if self.model is not None:
+                check_mask_reaches_loss(self.model, "the PaddedCollator's batch")
+            _fold(labels, loss_mask, self.fold_mask_into_labels, self.label_pad_id)
         for key in self.extra_keys:
             out[key] = torch.utils.data.default_collate([ex[key] for ex in examples])
         return out
@@ -216,18 +284,29 @@ class PackedCollator:
     ``position_ids`` for sdpa and eager attention (transformers 5.x); with a cache
     (a model's default ``use_cache=True``) every sequence would attend to the ones
     packed before it.
+
+    ``fold_mask_into_labels`` and ``model``: as for `PaddedCollator` (by
+    default 0/1 masks are folded into the labels, so HF's Trainer counts the
+    kept tokens).
     """
 
     def __init__(self, *, loss_masks: Optional[Mapping[int, Any]] = None,
-                 return_flash_attn_kwargs: bool = False):
+                 return_flash_attn_kwargs: bool = False,
+                 fold_mask_into_labels: Optional[bool] = None,
+                 model: Optional[torch.nn.Module] = None):
         self.loss_masks = loss_masks
         self.return_flash_attn_kwargs = return_flash_attn_kwargs
+        self.fold_mask_into_labels = fold_mask_into_labels
+        self.model = model
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         if not examples:
             raise ValueError("empty batch")
         ids, labs, pos = [], [], []
-        for ex in examples:
+        for i, ex in enumerate(examples):
+            if "example_id" not in ex:
+                raise ValueError(f"{_where(ex, i)} has no example_id, which a packed batch needs "
+                                 f"to map tokens back to examples{_DROPPED_HINT}")
             x = torch.as_tensor(ex["input_ids"]).reshape(-1).long()
             y = torch.as_tensor(ex["labels"]).reshape(-1).long().clone()
             if x.numel() == 0 or x.numel() != y.numel():
@@ -250,6 +329,9 @@ class PackedCollator:
             offsets = np.cumsum([0] + [t.numel() for t in ids[:-1]])
             lm[torch.as_tensor(offsets)] = 0
             out["loss_mask"] = lm[None]
+            if self.model is not None:
+                check_mask_reaches_loss(self.model, "the PackedCollator's batch")
+            _fold(out["labels"], out["loss_mask"], self.fold_mask_into_labels, IGNORE_INDEX)
         if self.return_flash_attn_kwargs:
             lens = torch.tensor([t.numel() for t in ids])
             cu = torch.zeros(len(ids) + 1, dtype=torch.int32)

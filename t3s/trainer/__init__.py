@@ -38,8 +38,14 @@ TRL: ``T3SSFTTrainer`` (``from t3s.trainer import T3SSFTTrainer``, or
 `sft_trainer_class()`) is the same mixin on ``trl.SFTTrainer``; it needs
 ``pip install trl``.
 
+`TrajectoryCallback` records the same trajectory in a plain
+``transformers.Trainer`` with a `t3s.patch`-ed model (no subclass), and
+`LossMaskCallback` gives such a Trainer t3s's mask checks (an unpatched model,
+the loss normaliser); see `t3s.trainer.callback`.
+
 Modules: `t3s.trainer.mixin` (the trainers), `t3s.trainer.accuracy` (the
-callback, `read_accuracy_history`), `t3s.trainer.sft` (TRL).
+accuracy callback, `read_accuracy_history`), `t3s.trainer.callback` (the
+recording and mask callbacks), `t3s.trainer.sft` (TRL).
 
 Legend: B batch rows, T padded sequence length.
 """
@@ -53,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from ..data.table import IGNORE_INDEX  # noqa: F401  (re-exported: t3s.trainer had it)
 from .accuracy import ACCURACY_FILE, AccuracyCallback, read_accuracy_history
+from .callback import LossMaskCallback, TrajectoryCallback, keep_example_id_column
 from .mixin import METRICS, T3STrainer, T3STrainerMixin
 from .sft import sft_trainer_class
 
@@ -62,6 +69,9 @@ __all__ = [
     "T3SSFTTrainer",
     "sft_trainer_class",
     "AccuracyCallback",
+    "TrajectoryCallback",
+    "LossMaskCallback",
+    "keep_example_id_column",
     "read_accuracy_history",
     "ACCURACY_FILE",
     "METRICS",

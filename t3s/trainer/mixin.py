@@ -7,6 +7,7 @@ length.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import defaultdict
@@ -17,10 +18,11 @@ import transformers
 from transformers import Trainer
 
 from ..artifact import dataset_fingerprint, tokenizer_fingerprint
-from ..data.collate import PaddedCollator, pad_token_id
+from ..data.collate import PackedCollator, PaddedCollator, pad_token_id
 from ..hf import count_loss_items, is_patched, patch
 from ..trajectory.recorder import TrajectoryRecorder
 from .accuracy import AccuracyCallback
+from .callback import LossMaskCallback, TrajectoryCallback
 
 __all__ = ["T3STrainerMixin", "T3STrainer", "METRICS"]
 
@@ -81,6 +83,12 @@ class T3STrainerMixin:
     ``t3s.PaddedCollator(pad_token_id)`` with the tokenizer's pad (else eos)
     token.
 
+    Recording can also come from a `t3s.TrajectoryCallback` in ``callbacks``
+    (not together with ``trajectory_dir`` / ``recorder``). A t3s collator left
+    at ``fold_mask_into_labels=None`` is used with folding off (a copy): this
+    trainer counts the kept weight itself, and ``t3s/kept_fraction`` needs the
+    unfolded labels.
+
     Raises ValueError on what it does not support: ``label_smoothing_factor``
     (pass ``patch_options={"label_smoothing": x}``), ``compute_loss_func`` (it
     would bypass the fused loss), ``use_liger_kernel`` (its fused loss replaces
@@ -116,11 +124,15 @@ class T3STrainerMixin:
             "train": defaultdict(list), "eval": defaultdict(list)}
         self._t3s_steps_seen: set = set()
 
+        given_model = kwargs.get("model", args[0] if args else None)
+        if isinstance(given_model, torch.nn.Module):
+            # Before Trainer.__init__: callbacks (TrajectoryCallback) check it in on_init_end.
+            self._t3s_ensure_patched(given_model)
         if kwargs.get("data_collator") is None and len(args) < 3:
-            pad = pad_token_id(kwargs.get("processing_class"),
-                                kwargs.get("model", args[0] if args else None))
-            kwargs["data_collator"] = PaddedCollator(pad)
+            pad = pad_token_id(kwargs.get("processing_class"), given_model)
+            kwargs["data_collator"] = PaddedCollator(pad, fold_mask_into_labels=False)
         super().__init__(*args, **kwargs)
+        self.data_collator = _unfolded(self.data_collator)
 
         targs = self.args
         if getattr(targs, "label_smoothing_factor", 0.0):
@@ -143,9 +155,17 @@ class T3STrainerMixin:
             self._t3s_ensure_patched(self.model)
         if self._t3s_trajectory_dir is not None:
             self._t3s_store_fingerprints()  # fail now, not at train(), on data without keys
+        self._t3s_callbacks_record = False
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, AccuracyCallback) and cb.trainer is None:
                 cb.trainer = self
+            if isinstance(cb, LossMaskCallback):
+                cb.counts_kept_items = True  # _get_num_items_in_batch counts the kept weight
+            if isinstance(cb, TrajectoryCallback):
+                if self._t3s_trajectory_dir is not None or self.recorder is not None:
+                    raise ValueError("a TrajectoryCallback records already: pass it or "
+                                     "trajectory_dir= / recorder=, not both")
+                self._t3s_callbacks_record = True
 
     # ------------------------------------------------------------------ patching
     def _t3s_ensure_patched(self, model) -> None:
@@ -227,6 +247,9 @@ class T3STrainerMixin:
             out = super().train(*args, **kwargs)
         except BaseException:
             self._t3s_close_recorder(failed=True)
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, TrajectoryCallback):
+                    cb.close_recorder()
             raise
         self._t3s_close_recorder(failed=False)
         return out
@@ -297,6 +320,8 @@ class T3STrainerMixin:
             inputs.setdefault("use_cache", False)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
+        if self._t3s_callbacks_record and example_ids is not None:
+            inputs["example_id"] = example_ids  # TrajectoryCallback's pre-hook takes it out
         outputs = model(**inputs)
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
         stats = outputs.get("token_stats") if isinstance(outputs, Mapping) else None
@@ -391,6 +416,15 @@ def _unwrap(trainer, model):
     if callable(get_base) and type(model).__name__.startswith("Peft"):
         model = get_base()
     return model
+
+
+def _unfolded(collator):
+    """A t3s collator left at the automatic fold, as a copy with folding off (see the class)."""
+    if (isinstance(collator, (PaddedCollator, PackedCollator))
+            and collator.fold_mask_into_labels is None):
+        collator = copy.copy(collator)
+        collator.fold_mask_into_labels = False
+    return collator
 
 
 def _kept_weight(batch: Mapping[str, Any]):

@@ -132,6 +132,16 @@ class TrajectoryRecorder:
         self._finalizer = weakref.finalize(self, _close_quietly, self._queue, self._thread,
                                            self.writer)
 
+    # ------------------------------------------------------------------ not a callback
+    def on_init_end(self, *args, **kwargs):
+        """A Trainer calls this on its callbacks: say what to pass instead."""
+        raise TypeError(
+            "a TrajectoryRecorder is not a Trainer callback: pass "
+            "callbacks=[t3s.TrajectoryCallback(store_dir)] (or "
+            "t3s.TrajectoryCallback(recorder=this_recorder)) to record in a Trainer")
+
+    on_train_begin = on_init_end
+
     # ------------------------------------------------------------------ producer side
     def record(self, step: int, values, labels, example_ids, *, position_ids=None,
                attention_mask=None, extras: Optional[Mapping[str, torch.Tensor]] = None) -> None:
