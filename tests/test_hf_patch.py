@@ -423,10 +423,15 @@ def test_unpatch_restores_the_forward():
 def test_signature_keeps_trainer_columns():
     model = patch(make_model("llama"))
     params = inspect.signature(model.forward).parameters
-    for name in ("input_ids", "attention_mask", "labels", "loss_mask", "return_token_stats"):
+    for name in ("input_ids", "attention_mask", "labels", "loss_mask", "return_token_stats",
+                 "example_id"):
         assert name in params
     assert any(p.kind == p.VAR_KEYWORD for p in params.values())
     assert "self" not in params
+    # example_id is accepted (the Trainer keeps that column) and never reaches the model
+    ids, am, labels = make_batch()
+    with_ids = model(input_ids=ids, labels=labels, example_id=torch.arange(ids.shape[0])).loss
+    torch.testing.assert_close(with_ids, model(input_ids=ids, labels=labels).loss)
 
 
 def test_deepcopy_of_patched_model():

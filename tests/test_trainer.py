@@ -286,6 +286,10 @@ def test_masked_tokens_get_zero_gradient(tmp_path, tok):
     ds = t3s.TraceDataset.from_jsonl(jsonl_lines(arithmetic_records(4, seed=3)), tok)
     rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
     masks = random_masks(ds, rng, torch.bool)
+    for ex in ds:  # each example drops at least one trained token (a draw may keep all)
+        keep, trained = masks[int(ex["example_id"])], ex["labels"] != -100
+        if not (trained & ~keep).any():
+            keep[int(trained.nonzero()[0])] = False
     perturbed = []
     for ex in ds:
         ex = dict(ex)

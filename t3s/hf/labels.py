@@ -36,10 +36,10 @@ def count_loss_items(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = N
     (``shifted=True`` when ``labels`` are already shifted targets). Sum this over
     the micro-batches of one optimizer step (and over ranks under DDP) and pass
     it as ``num_items_in_batch``. HF's Trainer counts ``labels != -100`` and
-    knows nothing of ``loss_mask``: with a mask, either pass this value yourself
-    or let `t3s.data.PaddedCollator` fold the mask's zeros into the labels
-    (``fold_mask_into_labels=True``), which makes the Trainer's count exact for
-    0/1 masks.
+    knows nothing of ``loss_mask``: t3s's collators fold a 0/1 mask's zeros into
+    the labels by default (``fold_mask_into_labels=None``), which makes the
+    Trainer's count exact; for weighted masks `t3s.LossMaskCallback` (or the T3S
+    trainers) pass this value.
     """
     if loss_mask is not None:
         check_mask_shape(loss_mask, labels, "labels")

@@ -75,7 +75,7 @@ __all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes")
-_EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss")
+_EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss", "example_id")
 
 
 @dataclass
@@ -133,6 +133,8 @@ def patch(
       `t3s.TokenStats` whose fields are [B, T]; the entry at position i belongs
       to the target ``labels[:, i + 1]`` (predicted from the hidden state at i).
       The last position and dropped or ignored tokens hold NaN.
+    * ``example_id`` [B]: accepted and dropped, so that HF's Trainer keeps the
+      dataset column that t3s's collators and callbacks key tokens by.
     * ``t3s_fused_loss``: None (default) returns ``logits=None`` while
       ``model.training`` and the logits otherwise; True never returns logits
       when labels are given; False always returns them.
@@ -287,6 +289,9 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     loss_mask = kwargs.pop("loss_mask", None)
     return_token_stats = bool(kwargs.pop("return_token_stats", False))
     fused = kwargs.pop("t3s_fused_loss", None)
+    # Named in the signature so that HF's Trainer keeps the column (t3s's collators key
+    # masks and recorded tokens by it); the model itself never sees it.
+    kwargs.pop("example_id", None)
     if args and info.param_names:
         kwargs, args = _positional_to_keywords(info.param_names, args, kwargs), ()
     labels = kwargs.pop("labels", None)
@@ -457,7 +462,8 @@ def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
             params.append(p)
     params += [P("loss_mask", P.KEYWORD_ONLY, default=None),
                P("return_token_stats", P.KEYWORD_ONLY, default=False),
-               P("t3s_fused_loss", P.KEYWORD_ONLY, default=None)]
+               P("t3s_fused_loss", P.KEYWORD_ONLY, default=None),
+               P("example_id", P.KEYWORD_ONLY, default=None)]
     params.append(var_kw or P("kwargs", P.VAR_KEYWORD))
     return sig.replace(parameters=params)
 
