@@ -333,6 +333,15 @@ def test_bad_jsonl_names_the_line(assets, tmp_path, capsys):
     assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
     line = error_line(capsys)
     assert "bad training data" in line and "line 3" in line and "invalid JSON" in line
+    assert "Unterminated string starting at: column" in line or "Expecting value: column" in line
+    # every bad line in one error (not only the first), still one line and status 2
+    bad.write_text("\n".join(lines[:2] + ["{oops", lines[2], '{"prompt": "1+1=", "response": "2"}',
+                                          '{"prompt": "1+1=", "response": "2'] + lines[3:]) + "\n")
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "3 bad lines" in line and "Traceback" not in line
+    assert "line 3: invalid JSON" in line and "line 5: missing 'answer'" in line
+    assert "line 6: invalid JSON (Unterminated string starting at: column" in line
     # a record without its answer
     bad.write_text(lines[0] + "\n" + '{"prompt": "1+1=", "response": "2"}\n')
     assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
