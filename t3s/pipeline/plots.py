@@ -64,7 +64,7 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
     """
     plt = _pyplot()
     on = {k: f" ({v})" if v else "" for k, v in (measured_on or {}).items()}
-    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 8.2), sharex=True,
                                           gridspec_kw=dict(height_ratios=[1, 1.35]))
     for arm, run in runs.items():
         style = dict(_ARM_STYLE.get(arm, dict(color=None, label=arm)))
@@ -101,7 +101,10 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
     ax_acc.set_ylim(-0.03, 1.03)
     ax_acc.grid(alpha=0.3)
     if ax_acc.get_legend_handles_labels()[0]:
-        ax_acc.legend(fontsize=9, loc="best", framealpha=0.85)
+        # below the axes: the labels name each curve's set and size, too long to sit on
+        # top of the curves
+        ax_acc.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1,
+                      frameon=False)
     fig.suptitle(title or "Imitation shock: pilot SFT from θ0 and retraining", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
