@@ -2,7 +2,7 @@
 
     t3s run    --model DIR --train traces.jsonl --heldout heldout.jsonl [--run-dir DIR] [...]
     t3s pilot | select | train | baseline | eval | report   [same options]
-    t3s demo   [--quick] [--out DIR] [--seed N]
+    t3s demo   [--quick] [--out DIR] [--seed N] [--redo STAGE] [--overwrite] [--no-progress]
 
 ``t3s run`` runs the stages of `t3s.pipeline.stages` (pilot, select, train,
 baseline, eval, report) in a run directory and resumes after the last finished one;
@@ -12,6 +12,11 @@ relative paths in it are relative to the file); flags override the file, and
 both override the settings stored in an existing run directory. Changing a
 setting that affects results in an existing run directory is refused unless
 ``--force`` (redo the affected stages) or ``--overwrite`` (start afresh).
+
+``t3s demo`` runs the same stages on the built-in task (`t3s.demo`); its
+``--redo`` and ``--overwrite`` mean what they mean for ``t3s run``. Progress bars
+are drawn only when stderr is a terminal, unless ``--progress`` or
+``--no-progress`` says otherwise (both commands).
 
 Errors a user can fix (missing model, a model needing ``--trust-remote-code``,
 bad JSONL, an empty dataset, a run directory from another configuration, ...)
@@ -131,10 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in CPU demo (no download)",
                           description="Reproduce imitation shock and T3S on a synthetic task.")
     demo.add_argument("--quick", action="store_true", help="the short variant (for tests)")
-    demo.add_argument("--out", default=None, metavar="DIR", help="output directory (runs/demo; runs/demo-quick with --quick)")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="output directory (runs/demo; runs/demo-quick with --quick)")
     demo.add_argument("--seed", type=int, default=None, metavar="N",
                       help="seed of the traces, held-out problems and data order (default 0; "
                            "the base student is the same)")
+    # the same meaning as for `t3s run` (the demo's own messages name them)
+    demo.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                      choices=list(STAGE_NAMES) + ["all"],
+                      help="run this stage again (repeatable; 'all'); the stages that use its "
+                           "outputs follow")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="delete the directory's run and start afresh (also when it holds a "
+                           "demo run with other settings)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bars (default: on when stderr is a terminal, off when it "
+                           "is redirected)")
     demo.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 
@@ -190,7 +207,14 @@ def _demo(args: argparse.Namespace) -> int:
     if not callable(fn):
         raise UsageError("this installation's t3s.demo has no main(); the demo is not available "
                          "in this version")
-    kw = {} if args.seed is None else {"seed": args.seed}
+    # only what was given, so the demo's own defaults stay its defaults
+    kw: Dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
+    if args.redo:
+        kw["redo"] = list(args.redo)
+    if args.overwrite:
+        kw["overwrite"] = True
+    if args.progress is not None:
+        kw["progress"] = args.progress
     result = fn(quick=args.quick, out=args.out, **kw)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 

@@ -149,6 +149,10 @@ def test_run_writes_consistent_outputs(finished, assets):
         lines = (run_dir / "eval" / f"{arm}.jsonl").read_text().splitlines()
         assert len(lines) == results["arms"][arm]["n"] == 8
     assert metrics["bottleneck_step"] == b
+    # every accuracy names its set and size (the curves: --eval-subset 4 of each set)
+    assert metrics["accuracy_set"] == "heldout" and metrics["n_test"]["t3s"] == 8
+    assert metrics["curve_sets"] == {"train_acc": {"set": "train", "n": 4, "of": 16},
+                                     "heldout_acc": {"set": "heldout", "n": 4, "of": 8}}
     assert metrics["masked_fraction"] == pytest.approx(1 - art.table["loss_mask"].mean())
     online = pq.read_table(run_dir / "select" / "delta_online.parquet")
     exact = pq.read_table(run_dir / "select" / "delta_exact.parquet")
@@ -157,6 +161,9 @@ def test_run_writes_consistent_outputs(finished, assets):
 
     # report.md: the table, and plain statements that follow from the numbers
     report = (run_dir / "report" / "report.md").read_text()
+    assert "## What this run is" in report and "**Imitation Shock**" in report
+    assert "docs/demo/README.md" not in report          # not the demo
+    assert "(heldout set, n=8)" in report and "on 4 of the 8 held-out problems" in report
     for text in ("| base (θ0) |", "| plain SFT", "| T3S (rule `anchor`) |", "| baseline",
                  "bottleneck step", "masked fraction", "mask agreement",
                  "shock.png", "delta_hist.png", "traces.png"):
@@ -180,6 +187,17 @@ def test_second_run_does_nothing(finished, assets, tmp_path, capsys):
     # with no settings at all the stored ones are used
     assert main(["run", "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert run_ids(run_dir) == before
+
+
+def test_progress_follows_each_invocation(finished):
+    """--no-progress is stored with the run but not inherited: the next command's bars
+    follow its own terminal (or its own flag)."""
+    from t3s.pipeline.commands import resolve_config
+    stored = json.loads((finished / "config.json").read_text())["config"]
+    assert stored["progress"] is False
+    cfg, _, _ = resolve_config({"run_dir": str(finished)})
+    assert cfg["progress"] is None and cfg["steps"] == 4   # the rest is inherited
+    assert resolve_config({"run_dir": str(finished), "progress": True})[0]["progress"] is True
 
 
 def test_redo_train_redoes_train_and_what_uses_it(finished, tmp_path, capsys):
@@ -333,6 +351,15 @@ def test_bad_jsonl_names_the_line(assets, tmp_path, capsys):
     assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
     line = error_line(capsys)
     assert "bad training data" in line and "line 3" in line and "invalid JSON" in line
+    assert "Unterminated string starting at: column" in line or "Expecting value: column" in line
+    # every bad line in one error (not only the first), still one line and status 2
+    bad.write_text("\n".join(lines[:2] + ["{oops", lines[2], '{"prompt": "1+1=", "response": "2"}',
+                                          '{"prompt": "1+1=", "response": "2'] + lines[3:]) + "\n")
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "3 bad lines" in line and "Traceback" not in line
+    assert "line 3: invalid JSON" in line and "line 5: missing 'answer'" in line
+    assert "line 6: invalid JSON (Unterminated string starting at: column" in line
     # a record without its answer
     bad.write_text(lines[0] + "\n" + '{"prompt": "1+1=", "response": "2"}\n')
     assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
@@ -413,7 +440,8 @@ def test_extra_test_set_is_scored_and_reported(finished, assets, tmp_path, capsy
         assert len((run_dir / "eval" / f"{arm}.extra_test.jsonl").read_text().splitlines()) == 6
     assert main(["report", "--run-dir", str(run_dir), "--no-progress"]) == 0
     report = (run_dir / "report" / "report.md").read_text()
-    assert "(extra_test)" in report and "hard.jsonl" in report
+    assert "(extra_test set, n=6)" in report and "hard.jsonl" in report
+    assert "(heldout set, n=8, headline)" in report
     # a missing file is a clear error before anything runs
     capsys.readouterr()
     assert main(["eval", "--run-dir", str(run_dir), "--extra-test", str(tmp_path / "no.jsonl"),
@@ -453,7 +481,14 @@ def test_demo_subcommand(monkeypatch, capsys):
     fake.main = lambda quick, out, **kw: calls.append((quick, out, kw))
     assert main(["demo", "--quick", "--out", "somewhere"]) == 0
     assert main(["demo", "--out", "elsewhere", "--seed", "2"]) == 0
-    assert calls == [(True, "somewhere", {}), (False, "elsewhere", {"seed": 2})]
+    # the options the demo's own messages name, with `t3s run`'s meaning
+    assert main(["demo", "--redo", "train", "--redo", "all", "--overwrite", "--no-progress"]) == 0
+    assert main(["demo", "--progress"]) == 0
+    assert calls == [(True, "somewhere", {}), (False, "elsewhere", {"seed": 2}),
+                     (False, None, {"redo": ["train", "all"], "overwrite": True,
+                                    "progress": False}),
+                     (False, None, {"progress": True})]
+    assert main(["demo", "--redo", "nope"]) == 2
 
 
 def test_python_dash_m(tmp_path):

@@ -22,6 +22,7 @@ from t3s.data import (
     token_keys,
     tokenize_trace,
 )
+from t3s.data.traces import MAX_REPORTED_ERRORS
 from tiny import make_tokenizer
 
 
@@ -134,6 +135,33 @@ def test_invalid_json_and_duplicate_ids():
     rec = {"prompt": "a", "response": "b", "answer": "1", "id": 5}
     with pytest.raises(ValueError, match="line 2: example id 5 already used on line 1"):
         read_traces([rec, rec])
+
+
+def test_every_bad_line_is_reported_in_one_error(tmp_path):
+    good = json.dumps({"prompt": "x", "response": "y", "answer": "0"})
+    lines = [good, '{"prompt": "1+1=", "response": "2', good, '{"prompt": "a", "response": "b"}',
+             good, "{oops"]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        read_traces(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: 3 bad lines: ")
+    # the decoder's message keeps its column (json.loads' e.msg alone drops it)
+    assert "line 2: invalid JSON (Unterminated string starting at: column 32)" in msg
+    assert "line 4: missing 'answer'" in msg and "line 6: invalid JSON" in msg
+    assert "more bad line" not in msg
+
+
+def test_bad_lines_are_bounded_and_counted():
+    good = json.dumps({"prompt": "x", "response": "y", "answer": "0"})
+    n_bad = MAX_REPORTED_ERRORS + 7
+    with pytest.raises(ValueError) as err:
+        read_traces([good] + ["{"] * n_bad)
+    msg = str(err.value)
+    assert f"{n_bad} bad lines" in msg and msg.endswith("; and 7 more bad lines")
+    assert msg.count("invalid JSON") == MAX_REPORTED_ERRORS
+    assert f"line {MAX_REPORTED_ERRORS + 1}:" in msg and f"line {MAX_REPORTED_ERRORS + 2}:" not in msg
 
 
 def test_truncation_is_explicit(tok):

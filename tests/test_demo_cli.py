@@ -1,9 +1,14 @@
 """`t3s demo --quick` end to end through the command line, and resuming it."""
 
+import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -13,22 +18,55 @@ pytest.importorskip("matplotlib")
 import pyarrow.parquet as pq  # noqa: E402
 
 from t3s.cli import main  # noqa: E402
+from t3s.pipeline import engine  # noqa: E402
+from t3s.pipeline.console import show_progress  # noqa: E402
+from t3s.pipeline.rundir import STAGE_NAMES  # noqa: E402
 from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 QUICK_BUDGET_S = 180  # the budget for --quick on 2 CPU cores: reported, never asserted
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`python -m t3s demo --quick` with its output captured (not a terminal), as a log
+    redirected to a file is: (directory, exit status, seconds, the output)."""
     out = tmp_path_factory.mktemp("demo") / "quick"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    rc = main(["demo", "--quick", "--out", str(out)])
-    return out, rc, time.perf_counter() - t
+    proc = subprocess.run([sys.executable, "-m", "t3s", "demo", "--quick", "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                          timeout=1200)
+    return out, proc.returncode, time.perf_counter() - t, proc.stdout.decode("utf-8", "replace")
+
+
+def test_quick_demo_log_has_no_progress_bars(quick_run):
+    """Output that is not a terminal gets no bars: a redirected log is the stage lines."""
+    out, rc, _, log = quick_run
+    assert rc == 0, log[-3000:]
+    assert "\r" not in log and "it/s" not in log and "s/it" not in log and "%|" not in log
+    assert "[report] done" in log and "t3s demo: ran pilot" in log
+    assert len(log.encode()) < 8_000, len(log.encode())   # ~2 KB; with bars it was ~86 KB
+
+
+def test_progress_bars_follow_the_terminal(monkeypatch):
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.setattr(sys, "stderr", Stream(True))
+    assert show_progress(None) is True and show_progress(False) is False
+    monkeypatch.setattr(sys, "stderr", Stream(False))
+    assert show_progress(None) is False and show_progress(True) is True
 
 
 def test_quick_demo_end_to_end(quick_run):
-    out, rc, seconds = quick_run
-    assert rc == 0
+    out, rc, seconds, log = quick_run
+    assert rc == 0, log[-3000:]
     if seconds > QUICK_BUDGET_S:  # speed is not a pass/fail matter on a shared machine
         warnings.warn(f"t3s demo --quick took {seconds:.0f} s, over its {QUICK_BUDGET_S} s budget")
     for name in ("train.jsonl", "heldout.jsonl", "four_terms.jsonl"):
@@ -70,6 +108,24 @@ def test_quick_demo_end_to_end(quick_run):
     assert "Lowest held-out accuracy during training" in text
     assert re.search(rf"\| bottleneck step \| {b}\b", text)
     assert f"{100 * metrics['masked_fraction']:.1f}%" in text
+    # the report explains itself: the task, the arms, the terms, and a link to the write-up
+    intro = text.split("## Results")[0]
+    for term in ("## What this run is", "built-in demo", "**base (θ0)**", "**plain SFT",
+                 "**T3S (rule `anchor`)**", "**baseline (`random`", "**Imitation Shock**",
+                 "**bottleneck**", "**Δc**", "**anchor**"):
+        assert term in intro, term
+    link = re.search(r"\[docs/demo/README\.md\]\(([^)]+)\)", intro).group(1)
+    assert (report / link).resolve() == ROOT / "docs" / "demo" / "README.md"
+    # every accuracy names its set and size: the whole sets in the table, the subsets
+    # (--eval-subset) during training
+    assert metrics["accuracy_set"] == "heldout" and metrics["n_test"]["t3s"] == 100
+    subset = config["eval_subset"]
+    assert metrics["curve_sets"] == {"train_acc": {"set": "train", "n": subset, "of": 200},
+                                     "heldout_acc": {"set": "heldout", "n": subset, "of": 100}}
+    assert "(heldout set, n=100, headline)" in text and "(extra_test set, n=50)" in text
+    assert f"on {subset} of the 100 held-out problems" in text
+    assert f"on {subset} of the 200 training problems" in text
+    assert "On the heldout set (n=100), T3S" in text
     for png in ("shock.png", "delta_hist.png", "traces.png"):
         data = (report / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000, png
@@ -77,7 +133,7 @@ def test_quick_demo_end_to_end(quick_run):
 
 
 def test_quick_demo_resumes(quick_run, capsys):
-    out, rc, _ = quick_run
+    out, rc, _, _ = quick_run
     assert rc == 0
     before = {p: p.stat().st_mtime_ns for p in (out / "report").iterdir()}
     capsys.readouterr()
@@ -89,7 +145,7 @@ def test_quick_demo_resumes(quick_run, capsys):
 
 
 def test_demo_refuses_other_settings(quick_run, capsys):
-    out, rc, _ = quick_run
+    out, rc, _, _ = quick_run
     assert rc == 0
     assert main(["demo", "--out", str(out)]) == 2   # full settings in a quick directory
     assert "other settings" in capsys.readouterr().err
@@ -100,3 +156,54 @@ def test_demo_refuses_foreign_directory(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "not a t3s demo directory" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_demo_overwrite_and_redo_mean_what_they_mean_for_run(tmp_path, monkeypatch, capsys):
+    """--overwrite starts a directory with other settings afresh, --redo reaches the
+    stages, --no-progress the settings (the stages are stubbed: only the demo's handling
+    of its directory is under test)."""
+    calls = []
+
+    def fake_run_stages(run, cfg, fps, targets, *, redo=(), say=print, **kw):
+        calls.append({"seed": cfg["seed"], "redo": list(redo), "progress": cfg["progress"]})
+        for stage in ("pilot", "report"):
+            run.stage_dir(stage).mkdir(exist_ok=True)
+        (run.stage_dir("report") / "metrics.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(engine, "run_stages", fake_run_stages)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--redo", "train", "--redo", "eval",
+                 "--no-progress"]) == 0
+    assert calls[-1] == {"seed": 0, "redo": ["train", "eval"], "progress": False}
+    (out / "pilot" / "marker").write_text("from the first run")
+    capsys.readouterr()
+    # other settings: refused, and the message names --overwrite
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--overwrite" in err
+    assert (out / "pilot" / "marker").exists() and len(calls) == 1
+    # --overwrite: the old run is deleted, the new settings are stored
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "1", "--overwrite",
+                 "--redo", "all"]) == 0
+    assert "afresh (--overwrite)" in capsys.readouterr().out
+    assert not (out / "pilot" / "marker").exists()
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 1
+    assert calls[-1]["seed"] == 1 and calls[-1]["redo"] == list(STAGE_NAMES)
+    assert calls[-1]["progress"] is None   # decided by the stages: stderr is no terminal here
+    # an unknown stage is a usage error of the parser
+    assert main(["demo", "--quick", "--out", str(out), "--redo", "nope"]) == 2
+
+
+def test_demo_redo_reruns_a_stage(quick_run, capsys):
+    """Last in this file: it rewrites the quick run's report."""
+    out, rc, _, _ = quick_run
+    assert rc == 0
+    before = (out / "stages.json").read_text()
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out), "--redo", "report", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "[report] running (asked to redo)" in printed and "[pilot] already done" in printed
+    assert "t3s demo: ran report" in printed
+    assert json.loads(before)["stages"]["pilot"] == \
+        json.loads((out / "stages.json").read_text())["stages"]["pilot"]

@@ -28,6 +28,9 @@ def test_pipeline_example(tmp_path, capsys):
     summary = ex.main(tmp_path, verbose=True)
     printed = capsys.readouterr().out
     assert "bottleneck: step" in printed and "T3S" in printed
+    # the summary's "worst" names its column (training accuracy, not held-out)
+    assert "(worst training acc" in printed and "(worst " not in printed.replace(
+        "(worst training acc", "")
 
     # every stage left its output
     paths = summary["paths"]

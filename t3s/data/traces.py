@@ -30,7 +30,7 @@ from .table import IGNORE_INDEX, TokenTable
 
 TRUNCATION_MODES = ("error", "truncate", "drop")
 
-__all__ = ["TRUNCATION_MODES", "TraceRecord", "example_id_from", "read_traces", "tokenize_trace",
+__all__ = ["TRUNCATION_MODES", "MAX_REPORTED_ERRORS", "TraceRecord", "example_id_from", "read_traces", "tokenize_trace",
            "TraceDataset"]
 
 
@@ -134,13 +134,19 @@ def _parse_record(obj: Any, index: int, source: str) -> TraceRecord:
                        extra={k: obj[k] for k in extra_keys})
 
 
+#: how many bad lines `read_traces` lists in its error (the rest are counted)
+MAX_REPORTED_ERRORS = 20
+
+
 def read_traces(source: Union[str, os.PathLike, Iterable[Any]]) -> List[TraceRecord]:
     """Read and validate traces from a JSONL file, or from an iterable of dicts / JSON lines.
 
     Blank lines are skipped but still counted, so an example's default id is its
-    0-based line index in the file. Bad input raises ValueError naming the line:
-    invalid JSON, a missing ``answer``, an empty response, neither
-    ``prompt``/``response`` nor ``messages``, or duplicate example ids.
+    0-based line index in the file. Bad input raises one ValueError naming every
+    bad line (the first `MAX_REPORTED_ERRORS`, then how many more): invalid JSON
+    (with the decoder's message and column), a missing ``answer``, an empty
+    response, neither ``prompt``/``response`` nor ``messages``, or duplicate
+    example ids. One bad line reads ``"<file> line N: <what>"``.
     """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
@@ -150,20 +156,36 @@ def read_traces(source: Union[str, os.PathLike, Iterable[Any]]) -> List[TraceRec
         name, items = "<records>", list(source)
     records: List[TraceRecord] = []
     seen: Dict[int, int] = {}
+    # every bad line is collected, so one run over a file shows all that needs fixing
+    errors: List[str] = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            if not item.strip():
-                continue
-            try:
-                item = json.loads(item)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name} line {i + 1}: invalid JSON ({e.msg})") from None
-        rec = _parse_record(item, i, name)
-        if rec.example_id in seen:
-            raise ValueError(f"{name} line {i + 1}: example id {rec.example_id} already used on line "
-                             f"{seen[rec.example_id]}")
+        where = f"{name} line {i + 1}: "
+        try:
+            if isinstance(item, str):
+                if not item.strip():
+                    continue
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as e:
+                    # e.msg alone drops the position ("Unterminated string starting at")
+                    raise ValueError(f"{where}invalid JSON ({e.msg}: column {e.colno})") from None
+            rec = _parse_record(item, i, name)
+            if rec.example_id in seen:
+                raise ValueError(f"{where}example id {rec.example_id} already used on line "
+                                 f"{seen[rec.example_id]}")
+        except ValueError as e:
+            msg = str(e)
+            errors.append(f"line {i + 1}: {msg[len(where):] if msg.startswith(where) else msg}")
+            continue
         seen[rec.example_id] = i + 1
         records.append(rec)
+    if len(errors) == 1:
+        raise ValueError(f"{name} {errors[0]}")
+    if errors:
+        shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
+        rest = len(errors) - MAX_REPORTED_ERRORS
+        more = f"; and {rest} more bad line{'s' if rest > 1 else ''}" if rest > 0 else ""
+        raise ValueError(f"{name}: {len(errors)} bad lines: {shown}{more}")
     return records
 
 

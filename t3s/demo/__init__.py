@@ -16,7 +16,11 @@
    ``metrics.json``, ``shock.png``, ``delta_hist.png``, ``traces.png``).
 
 ``DIR`` is an ordinary run directory: running the demo again resumes after the
-last finished stage, and ``t3s report --run-dir DIR`` etc. work on it.
+last finished stage, and ``t3s report --run-dir DIR`` etc. work on it. As with
+``t3s run``, ``--redo STAGE`` runs a stage again (and the stages that use its
+outputs), ``--overwrite`` deletes the directory's run and starts afresh (also
+when it holds a demo run with other settings), and progress bars are drawn
+only when stderr is a terminal unless ``--progress`` / ``--no-progress`` says.
 
 Modules:
 
@@ -35,7 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from .evaluate import max_new_tokens_for
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
@@ -104,7 +108,8 @@ def demo_settings(quick: bool, out: os.PathLike, data: Mapping[str, str],
 
 
 def main(quick: bool = False, out: Optional[str] = None, *,
-         say: Callable[[str], None] = print, **overrides) -> Dict[str, Any]:
+         say: Callable[[str], None] = print, redo: Sequence[str] = (), overwrite: bool = False,
+         **overrides) -> Dict[str, Any]:
     """Run the demo into ``out`` (default ``runs/demo``, ``runs/demo-quick`` with
     ``quick``) and return the report's metrics (``metrics.json``).
 
@@ -112,9 +117,14 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     and any `t3s run` setting (``steps``, ``progress``, ``threads``, ...). Running
     again with the same settings resumes (finished stages are skipped); a
     directory holding a run with other settings is refused
-    (`t3s.pipeline.rundir.RunDirError`).
+    (`t3s.pipeline.rundir.RunDirError`) unless ``overwrite``.
+
+    redo: stage names to run again ("all": every stage), as ``t3s run --redo``;
+    the stages that use their outputs follow. overwrite: delete the directory's
+    run and start afresh, as ``t3s run --overwrite``.
     """
-    from ..pipeline.console import print_metrics, quiet_libraries
+    from ..pipeline.commands import redo_list
+    from ..pipeline.console import print_metrics, quiet_libraries, show_progress
     from ..pipeline.engine import run_stages
     from ..pipeline.rundir import (DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, METRICS_FILE,
                                    RunDir, RunDirError, read_json)
@@ -131,40 +141,48 @@ def main(quick: bool = False, out: Optional[str] = None, *,
             for p in out_path.iterdir()):
         raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another "
                           "--out")
-    # The data is written next to data/ first and moved in only once the settings are
-    # known to match the directory's run, so a refused call changes nothing.
+    redo = redo_list("run", redo)   # checks the names; "all" -> every stage
     out_path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
-    try:
-        staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
-        data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
-        cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
-        fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in PATH_KEYS}
-        diff = run.config_diff(cfg, fps)
-        if diff:
-            raise RunDirError(f"{out_path} holds a demo run with other settings "
-                              f"({'; '.join(diff)}); choose another --out or delete it")
-        (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
-        for key, path in staged.items():
-            os.replace(path, data[key])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
-        f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
-    quiet_libraries(cfg["progress"], False)
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
-        with run.locked():
+    # The lock is held from here on, so --overwrite never deletes what another process
+    # is writing. The data is written next to data/ first and moved in only once the
+    # settings are known to match the directory's run, so a refused call changes nothing.
+    with run.locked():
+        if overwrite and run.is_run_dir():
+            say(f"t3s demo: starting {out_path} afresh (--overwrite)")
+            run.wipe()
+        staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
+        try:
+            staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
+            data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
+            cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
+            fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in PATH_KEYS}
+            diff = run.config_diff(cfg, fps)   # empty after --overwrite's wipe
+            if diff:
+                raise RunDirError(f"{out_path} holds a demo run with other settings "
+                                  f"({'; '.join(diff)}); pass --overwrite to start it afresh, "
+                                  "or choose another --out")
+            (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
+            for key, path in staged.items():
+                os.replace(path, data[key])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
+            f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
+        quiet_libraries(show_progress(cfg["progress"]), False)
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg["threads"])
+        try:
             run.write_config(cfg, fps)
-            outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), say=say, stages=STAGES)
-    finally:
-        torch.set_num_threads(threads)
+            outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), redo=redo, say=say,
+                                 stages=STAGES)
+        finally:
+            torch.set_num_threads(threads)
     metrics = read_json(run.stage_dir("report") / METRICS_FILE)
     print_metrics(run, say)
     seconds = time.perf_counter() - t0
     ran = [s for s, v in outcome.items() if v == "ran"]
-    say(f"t3s demo: {'ran ' + ', '.join(ran) if ran else 'nothing to do (every stage done)'} "
-        f"in {seconds:.0f} s")
+    what = ("ran " + ", ".join(ran) if ran else
+            "nothing to do (every stage done; --redo STAGE runs one again)")
+    say(f"t3s demo: {what} in {seconds:.0f} s")
     return metrics

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .console import quiet_libraries
+from .console import quiet_libraries, show_progress
 from .engine import run_stages, stage_status
 from .loaders import check_jsonl, check_model_dir
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
@@ -53,6 +53,8 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: Optional[str] = Non
     run = RunDir(run_dir)
     stored = None if overwrite else run.load_config()
     merged: Dict[str, Any] = dict(stored["config"]) if stored else {}
+    # progress bars follow this invocation's terminal, not the one of the run before
+    merged.pop("progress", None)
     for source in (yaml_vals, flags):
         before = dict(merged)
         for key, value in source.items():
@@ -153,7 +155,7 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
                                   f"{run.path}; run `t3s {dep}` (or `t3s run`) first")
     check_inputs(cfg, pending, command)
 
-    quiet_libraries(cfg["progress"], debug)
+    quiet_libraries(show_progress(cfg["progress"]), debug)
     if cfg["threads"]:
         import torch
         torch.set_num_threads(cfg["threads"])

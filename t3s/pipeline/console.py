@@ -1,18 +1,19 @@
 """What the ``t3s`` command and the demo print, shared by both.
 
 `say` prints one progress line; `print_metrics` prints a finished report's
-headline numbers; `quiet_libraries` turns transformers' warnings and download
-bars off.
+headline numbers; `show_progress` decides whether progress bars are drawn;
+`quiet_libraries` turns transformers' warnings and download bars off.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import sys
+from typing import Callable, Optional
 
 from .report import METRIC_KEYS
 from .rundir import METRICS_FILE, REPORT_FILE, RunDir, read_json
 
-__all__ = ["say", "print_metrics", "quiet_libraries"]
+__all__ = ["say", "print_metrics", "show_progress", "quiet_libraries"]
 
 
 def say(msg: str) -> None:
@@ -33,6 +34,19 @@ def print_metrics(run: RunDir, say: Callable[[str], None] = say) -> None:
 
     say("t3s: " + ", ".join(f"{k} {fmt(m.get(k))}" for k in METRIC_KEYS))
     say(f"t3s: report in {run.stage_dir('report') / REPORT_FILE}")
+
+
+def show_progress(setting: Optional[bool]) -> bool:
+    """Whether to draw progress bars: the ``progress`` setting when given (``--progress``
+    / ``--no-progress``), else whether stderr (where tqdm draws) is a terminal, so
+    that a redirected log holds no bar fragments."""
+    if setting is not None:
+        return bool(setting)
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
 def quiet_libraries(progress: bool, debug: bool) -> None:

@@ -51,16 +51,20 @@ def _xy(series: Optional[Mapping[int, float]]) -> Tuple[List[int], List[float]]:
 
 
 def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
-               bottleneck_step: Optional[int] = None, title: str = "") -> None:
+               bottleneck_step: Optional[int] = None, title: str = "",
+               measured_on: Optional[Mapping[str, str]] = None) -> None:
     """The shock plot.
 
     runs: arm name ("sft" for the pilot, "t3s", "baseline", or any other) ->
     {"loss": {step: loss}, "train_acc": {step: acc}, "heldout_acc": {step: acc},
     "label": optional legend label}. The pilot's ("sft") training accuracy and
     loss are drawn solid; the other arms' held-out accuracy and loss dashed.
+    measured_on: "train_acc" / "heldout_acc" -> what that accuracy was measured on
+    (e.g. "on 64 of the 200 held-out problems"), added to the legend.
     """
     plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+    on = {k: f" ({v})" if v else "" for k, v in (measured_on or {}).items()}
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 8.2), sharex=True,
                                           gridspec_kw=dict(height_ratios=[1, 1.35]))
     for arm, run in runs.items():
         style = dict(_ARM_STYLE.get(arm, dict(color=None, label=arm)))
@@ -74,12 +78,12 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
         steps, acc = _xy(run.get("train_acc"))
         if steps and pilot:
             ax_acc.plot(steps, acc, color=style["color"], marker="o", ms=4, lw=1.8,
-                        label=f"{label}: training accuracy")
+                        label=f"{label}: training accuracy{on.get('train_acc', '')}")
         steps, acc = _xy(run.get("heldout_acc"))
         if steps:
             ax_acc.plot(steps, acc, color=style["color"], marker="s" if pilot else "^", ms=4,
                         lw=1.8 if pilot else 1.5, ls=":" if pilot else "--",
-                        label=f"{label}: held-out accuracy")
+                        label=f"{label}: held-out accuracy{on.get('heldout_acc', '')}")
     if bottleneck_step is not None:
         for ax in (ax_loss, ax_acc):
             ax.axvline(bottleneck_step, color="black", lw=1, ls="-.", alpha=0.7)
@@ -90,14 +94,17 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
     ax_loss.grid(alpha=0.3)
     if ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(fontsize=9, loc="best", framealpha=0.85)
-    ax_acc.set_ylabel("accuracy (greedy, verified)")
+    ax_acc.set_ylabel("accuracy during training\n(greedy, verified)")
     ax_acc.set_xlabel("optimizer step")
     from matplotlib.ticker import MaxNLocator
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_ylim(-0.03, 1.03)
     ax_acc.grid(alpha=0.3)
     if ax_acc.get_legend_handles_labels()[0]:
-        ax_acc.legend(fontsize=9, loc="best", framealpha=0.85)
+        # below the axes: the labels name each curve's set and size, too long to sit on
+        # top of the curves
+        ax_acc.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1,
+                      frameon=False)
     fig.suptitle(title or "Imitation shock: pilot SFT from θ0 and retraining", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

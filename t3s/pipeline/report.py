@@ -8,8 +8,14 @@ writes, into ``out_dir``:
   ``traces.png`` (a few traces, anchors highlighted);
 * ``metrics.json``: `METRIC_KEYS` first (null when the run does not have the
   number), then details (`collect_metrics`);
-* ``report.md``: the table and plain statements of what happened, computed
-  from the numbers only (`render_markdown`).
+* ``report.md``: what the run is (the task, each arm, the terms), the table
+  and plain statements of what happened, computed from the numbers only
+  (`render_markdown`). Every accuracy names its set and size: the eval sets
+  are scored whole, the curves during training on ``eval_subset`` problems.
+
+Size: about 600 lines, because the numbers (`collect_metrics`) and the text that
+states them (`render_markdown`) change together; split apart, every new metric
+would be edited across two modules.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "build_report",
     "collect_metrics",
     "render_markdown",
+    "demo_writeup",
 ]
 
 #: The keys every metrics.json starts with, in this order (null when not available).
@@ -51,7 +58,9 @@ def _history(stage_dir: Optional[Path]) -> Dict[str, Any]:
         for key in ("train_acc", "heldout_acc"):
             out[key] = {int(s): float(a) for s, a in (data.get(key) or {}).items()}
         out["bottleneck_step"] = data.get("bottleneck_step")
-        out["eval_n"] = (data.get("settings") or {}).get("subset_size")
+        settings = data.get("settings") or {}
+        out["eval_n"] = settings.get("subset_size")
+        out["heldout_eval_n"] = settings.get("heldout_subset_size", settings.get("subset_size"))
     log = stage_dir / rundir.LOG_HISTORY_FILE
     if log.is_file():
         for entry in read_json(log):
@@ -83,6 +92,22 @@ def _last(series: Mapping[int, float]) -> Optional[float]:
     return series[max(series)] if series else None
 
 
+def _curve_sets(pilot: Mapping[str, Any], pilot_sum: Mapping[str, Any]) -> Dict[str, Any]:
+    """What the accuracies during training were measured on: {"train_acc": {"set":
+    "train", "n", "of"}, "heldout_acc": {...}} (a curve that was not recorded is left
+    out; "n" is None when the sizes are unknown)."""
+    out: Dict[str, Any] = {}
+    for key, set_name, n_key, total_key in (("train_acc", "train", "eval_n", "n_train"),
+                                            ("heldout_acc", "heldout", "heldout_eval_n",
+                                             "n_heldout")):
+        if not pilot.get(key):
+            continue
+        total, sub = pilot_sum.get(total_key), pilot.get(n_key)
+        n = min(sub, total) if sub and total else (sub or total)  # subset None/0: all
+        out[key] = {"set": set_name, "n": n, "of": total}
+    return out
+
+
 def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]]] = None,
                     config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The numbers of a run: `METRIC_KEYS` first, then details.
@@ -90,7 +115,10 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     Accuracies come from the eval stage (the whole test set) when it ran,
     else from the last held-out evaluation during training (a subset of
     ``eval_subset`` problems; ``accuracy_source`` says which); base = step 0
-    of the pilot.
+    of the pilot. Every accuracy names its set and size: ``accuracy_set`` and
+    ``n_test`` for the `METRIC_KEYS` accuracies, ``n_by_set`` for each eval set,
+    ``curve_sets`` for the curves during training ({"train_acc", "heldout_acc"}
+    -> {"set", "n": problems per evaluation, "of": the set's size}).
     """
     run_dir = Path(run_dir)
     dirs, config = _stage_dirs_and_config(run_dir, stage_dirs, config)
@@ -102,16 +130,19 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     arms = results.get("arms") or {}
     m: Dict[str, Any] = {k: None for k in METRIC_KEYS}
     n: Dict[str, Optional[int]] = {}
+    curves = _curve_sets(pilot, pilot_sum)
+    acc_set = None
     if arms:
         source = "eval"
+        acc_set = results.get("test_key")
         for arm in ("base", "sft", "t3s", "baseline"):
             if arm in arms:
                 m[f"{arm}_acc"] = arms[arm]["accuracy"]
                 n[arm] = arms[arm].get("n")
     elif pilot["heldout_acc"]:
         source = "held-out evaluations during training"
-        hn = pilot.get("eval_n") or pilot_sum.get("n_heldout")
-        hn = min(hn, pilot_sum["n_heldout"]) if hn and pilot_sum.get("n_heldout") else hn
+        acc_set = "heldout"
+        hn = curves.get("heldout_acc", {}).get("n")
         m["base_acc"] = pilot["heldout_acc"].get(0)
         m["sft_acc"] = _last(pilot["heldout_acc"])
         m["t3s_acc"] = _last(train["heldout_acc"])
@@ -126,12 +157,14 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     b = m["bottleneck_step"]
     m.update({
         "accuracy_source": source,
+        "accuracy_set": acc_set,
         "n_test": {k: v for k, v in n.items() if m.get(f"{k}_acc") is not None},
         "test_set": results.get("test_set"),
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
                             for k, d in (results.get("sets") or {}).items()},
         "n_by_set": {k: d.get("n") for k, d in (results.get("sets") or {}).items()},
         "set_paths": {k: d.get("path") for k, d in (results.get("sets") or {}).items()},
+        "curve_sets": curves,
         "rule": select_sum.get("rule", config.get("rule")),
         "rule_params": select_sum.get("rule_params"),
         "baseline_rule": (None if config.get("baseline") in (None, "none")
@@ -188,25 +221,47 @@ def _compare(name_a: str, a: Optional[float], na, name_b: str, b: Optional[float
     return text
 
 
+def demo_writeup(run_dir, config: Mapping[str, Any]) -> Optional[str]:
+    """For a run of ``t3s demo`` (its training data is the demo's file in the run
+    directory), the link from the run's report/ to ``docs/demo/README.md`` ("" when
+    this installation has no source tree); None for any other run."""
+    run_dir = Path(run_dir)
+    demo_train = run_dir / rundir.DEMO_DATA_DIR / rundir.DEMO_DATA_FILES["train"]
+    if not config.get("train") or os.path.abspath(config["train"]) != os.path.abspath(demo_train):
+        return None
+    doc = Path(_package_root()) / "docs" / "demo" / "README.md"
+    if not doc.is_file():
+        return ""
+    return Path(os.path.relpath(doc, RunDir(run_dir).stage_dir("report").absolute())).as_posix()
+
+
+def _package_root() -> str:
+    """The folder holding the t3s package (this file is t3s/pipeline/report.py)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def _short_path(path: Any, run_dir: str) -> Any:
     """A path as the report shows it: relative to the run directory when inside it,
     relative to the installed package for the shipped demo assets."""
     if not isinstance(path, str) or not os.path.isabs(path):
         return path
-    # the folder holding the t3s package (this file is t3s/pipeline/report.py)
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for root in (run_dir, package_root):
+    for root in (run_dir, _package_root()):
         if root and os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root):
             return os.path.relpath(path, root)
     return path
 
 
 def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str, Any]] = None,
-                    figures: Sequence[Tuple[str, str]] = (), run_dir: str = "") -> str:
-    """report.md from `collect_metrics`' numbers. Statements are computed from the
-    numbers and say plainly when T3S does not help."""
+                    figures: Sequence[Tuple[str, str]] = (), run_dir: str = "",
+                    writeup: Optional[str] = None) -> str:
+    """report.md from `collect_metrics`' numbers. It opens with what the run is (the
+    task, each arm, the terms) and names the set and size of every accuracy;
+    statements are computed from the numbers and say plainly when T3S does not help.
+
+    writeup: for the demo, the link to its write-up ``docs/demo/README.md`` ("" when
+    the source tree is not at hand); None for other runs.
+    """
     m, cfg = metrics, dict(config or {})
-    n = m.get("n_test") or {}
     rule = m.get("rule") or "?"
     lines = ["# T3S run report", ""]
     if run_dir:
@@ -217,37 +272,39 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
                      f"{cfg.get('steps')} steps, lr {cfg.get('lr')}, batch "
                      f"{cfg.get('batch_size')}×{cfg.get('grad_accum')}; rule `{rule}`"
                      + (f" {m['rule_params']}" if m.get("rule_params") else "") + ".")
-    lines.append("")
+    lines += [""] + _introduction(m, cfg, writeup)
     src = m.get("accuracy_source")
-    where = (f"on `{_short_path(m.get('test_set'), run_dir)}`" if src == "eval" else
-             "at the last held-out evaluation during training" if src else "")
     lines += ["## Results", ""]
     if src is None:
         lines += ["No accuracy was measured (no held-out or test set was given).", ""]
-    others = [k for k in (m.get("accuracy_by_set") or {}) if src == "eval"
-              and k != _primary_set(m)]
-    tag = f" ({_primary_set(m)})" if others else ""
-    head = f"| model | accuracy {where}{tag} | n |" + "".join(
-        f" accuracy on `{_short_path(m['set_paths'].get(k), run_dir) or k}` ({k}) | n |"
-        for k in others)
-    lines += [head, "|---|---|---|" + "---|---|" * len(others)]
-    labels = [("base", "base (θ0)"), ("sft", "plain SFT (the pilot: all trace tokens)"),
-              ("t3s", f"T3S (rule `{rule}`)" if rule != "none" else
-               "retrained with `--rule none` (plain SFT)"),
-              ("baseline", f"baseline (`{m.get('baseline_rule')}`"
-                           + (", same budget" if m.get("baseline_rule") == "random" else "") + ")")]
-    for arm, label in labels:
-        if arm == "baseline" and not m.get("baseline_rule"):
-            continue
-        row = f"| {label} | {_fmt(m.get(f'{arm}_acc'))} | {n.get(arm) or 'n/a'} |"
+    primary = m.get("accuracy_set") or _primary_set(m)
+    others = [k for k in (m.get("accuracy_by_set") or {}) if src == "eval" and k != primary]
+    n = m.get("n_test") or {}
+    ns = sorted({v for v in n.values() if v})
+    n_text = f"n={ns[0]}" if len(ns) == 1 else "n: see the statements"
+    if src == "eval":
+        first = (f"accuracy on `{_short_path(m.get('test_set'), run_dir)}` ({primary} set, "
+                 f"{n_text}{', headline' if others else ''})")
+    else:
+        first = ("held-out accuracy at the last evaluation during training "
+                 f"({_on(m, 'heldout_acc') or n_text})")
+    head = f"| model | {first} |" + "".join(
+        f" accuracy on `{_short_path(m['set_paths'].get(k), run_dir) or k}` ({k} set, "
+        f"n={(m.get('n_by_set') or {}).get(k) or 'n/a'}) |" for k in others)
+    lines += [head, "|---|---|" + "---|" * len(others)]
+    for arm, label in _arm_labels(m):
+        row = f"| {label} | {_fmt(m.get(f'{arm}_acc'))} |"
         for k in others:
-            acc = m["accuracy_by_set"][k].get(arm)
-            row += f" {_fmt(acc)} | {(m.get('n_by_set') or {}).get(k) or 'n/a'} |"
+            row += f" {_fmt(m['accuracy_by_set'][k].get(arm))} |"
         lines.append(row)
+    note = _curve_note(m, cfg)
+    if note:
+        lines += ["", note]
     lines += ["", "| quantity | value |", "|---|---|"]
     b = m.get("bottleneck_step")
     lines.append(f"| bottleneck step | {b if b is not None else 'n/a'}"
-                 + (f" (training accuracy {_fmt(m.get('pilot_train_acc_at_bottleneck'))})"
+                 + (f" (training accuracy {_fmt(m.get('pilot_train_acc_at_bottleneck'))}"
+                    + (f", {_on(m, 'train_acc')}" if _on(m, "train_acc") else "") + ")"
                     if b is not None else "") + " |")
     lines.append(f"| masked fraction (trace tokens left out of the loss) | "
                  f"{_fmt(m.get('masked_fraction'), pct=True)} |")
@@ -263,6 +320,97 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _arm_labels(m: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """(arm, its row label) of the arms the run has."""
+    rule = m.get("rule") or "?"
+    labels = [("base", "base (θ0)"), ("sft", "plain SFT (the pilot: all trace tokens)"),
+              ("t3s", f"T3S (rule `{rule}`)" if rule != "none" else
+               "retrained with `--rule none` (plain SFT)")]
+    if m.get("baseline_rule"):
+        labels.append(("baseline", f"baseline (`{m['baseline_rule']}`"
+                       + (", same budget" if m["baseline_rule"] == "random" else "") + ")"))
+    return labels
+
+
+def _on(m: Mapping[str, Any], curve: str, short: bool = False) -> str:
+    """What a curve during training ("train_acc", "heldout_acc") was measured on: "on 64
+    of the 200 training problems" ("64 of 200 training problems" when ``short``; ""
+    when unknown)."""
+    c = (m.get("curve_sets") or {}).get(curve)
+    if not c or not c.get("n"):
+        return ""
+    what = "training problems" if c["set"] == "train" else "held-out problems"
+    if c.get("of") and c["of"] != c["n"]:
+        return f"{c['n']} of {c['of']} {what}" if short else f"on {c['n']} of the {c['of']} {what}"
+    return f"all {c['n']} {what}" if short else f"on all {c['n']} {what}"
+
+
+def _paren(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+def _curve_note(m: Mapping[str, Any], cfg: Mapping[str, Any]) -> Optional[str]:
+    """Why the accuracies during training differ from the table's (another set size)."""
+    parts = [f"training accuracy {_on(m, 'train_acc')}" if _on(m, "train_acc") else "",
+             f"held-out accuracy {_on(m, 'heldout_acc')}" if _on(m, "heldout_acc") else ""]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return ("Accuracies *during training* (the curves in the figure and the statements that say "
+            "so) are measured every " + (f"{cfg['eval_steps']} steps " if cfg.get("eval_steps") else "")
+            + "on a fixed random subset (`--eval-subset`): " + "; ".join(parts)
+            + ". They differ from the numbers in the table above, which "
+            + ("score the whole set." if m.get("accuracy_source") == "eval" else
+               "are the last of them."))
+
+
+def _introduction(m: Mapping[str, Any], cfg: Mapping[str, Any],
+                  writeup: Optional[str]) -> List[str]:
+    """What the run is: the task, what each arm did, and the terms the report uses."""
+    steps = cfg.get("steps", m.get("steps"))
+    rule = m.get("rule") or "?"
+    out = ["## What this run is", ""]
+    if writeup is not None:
+        where = (f"[docs/demo/README.md]({writeup})" if writeup else
+                 "`docs/demo/README.md` in the t3s source tree")
+        out.append("This is the built-in demo (`t3s demo`): a small student that already sums "
+                   "numbers step by step in its own style is fine-tuned on a rule-based "
+                   "teacher's traces of the same sums in another layout. The demo's write-up "
+                   f"explains the task and the results: {where}.")
+    else:
+        out.append("θ0 is fine-tuned on the teacher traces of the training file; the question "
+                   "is whether leaving some trace tokens out of the loss (T3S) keeps more of "
+                   "θ0's accuracy than training on all of them.")
+    mf = m.get("masked_fraction")
+    left = f" ({100 * mf:.1f}% of the trace tokens)" if mf is not None else ""
+    arms = {"base": "the model before any fine-tuning.",
+            "sft": f"SFT from θ0 on every trace token for {steps} steps. This is the pilot run; "
+                   "its trajectory gives the bottleneck and Δc.",
+            "t3s": (f"retrained from θ0 for {steps} steps on the same traces with the mask of "
+                    f"rule `{rule}`" + (", which leaves the anchors out of the loss"
+                                        if rule == "anchor" else "") + f"{left}."
+                    if rule != "none" else f"retrained from θ0 for {steps} steps on every "
+                    "trace token (`--rule none`: a second plain SFT)."),
+            "baseline": (f"retrained from θ0 the same way with the `{m.get('baseline_rule')}` "
+                         "rule's mask" + (", which leaves out as many randomly chosen tokens "
+                                          "as T3S" if m.get("baseline_rule") == "random" else "")
+                         + ". It tells a good choice of tokens from merely fewer tokens.")}
+    out += ["", "Every arm is scored the same way (greedy answers, checked by the "
+            f"`{cfg.get('verifier', 'math')}` verifier):", ""]
+    out += [f"- **{label}**: {arms[arm]}" for arm, label in _arm_labels(m)]
+    out += ["", "Terms:", "",
+            "- **Imitation Shock**: the student's accuracy collapses early in SFT on another "
+            "model's traces while the training loss keeps falling; it imitates the teacher's "
+            "style before it reasons in it.",
+            "- **bottleneck** (step b, checkpoint θb): the pilot's evaluation after step 0 with "
+            "the lowest training accuracy, the bottom of the shock.",
+            "- **Δc** = log p(token | θb) − log p(token | θ0): how much more confident in a trace "
+            "token the pilot became by the bottleneck.",
+            "- **anchor**: a trace token with Δc > 0, one the pilot learned during the shock; "
+            "the anchor rule leaves anchors out of the T3S loss.", ""]
+    return out
+
+
 def _primary_set(m: Mapping[str, Any]) -> Optional[str]:
     """The eval set the headline accuracies come from (the first in ``accuracy_by_set``)."""
     sets = list(m.get("accuracy_by_set") or {})
@@ -276,11 +424,13 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
     b = m.get("bottleneck_step")
     if t0 is not None and tb is not None:
         if tb < t0:
-            out.append(f"Imitation shock in the pilot: training accuracy fell from {t0:.3f} at "
+            out.append(f"Imitation shock in the pilot: training accuracy"
+                       f"{_paren(_on(m, 'train_acc'))} fell from {t0:.3f} at "
                        f"step 0 to {tb:.3f} at step {b} (the bottleneck) and ended at "
                        f"{_fmt(tf)}.")
         else:
-            out.append(f"No imitation shock: after step 0 the pilot's training accuracy never "
+            out.append(f"No imitation shock: after step 0 the pilot's training accuracy"
+                       f"{_paren(_on(m, 'train_acc'))} never "
                        f"fell below its starting value {t0:.3f} (lowest {tb:.3f}, at step {b}; "
                        f"final {_fmt(tf)}). The bottleneck is then only the weakest evaluated "
                        "checkpoint.")
@@ -288,7 +438,9 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
     if held and 0 in held:
         low_step = min((s for s in held if s > 0), key=lambda s: (held[s], s), default=None)
         if low_step is not None:
-            out.append(f"Pilot held-out accuracy: {held[0]:.3f} at step 0, lowest "
+            out.append(f"Pilot held-out accuracy during training"
+                       f"{_paren(_on(m, 'heldout_acc'))}: "
+                       f"{held[0]:.3f} at step 0, lowest "
                        f"{held[low_step]:.3f} at step {low_step}, {held[max(held)]:.3f} at the "
                        "end.")
     dips = []
@@ -299,28 +451,35 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
             low = min(curve, key=lambda s: (curve[s], s))
             dips.append(f"{label} {curve[low]:.3f} (step {low}, final {curve[max(curve)]:.3f})")
     if len(dips) > 1:
-        out.append("Lowest held-out accuracy during training (the depth of the shock): "
+        on = _on(m, "heldout_acc")
+        out.append(f"Lowest held-out accuracy during training ({on + '; ' if on else ''}"
+                   "the depth of the shock): "
                    + "; ".join(dips) + ".")
     n = m.get("n_test") or {}
     sft, t3s, base, bl = (m.get("sft_acc"), m.get("t3s_acc"), m.get("base_acc"),
                           m.get("baseline_acc"))
     is_t3s = m.get("rule") not in (None, "none")
-    name = "T3S" if is_t3s else "The retrained model (rule none, plain SFT)"
-    for s in (_compare(name, t3s, n.get("t3s"), "plain SFT", sft, n.get("sft")),
-              _compare(name, t3s, n.get("t3s"), "the base θ0", base, n.get("base")),
-              _compare(name, t3s, n.get("t3s"), "the baseline", bl, n.get("baseline")),
-              _compare("Plain SFT", sft, n.get("sft"), "the base θ0", base, n.get("base"))):
+    name = "T3S" if is_t3s else "the retrained model (rule none, plain SFT)"
+    # every comparison names the set and its size
+    ns = sorted({v for v in n.values() if v})
+    size = f" (n={ns[0]})" if len(ns) == 1 else ""
+    where = (f"On the {m.get('accuracy_set') or _primary_set(m) or 'test'} set{size}"
+             if m.get("accuracy_source") == "eval" else
+             f"At the last held-out evaluation during training{_paren(_on(m, 'heldout_acc'))}")
+    for s in (_compare(f"{where}, {name}", t3s, n.get("t3s"), "plain SFT", sft, n.get("sft")),
+              _compare(f"{where}, {name}", t3s, n.get("t3s"), "the base θ0", base, n.get("base")),
+              _compare(f"{where}, {name}", t3s, n.get("t3s"), "the baseline", bl,
+                       n.get("baseline")),
+              _compare(f"{where}, plain SFT", sft, n.get("sft"), "the base θ0", base,
+                       n.get("base"))):
         if s:
             out.append(s)
     nb = m.get("n_by_set") or {}
     for k in [k for k in (m.get("accuracy_by_set") or {}) if k != _primary_set(m)]:
-        acc = m["accuracy_by_set"][k]
-        for s in (_compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "plain SFT",
-                           acc.get("sft"), nb.get(k)),
-                  _compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "the base θ0",
-                           acc.get("base"), nb.get(k)),
-                  _compare(f"On the {k} set, {name}", acc.get("t3s"), nb.get(k), "the baseline",
-                           acc.get("baseline"), nb.get(k))):
+        acc, on_k = m["accuracy_by_set"][k], f"On the {k} set (n={nb.get(k) or 'n/a'}), {name}"
+        for other, arm in (("plain SFT", "sft"), ("the base θ0", "base"),
+                           ("the baseline", "baseline")):
+            s = _compare(on_k, acc.get("t3s"), nb.get(k), other, acc.get(arm), nb.get(k))
             if s:
                 out.append(s)
     if is_t3s and t3s is not None and sft is not None and t3s <= sft:
@@ -407,7 +566,9 @@ def build_report(run_dir, *, out_dir=None,
                 label = f"baseline ({metrics['baseline_rule']})"
             runs[arm] = {**h, "label": label}
     if runs:
-        plot_shock(out / rundir.SHOCK_FIGURE, runs, bottleneck_step=metrics.get("bottleneck_step"))
+        plot_shock(out / rundir.SHOCK_FIGURE, runs, bottleneck_step=metrics.get("bottleneck_step"),
+                   measured_on={k: _on(metrics, k, short=True)
+                                for k in ("train_acc", "heldout_acc")})
         figures.append(("Loss and accuracy per step (bottleneck marked)", rundir.SHOCK_FIGURE))
 
     select_dir = dirs.get("select")
@@ -437,7 +598,8 @@ def build_report(run_dir, *, out_dir=None,
     metrics_out.update({k: v for k, v in metrics.items() if k not in METRIC_KEYS})
     with open(out / rundir.METRICS_FILE, "w", encoding="utf-8") as f:
         json.dump(metrics_out, f, indent=1)
-    text = render_markdown(metrics, config=config, figures=figures, run_dir=str(run_dir))
+    text = render_markdown(metrics, config=config, figures=figures, run_dir=str(run_dir),
+                           writeup=demo_writeup(run_dir, config))
     if notes:
         text += "\n" + "\n".join(f"_Note: {s}_" for s in notes) + "\n"
     with open(out / rundir.REPORT_FILE, "w", encoding="utf-8") as f:

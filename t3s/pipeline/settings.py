@@ -135,7 +135,11 @@ OPTIONS: Tuple[Option, ...] = (
            metavar="KEY=VALUE"),
     # the directory
     Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
-    Option("progress", "bool", True, "progress bars", hashed=False),
+    # None: on when stderr is a terminal (`t3s.pipeline.console.show_progress`); it is
+    # decided per invocation, so a run directory never stores it for the next one
+    Option("progress", "bool", None,
+           "progress bars (default: on when stderr is a terminal, off when it is redirected)",
+           hashed=False),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._util import one_line
 from . import rundir
+from .console import show_progress
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -165,7 +166,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     device = resolve_device(cfg)
     prof = dict(store_dir=str(work / rundir.PROFILE_DIR), dataset_fingerprint=fp,
                 tokenizer_fingerprint=tfp,
-                batch_size=cfg["eval_batch_size"], progress=cfg["progress"])
+                batch_size=cfg["eval_batch_size"], progress=show_progress(cfg["progress"]))
 
     def profile_at(path: Path, step: int):
         model = load_model(str(path), cfg, device=device)
@@ -340,7 +341,7 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
             acc, details = training_accuracy(
                 model, tok, data[key], verifier=cfg["verifier"], subset_size=None,
                 max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
-                seed=cfg["seed"], progress=cfg["progress"], return_details=True)
+                seed=cfg["seed"], progress=show_progress(cfg["progress"]), return_details=True)
             fname = rundir.predictions_file(arm, None if i == 0 else key)
             with open(work / fname, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping
 
 from .._util import one_line
 from . import rundir
+from .console import show_progress
 from .loaders import resolve_device
 from .rundir import write_json
 from .settings import UsageError
@@ -52,7 +53,7 @@ def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
                             heldout_subset_size=subset, max_new_tokens=cfg["max_new_tokens"],
                             batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
                             prune_checkpoints=prune,
-                            progress=cfg["progress"], history_file=rundir.ACCURACY_FILE)
+                            progress=show_progress(cfg["progress"]), history_file=rundir.ACCURACY_FILE)
 
 
 def progress_bar(trainer, cfg, desc: str) -> None:
@@ -60,7 +61,7 @@ def progress_bar(trainer, cfg, desc: str) -> None:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if cfg["progress"]:
+    if show_progress(cfg["progress"]):
         trainer.add_callback(_bar_callback(desc))
 
 
