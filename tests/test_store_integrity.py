@@ -39,6 +39,16 @@ def _same(table: pa.Table, expected) -> bool:
         np.array_equal(table.column(k).to_numpy(), v) for k, v in expected.items())
 
 
+def _read_flipped(path, data, offset, rng, read):
+    """Write ``data`` with one bit flipped at ``offset`` and read it back with ``read``."""
+    damaged = bytearray(data)
+    damaged[offset] ^= 1 << int(rng.integers(0, 8))
+    path.write_bytes(bytes(damaged))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read()
+
+
 def test_every_bit_flip_is_caught_or_harmless(tmp_path):
     """Flip one bit at many offsets: the read is exact, or a ValueError names the shard."""
     rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
@@ -48,13 +58,9 @@ def test_every_bit_flip_is_caught_or_harmless(tmp_path):
     offsets = sorted(set(rng.integers(0, len(data), 150).tolist()))
     outcomes = {"exact": 0, "error": 0}
     for offset in offsets:
-        damaged = bytearray(data)
-        damaged[offset] ^= 1 << int(rng.integers(0, 8))
-        path.write_bytes(bytes(damaged))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                table = TrajectoryReader(tmp_path, dataset_fingerprint=DS).read()
+            table = _read_flipped(path, data, offset, rng, lambda: TrajectoryReader(
+                tmp_path, dataset_fingerprint=DS).read())
         except ValueError as exc:
             assert str(path) in str(exc), exc
             outcomes["error"] += 1
@@ -67,13 +73,8 @@ def test_every_bit_flip_is_caught_or_harmless(tmp_path):
     seal_path(path).unlink()
     schema = trajectory_schema()
     for offset in offsets:
-        damaged = bytearray(data)
-        damaged[offset] ^= 1 << int(rng.integers(0, 8))
-        path.write_bytes(bytes(damaged))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                table = read_shard(path, schema=schema)
+            table = _read_flipped(path, data, offset, rng, lambda: read_shard(path, schema=schema))
         except ShardCorruption as exc:
             assert str(path) in str(exc) and "byte" in str(exc)
             continue
