@@ -155,7 +155,8 @@ def patch(
 
     Args:
         model: a Hugging Face causal LM.
-        backend: kernel backend for the loss: None (automatic), 'triton' or 'torch'.
+        backend: kernel backend for the loss: None (automatic) or a registered name
+            ('triton', 'torch'; `t3s_kernels.available_backends()`).
         verify: run a probe forward (8 tokens, eval mode, no grad) now to check
             that the model's logits are ``softcap(scale * (h @ W.T + b))`` and to
             measure ``scale`` (see `t3s.hf.heads.lm_head`). Skipped with a warning
