@@ -195,6 +195,32 @@ def test_demo_overwrite_and_redo_mean_what_they_mean_for_run(tmp_path, monkeypat
     assert main(["demo", "--quick", "--out", str(out), "--redo", "nope"]) == 2
 
 
+def test_a_refused_demo_touches_nothing(tmp_path, monkeypatch, capsys):
+    """Nothing touches a run directory before its lock is held: a demo with another seed
+    started while another process works there is refused with its data unchanged (it
+    used to swap the data in first), with or without --overwrite."""
+    from t3s.pipeline.rundir import RunDir
+
+    def fake_run_stages(run, cfg, fps, targets, **kw):
+        run.stage_dir("report").mkdir(exist_ok=True)
+        (run.stage_dir("report") / "metrics.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(engine, "run_stages", fake_run_stages)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    capsys.readouterr()
+    with RunDir(out).locked():  # another t3s process is working in the directory
+        for extra in ([], ["--overwrite"]):
+            assert main(["demo", "--quick", "--out", str(out), "--seed", "1", *extra]) == 2
+            assert "another t3s process" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 0
+    from t3s.pipeline.rundir import DEMO_STAGING_PREFIX
+    assert not [p for p in out.iterdir() if p.name.startswith(DEMO_STAGING_PREFIX)]
+
+
 def test_demo_redo_reruns_a_stage(quick_run, capsys):
     """Last in this file: it rewrites the quick run's report."""
     out, rc, _, _ = quick_run
