@@ -102,10 +102,12 @@ def _worker(rank, port, seed, errors):
             assert "outside [0, V=37)" in str(exc)
         else:
             raise AssertionError("an out-of-range label was accepted")
-        dist.destroy_process_group()
+        dist.barrier()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
+    # gloo's worker threads can abort a normal interpreter exit; every check is done
+    os._exit(0)
 
 
 def test_vocab_parallel_matches_unsharded_on_two_ranks():
