@@ -219,6 +219,15 @@ def _demo(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for an I/O error: what failed, on which file."""
+    import errno
+    where = f" writing {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}"
+    return f"I/O error{where}: {e.strerror or one_line(e)}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``t3s`` command; returns the exit status."""
     parser = build_parser()
@@ -246,6 +255,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"t3s: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or another I/O error while writing the run
+        if debug:
+            raise
+        print(f"t3s: error: {describe_os_error(e)}; free space or fix the file system, then "
+              "run the same command again to resume (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("t3s: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

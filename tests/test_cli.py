@@ -342,6 +342,46 @@ def test_model_needing_remote_code(assets, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_pickle_weights_are_refused(assets, tmp_path, capsys):
+    model = shutil.copytree(assets / "model", tmp_path / "pickled")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"not even unpickled")
+    args = settings(assets)
+    args[args.index("--model") + 1] = str(model)
+    assert main(["run", *args, "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "pickle weights (pytorch_model.bin)" in line and "safe_serialization=True" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(assets, tmp_path, monkeypatch,
+                                                              capsys):
+    """ENOSPC while a stage writes its JSON: one `t3s: error:` line naming the file, no
+    traceback, no `*.tmp-NNNN` left behind; the same command resumes once there is room."""
+    import errno
+
+    from t3s.pipeline import rundir
+    real_replace = rundir.os.replace
+    full = {"on": True}
+
+    def replace(src, dst):
+        if full["on"] and str(dst).endswith("stage.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", replace)
+    run_dir = tmp_path / "run"
+    args = [*settings(assets), "--run-dir", str(run_dir)]
+    assert main(["pilot", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("t3s: error: no space left on the device "
+                                               "writing ") and "stage.json" in err[0]
+    assert not list(run_dir.rglob("*.tmp-*"))
+    full["on"] = False
+    assert main(["pilot", *args]) == 0
+    assert (run_dir / "pilot" / "stage.json").is_file()
+
+
 def test_bad_jsonl_names_the_line(assets, tmp_path, capsys):
     lines = (assets / "train.jsonl").read_text().splitlines()
     bad = tmp_path / "bad.jsonl"

@@ -53,6 +53,15 @@ def check_model_dir(path: Optional[str], *, trust_remote_code: bool, what: str =
                          "directory with config.json)")
     if what == "model" and not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"{path} has no config.json: not a Hugging Face model directory")
+    if what == "model":
+        names = os.listdir(path)
+        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        if pickles and not any(n.endswith(".safetensors") for n in names):
+            raise UsageError(
+                f"{path} holds pickle weights ({', '.join(pickles[:3])}), which t3s does not "
+                "load (unpickling can run code); convert them once where you trust the file: "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                "safe_serialization=True)")
     for fname in ("config.json", "tokenizer_config.json"):
         full = os.path.join(path, fname)
         if not os.path.isfile(full):
@@ -105,7 +114,7 @@ def load_model(path: str, cfg: Mapping[str, Any], *, device: Optional[str] = Non
     check_model_dir(path, trust_remote_code=cfg["trust_remote_code"])
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, _DTYPES[cfg["dtype"]]),
+            path, dtype=getattr(torch, _DTYPES[cfg["dtype"]]), use_safetensors=True,
             trust_remote_code=cfg["trust_remote_code"])
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a causal LM from {path}: {one_line(e)}") from None
