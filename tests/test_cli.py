@@ -382,6 +382,25 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(assets, tmp_path, 
     assert (run_dir / "pilot" / "stage.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_a_damaged_trajectory_stops_the_selection(finished, tmp_path, capsys, damage):
+    """A deleted or bit-flipped pilot shard: `--redo select` refuses in one line (it used to
+    set every Δc to 0 and mask nothing, silently turning T3S into plain SFT)."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    shard = run_dir / "pilot" / "trajectory" / "traj-rank00000.arrow"
+    if damage == "delete":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        shard.write_bytes(bytes(data))
+    assert main(["run", "--run-dir", str(run_dir), "--redo", "select"]) == 2
+    line = error_line(capsys)
+    assert "the pilot's trajectory cannot be used" in line and "traj-rank00000.arrow" in line
+    assert "--redo pilot" in line
+    assert "select" not in ledger(run_dir)  # nothing downstream can use a zero Δc
+
+
 def test_bad_jsonl_names_the_line(assets, tmp_path, capsys):
     lines = (assets / "train.jsonl").read_text().splitlines()
     bad = tmp_path / "bad.jsonl"

@@ -176,9 +176,13 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
             del model
 
     c0 = profile_at(Path(cfg["model"]), 0)
-    reader = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
-                              tokenizer_fingerprint=tfp)
-    online = online_delta(reader, b, initial=c0)
+    try:  # a missing, damaged or foreign trajectory must stop the selection, not zero Δc
+        reader = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
+                                  tokenizer_fingerprint=tfp)
+        online = online_delta(reader, b, initial=c0)
+    except ValueError as exc:
+        raise UsageError(f"the pilot's trajectory cannot be used: {one_line(exc)}; run the "
+                         "pilot again (--redo pilot)") from None
     pq.write_table(online, work / rundir.delta_file("online"))
     thetab = pilot_dir / pilot["thetab"] if pilot.get("thetab") else None
     exact = agreement = None

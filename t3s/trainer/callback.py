@@ -310,6 +310,7 @@ class TrajectoryCallback(LossMaskCallback):
             opts["model_id"] = str(getattr(config, "_name_or_path", "")
                                    or type(self.model).__name__)
         opts["rank"] = args.process_index
+        opts["world_size"] = args.world_size  # readers then notice a lost shard
         self.recorder = TrajectoryRecorder(self.store_dir, **opts)
 
     def _prepare(self, module, args, kwargs, example_id):

@@ -222,6 +222,7 @@ class T3STrainerMixin:
         opts = {k: v for k, v in self._t3s_trajectory_options.items()
                 if k not in ("dataset_fingerprint", "tokenizer_fingerprint")}
         opts.setdefault("rank", self.args.process_index)
+        opts.setdefault("world_size", self.args.world_size)  # readers then notice a lost shard
         if "model_id" not in opts:
             config = getattr(self.model, "config", None)
             opts["model_id"] = str(getattr(config, "_name_or_path", "")

@@ -87,7 +87,7 @@ class TrajectoryRecorder:
         store: a directory (a `TrajectoryWriter` is opened on it with the keyword
             arguments below) or an open `TrajectoryWriter` (then owned and
             closed by the recorder).
-        dataset_fingerprint, tokenizer_fingerprint, model_id, rank,
+        dataset_fingerprint, tokenizer_fingerprint, model_id, rank, world_size,
         extra_columns, fsync, mode, metadata: passed to `TrajectoryWriter`.
         max_queue: steps that may wait for the writer thread before `record`
             blocks.
@@ -103,6 +103,7 @@ class TrajectoryRecorder:
     def __init__(self, store: Union[PathLike, TrajectoryWriter], *,
                  dataset_fingerprint: Optional[str] = None, tokenizer_fingerprint: str = "",
                  model_id: str = "", rank: Optional[int] = None,
+                 world_size: Optional[int] = None,
                  extra_columns: Sequence[str] = (), fsync: bool = False, mode: str = "append",
                  metadata: Optional[Mapping[str, Any]] = None, max_queue: int = 8,
                  ignore_index: int = -100):
@@ -114,7 +115,7 @@ class TrajectoryRecorder:
             self.writer = TrajectoryWriter(
                 store, dataset_fingerprint=dataset_fingerprint,
                 tokenizer_fingerprint=tokenizer_fingerprint, model_id=model_id, rank=rank,
-                extra_columns=extra_columns, fsync=fsync, mode=mode, metadata=metadata)
+                world_size=world_size, extra_columns=extra_columns, fsync=fsync, mode=mode, metadata=metadata)
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.extra_columns = self.writer.extra_columns
