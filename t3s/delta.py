@@ -13,6 +13,7 @@ token key of `t3s.data`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import math
 from typing import Dict, Optional
 
@@ -73,6 +74,15 @@ def online_delta(trajectory, bottleneck_step: int, *, initial: Optional[pa.Table
         step_0 is -1 when c_0 comes from `initial`.
     """
     table = _as_table(trajectory, dataset_fingerprint)
+    if table.num_rows:
+        last = int(pc.max(table["step"]).as_py())
+        if bottleneck_step > last:
+            # Records are taken in the loss pass, before each update: the parameters after
+            # the last update are never recorded, so θ_b there is only approximated.
+            warnings.warn(f"the bottleneck step {bottleneck_step} is after the last recorded "
+                          f"step {last}: online c_t(θ_b) uses visits up to step {last}; "
+                          "`exact_delta` (t3s run --delta exact) profiles θ_b itself",
+                          RuntimeWarning, stacklevel=2)
     near = nearest_visit(table, bottleneck_step, max_distance=max_distance)
     near = near.select(["example_id", "position", "logprob", "step"]).rename_columns(
         ["example_id", "position", "c_b", "step_b"])

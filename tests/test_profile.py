@@ -1,6 +1,7 @@
 """Exact-mode profiling and online-vs-exact agreement on tiny Hugging Face models."""
 
 import copy
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -375,3 +376,16 @@ def test_compare_deltas_counts():
     flipped = exact.set_column(2, "delta", pa.array([-0.4, 0.1, -0.3, 0.0], pa.float32()))
     b = compare_deltas(online, flipped, threshold=0.3)
     assert b.spearman == pytest.approx(-1.0) and (b.anchors_online, b.anchors_exact) == (1, 0)
+
+
+def test_online_delta_says_when_the_bottleneck_is_after_the_last_record():
+    visits = pa.table({"step": pa.array([0, 1, 2], pa.int32()),
+                       "example_id": pa.array([1, 1, 1], pa.int64()),
+                       "position": pa.array([3, 3, 3], pa.int32()),
+                       "logprob": pa.array([-3.0, -2.0, -1.0], pa.float32())})
+    with pytest.warns(RuntimeWarning, match="after the last recorded step 2"):
+        late = online_delta(visits, 3)
+    assert late.column("step_b").to_pylist() == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert online_delta(visits, 2).column("delta").to_pylist() == [2.0]
