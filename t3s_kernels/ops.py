@@ -33,17 +33,10 @@ from torch import Tensor
 
 from . import prepare
 from .backends import get_backend
-from .prepare import LossOptions
+from .prepare import LossOptions, scatter_rows
 from .reference import compute_dtype_for
 
 __all__ = ["linear_ce_forward", "linear_ce_backward", "target_logprobs_op"]
-
-
-def _scatter(values: Tensor, rows: Tensor, n: int, fill) -> Tensor:
-    """[M] values at ``rows`` of a new [n] tensor filled with ``fill``."""
-    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
-    out[rows] = values
-    return out
 
 
 def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes):
@@ -76,10 +69,10 @@ def linear_ce_forward(
     stats_n = n if want_stats else 0
     stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
     if want_stats:
-        stats = tuple(_scatter(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
+        stats = tuple(scatter_rows(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
     else:
         stats = tuple(s.new_empty(stats_n) for s in stats)
-    return (_scatter(out.loss, rows, n, 0.0), _scatter(out.lse, rows, n, nan), *stats)
+    return (scatter_rows(out.loss, rows, n, 0.0), scatter_rows(out.lse, rows, n, nan), *stats)
 
 
 @linear_ce_forward.register_fake
@@ -177,11 +170,11 @@ def target_logprobs_op(
         hidden, weight, bias, rows, targets[rows].contiguous(), softcap=softcap,
         want_entropy=want_entropy, want_argmax=want_argmax, buffer_bytes=buffer_bytes)
     nan = float("nan")
-    entropy = (_scatter(entropy.float(), rows, n, nan) if want_entropy
+    entropy = (scatter_rows(entropy.float(), rows, n, nan) if want_entropy
                else hidden.new_empty(0, dtype=torch.float32))
-    argmax = (_scatter(argmax, rows, n, -1) if want_argmax
+    argmax = (scatter_rows(argmax, rows, n, -1) if want_argmax
               else hidden.new_empty(0, dtype=torch.int64))
-    return _scatter(logprob.float(), rows, n, nan), entropy, argmax
+    return scatter_rows(logprob.float(), rows, n, nan), entropy, argmax
 
 
 @target_logprobs_op.register_fake

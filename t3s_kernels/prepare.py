@@ -263,3 +263,11 @@ def kept_rows(kept: torch.Tensor, num_kept: Optional[int] = None) -> torch.Tenso
         return torch.nonzero_static(kept, size=num_kept).squeeze(1)
     except (AttributeError, NotImplementedError, RuntimeError):  # older torch / backend
         return torch.nonzero(kept).squeeze(1)
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """[M] values at ``rows`` of a new [n] tensor filled with ``fill`` (the inverse of
+    the compaction: dropped rows hold ``fill``)."""
+    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
+    out[rows] = values
+    return out

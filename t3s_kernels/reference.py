@@ -95,17 +95,51 @@ def row_lse(z: torch.Tensor) -> torch.Tensor:
     return (m + torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))).squeeze(1)
 
 
+def merge_partials(m: torch.Tensor, s: torch.Tensor, tz: Optional[torch.Tensor] = None,
+                   sz: Optional[torch.Tensor] = None, ez: Optional[torch.Tensor] = None,
+                   av: Optional[torch.Tensor] = None, ai: Optional[torch.Tensor] = None):
+    """Merge row statistics computed over disjoint column blocks (vocabulary splits of
+    one kernel, or the shards of a vocab-parallel head). Each input is [S, M]:
+
+        m max logit, s sum exp(z - m), tz target logit (0 where the target is elsewhere),
+        sz sum z, ez sum exp(z - m) z, av / ai the block's max logit and its index.
+
+    Returns (lse, target_logit, sum_logits, entropy, argmax), each [M] or None:
+    lse = top + log sum_s exp(m_s - top) s_s, and so on. Ties in argmax go to the
+    first block, i.e. the lowest vocabulary index.
+    """
+    top = m.max(dim=0).values
+    # exp(-inf - (-inf)) would be NaN for an empty block; every block has >= 1 column.
+    scale = torch.exp(m - top)
+    total = (scale * s).sum(0)
+    lse = top + torch.log(total)
+    target_logit = tz.sum(0) if tz is not None else None
+    sum_logits = sz.sum(0) if sz is not None else None
+    entropy = lse - (scale * ez).sum(0) / total if ez is not None else None
+    argmax = ai.gather(0, av.argmax(0)[None]).squeeze(0) if av is not None else None
+    return lse, target_logit, sum_logits, entropy, argmax
+
+
 def row_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """entropy_t = lse_t - sum_j p_tj z_tj for a chunk. z: [C, V], lse: [C]."""
     return lse - (torch.exp(z - lse[:, None]) * z).sum(1)
 
 
 def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-               label_smoothing: float, z_loss: float, softcap: Optional[float]) -> torch.Tensor:
-    """d loss_t / d r_t for a chunk. z: [C, V] logits (after softcap), lse/targets: [C]."""
+               label_smoothing: float, z_loss: float, softcap: Optional[float],
+               has_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d loss_t / d r_t for a chunk. z: [C, V] logits (after softcap), lse/targets: [C].
+
+    vocab_size: V of the whole vocabulary (eps / V). has_target: [C] bool, the rows
+    whose target is among z's columns (a vocabulary shard holds only some); None: all.
+    """
     p = torch.exp(z - lse[:, None])
     grad = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
-    grad[torch.arange(z.shape[0], device=z.device), targets] -= 1.0 - label_smoothing
+    rows = torch.arange(z.shape[0], device=z.device)
+    if has_target is None:
+        grad[rows, targets] -= 1.0 - label_smoothing
+    else:
+        grad[rows[has_target], targets[has_target]] -= 1.0 - label_smoothing
     if label_smoothing:
         grad -= label_smoothing / vocab_size
     if softcap is not None:

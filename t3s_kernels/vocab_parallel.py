@@ -36,10 +36,12 @@ from . import reference
 from .api import TargetLogprobs, TokenStats
 from .prepare import (
     DEFAULT_BUFFER_BYTES,
+    check_linear_inputs,
     check_loss_mask,
     check_options,
     check_softcap,
     token_weights,
+    scatter_rows,
     validate_and_compact,
 )
 
@@ -81,22 +83,6 @@ def _local_weight(weight, bias, vocab_group):
     return weight, bias, vocab_group
 
 
-def _check(hidden, weight, targets, bias):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share a floating dtype, got {hidden.dtype} and "
-                        f"{weight.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V_r, {hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden has leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [V_r]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-
-
 def _partials(hidden, weight, bias, rows, targets, offset, softcap, want_sumz, want_stats,
               buffer_bytes):
     """This shard's partial statistics for the kept rows: dict of [M] tensors."""
@@ -135,18 +121,8 @@ def _combine(part, group):
         bufs = [torch.empty_like(value) for _ in range(world)]
         dist.all_gather(bufs, value.contiguous(), group=group)
         gathered[key] = torch.stack(bufs)
-    top = gathered["m"].max(dim=0).values
-    scale = torch.exp(gathered["m"] - top)
-    total = (scale * gathered["s"]).sum(0)
-    lse = top + torch.log(total)
-    tz = gathered["tz"].sum(0)
-    sz = gathered["sz"].sum(0) if "sz" in gathered else None
-    entropy = argmax = None
-    if "ez" in gathered:
-        entropy = lse - (scale * gathered["ez"]).sum(0) / total
-        best = gathered["av"].argmax(0)  # first rank wins ties: the lowest vocabulary index
-        argmax = gathered["ai"].gather(0, best[None]).squeeze(0)
-    return lse, tz, sz, entropy, argmax
+    # shards are in rank order, so the first rank wins argmax ties: the lowest index
+    return reference.merge_partials(**gathered)
 
 
 class _VocabParallelLoss(torch.autograd.Function):
@@ -185,16 +161,8 @@ class _VocabParallelLoss(torch.autograd.Function):
             sl = slice(start, start + step)
             h = hidden[rows[sl]].to(cd)
             z = reference.logits_ref(h, w, b, softcap)
-            g = torch.exp(z - lse[sl, None])
-            if lam:
-                g = g * (1.0 + 2.0 * lam * lse[sl])[:, None]
-            r = torch.arange(z.shape[0], device=z.device)
-            hit = inside[sl]
-            g[r[hit], local[sl][hit]] -= 1.0 - eps
-            if eps:
-                g -= eps / V
-            if softcap is not None:
-                g *= 1.0 - (z / softcap) ** 2
+            g = reference.logit_grad(z, lse[sl], local[sl], V, eps, lam, softcap,
+                                     has_target=inside[sl])
             g *= grad_loss[sl, None].to(cd)
             if need_h:
                 grad_h.index_add_(0, rows[sl], g @ w)
@@ -211,7 +179,7 @@ class _VocabParallelLoss(torch.autograd.Function):
 
 def _prepare(hidden, weight, targets, bias, loss_mask, ignore_index, vocab_group):
     weight, bias, group = _local_weight(weight, bias, vocab_group)
-    _check(hidden, weight, targets, bias)
+    check_linear_inputs(hidden, weight, targets, bias)  # [V_r, H] shard, [V_r] bias
     offset, vocab_size = shard_layout(weight.shape[0], group)
     targets1d = targets.reshape(-1).long()
     mask1d = None if loss_mask is None else loss_mask.reshape(-1)
@@ -219,12 +187,6 @@ def _prepare(hidden, weight, targets, bias, loss_mask, ignore_index, vocab_group
     rows = validate_and_compact(targets1d, mask1d, token_weight, vocab_size, ignore_index)
     return (hidden.reshape(-1, hidden.shape[-1]), weight, bias, group, offset, vocab_size,
             targets1d, token_weight, rows)
-
-
-def _scatter(values, rows, n, fill):
-    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
-    out[rows] = values
-    return out
 
 
 def vocab_parallel_cross_entropy(
@@ -263,10 +225,10 @@ def vocab_parallel_cross_entropy(
     if not return_stats:
         return loss
     nan = float("nan")
-    return loss, TokenStats(target_logprob=_scatter(logprob, rows, n, nan).view(lead),
-                            entropy=_scatter(entropy, rows, n, nan).view(lead),
-                            argmax_correct=_scatter(correct, rows, n, False).view(lead),
-                            lse=_scatter(lse.float(), rows, n, nan).view(lead))
+    return loss, TokenStats(target_logprob=scatter_rows(logprob, rows, n, nan).view(lead),
+                            entropy=scatter_rows(entropy, rows, n, nan).view(lead),
+                            argmax_correct=scatter_rows(correct, rows, n, False).view(lead),
+                            lse=scatter_rows(lse.float(), rows, n, nan).view(lead))
 
 
 @torch.no_grad()
@@ -291,10 +253,10 @@ def vocab_parallel_target_logprobs(
                      buffer_bytes)
     lse, tz, _, entropy, argmax = _combine(part, group)
     n = t1d.numel()
-    logprob = _scatter((tz - lse).float(), rows, n, float("nan")).view(lead)
+    logprob = scatter_rows((tz - lse).float(), rows, n, float("nan")).view(lead)
     if not want:
         return logprob
     return TargetLogprobs(
         logprobs=logprob,
-        entropy=_scatter(entropy.float(), rows, n, float("nan")).view(lead) if return_entropy else None,
-        argmax=_scatter(argmax, rows, n, -1).view(lead) if return_argmax else None)
+        entropy=scatter_rows(entropy.float(), rows, n, float("nan")).view(lead) if return_entropy else None,
+        argmax=scatter_rows(argmax, rows, n, -1).view(lead) if return_argmax else None)

@@ -27,8 +27,9 @@ class Counting(Backend):
     def unavailable_reason(self):
         return self.unavailable
 
-    def ineligible_reason(self, hidden):
-        return self.ineligible
+    def check_inputs(self, hidden):
+        if self.ineligible:
+            raise ValueError(self.ineligible)
 
     def loss_forward(self, *args):
         self.calls.append("loss_forward")

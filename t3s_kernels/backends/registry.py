@@ -12,7 +12,7 @@ back to [N].
 
 Automatic choice (``backend=None``): among the registered backends whose
 `auto_devices` contain the input's device type, the highest `priority` that
-is usable for the input (`unavailable_reason`, `ineligible_reason`); a
+is usable for the input (`unavailable_reason`, `check_inputs`); a
 passed-over backend is reported once with a warning. The torch reference
 (priority 0, every device) is the last resort.
 """
@@ -49,9 +49,9 @@ class Backend:
         """Why this backend cannot run in this process at all (None: it can)."""
         return None
 
-    def ineligible_reason(self, hidden: torch.Tensor) -> Optional[str]:
-        """Why it cannot run on these inputs (dtype, device, ...); None: it can."""
-        return None
+    def check_inputs(self, hidden: torch.Tensor) -> None:
+        """Raise `TypeError` (dtype) or `ValueError` (device, ...) when it cannot run on
+        these inputs; the message says why."""
 
     # ---- the contract ------------------------------------------------------------------
     def loss_forward(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -142,16 +142,21 @@ def resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
         reason = impl.unavailable_reason()
         if reason is not None:
             raise ValueError(f"backend={backend!r} is unavailable: {reason}")
-        reason = impl.ineligible_reason(hidden)
-        if reason is not None:
-            raise (TypeError if "dtype" in reason else ValueError)(
-                f"backend={backend!r} cannot run here: {reason}")
+        try:
+            impl.check_inputs(hidden)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"backend={backend!r} cannot run here: {exc}") from None
         return backend
     device = hidden.device.type
     candidates = sorted((b for b in _REGISTRY.values() if {device, "*"} & set(b.auto_devices)),
                         key=lambda b: -b.priority)
     for impl in candidates:
-        reason = impl.unavailable_reason() or impl.ineligible_reason(hidden)
+        reason = impl.unavailable_reason()
+        if reason is None:
+            try:
+                impl.check_inputs(hidden)
+            except (TypeError, ValueError) as exc:
+                reason = str(exc)
         if reason is None:
             return impl.name
         _warn_once(f"t3s_kernels: not using the {impl.name!r} backend ({reason})")

@@ -33,11 +33,13 @@ class TritonBackend(Backend):
     def unavailable_reason(self):
         return IMPORT_ERROR
 
-    def ineligible_reason(self, hidden):
+    def check_inputs(self, hidden):
         if hidden.dtype not in KERNEL_DTYPES:
-            return (f"the Triton kernels take float16, bfloat16 and float32 inputs, not dtype "
-                    f"{hidden.dtype}")
-        return triton_config.device_problem(hidden)
+            raise TypeError(f"the Triton kernels take float16, bfloat16 and float32 inputs, "
+                            f"not dtype {hidden.dtype}")
+        problem = triton_config.device_problem(hidden)
+        if problem is not None:
+            raise ValueError(problem)
 
     def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
         return triton_backward.loss_forward(hidden, weight, bias, rows, targets, opts,

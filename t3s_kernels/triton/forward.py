@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..debug import empty
+from ..reference import merge_partials
 from .config import KERNELS_INTERPRETED, dot_precision, pick_config, pick_splits
 
 
@@ -214,19 +215,5 @@ class RowStats:
 
 
 def combine_partials(p: Partials) -> RowStats:
-    """Merge the S vocab splits: lse = M + log sum_s exp(m_s - M) s_s, etc."""
-    top = p.m.max(dim=0).values
-    # exp(-inf - (-inf)) would be NaN for an empty split; every split has >= 1 column.
-    scale = torch.exp(p.m - top)
-    total = (scale * p.s).sum(0)
-    lse = top + torch.log(total)
-    target_logit = p.tz.sum(0) if p.tz is not None else None
-    sum_logits = p.sz.sum(0) if p.sz is not None else None
-    entropy = None
-    if p.ez is not None:
-        entropy = lse - (scale * p.ez).sum(0) / total
-    argmax = None
-    if p.av is not None:
-        best_split = p.av.argmax(0)  # first split wins ties: lowest vocab index
-        argmax = p.ai.gather(0, best_split[None]).squeeze(0)
-    return RowStats(lse, target_logit, sum_logits, entropy, argmax)
+    """Merge the S vocab splits (`t3s_kernels.reference.merge_partials`)."""
+    return RowStats(*merge_partials(p.m, p.s, p.tz, p.sz, p.ez, p.av, p.ai))
