@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LMHead", "lm_head", "last_hidden_state", "HeadTap", "output_embedding",
-           "single_hidden"]
+           "single_hidden", "is_dtensor"]
 
 @dataclass(frozen=True)
 class LMHead:
@@ -433,10 +433,11 @@ def output_embedding(model: nn.Module) -> nn.Module:
 def _is_materialised(t: torch.Tensor) -> bool:
     if t.device.type == "meta" or t.numel() == 0:
         return False
-    return not _is_dtensor(t)
+    return not is_dtensor(t)
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """True for a `torch.distributed.tensor.DTensor` (FSDP2 / tensor-parallel parameter)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -447,7 +448,7 @@ def _is_dtensor(t) -> bool:
 def _full_tensor(t: torch.Tensor, what: str, hidden_size: Optional[int],
                  gather: bool = False) -> torch.Tensor:
     """The head's parameter as a full local tensor, or a clear error."""
-    if _is_dtensor(t):
+    if is_dtensor(t):
         if gather:
             # An autograd-aware all-gather. Its backward turns the replicated gradient
             # into the parameter's own sharding with an averaging reduce-scatter: each

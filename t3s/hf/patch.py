@@ -66,7 +66,7 @@ from t3s_kernels.backends import check_backend_name
 
 from ..loss import masked_ce
 from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard, remove_guards
-from .heads import HeadTap, LMHead, lm_head, output_embedding, single_hidden
+from .heads import HeadTap, LMHead, is_dtensor, lm_head, output_embedding, single_hidden
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
@@ -387,7 +387,7 @@ def _whole_outside_call(weight) -> bool:
     """True when the head's weight is usable after its call: a full [V, H] tensor or a
     DTensor (gathered in the loss). False for FSDP1 / ZeRO-3 shards (1-D or empty)."""
     return isinstance(weight, torch.Tensor) and (
-        (weight.dim() == 2 and weight.numel() > 0) or type(weight).__name__ == "DTensor")
+        (weight.dim() == 2 and weight.numel() > 0) or is_dtensor(weight))
 
 
 def _current_head(model: nn.Module) -> Optional[nn.Module]:

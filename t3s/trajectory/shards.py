@@ -187,12 +187,10 @@ def valid_message_after(buf: pa.Buffer, start: int, schema, schema_bytes: bytes)
             msg = pa.ipc.read_message(pa.BufferReader(buf[pos:]))
             if msg.type == "record batch":
                 length = msg.serialize().size
-                with pa.ipc.open_stream(pa.py_buffer(schema_bytes + data[pos:pos + length])) as st:
-                    batch, metadata = st.read_next_batch_with_custom_metadata()
-                crc = None if metadata is None else metadata.get(CRC_KEY)
-                if crc is not None and int(crc) == batch_crc32(batch):
-                    return True
-        except Exception:  # any garbage: keep looking
+                verified_batch(data[pos:pos + length], schema_bytes, schema, Path("?"), pos,
+                               legacy=False)
+                return True
+        except Exception:  # garbage or a checksum mismatch: keep looking
             pass
         pos = data.find(marker, pos + 1)
     return False
