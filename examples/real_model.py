@@ -117,13 +117,14 @@ def load(directory: Optional[str] = None, gguf_file: str = GGUF_FILE):
 
 
 # --------------------------------------------------------------------------- 2. patch check
-def _loss_and_grads(model, batch) -> Tuple[float, Dict[str, torch.Tensor]]:
+def loss_and_grads(model, batch, names=PATCH_PARAMS) -> Tuple[float, Dict[str, torch.Tensor]]:
+    """The loss of one batch and copies of the gradients of the parameters ``names``."""
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  labels=batch["labels"]).loss
     loss.backward()
     params = dict(model.named_parameters(remove_duplicate=False))
-    grads = {n: params[n].grad.detach().clone() for n in PATCH_PARAMS}
+    grads = {n: params[n].grad.detach().clone() for n in names}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
 
@@ -147,10 +148,10 @@ def check_patch(model, tokenizer, data, *, new_tokens: int = 6) -> Dict[str, Any
     model.eval()  # no dropout in Llama anyway; the comparison is deterministic
     if t3s.is_patched(model):
         t3s.unpatch(model)
-    loss_ref, grads_ref = _loss_and_grads(model, batch)
+    loss_ref, grads_ref = loss_and_grads(model, batch)
     gen_ref = _greedy(model, tokenizer, prompt, new_tokens)
     t3s.patch(model, backend="torch")
-    loss_t3s, grads_t3s = _loss_and_grads(model, batch)
+    loss_t3s, grads_t3s = loss_and_grads(model, batch)
     gen_t3s = _greedy(model, tokenizer, prompt, new_tokens)
     rel = {n: float((grads_t3s[n] - grads_ref[n]).abs().max() / grads_ref[n].abs().max())
            for n in PATCH_PARAMS}

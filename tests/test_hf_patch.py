@@ -595,6 +595,22 @@ def test_meta_model_skips_probe_with_warning():
     assert not model._t3s_patch.head.verified
 
 
+# Both distributed scripts: 2 gloo ranks, a tiny Llama, its one-process loss and gradients
+# on 4 sequences (`ref`, `ref_loss`), and this rank's half of them (`local`).
+TWO_RANKS_AND_REFERENCE = """
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)
+torch.manual_seed(0)
+ref = transformers.LlamaForCausalLM(config).float().train()
+ids = torch.randint(0, 101, (4, 8))
+ref_loss = ref(input_ids=ids, labels=ids).loss
+ref_loss.backward()
+local = ids[2 * rank: 2 * rank + 2]
+"""
+
 FSDP2_SCRIPT = """
 import os, sys, warnings
 warnings.simplefilter("ignore")
@@ -602,17 +618,8 @@ import torch, torch.distributed as dist, transformers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from t3s.hf import patch
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+""" + TWO_RANKS_AND_REFERENCE + """
 mesh = init_device_mesh("cpu", (2,))
-config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2)
-torch.manual_seed(0)
-ref = transformers.LlamaForCausalLM(config).float().train()
-ids = torch.randint(0, 101, (4, 8))
-ref(input_ids=ids, labels=ids).loss.backward()
 
 # Head in the root unit: gathered for the root's whole forward; grads match one process.
 model = transformers.LlamaForCausalLM(config).float().train()
@@ -621,7 +628,6 @@ patch(model, backend="torch")
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
-local = ids[2 * rank: 2 * rank + 2]
 model(input_ids=local, labels=local).loss.backward()
 for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
     torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -695,19 +701,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from t3s.hf import patch
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2)
-torch.manual_seed(0)
-ref = transformers.LlamaForCausalLM(config).float().train()
-ids = torch.randint(0, 101, (4, 8))
-ref_loss = ref(input_ids=ids, labels=ids).loss
-ref_loss.backward()
-local = ids[2 * rank: 2 * rank + 2]
-# decoder layers wrapped (head in the root unit), then every Linear too (head in its own
+""" + TWO_RANKS_AND_REFERENCE + """# decoder layers wrapped (head in the root unit), then every Linear too (head in its own
 # unit: its weight is whole only during its call, where the loss is computed)
 for units in ({LlamaDecoderLayer}, {LlamaDecoderLayer, torch.nn.Linear}):
     model = transformers.LlamaForCausalLM(config).float().train()

@@ -79,17 +79,6 @@ def run(smol, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- t3s.patch
-def _loss_and_grads(model, batch, names):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"]).loss
-    loss.backward()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    grads = {n: params[n].grad.detach().clone() for n in names}
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
-
-
 @pytest.mark.slow
 def test_patch_same_loss_grads_and_generate(smol, data):
     model, tok = smol
@@ -107,12 +96,12 @@ def test_patch_same_loss_grads_and_generate(smol, data):
         return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                               max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
 
-    loss_ref, grads_ref = _loss_and_grads(model, batch, names)
+    loss_ref, grads_ref = ex.loss_and_grads(model, batch, names)
     gen_ref = greedy()
     t3s.patch(model, backend="torch")
     try:
         assert t3s.is_patched(model)
-        loss, grads = _loss_and_grads(model, batch, names)
+        loss, grads = ex.loss_and_grads(model, batch, names)
         gen = greedy()
     finally:
         t3s.unpatch(model)
