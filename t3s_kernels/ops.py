@@ -66,12 +66,11 @@ def linear_ce_forward(
     out = get_backend(backend).loss_forward(hidden, weight, bias, rows,
                                             targets[rows].contiguous(), opts, want_stats)
     nan = float("nan")
-    stats_n = n if want_stats else 0
     stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
     if want_stats:
         stats = tuple(scatter_rows(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
-    else:
-        stats = tuple(s.new_empty(stats_n) for s in stats)
+    else:  # fresh empty outputs: a custom op may not return views of its own buffers
+        stats = tuple(s.new_empty(0) for s in stats)
     return (scatter_rows(out.loss, rows, n, 0.0), scatter_rows(out.lse, rows, n, nan), *stats)
 
 
