@@ -222,34 +222,62 @@ def test_redo_train_redoes_train_and_what_uses_it(finished, tmp_path, capsys):
         {k: v for k, v in after.items() if k != "train"}
 
 
-def test_killed_stage_restarts_cleanly(finished, tmp_path, monkeypatch, capsys):
-    run_dir = copy_run(finished, tmp_path / "run")
-    before = run_ids(run_dir)
-
+def _kill_train_while_saving(run_dir, monkeypatch, extra=()):
     def killed(trainer, tok, path):
         raise RuntimeError("killed while saving the model")
 
     monkeypatch.setattr(t3s_stages, "_save_model", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        main(["run", "--run-dir", str(run_dir), "--redo", "train", "--no-progress"])
+        main(["run", "--run-dir", str(run_dir), "--redo", "train", "--no-progress", *extra])
+    monkeypatch.undo()
     partial = run_dir / ".partial-train"
     assert (partial / "t3s_accuracy.json").is_file()      # it had started writing
+    assert (partial / rundir.ATTEMPT_FILE).is_file()
     assert not (run_dir / "train").exists()
     assert "train" not in ledger(run_dir)
-    assert ledger(run_dir)["pilot"]["run_id"] == before["pilot"]
+    return partial
 
-    monkeypatch.undo()
+
+def test_killed_stage_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch, capsys):
+    """A training stage killed after its last checkpoint continues from it (no step is
+    trained twice) and ends with the same model as the uninterrupted run."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = run_ids(run_dir)
+    weights = (run_dir / "train" / "model" / "model.safetensors").read_bytes()
+    partial = _kill_train_while_saving(run_dir, monkeypatch)
+    assert ledger(run_dir)["pilot"]["run_id"] == before["pilot"]
     capsys.readouterr()
     assert main(["run", "--run-dir", str(run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "[train] removing the unfinished attempt" in out
+    assert "[train] resuming the attempt an interrupted run left" in out
+    assert "[train] continuing from its last checkpoint, checkpoint-4" in out
     assert "[pilot] already done" in out and "[select] already done" in out
     after = run_ids(run_dir)
     assert after["pilot"] == before["pilot"] and after["select"] == before["select"]
     assert after["train"] != before["train"]
     assert not partial.exists()
-    assert (run_dir / "train" / "model" / "model.safetensors").is_file()
+    assert (run_dir / "train" / "model" / "model.safetensors").read_bytes() == weights
+    summary = json.loads((run_dir / "train" / "stage.json").read_text())["summary"]
+    assert summary["resumed_from_step"] == 4 and summary["final_step"] == 4
+    assert not list((run_dir / "train").glob("checkpoint-*"))  # only kept for resuming
+    assert not (run_dir / "train" / rundir.ATTEMPT_FILE).exists()
     assert (run_dir / "report" / "report.md").is_file()
+
+
+def test_an_attempt_under_other_settings_is_removed_not_resumed(finished, tmp_path, monkeypatch,
+                                                                capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    partial = _kill_train_while_saving(run_dir, monkeypatch)
+    capsys.readouterr()
+    # another learning rate: the attempt's checkpoint belongs to other settings
+    assert main(["run", "--run-dir", str(run_dir), "--no-progress", "--lr", "5e-3",
+                 "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] removing the unfinished attempt left by an interrupted run" in out
+    assert "continuing from" not in out
+    assert not partial.exists()
+    assert json.loads((run_dir / "train" / "stage.json").read_text())["summary"][
+        "resumed_from_step"] is None
 
 
 def test_ledger_adopts_a_stage_renamed_before_the_ledger_was_written(tmp_path):

@@ -13,8 +13,12 @@ settings it depends on (`Stage.keys`) hash to the recorded value and the
 stages it consumed are the current ones it recorded (by ``run_id``). Running
 again skips current stages, so a second ``t3s run`` does nothing. A
 ``.partial-*`` directory left by a killed run is removed and its stage
-started again; a stage renamed into place whose ledger entry was not yet
-written is adopted from its ``stage.json``. ``redo`` re-runs the named
+started again, unless the stage is `Stage.resumable` and the attempt was
+made under the same settings and inputs (``attempt.json``): then it keeps
+the directory and resumes (the training stages continue from their last
+complete checkpoint, `t3s.pipeline.training.resume_point`). A stage renamed
+into place whose ledger entry was not yet written is adopted from its
+``stage.json``. ``redo`` re-runs the named
 stages; the stages that consumed their outputs then are no longer current and
 run again too, and nothing upstream is touched.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from .._util import sha256_json
-from .rundir import STAGE_NAMES, RunDir, RunDirError, now
+from .rundir import ATTEMPT_FILE, STAGE_NAMES, RunDir, RunDirError, now, read_json, write_json
 from .settings import identity
 
 __all__ = ["Stage", "StageContext", "register_stages", "registered_stages", "stage_hash",
@@ -64,6 +68,8 @@ class Stage:
     must be current); optional: stages whose outputs it uses when they are
     current (their run ids are recorded too, so a later change reruns it).
     enabled: whether ``t3s run`` runs it under the settings.
+    resumable: an interrupted attempt under the same settings and inputs is
+        continued in its directory (`StageContext.resume`) instead of removed.
     """
 
     name: str
@@ -73,6 +79,7 @@ class Stage:
     optional: Tuple[str, ...] = ()
     enabled: Callable[[Mapping[str, Any]], bool] = lambda cfg: True
     help: str = ""
+    resumable: bool = False
 
 
 @dataclass
@@ -87,6 +94,8 @@ class StageContext:
     inputs: Dict[str, Optional[str]]
     say: Callable[[str], None]
     fingerprints: Dict[str, Any] = field(default_factory=dict)
+    #: True when ``work`` holds an interrupted attempt of this stage to continue
+    resume: bool = False
 
     def dir(self, stage: str) -> Optional[Path]:
         """The directory of a stage this one consumed (None when it was not current)."""
@@ -184,23 +193,40 @@ def run_stages(run: RunDir, cfg: Dict[str, Any], fingerprints: Dict[str, Any],
     return outcome
 
 
+def _read_attempt(partial: Path) -> Optional[Dict[str, Any]]:
+    """What an interrupted attempt was started under (None when unreadable: start afresh)."""
+    try:
+        return read_json(partial / ATTEMPT_FILE)
+    except (OSError, ValueError):
+        return None
+
+
 def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str) -> None:
     partial = run.partial_dir(st.name)
+    attempt = {"hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs)}
+    resume = False
     if partial.exists():
-        say(f"[{st.name}] removing the unfinished attempt left by an interrupted run")
-        shutil.rmtree(partial)
+        resume = st.resumable and _read_attempt(partial) == attempt
+        if not resume:
+            say(f"[{st.name}] removing the unfinished attempt left by an interrupted run")
+            shutil.rmtree(partial)
     if run.stage_dir(st.name).exists():
         run.invalidate(st.name)  # stale or asked to redo: its outputs are replaced
-    partial.mkdir(parents=True)
-    say(f"[{st.name}] running ({reason})")
+    if resume:
+        say(f"[{st.name}] resuming the attempt an interrupted run left ({reason})")
+    else:
+        partial.mkdir(parents=True)
+        write_json(partial / ATTEMPT_FILE, attempt)
+        say(f"[{st.name}] running ({reason})")
     t0 = time.perf_counter()
     started = now()
-    ctx = StageContext(st.name, dict(cfg), partial, run, dict(inputs), say, dict(fingerprints))
+    ctx = StageContext(st.name, dict(cfg), partial, run, dict(inputs), say, dict(fingerprints),
+                       resume=resume)
     summary = st.fn(ctx) or {}
     seconds = time.perf_counter() - t0
-    record = {"stage": st.name, "run_id": uuid.uuid4().hex,
-              "hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs),
+    record = {"stage": st.name, "run_id": uuid.uuid4().hex, **attempt,
               "started": started, "finished": now(), "seconds": round(seconds, 3),
               "summary": summary}
+    (partial / ATTEMPT_FILE).unlink(missing_ok=True)
     run.commit(st.name, record)
     say(f"[{st.name}] done in {seconds:.1f} s")

@@ -51,6 +51,7 @@ from .._util import canonical_json, sha256_json
 from .settings import UsageError, describe_change, identity
 
 __all__ = [
+    "ATTEMPT_FILE",
     "RunDir",
     "RunDirError",
     "STAGE_NAMES",
@@ -98,6 +99,7 @@ LOCK_FILE = ".lock"
 PARTIAL_PREFIX = ".partial-"
 # in every stage directory
 RECORD_FILE = "stage.json"
+ATTEMPT_FILE = "attempt.json"         # .partial-<stage>/: the settings hash and inputs it runs under
 # pilot/, train/, baseline/
 TRAJECTORY_DIR = "trajectory"
 ACCURACY_FILE = "t3s_accuracy.json"   # written by `t3s.trainer.AccuracyCallback` under this name

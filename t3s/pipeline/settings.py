@@ -119,6 +119,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_new_tokens", "int", 512, "tokens generated per answer"),
     Option("verifier", "choice", "math", "answer checker (t3s.verify)", choices=("math", "exact")),
     Option("eval_batch_size", "int", 8, "prompts per generation / profiling batch", hashed=False),
+    # resuming (not hashed: a resumed run equals an uninterrupted one)
+    Option("checkpoint_steps", "int", None,
+           "save a resumable checkpoint (model, optimizer, scheduler, RNG) every N steps of "
+           "each training stage (default: eval_steps)", hashed=False),
     # selection
     Option("delta", "choice", "online",
            "Δc source: online (from the pilot's trajectory) or exact (forward passes)",
@@ -258,6 +262,8 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
                  "eval_batch_size"):
         if cfg[name] < 1:
             raise UsageError(f"{where}{name} must be >= 1, got {cfg[name]}")
+    if cfg["checkpoint_steps"] is not None and cfg["checkpoint_steps"] < 1:
+        raise UsageError(f"{where}checkpoint_steps must be >= 1, got {cfg['checkpoint_steps']}")
     for name in ("eval_subset", "warmup_steps"):
         if cfg[name] < 0:
             raise UsageError(f"{where}{name} must be >= 0, got {cfg[name]}")

@@ -50,8 +50,9 @@ from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
 from .settings import UsageError, rule_params
-from .training import (accuracy_callback, checkpoints, finals, progress_bar, save_log,
-                       training_args)
+from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
+                       continue_from, finals, progress_bar, resume_state_retention, save_log,
+                       strip_resume_state, training_args)
 
 __all__ = ["STAGES", "STAGE_NAMES", "NEEDS_MODEL", "NEEDS_TRAIN", "ARMS", "FORCED_MSG",
            "eval_sets", "bottleneck_step"]
@@ -94,24 +95,26 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
             + (f", {len(heldout)} held-out problems" if heldout is not None else "")
             + f"; {cfg['steps']} steps, evaluating every {cfg['eval_steps']}")
     model = load_model(cfg["model"], cfg)
+    resume_from = continue_from(work, ctx.resume, ctx.say, "pilot")
     callback = accuracy_callback(cfg, tok, train, heldout, prune=True)
     trainer = T3STrainer(
-        model=model, processing_class=tok, train_dataset=train, callbacks=[callback],
-        args=training_args(cfg, work, save_strategy="steps", save_steps=cfg["eval_steps"],
-                            save_only_model=True),
+        model=model, processing_class=tok, train_dataset=train,
+        callbacks=[callback, resume_state_retention()],
+        args=training_args(cfg, work, **checkpoint_args(cfg, pilot=True)),
         trajectory_dir=str(work / rundir.TRAJECTORY_DIR))
     progress_bar(trainer, cfg, "pilot")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     save_log(trainer, work)
     _save_model(trainer, tok, work / rundir.FINAL_MODEL_DIR)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     last = int(trainer.state.global_step)
     b = bottleneck_step(history["train_acc"])
-    # θb is the only checkpoint kept (the final model is in final/).
+    # θb is the only checkpoint kept (the final model is in final/), as weights only.
     thetab = None
     for step, path in sorted(checkpoints(work).items()):
         if step == b and b != last:
             thetab = path.name
+            strip_resume_state(path)
         else:
             shutil.rmtree(path)
     if b is not None and b == last:
@@ -121,6 +124,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
         ctx.say(f"[pilot] bottleneck: step {b} (training accuracy "
                 f"{history['train_acc'][b]:.3f}; θ0 had {start:.3f})")
     return {"bottleneck_step": b, "thetab": thetab, "final_step": last,
+            "resumed_from_step": checkpoint_step_of(resume_from),
             "train_acc_at_bottleneck": None if b is None else history["train_acc"][b],
             "n_train": len(train), "trace_tokens": train.num_response_tokens(),
             "n_heldout": None if heldout is None else len(heldout), **finals(history)}
@@ -271,17 +275,22 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
     else:
         ctx.say(f"[{desc}] plain SFT from θ0 (every trace token in the loss)")
     model = load_model(cfg["model"], cfg)
+    resume_from = continue_from(work, ctx.resume, ctx.say, desc)
     callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
     trainer = T3STrainer(model=model, processing_class=tok, train_dataset=train,
-                         callbacks=[callback], args=training_args(cfg, work),
+                         callbacks=[callback],
+                         args=training_args(cfg, work, **checkpoint_args(cfg, pilot=False)),
                          data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
     progress_bar(trainer, cfg, desc)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     save_log(trainer, work)
     _save_model(trainer, tok, work / rundir.MODEL_DIR)
+    for path in checkpoints(work).values():  # only for resuming; the model is in model/
+        shutil.rmtree(path)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
-            "final_step": int(trainer.state.global_step), **finals(history)}
+            "final_step": int(trainer.state.global_step),
+            "resumed_from_step": checkpoint_step_of(resume_from), **finals(history)}
 
 
 def _stage_train(ctx: StageContext) -> Dict[str, Any]:
@@ -385,17 +394,18 @@ _TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_
 
 STAGES: Tuple[Stage, ...] = (
     Stage("pilot", _stage_pilot, _DATA + _TRAINING, lambda cfg: (),
-          help="SFT from θ0 with trajectory recording and training-accuracy evaluation"),
+          help="SFT from θ0 with trajectory recording and training-accuracy evaluation",
+          resumable=True),
     Stage("select", _stage_select,
           ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params"),
           lambda cfg: ("pilot",),
           help="bottleneck, Δc and the mask artifact"),
     Stage("train", _stage_train, _DATA + _TRAINING + ("rule",),
           lambda cfg: () if cfg["rule"] == "none" else ("select",),
-          help="masked retraining from θ0 with the artifact's masks"),
+          help="masked retraining from θ0 with the artifact's masks", resumable=True),
     Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",),
           lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
-          help="retraining from θ0 with the baseline's masks"),
+          help="retraining from θ0 with the baseline's masks", resumable=True),
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed"),

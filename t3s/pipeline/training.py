@@ -5,12 +5,22 @@
 recorded but never the bottleneck), `progress_bar` (one bar with loss and
 accuracies instead of the Trainer's printing), `save_log`, `checkpoints` and
 `finals` (the last accuracies of a history).
+
+Resuming: every training stage saves a full checkpoint (model, optimizer,
+scheduler, RNG, trainer state) every ``checkpoint_steps`` steps
+(`checkpoint_args`); `resume_point` finds the last complete one of an
+interrupted attempt, and the Trainer continues from it with the same data
+order, so the result equals an uninterrupted run's. Only the latest
+checkpoint keeps the optimizer and RNG state (`resume_state_retention`); the
+pilot's older ones keep only the model weights that can be θb.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from .._util import one_line
 from . import rundir
@@ -19,8 +29,14 @@ from .loaders import resolve_device
 from .rundir import write_json
 from .settings import UsageError
 
-__all__ = ["training_args", "accuracy_callback", "progress_bar",
-           "save_log", "checkpoints", "finals"]
+__all__ = ["training_args", "checkpoint_args", "resume_point", "continue_from", "checkpoint_step_of",
+           "resume_state_retention",
+           "strip_resume_state", "accuracy_callback", "progress_bar", "save_log", "checkpoints",
+           "finals", "RESUME_STATE_FILES"]
+
+#: the files of a Trainer checkpoint needed only to resume from it (not for θb)
+RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth",
+                      "rng_state_*.pth", "training_args.bin")
 
 
 def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
@@ -39,6 +55,81 @@ def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
         return TrainingArguments(**kw)
     except ValueError as e:
         raise UsageError(f"training settings: {one_line(e)}") from None
+
+
+def checkpoint_args(cfg: Mapping[str, Any], *, pilot: bool) -> Dict[str, Any]:
+    """`TrainingArguments` overrides for resumable checkpoints every ``checkpoint_steps``
+    (default ``eval_steps``). The pilot also saves at every evaluation (each can be
+    θb), i.e. every gcd of the two; the retrainings keep only their latest."""
+    every = cfg["checkpoint_steps"] or cfg["eval_steps"]
+    if pilot:
+        every = math.gcd(every, cfg["eval_steps"])
+    return dict(save_strategy="steps", save_steps=every, save_only_model=False,
+                save_total_limit=None if pilot else 1)
+
+
+def resume_point(work: Path) -> Optional[Path]:
+    """The last complete checkpoint of an interrupted attempt in ``work`` (None: none).
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint whose state
+    file reads back is whole; later ones (cut off by the interruption) are
+    removed."""
+    from ..trainer import checkpoint_step
+    for step, path in sorted(checkpoints(work).items(), reverse=True):
+        try:
+            if checkpoint_step(path, str(work)) == step and (path / "optimizer.pt").exists():
+                return path
+        except ValueError:
+            pass
+        shutil.rmtree(path)  # incomplete: the interruption came while it was written
+    return None
+
+
+def continue_from(work: Path, resume: bool, say, label: str) -> Optional[Path]:
+    """The checkpoint a training stage continues from: `resume_point` of an interrupted
+    attempt (``resume``), else None. An attempt with no complete checkpoint starts
+    from step 0, its files removed (the attempt record stays)."""
+    if not resume:
+        return None
+    start = resume_point(work)
+    if start is None:
+        for p in work.iterdir():
+            if p.name != rundir.ATTEMPT_FILE:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        say(f"[{label}] the interrupted attempt saved no complete checkpoint: from step 0")
+    else:
+        say(f"[{label}] continuing from its last checkpoint, {start.name}")
+    return start
+
+
+def checkpoint_step_of(path: Optional[Path]) -> Optional[int]:
+    """The step of a checkpoint directory from its name (None for None)."""
+    return None if path is None else int(path.name[len(rundir.CHECKPOINT_PREFIX):])
+
+
+def strip_resume_state(checkpoint: Path) -> None:
+    """Remove what only resuming needs (`RESUME_STATE_FILES`), keeping the model."""
+    for pattern in RESUME_STATE_FILES:
+        for f in checkpoint.glob(pattern):
+            f.unlink()
+
+
+def resume_state_retention():
+    """A Trainer callback: after each save, only the latest checkpoint keeps its resume
+    state (optimizer moments are twice the model's size); the others keep their
+    weights (the pilot's θb candidates; `t3s.trainer.AccuracyCallback` prunes them)."""
+    from transformers import TrainerCallback
+
+    class ResumeStateRetention(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                found = checkpoints(Path(args.output_dir))
+                for step, path in found.items():
+                    if step != max(found):
+                        strip_resume_state(path)
+            return control
+
+    return ResumeStateRetention()
 
 
 def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):

@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 from ..data.table import IGNORE_INDEX  # noqa: F401  (re-exported: t3s.trainer had it)
 from .accuracy import ACCURACY_FILE, AccuracyCallback, read_accuracy_history
 from .callback import LossMaskCallback, TrajectoryCallback, keep_example_id_column
+from .checkpoints import TRAINER_STATE_FILE, checkpoint_step
 from .mixin import METRICS, T3STrainer, T3STrainerMixin
 from .sft import sft_trainer_class
 
@@ -75,6 +76,8 @@ __all__ = [
     "read_accuracy_history",
     "ACCURACY_FILE",
     "METRICS",
+    "checkpoint_step",
+    "TRAINER_STATE_FILE",
 ]
 
 

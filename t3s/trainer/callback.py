@@ -259,6 +259,9 @@ class TrajectoryCallback(LossMaskCallback):
         if self.model is None:
             raise ValueError("TrajectoryCallback got no model from the Trainer")
         self._open(args, train_dataloader)
+        if state.global_step > 0 and self.recorder is not None:
+            # resumed from a checkpoint: what a killed run recorded past it is recorded again
+            self.recorder.rewind(int(state.global_step))
         self._state = state
         self._recording = True
         self._seen_in_step = 0

@@ -23,6 +23,7 @@ from ..hf import count_loss_items, is_patched, patch
 from ..trajectory.recorder import TrajectoryRecorder
 from .accuracy import AccuracyCallback
 from .callback import LossMaskCallback, TrajectoryCallback
+from .checkpoints import checkpoint_step
 
 __all__ = ["T3STrainerMixin", "T3STrainer", "METRICS"]
 
@@ -241,11 +242,23 @@ class T3STrainerMixin:
                 raise
             logger.warning("closing the trajectory recorder failed", exc_info=True)
 
-    def train(self, *args, **kwargs):
-        """``Trainer.train``, with the trajectory recorder opened before and closed after."""
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, with the trajectory recorder opened before and closed after.
+
+        resume_from_checkpoint: as in ``Trainer.train``. The store then loses the
+        records of the checkpoint's step and later ones (a killed run wrote them
+        past its checkpoint), since the resumed run records them again: every
+        (step, example, position) is stored once.
+        """
         self._t3s_open_recorder()
+        if resume_from_checkpoint and self.recorder is not None:
+            step = checkpoint_step(resume_from_checkpoint, self.args.output_dir)
+            dropped = self.recorder.rewind(step)
+            if dropped:
+                logger.info("t3s: resuming at step %d: dropped %d trajectory records of steps "
+                            ">= %d", step, dropped, step)
         try:
-            out = super().train(*args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             self._t3s_close_recorder(failed=True)
             for cb in self.callback_handler.callbacks:

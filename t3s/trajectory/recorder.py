@@ -206,6 +206,13 @@ class TrajectoryRecorder:
         """True once `close` has been called (no more steps can be recorded)."""
         return self._closed
 
+    def rewind(self, before_step: int) -> int:
+        """Drop the store's records of step >= ``before_step`` (a run resumed from its
+        checkpoint at that step records them again); returns the rows dropped.
+        Waits for the queued steps first."""
+        self.flush()
+        return self.writer.rewind(before_step)
+
     def flush(self) -> None:
         """Wait until every queued step is written."""
         self._queue.join()

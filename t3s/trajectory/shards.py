@@ -27,7 +27,7 @@ PathLike = Union[str, os.PathLike]
 CRC_KEY = b"t3s.crc32"
 
 __all__ = ["BASE_FIELDS", "BASE_COLUMNS", "CRC_KEY", "ShardCorruption", "batch_crc32",
-           "batch_message", "load_shard", "read_seal", "read_shard", "seal_path", "shard_path",
+           "batch_message", "load_shard", "read_seal", "read_shard", "seal_path", "shard_batches", "shard_path",
            "trajectory_schema"]
 
 BASE_FIELDS = (
@@ -194,6 +194,25 @@ def valid_message_after(buf: pa.Buffer, start: int, schema, schema_bytes: bytes)
             pass
         pos = data.find(marker, pos + 1)
     return False
+
+
+def shard_batches(buf: pa.Buffer):
+    """(start, end, batch) of every record-batch message of a *verified* shard prefix
+    ``buf`` (`load_shard` checked it), in file order."""
+    reader = pa.BufferReader(buf)
+    schema = None
+    while reader.tell() < buf.size:
+        start = reader.tell()
+        try:
+            msg = pa.ipc.read_message(reader)
+        except EOFError:  # an end-of-stream marker between concatenated streams
+            if reader.tell() == start:
+                return
+            continue
+        if msg.type == "schema":
+            schema = pa.ipc.read_schema(msg)
+        elif msg.type == "record batch":
+            yield start, reader.tell(), pa.ipc.read_record_batch(msg, schema)
 
 
 def read_bytes(path: Path) -> pa.Buffer:

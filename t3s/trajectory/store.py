@@ -48,6 +48,9 @@ answers the queries T3S needs (`t3s.trajectory.queries`, all vectorised):
 
 If the same token appears twice at the same step (a resumed run re-recording a
 step), the row written last wins.
+
+Size: the manifest, writer and reader share one bookkeeping (fingerprints, world
+size, seals, rewinding a resumed shard), kept together so it cannot drift apart.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ import pyarrow as pa
 from .._util import to_numpy
 from .queries import KEY_COLUMNS, first_visit, join_tokens, nearest_visit, visits
 from .shards import (BASE_COLUMNS, BASE_FIELDS, ShardCorruption, batch_message, load_shard,
-                     read_seal, read_shard, seal_path, shard_path, trajectory_schema)
+                     read_seal, read_shard, seal_path, shard_batches, shard_path,
+                     trajectory_schema)
 
 try:  # advisory lock against two writers on one shard (POSIX only)
     import fcntl
@@ -301,6 +305,44 @@ class TrajectoryWriter:
         self._unseal()
         self._crc, self._size = zlib.crc32(memoryview(buf[:end])), end
         self._rows = sum(b.num_rows for b in batches)
+
+    def rewind(self, before_step: int) -> int:
+        """Drop every record of step >= ``before_step``; returns the rows dropped.
+
+        A run resumed from its checkpoint at step k records steps k, k+1, ...
+        again; the records a killed run wrote past that checkpoint go first, so
+        that every (step, example, position) is in the store once. The shard was
+        verified when opened; records are in step order (one batch per step and
+        micro-batch), so this truncates at a batch boundary. Call it before any
+        `append`.
+        """
+        if self._file is None:
+            raise RuntimeError(f"writer for {self.path} is closed")
+        before_step = int(before_step)
+        f = self._file
+        f.seek(0)
+        buf = pa.py_buffer(f.read(self._size))
+        cut, kept_rows, seen_late = None, 0, False
+        for start, end, batch in shard_batches(buf):
+            steps = batch.column("step").to_numpy()
+            late = steps >= before_step
+            if late.all():
+                seen_late = True
+                if cut is None:
+                    cut = start
+            elif late.any() or seen_late:
+                raise ValueError(f"{self.path}: records are not in step order around byte "
+                                 f"{start}, so steps >= {before_step} cannot be dropped by "
+                                 "truncation; record this shard again (mode='overwrite')")
+            else:
+                kept_rows += batch.num_rows
+        if cut is None:
+            return 0
+        dropped = self._rows - kept_rows
+        f.truncate(cut)
+        self._unseal()
+        self._crc, self._size, self._rows = zlib.crc32(memoryview(buf[:cut])), cut, kept_rows
+        return dropped
 
     def _restart(self) -> None:
         self._unseal()
