@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ._util import one_line
@@ -219,13 +220,45 @@ def _demo(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def describe_os_error(e: OSError) -> str:
-    """One line for an I/O error: what failed, on which file."""
+#: how libraries that wrap the OS error say the disk is full (safetensors' SafetensorError
+#: "No space left on device (os error 28)", torch.save's "file write failed")
+_WRITE_FAILURES = ("no space left on device", "os error 28", "disk quota exceeded",
+                   "file write failed")
+
+
+def storage_failure(e: BaseException) -> Optional[BaseException]:
+    """The I/O failure behind ``e``, or None: an `OSError`, or a library's exception that
+    wraps one (found in its message or its cause chain)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or any(m in str(e).lower() for m in _WRITE_FAILURES):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe_os_error(e: BaseException, directory: Optional[str] = None) -> str:
+    """One line for an I/O error: what failed, on which file, and the free space left
+    in ``directory`` (the run directory) when it is known."""
     import errno
-    where = f" writing {e.filename}" if e.filename else ""
-    if e.errno == errno.ENOSPC:
-        return f"no space left on the device{where}"
-    return f"I/O error{where}: {e.strerror or one_line(e)}"
+    import shutil
+    filename = getattr(e, "filename", None)
+    where = f" writing {filename}" if filename else (f" writing into {directory}"
+                                                     if directory else "")
+    text = str(e).lower()
+    if getattr(e, "errno", None) == errno.ENOSPC or any(m in text for m in _WRITE_FAILURES):
+        free = ""
+        try:
+            if directory:
+                probe = Path(directory)
+                while not probe.exists() and probe != probe.parent:
+                    probe = probe.parent
+                free = f" ({shutil.disk_usage(probe).free / 2**20:.1f} MiB free there)"
+        except OSError:
+            pass
+        return f"no space left on the device{where}{free}"
+    return f"I/O error{where}: {getattr(e, 'strerror', None) or one_line(e)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -255,16 +288,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"t3s: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk or another I/O error while writing the run
-        if debug:
-            raise
-        print(f"t3s: error: {describe_os_error(e)}; free space or fix the file system, then "
-              "run the same command again to resume (--debug shows the traceback)",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("t3s: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk or another I/O error while writing the run
+        failure = storage_failure(e)
+        if debug or failure is None:
+            raise
+        directory = getattr(args, "run_dir", None) or getattr(args, "out", None)
+        print(f"t3s: error: {describe_os_error(failure, directory)}; free space or fix the "
+              "file system, then run the same command again to resume (--debug shows the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,10 @@ machine the kernels run natively unless TRITON_INTERPRET=1 is set by hand.
 """
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +66,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `python -m t3s demo --quick` for the whole test run, its output captured (not
+    a terminal), as a log redirected to a file is: (directory, exit status, seconds, the
+    output). Tests may rerun stages in it but must not change its settings."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "t3s", "demo", "--quick", "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
+                          timeout=1200)
+    return out, proc.returncode, time.perf_counter() - t, proc.stdout.decode("utf-8", "replace")

@@ -410,6 +410,54 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(assets, tmp_path, 
     assert (run_dir / "pilot" / "stage.json").is_file()
 
 
+def test_a_real_full_disk_is_one_line_and_the_rerun_resumes(assets, finished, tmp_path):
+    """The run directory on a 400 KiB tmpfs (a mount namespace of its own: `unshare`):
+    the disk fills while the pilot saves a checkpoint (safetensors raises its own error
+    type there, not OSError). One `t3s: error:` line, exit 1; with the tmpfs grown, the
+    same command continues from the last checkpoint and ends with the results of a run
+    that never failed."""
+    import shutil as sh
+    if sh.which("unshare") is None:
+        pytest.skip("needs util-linux `unshare` to mount a private tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs "
+                            f"{tmp_path}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here "
+                    f"({probe.stderr.decode().strip()}); the injected-ENOSPC tests cover it")
+    mnt, run_dir, keep = tmp_path / "mnt", tmp_path / "mnt" / "run", tmp_path / "kept"
+    mnt.mkdir()
+    t3s_cmd = f"{sys.executable} -m t3s"
+    # one thread, as the in-process `finished` run used: the sums then add in the same order
+    args = " ".join(f"'{a}'" for a in [*settings(assets), "--run-dir", str(run_dir),
+                                       "--threads", "1"])
+    script = f"""set -u
+mount -t tmpfs -o size=400k tmpfs {mnt}
+{t3s_cmd} run {args} > {tmp_path}/out1.txt 2> {tmp_path}/err1.txt; echo $? > {tmp_path}/rc1
+ls -A {run_dir} > {tmp_path}/left.txt
+mount -o remount,size=64m {mnt}
+{t3s_cmd} run --run-dir {run_dir} --no-progress --threads 1 > {tmp_path}/out2.txt 2>&1; echo $? > {tmp_path}/rc2
+cp -r {run_dir} {keep}
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, env=env, timeout=900)
+    read = lambda name: (tmp_path / name).read_text()  # noqa: E731
+    err = read("err1.txt").strip().splitlines()
+    assert read("rc1").strip() == "1", read("err1.txt")[-3000:]
+    assert len(err) == 1 and err[0].startswith("t3s: error: no space left on the device "), err
+    assert "MiB free there" in err[0] and "run the same command again" in err[0]
+    assert "pilot" not in read("left.txt").split()       # nothing half-done was committed
+    assert read("rc2").strip() == "0", read("out2.txt")[-3000:]
+    assert "[pilot] continuing from its last checkpoint, checkpoint-2" in read("out2.txt")
+    assert not list(keep.rglob("*.tmp-*"))
+    for f in ("pilot/final/model.safetensors", "train/model/model.safetensors"):
+        assert (keep / f).read_bytes() == (finished / f).read_bytes(), f
+    m_keep = json.loads((keep / "report" / "metrics.json").read_text())
+    m_fin = json.loads((finished / "report" / "metrics.json").read_text())
+    for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "bottleneck_step",
+                "masked_fraction", "mask_agreement"):
+        assert m_keep[key] == m_fin[key], key
+
+
 @pytest.mark.parametrize("damage", ["delete", "flip"])
 def test_a_damaged_trajectory_stops_the_selection(finished, tmp_path, capsys, damage):
     """A deleted or bit-flipped pilot shard: `--redo select` refuses in one line (it used to

@@ -2,11 +2,8 @@
 
 import io
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -27,17 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK_BUDGET_S = 180  # the budget for --quick on 2 CPU cores: reported, never asserted
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """`python -m t3s demo --quick` with its output captured (not a terminal), as a log
-    redirected to a file is: (directory, exit status, seconds, the output)."""
-    out = tmp_path_factory.mktemp("demo") / "quick"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "t3s", "demo", "--quick", "--out", str(out)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                          timeout=1200)
-    return out, proc.returncode, time.perf_counter() - t, proc.stdout.decode("utf-8", "replace")
+@pytest.fixture
+def quick_run(quick_demo):
+    """The session's `t3s demo --quick` (tests/conftest.py)."""
+    return quick_demo
 
 
 def test_quick_demo_log_has_no_progress_bars(quick_run):
