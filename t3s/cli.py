@@ -275,6 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if debug:
         logging.basicConfig(level=logging.INFO)
     try:
+        commands.check_single_process(args.command)
         if args.command == "demo":
             return _demo(args)
         return _run_command(args)

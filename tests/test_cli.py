@@ -458,6 +458,24 @@ cp -r {run_dir} {keep}
         assert m_keep[key] == m_fin[key], key
 
 
+def test_a_launcher_is_refused_on_every_rank_before_anything_is_touched(tmp_path):
+    """`torchrun --nproc_per_node 2 -m t3s run`: both ranks exit at once with one line
+    (before, the second was refused the lock and the first waited for it forever)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run_dir = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "t3s", "run",
+         "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("t3s: error:")]
+    assert len(lines) == 2 and "WORLD_SIZE=2" in lines[0] and "torchrun" in lines[0], \
+        proc.stderr[-3000:]
+    assert not run_dir.exists()
+    print(f"refused in {time.perf_counter() - t0:.1f} s")
+
+
 @pytest.mark.parametrize("damage", ["delete", "flip"])
 def test_a_damaged_trajectory_stops_the_selection(finished, tmp_path, capsys, damage):
     """A deleted or bit-flipped pilot shard: `--redo select` refuses in one line (it used to

@@ -29,7 +29,24 @@ from .settings import (
 )
 from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
 
-__all__ = ["resolve_config", "redo_list", "check_inputs", "run_command"]
+__all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process", "run_command"]
+
+
+def check_single_process(command: str) -> None:
+    """Refuse to start under a multi-process launcher (torchrun, accelerate launch).
+
+    The command drives one run directory from one process; under a launcher every
+    rank would run it, the second would be refused the directory's lock, and the
+    first would then wait forever for it in the Trainer's collectives. UsageError
+    before anything is touched."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise UsageError(
+            f"`t3s {command}` runs in one process, but it was started by a launcher with "
+            f"WORLD_SIZE={world} (torchrun / accelerate launch); the pipeline does not run "
+            f"across processes yet: run `t3s {command}` directly, or train under your own "
+            "launcher with t3s.trainer.T3STrainer, which records one trajectory shard per "
+            "rank (see the README's multi-process notes)")
 
 
 def resolve_config(flags: Mapping[str, Any], *, config_file: Optional[str] = None,
