@@ -42,7 +42,8 @@ from .generate import REMASKING, check_schedule, diffusion_generate
 from .loss import (FORCED_WEIGHTS, DiffusionLoss, diffusion_sft_loss, diffusion_token_weights,
                    masked_diffusion_loss)
 from .masking import DEFAULT_EPS, Corruption, corrupt, sample_noise_levels
-from .models import MaskedLMAdapter, load_llada, load_masked_lm, resolve_mask_token_id
+from .models import (MaskedLMAdapter, load_diffusion_lm, load_llada, load_masked_lm,
+                     resolve_mask_token_id)
 from .selector import (DEFAULT_TAU, forced_artifact, forced_fraction_of, forced_masks,
                        random_forced_masks)
 from .trainer import METRICS, DiffusionAccuracyCallback, DiffusionCollator, DiffusionTrainer
@@ -51,7 +52,7 @@ __all__ = [
     "DEFAULT_EPS", "DEFAULT_TAU", "FORCED_WEIGHTS", "REMASKING", "METRICS",
     "Corruption", "sample_noise_levels", "corrupt",
     "diffusion_token_weights", "masked_diffusion_loss", "DiffusionLoss", "diffusion_sft_loss",
-    "MaskedLMAdapter", "load_masked_lm", "load_llada", "resolve_mask_token_id",
+    "MaskedLMAdapter", "load_masked_lm", "load_llada", "load_diffusion_lm", "resolve_mask_token_id",
     "forced_artifact", "forced_masks", "random_forced_masks", "forced_fraction_of",
     "check_schedule", "diffusion_generate", "diffusion_accuracy", "prompt_tokens",
     "DiffusionCollator", "DiffusionTrainer", "DiffusionAccuracyCallback",

@@ -41,7 +41,7 @@ import torch
 
 from ..hf.heads import LMHead, last_hidden_state, lm_head
 
-__all__ = ["MaskedLMAdapter", "load_masked_lm", "load_llada", "resolve_mask_token_id"]
+__all__ = ["MaskedLMAdapter", "load_masked_lm", "load_llada", "load_diffusion_lm", "resolve_mask_token_id"]
 
 
 def resolve_mask_token_id(model, tokenizer=None, mask_token_id: Optional[int] = None) -> int:
@@ -203,3 +203,15 @@ def load_llada(path: Union[str, os.PathLike], *, trust_remote_code: bool = False
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
     return MaskedLMAdapter(model, tokenizer=tok, mask_token_id=mask_token_id, verify=verify), tok
+
+
+def load_diffusion_lm(path: Union[str, os.PathLike], *, trust_remote_code: bool = False,
+                      dtype: torch.dtype = torch.float32, mask_token_id: Optional[int] = None,
+                      verify: bool = True):
+    """(`MaskedLMAdapter`, tokenizer) of a local diffusion LM: `load_llada` when its
+    config registers its own classes (``auto_map``), else `load_masked_lm`."""
+    path = _check_local_dir(path, trust_remote_code)
+    auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    load = load_llada if auto_map else load_masked_lm
+    return load(path, trust_remote_code=trust_remote_code, dtype=dtype, mask_token_id=mask_token_id,
+                verify=verify)
