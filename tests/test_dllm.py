@@ -441,3 +441,23 @@ def test_trainer_trains_with_the_forced_set_and_logs_its_fraction(tmp_path):
     with pytest.raises(ValueError, match="forced_weight"):
         dllm.DiffusionTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                               forced_weight="x")
+
+
+def test_collator_eos_padding_is_response_and_forced_stays_on_real_tokens():
+    tok = diffusion_tokenizer()
+    data = t3s.TraceDataset.from_records(t3s.read_traces(arithmetic_records(3)), tok)
+    exs = list(data)
+    forced = {int(ex["example_id"]): (torch.as_tensor(ex["labels"]) != -100) for ex in exs}
+    plain = dllm.DiffusionCollator(tok.pad_token_id, forced_masks=forced)([exs[0], exs[1]])
+    assert bool((plain["forced"] == plain["response"]).all())
+    assert not bool(plain["response"][plain["attention_mask"] == 0].any())
+    out = dllm.DiffusionCollator(tok.pad_token_id, forced_masks=forced, eos_token_id=tok.eos_token_id,
+                                 min_length=40)(exs)
+    assert out["input_ids"].shape[1] == 40 and bool((out["attention_mask"] == 1).all())
+    for i, ex in enumerate(exs):
+        n = len(ex["input_ids"])
+        assert bool((out["input_ids"][i, n:] == tok.eos_token_id).all())
+        assert bool(out["response"][i, n:].all()) and not bool(out["forced"][i, n:].any())
+        assert bool((out["labels"][i, n:] == tok.eos_token_id).all())
+    with pytest.raises(ValueError, match="eos_token_id"):
+        dllm.DiffusionCollator(0, min_length=10)

@@ -67,14 +67,26 @@ def test_diffusion_run_end_to_end_and_resume(assets, tmp_path, capsys):
     assert set(results["arms"]) == {"base", "t3s", "baseline"}
     assert results["objective"] == "diffusion" and results["generation"]["gen_length"] == 8
     metrics = json.loads((run_dir / "report" / rundir.METRICS_FILE).read_text())
+    assert list(metrics)[:5] == ["base_acc", "sft_acc", "t3s_acc", "baseline_acc", "forced_fraction"]
     for k in ("base_acc", "t3s_acc", "baseline_acc"):
-        assert metrics[k] is not None and 0.0 <= metrics[k] <= 1.0
+        assert metrics[k] == results["arms"][k[:-4]]["accuracy"]
+    assert metrics["sft_acc"] is None          # no --sft-model given
+    assert metrics["forced_fraction"] == pytest.approx(train["forced_fraction"])
+    assert (run_dir / "report" / rundir.SHOCK_FIGURE).read_bytes()[:4] == b"\x89PNG"
+    assert "T3S for a diffusion LM" in (run_dir / "report" / rundir.REPORT_FILE).read_text()
     assert (run_dir / "train" / rundir.MODEL_DIR / "model.safetensors").is_file()
     # resuming does nothing; eval alone can be run again on the same directory
     assert main(["run", *flags(assets, run_dir)]) == 0
     assert "diffusion SFT" not in capsys.readouterr().out
     assert main(["eval", *flags(assets, run_dir), "--redo", "eval"]) == 0
     assert "diffusion t3s" in capsys.readouterr().out
+    # a plain diffusion-SFT model scored as arm 'sft' (here: the T3S model, for speed)
+    sft = str(run_dir / "train" / rundir.MODEL_DIR)
+    assert main(["run", *flags(assets, run_dir, **{"--sft-model": sft}), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusion sft" in out and "diffusion SFT" not in out   # only eval and report reran
+    metrics = json.loads((run_dir / "report" / rundir.METRICS_FILE).read_text())
+    assert metrics["sft_acc"] == metrics["t3s_acc"]
 
 
 def test_diffusion_settings_errors(assets, tmp_path, capsys):

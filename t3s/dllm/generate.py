@@ -81,6 +81,7 @@ def _generate_group(adapter, prompts: torch.Tensor, *, gen_length: int, steps_pe
                 return x[:, P:], used
             masked = x == mask_id
             logits = adapter.logits(x, attention)
+            logits[..., mask_id] = -float("inf")          # a prediction is never the mask itself
             used += 1
             if temperature > 0:
                 u = torch.rand(logits.shape, generator=generator, device="cpu").to(device)

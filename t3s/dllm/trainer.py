@@ -50,10 +50,21 @@ class DiffusionCollator:
     pad_token_id: the padding id (padding is never masked: it is not response).
     forced_masks: example_id -> forced [L] bool aligned with ``labels``
     (`t3s.dllm.forced_masks`); every example of a batch needs one when given.
+    eos_token_id: when given, each row is padded to the batch's length with this
+    token instead, attended to and part of the response (maskable and in the
+    loss), as in LLaDA's SFT: the model learns to fill the positions after its
+    answer with EOS, which is what generation asks of it (a fixed number of masked
+    positions after the prompt). ``min_length``: pad every batch to at least
+    this many positions (e.g. the longest prompt plus the generation length).
     """
 
-    def __init__(self, pad_token_id: int, *, forced_masks: Optional[Mapping[int, Any]] = None):
+    def __init__(self, pad_token_id: int, *, forced_masks: Optional[Mapping[int, Any]] = None,
+                 eos_token_id: Optional[int] = None, min_length: Optional[int] = None):
+        if min_length is not None and eos_token_id is None:
+            raise ValueError("min_length pads with eos_token_id; pass it too")
         self.forced_masks = forced_masks
+        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.min_length = None if min_length is None else int(min_length)
         self.padded = PaddedCollator(pad_token_id, loss_masks=forced_masks,
                                      fold_mask_into_labels=False)
 
@@ -68,6 +79,18 @@ class DiffusionCollator:
         mask = out.pop("loss_mask", None)
         out["forced"] = (torch.zeros_like(out["response"]) if mask is None
                          else mask.to(torch.bool) & out["response"])
+        if self.eos_token_id is not None:
+            if self.min_length is not None and out["input_ids"].shape[1] < self.min_length:
+                extra = self.min_length - out["input_ids"].shape[1]
+                for key in ("input_ids", "attention_mask", "labels", "response", "forced"):
+                    x = out[key]
+                    out[key] = torch.cat([x, x.new_zeros((x.shape[0], extra))], 1)
+            pad = out["attention_mask"] == 0
+            out["input_ids"] = torch.where(pad, torch.full_like(out["input_ids"], self.eos_token_id),
+                                           out["input_ids"])
+            out["labels"] = torch.where(pad, out["input_ids"], out["labels"])
+            out["response"] = out["response"] | pad
+            out["attention_mask"] = torch.ones_like(out["attention_mask"])
         return out
 
 

@@ -15,12 +15,18 @@ train      masked-diffusion SFT of ``diffusion_model`` from its θ0
 baseline   the same with a random forced set of the same size
            (``baseline: random``, drawn with the run's seed) or plain
            diffusion SFT (``baseline: sft``)
-eval       accuracy of the diffusion θ0 (``base``) and of the trained
-           diffusion models (``t3s``, ``baseline``) by iterative unmasking
+eval       accuracy of the diffusion θ0 (``base``), of ``sft_model`` when
+           given (``sft``: a plain diffusion-SFT model, e.g. from a run with
+           ``rule: none``) and of the trained diffusion models (``t3s``,
+           ``baseline``) by iterative unmasking
            (`t3s.dllm.diffusion_accuracy`: ``block_length``,
            ``diffusion_steps``, answers up to ``max_new_tokens`` rounded up to
            a whole block) with the run's verifier; the AR pilot is not scored
 =========  ==============================================================
+
+Rows are padded with EOS, which is part of the response (maskable, in the
+loss), as in LLaDA's SFT, so the model learns to end its answer inside the
+fixed number of generated positions.
 
 The selector's artifact is checked against the diffusion model's tokenizer
 (its fingerprint must match) and training data; a mismatch stops the stage
@@ -42,16 +48,18 @@ from .rundir import write_json
 from .settings import UsageError
 from .training import finals, progress_bar, save_log, training_args
 
-__all__ = ["DIFFUSION_KEYS", "is_diffusion", "load_diffusion", "diffusion_train_stage",
+__all__ = ["DIFFUSION_KEYS", "DIFFUSION_EVAL_KEYS", "is_diffusion", "load_diffusion", "diffusion_train_stage",
            "diffusion_eval_stage", "DIFFUSION_ARMS"]
 
 #: settings the diffusion stages depend on (besides the AR stages' own)
 DIFFUSION_KEYS = ("objective", "diffusion_model", "forced_weight", "mask_token_id",
                   "block_length", "diffusion_steps")
+#: settings only the eval stage depends on
+DIFFUSION_EVAL_KEYS = DIFFUSION_KEYS + ("sft_model",)
 
-#: arm -> (stage, directory inside the stage); None: the diffusion θ0
-DIFFUSION_ARMS = (("base", None, None), ("t3s", "train", rundir.MODEL_DIR),
-                  ("baseline", "baseline", rundir.MODEL_DIR))
+#: arm -> (stage, directory inside the stage); None: a model named by a setting
+DIFFUSION_ARMS = (("base", None, "diffusion_model"), ("sft", None, "sft_model"),
+                  ("t3s", "train", rundir.MODEL_DIR), ("baseline", "baseline", rundir.MODEL_DIR))
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -135,7 +143,8 @@ def diffusion_train_stage(ctx: StageContext, arm: str) -> Dict[str, Any]:
         trainer = DiffusionTrainer(
             model=adapter.model, processing_class=tok, train_dataset=train, callbacks=[callback],
             args=training_args(cfg, work, remove_unused_columns=False),
-            data_collator=DiffusionCollator(tok.pad_token_id, forced_masks=forced),
+            data_collator=DiffusionCollator(tok.pad_token_id, forced_masks=forced,
+                                            eos_token_id=tok.eos_token_id),
             mask_token_id=adapter.mask_token_id, forced_weight=cfg["forced_weight"], verify=False)
     except ValueError as e:
         raise UsageError(f"[{arm}] {one_line(e)}") from None
@@ -165,7 +174,9 @@ def diffusion_eval_stage(ctx: StageContext, sets) -> Dict[str, Any]:
     by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
     for arm, stage, sub in DIFFUSION_ARMS:
         if stage is None:
-            path = cfg["diffusion_model"]
+            path = cfg[sub]
+            if path is None:
+                continue
         elif ctx.dir(stage) is not None:
             path = str(ctx.dir(stage) / sub)
         else:

@@ -145,6 +145,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("diffusion_model", "path", None,
            "θ0 of the diffusion LM: a local bidirectional masked-LM directory sharing the "
            "selector's tokenizer (objective: diffusion)", metavar="DIR"),
+    Option("sft_model", "path", None,
+           "a plain diffusion-SFT model `t3s eval` scores as arm 'sft' (objective diffusion; "
+           "e.g. train/model of a run with rule none)", metavar="DIR"),
     Option("forced_weight", "choice", "inv_t",
            "loss weight of forced tokens: inv_t (1/t like every masked token) or unit (1)",
            choices=("inv_t", "unit")),
@@ -164,7 +167,8 @@ OPTIONS: Tuple[Option, ...] = (
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
-PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model")
+PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
+             "sft_model")
 
 
 def canonical_rule(name: Optional[str], what: str = "rule") -> Optional[str]:

@@ -46,7 +46,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .._util import one_line
 from . import rundir
 from .console import show_progress
-from .diffusion import DIFFUSION_KEYS, diffusion_eval_stage, diffusion_train_stage, is_diffusion
+from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
+                        diffusion_train_stage, is_diffusion)
+from .diffusion_report import diffusion_report
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -390,6 +392,10 @@ def _stage_report(ctx: StageContext) -> Dict[str, Any]:
     if not any(dirs.values()):
         raise UsageError(f"nothing to report in {ctx.run.path}: no stage has finished; run "
                          "`t3s run` (or `t3s pilot`) first")
+    if is_diffusion(ctx.cfg):
+        metrics = diffusion_report(ctx.work, dirs, ctx.cfg)
+        ctx.say(f"[report] {ctx.run.stage_dir('report') / rundir.REPORT_FILE}")
+        return {"metrics": metrics}
     metrics = build_report(ctx.run.path, out_dir=ctx.work, stage_dirs=dirs, config=ctx.cfg)
     ctx.say(f"[report] {ctx.run.stage_dir('report') / rundir.REPORT_FILE}")
     return {"metrics": metrics}
@@ -417,7 +423,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed")
-          + DIFFUSION_KEYS,
+          + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline"),
           help="accuracy on a JSONL test set with the verifier"),
     Stage("report", _stage_report, (), lambda cfg: (),
