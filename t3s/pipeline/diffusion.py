@@ -37,6 +37,7 @@ models (``eval_steps``, ``eval_subset``), with diffusion generation.
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any, Dict, Mapping, Optional
 
 from .._util import one_line
@@ -46,7 +47,8 @@ from .engine import StageContext
 from .loaders import check_model_dir, load_data, resolve_device
 from .rundir import write_json
 from .settings import UsageError
-from .training import finals, progress_bar, save_log, training_args
+from .training import (checkpoint_args, checkpoint_step_of, checkpoints, continue_from, finals,
+                       progress_bar, save_log, training_args)
 
 __all__ = ["DIFFUSION_KEYS", "DIFFUSION_EVAL_KEYS", "is_diffusion", "load_diffusion", "diffusion_train_stage",
            "diffusion_eval_stage", "DIFFUSION_ARMS"]
@@ -131,6 +133,7 @@ def diffusion_train_stage(ctx: StageContext, arm: str) -> Dict[str, Any]:
     fraction = 0.0 if forced is None else forced_fraction_of(forced, train)
     ctx.say(f"[{arm}] diffusion SFT of {cfg['diffusion_model']} from θ0 with {what}: "
             f"{100 * fraction:.1f}% of trace tokens forced (forced weight {cfg['forced_weight']})")
+    resume_from = continue_from(work, ctx.resume, ctx.say, arm)
     subset = cfg["eval_subset"] or None
     gen = _gen(cfg)
     callback = DiffusionAccuracyCallback(
@@ -142,23 +145,27 @@ def diffusion_train_stage(ctx: StageContext, arm: str) -> Dict[str, Any]:
     try:
         trainer = DiffusionTrainer(
             model=adapter.model, processing_class=tok, train_dataset=train, callbacks=[callback],
-            args=training_args(cfg, work, remove_unused_columns=False),
+            args=training_args(cfg, work, remove_unused_columns=False,
+                               **checkpoint_args(cfg, pilot=False)),
             data_collator=DiffusionCollator(tok.pad_token_id, forced_masks=forced,
                                             eos_token_id=tok.eos_token_id),
             mask_token_id=adapter.mask_token_id, forced_weight=cfg["forced_weight"], verify=False)
     except ValueError as e:
         raise UsageError(f"[{arm}] {one_line(e)}") from None
     progress_bar(trainer, cfg, arm)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     save_log(trainer, work)
     trainer.save_model(str(work / rundir.MODEL_DIR))
     tok.save_pretrained(str(work / rundir.MODEL_DIR))
+    for path in checkpoints(work).values():  # only for resuming; the model is in model/
+        shutil.rmtree(path)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     logged = [h["t3s/forced_fraction"] for h in trainer.state.log_history if "t3s/forced_fraction" in h]
     return {"objective": "diffusion", "rule": cfg["rule"] if arm == "train" else cfg["baseline"],
             "forced_fraction": fraction,
             "logged_forced_fraction": sum(logged) / len(logged) if logged else None,
             "forced_weight": cfg["forced_weight"], "final_step": int(trainer.state.global_step),
+            "resumed_from_step": checkpoint_step_of(resume_from),
             **finals(history)}
 
 
