@@ -55,3 +55,13 @@ def test_quick_diffusion_demo_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--diffusion", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_the_demo_says_how_to_build_a_missing_student(tmp_path, monkeypatch, capsys):
+    from t3s.cli import main
+    from t3s.demo import diffusion
+    monkeypatch.setattr(diffusion, "dlm_exists", lambda *a, **k: False)
+    assert main(["demo", "--diffusion", "--quick", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "build_demo_diffusion_base.py" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()

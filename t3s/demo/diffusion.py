@@ -3,8 +3,10 @@
 `main` writes the demo's data (`t3s.demo.write_data`: the teacher's traces and
 the held-out sets) into ``DIR/data/`` and runs two run directories:
 
-1. ``DIR/plain/``: plain diffusion SFT of the shipped diffusion student
-   (`t3s.demo.dlm`, ``t3s/demo/assets/diffusion_base``) on the traces, the
+1. ``DIR/plain/``: plain diffusion SFT of the diffusion student
+   (`t3s.demo.dlm`, ``t3s/demo/assets/diffusion_base``, built once by
+   ``scripts/build_demo_diffusion_base.py``; without it the demo stops and says
+   so) on the traces, the
    ``train`` stage with ``objective: diffusion, rule: none``;
 2. ``DIR/``: the whole pipeline with ``objective: diffusion``: the pilot SFT and
    the selection on the shipped AR student (the selector; it shares the
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import DATA_SIZES, QUICK_DATA_SIZES, demo_settings, write_data
-from .dlm import DLM_BLOCK_LENGTH, DLM_DIR
+from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
 
 __all__ = ["main", "DIFFUSION_OVERRIDES", "PLAIN_DIR"]
 
@@ -69,6 +71,10 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
             p.name not in ours and not p.name.startswith(DEMO_STAGING_PREFIX) for p in out_path.iterdir()):
         raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another --out")
     redo = redo_list("run", redo)
+    if "diffusion_model" not in overrides and not dlm_exists():
+        raise RunDirError(f"the diffusion demo's student is not built ({DLM_DIR} has no model); "
+                          "build it once with `python scripts/build_demo_diffusion_base.py` "
+                          "(1500 training steps on the CPU), or pass diffusion_model=")
     out_path.mkdir(parents=True, exist_ok=True)
     with run.locked():
         if overwrite and (run.is_run_dir() or plain.is_run_dir()):

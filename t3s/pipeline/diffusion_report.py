@@ -119,8 +119,8 @@ def _markdown(m: Mapping[str, Any], figures: List[str]) -> str:
     n = m.get("n_test") or {}
     lines = ["# T3S for a diffusion LM", "",
              "An autoregressive selector (`--model`) ran the pilot SFT and the selection; its "
-             f"forced set S = {{Δc < −{tau:g}}} ({_fmt(None if ff is None else 100 * ff)}% of the "
-             "trace tokens) is masked in every training step of the diffusion LM "
+             f"forced set S = {{Δc < −{tau:g}}} ({'n/a' if ff is None else f'{100 * ff:.1f}%'} of "
+             "the trace tokens) is masked in every training step of the diffusion LM "
              "(`--diffusion-model`), on top of the random corruption, and reconstructed. "
              f"Forced tokens are weighted `{m.get('forced_weight')}`.", "",
              "| arm | what | accuracy | n |", "|---|---|---:|---:|"]
@@ -130,8 +130,11 @@ def _markdown(m: Mapping[str, Any], figures: List[str]) -> str:
     for arm in ("base", "sft", "t3s", "baseline"):
         if m.get(f"{arm}_acc") is not None:
             lines.append(f"| {arm} | {what[arm]} | {m[f'{arm}_acc']:.3f} | {n.get(arm)} |")
+    g = m.get("generation") or {}
     lines += ["", f"Accuracy on the `{m.get('accuracy_set')}` set by iterative unmasking "
-              f"({m.get('generation')}), answers checked by the run's verifier."]
+              f"({g.get('gen_length')} positions, blocks of {g.get('block_length')}, "
+              f"{g.get('steps')} steps, low-confidence remasking), answers checked by the run's "
+              "verifier."]
     t3s, sft, rnd, base = (m.get(k) for k in ("t3s_acc", "sft_acc", "baseline_acc", "base_acc"))
     for other, name in ((sft, "plain diffusion SFT"), (rnd, "the random forced set"),
                         (base, "θ0")):
