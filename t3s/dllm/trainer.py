@@ -38,8 +38,9 @@ __all__ = ["DiffusionCollator", "DiffusionTrainer", "DiffusionAccuracyCallback",
 
 #: what `DiffusionTrainer.log` adds to the training logs
 METRICS = {
-    "t3s/forced_fraction": "forced tokens / response tokens since the previous log",
-    "t3s/masked_fraction": "masked tokens (random ∪ forced) / response tokens since the previous log",
+    "t3s/forced_fraction": "forced tokens / maskable tokens (response, EOS padding included) "
+                           "since the previous log",
+    "t3s/masked_fraction": "masked tokens (random ∪ forced) / maskable tokens since the previous log",
     "t3s/mean_t": "mean noise level t of the sequences since the previous log",
 }
 
