@@ -17,14 +17,13 @@ It lives in `DLM_DIR` (``t3s/demo/assets/diffusion_base/``), built by
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Union
 
-import os
-
 import torch
 
-from .model import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer
+from .model import BOS_ID, EOS_ID, PAD_ID, VOCAB
 
 __all__ = ["MASK_ID", "DLM_CONFIG", "DLM_DIR", "DLM_BLOCK_LENGTH", "build_dlm", "load_dlm",
            "dlm_exists", "load_dlm_build_info"]
@@ -73,7 +72,3 @@ def load_dlm_build_info(path: Union[str, os.PathLike] = DLM_DIR) -> Dict[str, An
     f = Path(path) / "build_info.json"
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
-
-def tokenizer():
-    """The AR demo's tokenizer (shared by the diffusion student)."""
-    return build_tokenizer()
