@@ -137,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in CPU demo (no download)",
                           description="Reproduce imitation shock and T3S on a synthetic task.")
     demo.add_argument("--quick", action="store_true", help="the short variant (for tests)")
+    demo.add_argument("--diffusion", action="store_true",
+                      help="T3S for a diffusion LM: the AR student selects, a bidirectional "
+                           "student trains (plain SFT, T3S forced set, random set of its size)")
     demo.add_argument("--out", default=None, metavar="DIR",
-                      help="output directory (runs/demo; runs/demo-quick with --quick)")
+                      help="output directory (runs/demo; runs/demo-quick with --quick; "
+                           "runs/demo-diffusion[-quick] with --diffusion)")
     demo.add_argument("--seed", type=int, default=None, metavar="N",
                       help="seed of the traces, held-out problems and data order (default 0; "
                            "the base student is the same)")
@@ -204,6 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
         import t3s.demo as demo
     except ImportError as e:
         raise UsageError(f"the demo cannot be imported: {e}") from None
+    if args.diffusion:
+        from t3s.demo import diffusion as demo
     fn = getattr(demo, "main", None)
     if not callable(fn):
         raise UsageError("this installation's t3s.demo has no main(); the demo is not available "

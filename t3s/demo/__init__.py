@@ -30,6 +30,8 @@ Modules:
   config, the shipped base θ0 (built by ``scripts/build_demo_base.py``) and
   fast batched greedy generation.
 * `t3s.demo.evaluate`: greedy accuracy on problem lists (used by the base build).
+* `t3s.demo.dlm`, `t3s.demo.diffusion`: ``t3s demo --diffusion``, T3S for a
+  bidirectional (masked-diffusion) student with the AR student as selector.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .console import quiet_libraries, show_progress
+from .diffusion import is_diffusion
 from .engine import run_stages, stage_status
 from .loaders import check_jsonl, check_model_dir
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
@@ -119,9 +120,13 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
     for key, stages in uses.items():
         if cfg[key] is not None and any(s in stages for s in pending):
             check_jsonl(cfg[key], key)
-    if cfg["rule"] == "forced" and ("train" in pending or command == "run"):
+    if is_diffusion(cfg):   # the forced set trains the diffusion model
+        if any(s in ("train", "baseline", "eval") for s in pending):
+            check_model_dir(cfg["diffusion_model"], trust_remote_code=cfg["trust_remote_code"],
+                            what="diffusion_model")
+    elif cfg["rule"] == "forced" and ("train" in pending or command == "run"):
         raise UsageError(FORCED_MSG)
-    if cfg["baseline"] == "random" and cfg["rule"] == "forced" and not any(
+    if not is_diffusion(cfg) and cfg["baseline"] == "random" and cfg["rule"] == "forced" and not any(
             k in cfg["baseline_params"] for k in ("keep_fraction", "budget", "like")):
         raise UsageError("baseline 'random' keeps as many tokens as the rule by default, but "
                          "rule 'forced' is not a loss mask; pass --baseline-param "

@@ -137,6 +137,25 @@ OPTIONS: Tuple[Option, ...] = (
            "baseline rule retrained for comparison ('random' keeps the rule's budget; 'none')"),
     Option("baseline_params", "params", None, "a baseline parameter, KEY=VALUE (repeatable)",
            metavar="KEY=VALUE"),
+    # diffusion LMs (`t3s.pipeline.diffusion`): `model` is then the AR selector
+    Option("objective", "choice", "ar",
+           "what train / baseline / eval train and score: ar (the model itself) or diffusion "
+           "(--diffusion-model with the masked-diffusion loss; the pilot and selection run "
+           "on --model, the AR selector)", choices=("ar", "diffusion")),
+    Option("diffusion_model", "path", None,
+           "θ0 of the diffusion LM: a local bidirectional masked-LM directory sharing the "
+           "selector's tokenizer (objective: diffusion)", metavar="DIR"),
+    Option("sft_model", "path", None,
+           "a plain diffusion-SFT model `t3s eval` scores as arm 'sft' (objective diffusion; "
+           "e.g. train/model of a run with rule none)", metavar="DIR"),
+    Option("forced_weight", "choice", "inv_t",
+           "loss weight of forced tokens: inv_t (1/t like every masked token) or unit (1)",
+           choices=("inv_t", "unit")),
+    Option("mask_token_id", "int", None,
+           "the diffusion model's mask token (default: its tokenizer's, else its config's)"),
+    Option("block_length", "int", 32, "diffusion generation: block length (semi-autoregressive)"),
+    Option("diffusion_steps", "int", None,
+           "diffusion generation: unmasking steps (default: one per generated position)"),
     # the directory
     Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
     # None: on when stderr is a terminal (`t3s.pipeline.console.show_progress`); it is
@@ -148,7 +167,8 @@ OPTIONS: Tuple[Option, ...] = (
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
-PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test")
+PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
+             "sft_model")
 
 
 def canonical_rule(name: Optional[str], what: str = "rule") -> Optional[str]:
@@ -280,9 +300,30 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
     if cfg["baseline"] == "forced":
         raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
                          "loss mask; choose a loss-mask rule")
+    _check_diffusion(cfg, where)
     cfg["rule_params"] = dict(cfg["rule_params"] or {})
     cfg["baseline_params"] = dict(cfg["baseline_params"] or {})
     return cfg
+
+
+def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
+    """The settings of ``objective: diffusion`` (`t3s.pipeline.diffusion`)."""
+    if cfg["block_length"] < 1:
+        raise UsageError(f"{where}block_length must be >= 1, got {cfg['block_length']}")
+    if cfg["diffusion_steps"] is not None and cfg["diffusion_steps"] < 1:
+        raise UsageError(f"{where}diffusion_steps must be >= 1, got {cfg['diffusion_steps']}")
+    if cfg["objective"] != "diffusion":
+        return
+    if cfg["rule"] not in ("forced", "none"):
+        raise UsageError(f"{where}objective diffusion trains with rule 'forced' (T3S's forced set "
+                         f"from the AR selector) or 'none' (plain diffusion SFT), got {cfg['rule']!r}")
+    if cfg["baseline"] not in ("random", "sft", "none"):
+        raise UsageError(f"{where}objective diffusion takes baseline 'random' (a random forced set "
+                         "of the same size), 'sft' (plain diffusion SFT) or 'none', got "
+                         f"{cfg['baseline']!r}")
+    if cfg["baseline"] == "random" and cfg["rule"] != "forced":
+        raise UsageError(f"{where}baseline 'random' draws as many forced tokens as rule 'forced' "
+                         "has; set rule: forced")
 
 
 def rule_params(cfg: Mapping[str, Any], which: str = "rule",

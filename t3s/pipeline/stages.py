@@ -46,6 +46,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .._util import one_line
 from . import rundir
 from .console import show_progress
+from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
+                        diffusion_train_stage, is_diffusion)
+from .diffusion_report import diffusion_report
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -239,7 +242,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     ctx.say(f"[select] rule {rule}: {summary.n_masked} of {summary.n_tokens} trace tokens "
             f"{'forced' if art.mask_column == 'forced' else 'left out of the loss'} "
             f"({100 * (summary.fraction_masked or 0):.1f}%)")
-    if cfg["baseline"] != "none":
+    if cfg["baseline"] != "none" and not is_diffusion(cfg):  # diffusion: drawn by its stage
         bparams = rule_params(cfg, "baseline", budget=kept)
         try:
             base_art = art.reapply(cfg["baseline"], **bparams)
@@ -295,6 +298,8 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
 
 def _stage_train(ctx: StageContext) -> Dict[str, Any]:
     """Retraining from θ0 with the selection artifact's loss masks."""
+    if is_diffusion(ctx.cfg):
+        return diffusion_train_stage(ctx, "train")
     if ctx.cfg["rule"] == "forced":
         raise UsageError(FORCED_MSG)
     return _retrain(ctx, None if ctx.cfg["rule"] == "none" else rundir.SELECTION_FILE, "train")
@@ -302,6 +307,8 @@ def _stage_train(ctx: StageContext) -> Dict[str, Any]:
 
 def _stage_baseline(ctx: StageContext) -> Dict[str, Any]:
     """Retraining from θ0 with the baseline's loss masks."""
+    if is_diffusion(ctx.cfg):
+        return diffusion_train_stage(ctx, "baseline")
     return _retrain(ctx, rundir.BASELINE_FILE, "baseline")
 
 
@@ -338,6 +345,8 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
         out = {"skipped": "no test set", "arms": {}}
         write_json(work / rundir.RESULTS_FILE, out)
         return out
+    if is_diffusion(cfg):
+        return diffusion_eval_stage(ctx, sets)
     tok = load_tokenizer(cfg)
     data = {key: load_data(cfg, key, tok) for key, _ in sets}
     device = resolve_device(cfg)
@@ -383,6 +392,10 @@ def _stage_report(ctx: StageContext) -> Dict[str, Any]:
     if not any(dirs.values()):
         raise UsageError(f"nothing to report in {ctx.run.path}: no stage has finished; run "
                          "`t3s run` (or `t3s pilot`) first")
+    if is_diffusion(ctx.cfg):
+        metrics = diffusion_report(ctx.work, dirs, ctx.cfg)
+        ctx.say(f"[report] {ctx.run.stage_dir('report') / rundir.REPORT_FILE}")
+        return {"metrics": metrics}
     metrics = build_report(ctx.run.path, out_dir=ctx.work, stage_dirs=dirs, config=ctx.cfg)
     ctx.say(f"[report] {ctx.run.stage_dir('report') / rundir.REPORT_FILE}")
     return {"metrics": metrics}
@@ -397,18 +410,20 @@ STAGES: Tuple[Stage, ...] = (
           help="SFT from θ0 with trajectory recording and training-accuracy evaluation",
           resumable=True),
     Stage("select", _stage_select,
-          ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params"),
+          ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params",
+           "objective"),
           lambda cfg: ("pilot",),
           help="bottleneck, Δc and the mask artifact"),
-    Stage("train", _stage_train, _DATA + _TRAINING + ("rule",),
+    Stage("train", _stage_train, _DATA + _TRAINING + ("rule",) + DIFFUSION_KEYS,
           lambda cfg: () if cfg["rule"] == "none" else ("select",),
           help="masked retraining from θ0 with the artifact's masks", resumable=True),
-    Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",),
+    Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",) + DIFFUSION_KEYS,
           lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
           help="retraining from θ0 with the baseline's masks", resumable=True),
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
-                                "verifier", "dtype", "max_length", "truncation", "seed"),
+                                "verifier", "dtype", "max_length", "truncation", "seed")
+          + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline"),
           help="accuracy on a JSONL test set with the verifier"),
     Stage("report", _stage_report, (), lambda cfg: (),

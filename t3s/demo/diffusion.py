@@ -1,0 +1,136 @@
+"""``t3s demo --diffusion``: T3S for a diffusion LM on the demo task, with the AR student as selector.
+
+`main` writes the demo's data (`t3s.demo.write_data`: the teacher's traces and
+the held-out sets) into ``DIR/data/`` and runs two run directories:
+
+1. ``DIR/plain/``: plain diffusion SFT of the diffusion student
+   (`t3s.demo.dlm`, ``t3s/demo/assets/diffusion_base``, built once by
+   ``scripts/build_demo_diffusion_base.py``; without it the demo stops and says
+   so) on the traces, the
+   ``train`` stage with ``objective: diffusion, rule: none``;
+2. ``DIR/``: the whole pipeline with ``objective: diffusion``: the pilot SFT and
+   the selection on the shipped AR student (the selector; it shares the
+   diffusion student's tokenizer), the forced set S = {Δc < −0.2}, T3S
+   diffusion SFT with it (``train``), a random forced set of the same size
+   (``baseline``), evaluation of the diffusion θ0, plain SFT (from 1.), T3S and
+   the random set by iterative unmasking, and the report
+   (``DIR/report/``: ``report.md``, ``metrics.json`` with ``base_acc``,
+   ``sft_acc``, ``t3s_acc``, ``baseline_acc``, ``forced_fraction``, and
+   ``shock.png``).
+
+Both resume like ``t3s run``; ``--overwrite`` starts afresh, ``--redo STAGE``
+runs a stage of the main directory again (``train`` and ``all`` also redo the
+plain arm).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from . import DATA_SIZES, QUICK_DATA_SIZES, demo_settings, write_data
+from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
+
+__all__ = ["main", "DIFFUSION_OVERRIDES", "PLAIN_DIR"]
+
+#: the settings of the diffusion demo on top of the AR demo's
+DIFFUSION_OVERRIDES: Dict[str, Any] = {
+    "objective": "diffusion", "diffusion_model": str(DLM_DIR), "rule": "forced",
+    "baseline": "random", "block_length": DLM_BLOCK_LENGTH, "agreement": False,
+}
+#: the plain diffusion-SFT run, inside the demo directory
+PLAIN_DIR = "plain"
+
+
+def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str], None] = print,
+         redo: Sequence[str] = (), overwrite: bool = False, **overrides) -> Dict[str, Any]:
+    """Run the diffusion demo into ``out`` (default ``runs/demo-diffusion``, with ``quick``
+    ``runs/demo-diffusion-quick``); returns the report's metrics. ``overrides``: data
+    sizes and `t3s run` settings, as for `t3s.demo.main`."""
+    from ..pipeline.commands import redo_list
+    from ..pipeline.console import quiet_libraries, show_progress
+    from ..pipeline.diffusion_report import DIFFUSION_METRIC_KEYS
+    from ..pipeline.engine import run_stages
+    from ..pipeline.rundir import (DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, METRICS_FILE,
+                                   MODEL_DIR, REPORT_FILE, RunDir, RunDirError, read_json)
+    from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
+    from ..pipeline.stages import STAGE_NAMES, STAGES
+    t0 = time.perf_counter()
+    out_path = Path(out if out is not None else
+                    ("runs/demo-diffusion-quick" if quick else "runs/demo-diffusion"))
+    out_path = out_path.expanduser().resolve()
+    sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
+    sizes.update({k: overrides.pop(k) for k in list(sizes) if k in overrides})
+    run, plain = RunDir(out_path), RunDir(out_path / PLAIN_DIR)
+    ours = (DEMO_DATA_DIR, LOCK_FILE, PLAIN_DIR)
+    if out_path.exists() and not run.is_run_dir() and any(
+            p.name not in ours and not p.name.startswith(DEMO_STAGING_PREFIX) for p in out_path.iterdir()):
+        raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another --out")
+    redo = redo_list("run", redo)
+    if "diffusion_model" not in overrides and not dlm_exists():
+        raise RunDirError(f"the diffusion demo's student is not built ({DLM_DIR} has no model); "
+                          "build it once with `python scripts/build_demo_diffusion_base.py` "
+                          "(1500 training steps on the CPU), or pass diffusion_model=")
+    out_path.mkdir(parents=True, exist_ok=True)
+    with run.locked():
+        if overwrite and (run.is_run_dir() or plain.is_run_dir()):
+            say(f"t3s demo --diffusion: starting {out_path} afresh (--overwrite)")
+            run.wipe()
+        staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
+        try:
+            staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
+            data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
+            values = demo_settings(quick, out_path, data, **{**DIFFUSION_OVERRIDES, **overrides})
+            sft_model = str(plain.path / "train" / MODEL_DIR)
+            cfg = normalize_config({**values, "sft_model": sft_model})
+            plain_cfg = normalize_config({**values, "rule": "none", "baseline": "none",
+                                          "run_dir": str(plain.path)})
+            fps = {r: {key: fingerprint_path(staged.get(key, c[key])) for key in PATH_KEYS}
+                   for r, c in (("main", cfg), ("plain", plain_cfg))}
+            for r, c, name in ((run, cfg, "main"), (plain, plain_cfg, "plain")):
+                diff = r.config_diff(c, fps[name]) if r.is_run_dir() else []
+                if diff:
+                    raise RunDirError(f"{r.path} holds a demo run with other settings "
+                                      f"({'; '.join(diff)}); pass --overwrite to start it afresh, "
+                                      "or choose another --out")
+            (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
+            for key, path in staged.items():
+                os.replace(path, data[key])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        say(f"t3s demo --diffusion{' --quick' if quick else ''}: {out_path} (selector θ0: "
+            f"{cfg['model']}; diffusion θ0: {cfg['diffusion_model']})")
+        quiet_libraries(show_progress(cfg["progress"]), False)
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg["threads"])
+        try:
+            outcome: Dict[str, str] = {}
+            plain_redo = ["train"] if ("train" in redo) else []
+            with plain.locked():
+                plain.write_config(plain_cfg, fps["plain"])
+                say("[plain] the plain diffusion-SFT arm, in " + str(plain.path))
+                done = run_stages(plain, plain_cfg, fps["plain"], ["train"], redo=plain_redo, say=say,
+                                  stages=STAGES)
+                outcome.update({f"plain {k}": v for k, v in done.items()})
+            # the plain model exists now: its fingerprint joins the main run's identity
+            fps["main"]["sft_model"] = fingerprint_path(sft_model)
+            run.write_config(cfg, fps["main"])
+            outcome.update(run_stages(run, cfg, fps["main"], list(STAGE_NAMES), redo=redo, say=say,
+                                      stages=STAGES))
+        finally:
+            torch.set_num_threads(threads)
+    metrics = read_json(run.stage_dir("report") / METRICS_FILE)
+    say("t3s: " + ", ".join(f"{k} {'n/a' if metrics.get(k) is None else format(metrics[k], '.3f')}"
+                            for k in DIFFUSION_METRIC_KEYS))
+    say(f"t3s: report in {run.stage_dir('report') / REPORT_FILE}")
+    ran = [s for s, v in outcome.items() if v == "ran"]
+    say(f"t3s demo --diffusion: {'ran ' + ', '.join(ran) if ran else 'nothing to do'} in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return metrics
+
+
