@@ -39,12 +39,17 @@ namespace {
 
 using at::Tensor;
 
-// exp(x) in float, vectorisable (Cody-Waite reduction, Cephes polynomial; ~1 ulp).
-// NaN stays NaN; the argument is clamped to the finite range of the result.
+// exp(x) in float, vectorisable (Cody-Waite reduction, Cephes polynomial; ~1 ulp). The
+// rounding to an integer adds 1.5 * 2^23, as std::floor would not vectorise. NaN stays
+// NaN; the argument is clamped to the finite range of the result.
 static inline float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float magic = 12582912.0f;
+  const float kf = x * 1.44269504088896341f + magic;
+  uint32_t kb;
+  std::memcpy(&kb, &kf, sizeof(kb));
+  const float fx = kf - magic;
   float r = x - fx * 0.693359375f;
   r = r + fx * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -54,8 +59,7 @@ static inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fx);
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  const uint32_t bits = (kb - 0x4B400000u + 127u) << 23;  // 2^n, n the low bits of kf
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
