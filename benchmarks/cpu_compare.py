@@ -6,7 +6,9 @@
 Each implementation runs in its own subprocess (so that its peak RSS is its own), on
 the same inputs (seed 0), with a warm-up call first (the C++ build, allocator). Then:
 
-- time: the fastest of ``--reps`` calls (min is the least disturbed by other processes);
+- time: the fastest of ``--reps`` calls (min is the least disturbed by other processes),
+  wall clock and CPU time of the process (all threads; the steadier of the two when other
+  processes share the cores, though it also counts OpenMP threads spinning at barriers);
 - extra peak memory: peak RSS during one call minus RSS before it (the kernel's high-water
   mark is reset through /proc/self/clear_refs), outputs (gradients) included. glibc's
   mmap threshold is pinned so that freed buffers go back to the system between calls.
@@ -170,18 +172,19 @@ def measure(task: str, impl: str, args) -> dict:
         return {"task": task, "impl": impl, "skipped": result}
     run()  # warm-up: compilation, first-touch of the allocator
     value = result()
-    times, peaks = [], []
+    times, cpu_times, peaks = [], [], []
     for _ in range(args.reps):
         clear()
         gc.collect()
         reset = _reset_peak()
         before = _rss_kib("VmRSS")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         peaks.append((_rss_kib("VmHWM") - before) / 1024 if reset else float("nan"))
-    return {"task": task, "impl": impl, "seconds": min(times), "extra_mib": min(peaks),
-            "value": value}
+    return {"task": task, "impl": impl, "seconds": min(times), "cpu_seconds": min(cpu_times),
+            "extra_mib": min(peaks), "value": value}
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,18 +215,21 @@ def cpu_model() -> str:
 
 
 def table(rows, dtype: str) -> str:
-    lines = [f"| task | implementation ({dtype}) | seconds | time / eager | extra peak MiB | "
-             "memory / eager | result |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| task | implementation ({dtype}) | seconds | time / eager | CPU seconds | "
+             "CPU time / eager | extra peak MiB | memory / eager | result |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = {r["task"]: r for r in rows if r["impl"] == "torch_eager" and "seconds" in r}
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['task']} | {r['impl']} | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['task']} | {r['impl']} | - | - | - | - | - | - | {r['skipped']} |")
             continue
         b = base.get(r["task"])
         t_ratio = r["seconds"] / b["seconds"] if b else float("nan")
+        c_ratio = r["cpu_seconds"] / b["cpu_seconds"] if b else float("nan")
         m_ratio = r["extra_mib"] / b["extra_mib"] if b and b["extra_mib"] else float("nan")
         lines.append(f"| {r['task']} | {r['impl']} | {r['seconds']:.3f} | {t_ratio:.2f} | "
-                     f"{r['extra_mib']:.0f} | {m_ratio:.2f} | {r['value']:.5g} |")
+                     f"{r['cpu_seconds']:.2f} | {c_ratio:.2f} | {r['extra_mib']:.0f} | "
+                     f"{m_ratio:.2f} | {r['value']:.5g} |")
     return "\n".join(lines)
 
 

@@ -257,19 +257,36 @@ struct GradOutputs {
   Tensor grad_hidden;  // [N, H] in hidden's dtype, or undefined
   Tensor grad_weight;  // [V, H] accumulator (float32 or the weight's dtype), or undefined
   Tensor grad_bias;    // [V] float32 accumulator, or undefined
+  // The bfloat16 weight when the inputs are bfloat16: the two backward products then run
+  // in bf16 (G rounded to it, as the Triton kernels do; the CPU's bf16 instructions),
+  // each tile's product summed in float32. Undefined: float32 products.
+  Tensor weight_lp;
 };
 
-// The backward GEMMs of one gradient tile G [rows, width] (columns v0 ...).
-static void grad_gemms(const Tensor& G, int64_t v0, const Tensor& h_blk, const Tensor& h_blk_acc,
+// The backward GEMMs of one gradient tile G [rows, width] (columns v0 ...). h32 / h_in:
+// the row block in float32 / in hidden's dtype.
+static void grad_gemms(const Tensor& G, int64_t v0, const Tensor& h32, const Tensor& h_in,
                        const Tensor& weight, GradOutputs& out, Tensor* dh_part) {
   const int64_t width = G.size(1);
-  if (dh_part != nullptr) dh_part->addmm_(G, weight.narrow(0, v0, width));
-  if (out.grad_weight.defined()) {
-    Tensor dw = out.grad_weight.narrow(0, v0, width);
-    if (dw.scalar_type() == at::kFloat) {
-      dw.addmm_(G.t(), h_blk);
-    } else {  // accum_dtype = the weight's dtype: products and sums in that dtype
-      dw.addmm_(G.t().to(dw.scalar_type()), h_blk_acc);
+  Tensor dw = out.grad_weight.defined() ? out.grad_weight.narrow(0, v0, width) : Tensor();
+  if (out.weight_lp.defined()) {
+    const Tensor g = G.to(out.weight_lp.scalar_type());
+    if (dh_part != nullptr) dh_part->add_(at::mm(g, out.weight_lp.narrow(0, v0, width)));
+    if (dw.defined()) {
+      if (dw.scalar_type() == at::kFloat) {
+        dw.add_(at::mm(g.t(), h_in));
+      } else {  // accum_dtype = the weight's dtype: sums in that dtype too
+        dw.addmm_(g.t(), h_in);
+      }
+    }
+  } else {
+    if (dh_part != nullptr) dh_part->addmm_(G, weight.narrow(0, v0, width));
+    if (dw.defined()) {
+      if (dw.scalar_type() == at::kFloat) {
+        dw.addmm_(G.t(), h32);
+      } else {  // accum_dtype = the weight's dtype: products and sums in that dtype
+        dw.addmm_(G.t().to(dw.scalar_type()), h_in);
+      }
     }
   }
   if (out.grad_bias.defined()) out.grad_bias.narrow(0, v0, width).add_(G.sum(0));
@@ -285,13 +302,11 @@ static Blocks blocks_for(int64_t V, int64_t block_rows, int64_t block_vocab) {
   return {block_rows, bv, (V + bv - 1) / bv};
 }
 
-// Gather rows r0 .. r0+n of the kept rows: (float32 copy, copy in the accumulation dtype).
+// Gather rows r0 .. r0+n of the kept rows: (float32 copy, copy in hidden's dtype).
 static std::pair<Tensor, Tensor> gather_rows(const Tensor& hidden, const Tensor& rows, int64_t r0,
-                                             int64_t n, at::ScalarType acc_type) {
-  Tensor h = hidden.index_select(0, rows.narrow(0, r0, n));
-  Tensor h32 = h.to(at::kFloat).contiguous();
-  Tensor hacc = acc_type == at::kFloat ? h32 : h.to(acc_type).contiguous();
-  return {h32, hacc};
+                                             int64_t n) {
+  Tensor h = hidden.index_select(0, rows.narrow(0, r0, n)).contiguous();
+  return {h.to(at::kFloat).contiguous(), h};
 }
 
 static void check_common(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -330,7 +345,7 @@ std::vector<Tensor> lce_forward(const Tensor& hidden, const Tensor& weight,
   const int64_t* tgt_all = targets.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
-    Tensor h_blk = gather_rows(hidden, rows, r0, n, at::kFloat).first;
+    Tensor h_blk = gather_rows(hidden, rows, r0, n).first;
     Partials P(b.chunks, n, want_entropy, want_argmax);
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       Tensor tile = at::empty({n * b.vocab}, f);
@@ -366,7 +381,8 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
                                   c10::optional<double> softcap, double label_smoothing,
                                   double z_loss, double filter_eps, c10::optional<Tensor> grad_hidden,
                                   c10::optional<Tensor> grad_weight, c10::optional<Tensor> grad_bias,
-                                  int64_t block_rows, int64_t block_vocab) {
+                                  c10::optional<Tensor> weight_lp, int64_t block_rows,
+                                  int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && gcoef.scalar_type() == at::kFloat &&
                   lse.is_contiguous() && gcoef.is_contiguous(),
@@ -375,9 +391,7 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
   const LossParams p = params(V, softcap, label_smoothing, z_loss, filter_eps);
   const Blocks b = blocks_for(V, block_rows, block_vocab);
   GradOutputs out{grad_hidden.value_or(Tensor()), grad_weight.value_or(Tensor()),
-                  grad_bias.value_or(Tensor())};
-  const at::ScalarType acc_type =
-      out.grad_weight.defined() ? out.grad_weight.scalar_type() : at::kFloat;
+                  grad_bias.value_or(Tensor()), weight_lp.value_or(Tensor())};
   auto f = at::TensorOptions().dtype(at::kFloat);
   const int nthreads = at::get_num_threads();
   Tensor parts = out.grad_hidden.defined() ? at::empty({nthreads, std::min(b.rows, M), H}, f) : Tensor();
@@ -385,7 +399,7 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
   int64_t tiles = 0;
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
-    auto hh = gather_rows(hidden, rows, r0, n, acc_type);
+    auto hh = gather_rows(hidden, rows, r0, n);
     if (parts.defined()) parts.zero_();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       Tensor tile = at::empty({n * b.vocab}, f);
@@ -417,7 +431,8 @@ std::vector<Tensor> lce_forward_backward(
     const Tensor& rows, const Tensor& targets, const Tensor& gcoef, c10::optional<double> softcap,
     double label_smoothing, double z_loss, double filter_eps, bool want_entropy, bool want_argmax,
     c10::optional<Tensor> grad_hidden, c10::optional<Tensor> grad_weight,
-    c10::optional<Tensor> grad_bias, int64_t block_rows, int64_t block_vocab) {
+    c10::optional<Tensor> grad_bias, c10::optional<Tensor> weight_lp, int64_t block_rows,
+    int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(gcoef.scalar_type() == at::kFloat && gcoef.is_contiguous(),
               "grad_scale must be contiguous float32 [M]");
@@ -425,9 +440,7 @@ std::vector<Tensor> lce_forward_backward(
   const LossParams p = params(V, softcap, label_smoothing, z_loss, filter_eps);
   const Blocks b = blocks_for(V, block_rows, block_vocab);
   GradOutputs out{grad_hidden.value_or(Tensor()), grad_weight.value_or(Tensor()),
-                  grad_bias.value_or(Tensor())};
-  const at::ScalarType acc_type =
-      out.grad_weight.defined() ? out.grad_weight.scalar_type() : at::kFloat;
+                  grad_bias.value_or(Tensor()), weight_lp.value_or(Tensor())};
   auto f = at::TensorOptions().dtype(at::kFloat);
   const int64_t bm = std::min(b.rows, M);
   const int nthreads = at::get_num_threads();
@@ -446,7 +459,7 @@ std::vector<Tensor> lce_forward_backward(
   };
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
-    auto hh = gather_rows(hidden, rows, r0, n, acc_type);
+    auto hh = gather_rows(hidden, rows, r0, n);
     Partials P(b.chunks, n, want_entropy, want_argmax);
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {

@@ -10,10 +10,12 @@ loaded silently. Without a compiler or ninja, or when the build fails, the
 backend reports why through `unavailable_reason`, and dispatch falls back to
 the reference with one warning.
 
-Each kernel works on tiles of (kept rows x vocabulary chunk) with float32
-products (a low-precision weight is upcast once, as in the reference), merges
-the chunks with an online log-sum-exp and never holds more than one
-``[block_rows, V]`` slab of logits. `loss_forward_backward` computes the
+Each kernel works on tiles of (kept rows x vocabulary chunk), merges the
+chunks with an online log-sum-exp and never holds more than one
+``[block_rows, V]`` slab of logits. The logits are float32 products (a
+low-precision weight is upcast once, as in the reference); with bfloat16
+inputs the two backward products run in bf16 (G rounded to bf16, as in the
+Triton kernels), summed in float32. `loss_forward_backward` computes the
 gradients in the forward pass (three GEMMs, no recompute); `loss_backward`
 recomputes the logits from the saved lse (the deferred backward).
 """
@@ -176,6 +178,11 @@ def _grad_buffers(hidden, weight, bias, rows, opts, need):
     return grad_h, grad_w, grad_b
 
 
+def _weight_lp(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bfloat16 weight for the backward products in bf16 (None: float32 products)."""
+    return weight.detach().contiguous() if weight.dtype == torch.bfloat16 else None
+
+
 def _finish_grads(grads, weight, bias):
     grad_h, grad_w, grad_b = grads
     if grad_w is not None:
@@ -227,7 +234,7 @@ class CppBackend(Backend):
         self.last_tiles = tuple(load_extension().lce_backward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets, lse.float().contiguous(),
             grad_loss.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss, eps,
-            *grads, bm, bv))
+            *grads, _weight_lp(weight), bm, bv))
         return _finish_grads(grads, weight, bias)
 
     def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
@@ -245,7 +252,7 @@ class CppBackend(Backend):
         *stats, counts = load_extension().lce_forward_backward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets,
             grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
-            eps, want_stats, want_stats, *grads, bm, bv)
+            eps, want_stats, want_stats, *grads, _weight_lp(weight), bm, bv)
         self.last_tiles = tuple(counts.tolist())
         losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
         return losses, _finish_grads(grads, weight, bias)
