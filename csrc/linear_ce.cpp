@@ -2,7 +2,9 @@
 //
 // Every product is an ATen GEMM (at::mm_out / addmm_) on one tile, so the BLAS
 // library does the arithmetic; the loops here do the elementwise work of a tile
-// (softcap, exp, row statistics, the logit gradient) in one pass over it.
+// (softcap, exp, row statistics, the logit gradient) in one pass over it. Logits are
+// float32 products; with bfloat16 inputs the two backward products run in bf16
+// (oneDNN's bf16 instructions where the CPU has them), each summed in float32.
 //
 // Layout. The kept rows are processed in blocks of `block_rows`; inside a block,
 // at::parallel_for splits the vocabulary into chunks of `block_vocab` columns,
