@@ -18,7 +18,9 @@ pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (ex
 from benchmarks import cpu_compare  # noqa: E402  (after the importorskip)
 
 CASE = dict(n=1024, h=256, v=8192, mask_frac=0.5, threads=torch.get_num_threads())
-SANITY_TOL = 1e-3
+# Relative; loose on purpose: torch's chunked bf16 loss is 0.5% off eager's. A sign or
+# row mix-up in a wrapper is off by whole units.
+SANITY_TOL = 2e-2
 OPS = [(task, impl, dtype) for dtype in ("fp32", "bf16") for task in cpu_compare.IMPLS
        for impl in cpu_compare.IMPLS[task] if impl != "three_gemms"]
 

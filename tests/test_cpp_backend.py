@@ -307,10 +307,12 @@ def test_failed_build_falls_back_with_one_warning(fresh_load_state):
     token = os.urandom(4).hex()  # a message not yet warned about in this process
 
     def failing_build():
-        raise RuntimeError(f"Error building extension ({token})\ncompiler output ...")
+        raise RuntimeError(f"Error building extension ({token})\n[1/2] c++ ...\n"
+                           "linear_ce.cpp:7:1: error: boom\nninja: build stopped")
 
     assert cpp.load_extension(loader=failing_build) is None
-    assert cpp.load_problem() == f"building the C++ extension failed: Error building extension ({token})"
+    assert cpp.load_problem() == (f"building the C++ extension failed: Error building extension "
+                                  f"({token}) (linear_ce.cpp:7:1: error: boom)")
     hidden, weight, targets, _ = make_case(N, H, V, torch.float32, CPU)
     with pytest.warns(UserWarning, match=f"not using the 'cpp' backend .*{token}") as record:
         loss = linear_cross_entropy(hidden, weight, targets)

@@ -77,7 +77,10 @@ def cache_dir() -> str:
 
 def toolchain_problem() -> Optional[str]:
     """Why the extension cannot be built here (None: a compiler and ninja are present)."""
-    from torch.utils import cpp_extension
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # it needs setuptools
+        return f"torch.utils.cpp_extension cannot be imported ({exc})"
 
     try:  # the `ninja` pip package ships the binary outside PATH when its bin is not on it
         import ninja
@@ -123,13 +126,16 @@ def load_extension(loader=None):
     process; ``loader`` replaces the build (tests)."""
     if not _STATE["tried"]:
         _STATE["tried"] = True
-        problem = toolchain_problem() if loader is None else None
-        if problem is None:
-            try:
+        try:
+            problem = toolchain_problem() if loader is None else None
+            if problem is None:
                 _STATE["module"] = (loader or _compile)()
-            except Exception as exc:  # a failed build must not break the package
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                problem = f"building the C++ extension failed: {first}"
+        except Exception as exc:  # a failed build (or an unwritable cache) must not break
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            # The first line, and the compiler's first error when the output holds one.
+            detail = next((ln.strip() for ln in lines[1:] if "error:" in ln), None)
+            problem = (f"building the C++ extension failed: {lines[0]}"
+                       + (f" ({detail})" if detail else ""))
         _STATE["problem"] = problem
     return _STATE["module"]
 
