@@ -150,14 +150,16 @@ def reset_extension() -> None:
     _STATE.update(module=None, problem=None, tried=False)
 
 
-def _blocks(M: int, V: int, buffer_bytes: int, slab: bool) -> Tuple[int, int]:
-    """(block_rows, block_vocab): a slab of block_rows x V float32 logits (fused pass), or
-    one block_rows x block_vocab tile per thread, takes at most half of buffer_bytes."""
+def _blocks(M: int, weight: torch.Tensor, buffer_bytes: int, slab: bool) -> Tuple[int, int]:
+    """(block_rows, block_vocab): a slab of block_rows x V float32 logits (fused pass) or
+    one block_rows x block_vocab tile per thread, and the threads' float32 [block_rows, H]
+    grad_hidden parts, take at most half of buffer_bytes."""
     if OVERRIDES.get("cpu_block") is not None:
         rows, vocab = OVERRIDES["cpu_block"]
         return int(rows), int(vocab)
+    (V, H), threads = weight.shape, torch.get_num_threads()
     vocab = min(V, BLOCK_VOCAB)
-    per_row = 4 * (V if slab else vocab * torch.get_num_threads())
+    per_row = 4 * ((V if slab else vocab * threads) + H * threads)
     rows = max(1, min(MAX_BLOCK_ROWS, (buffer_bytes // 2) // per_row, max(M, 1)))
     return rows, vocab
 
@@ -227,7 +229,7 @@ class CppBackend(Backend):
                             f"dtype {hidden.dtype} (the 'torch' reference takes it)")
 
     def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
-        bm, bv = _blocks(rows.numel(), weight.shape[0], opts.buffer_bytes, slab=False)
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         stats = load_extension().lce_forward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets, opts.softcap, want_stats,
             want_stats, bm, bv)
@@ -235,7 +237,7 @@ class CppBackend(Backend):
 
     def loss_backward(self, hidden, weight, bias, rows, targets, lse, grad_loss, opts, need):
         grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
-        bm, bv = _blocks(rows.numel(), weight.shape[0], opts.buffer_bytes, slab=False)
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
         self.last_tiles = tuple(load_extension().lce_backward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets, lse.float().contiguous(),
@@ -253,7 +255,7 @@ class CppBackend(Backend):
             return (self.loss_forward(hidden, weight, bias, rows, targets, opts, want_stats),
                     (None, None, None))
         grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
-        bm, bv = _blocks(rows.numel(), weight.shape[0], opts.buffer_bytes, slab=True)
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=True)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
         *stats, counts = load_extension().lce_forward_backward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets,
@@ -265,7 +267,7 @@ class CppBackend(Backend):
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
                         want_argmax, buffer_bytes):
-        bm, bv = _blocks(rows.numel(), weight.shape[0], buffer_bytes, slab=False)
+        bm, bv = _blocks(rows.numel(), weight, buffer_bytes, slab=False)
         lse, tz, _, entropy, argmax = load_extension().lce_forward(
             hidden.detach(), _f32(weight), _f32(bias), rows, targets, softcap, want_entropy,
             want_argmax, bm, bv)
