@@ -12,17 +12,20 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["t3s", "t3s.*", "t3s_kernels", "t3s_kernels.*"]),
-    # The demo's base student (safetensors weights, tokenizer, config) ships with the package.
-    package_data={"t3s.demo": ["assets/base/*"]},
+    # The demo's base student (safetensors weights, tokenizer, config) ships with the package,
+    # and so do the C++ sources of the CPU kernels (`t3s_kernels/csrc` links to `csrc/`):
+    # they are compiled on first use, never at install time (no build-time torch).
+    package_data={"t3s.demo": ["assets/base/*"], "t3s_kernels": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: an installed torch (the CPU build on CPU machines, the CUDA
         # build on GPU machines) satisfies it without a new download.
         "torch>=2.4",
         "numpy",
-        # The kernels; on CPU they run under TRITON_INTERPRET=1 (tests) and the
-        # PyTorch reference is used otherwise.
+        # The kernels; on CPU they run under TRITON_INTERPRET=1 (tests), and the C++
+        # CPU kernels (built on first use with ninja and the system compiler) otherwise.
         "triton>=3.2; platform_system == 'Linux'",
+        "ninja",
         # The method: trajectory store, selection artifacts, progress bars.
         "pyarrow>=14",
         "safetensors>=0.4",

@@ -1,7 +1,8 @@
 """Test and benchmark hooks shared by the backends (not for production use).
 
 `OVERRIDES` lets tests force a block shape, a number of vocab splits or the
-backward mode ('fused' or 'dense'), and
+backward mode ('fused' or 'dense') of the Triton kernels, the (rows, vocab)
+tile of the C++ CPU kernels ('cpu_block'), and
 turn on poisoning: every output buffer a kernel must fully write is then
 allocated filled with NaN (integers: -7), so an element a kernel forgets to
 write shows up in the comparison instead of passing by luck.
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-OVERRIDES: dict = {"block": None, "splits": None, "poison": False, "backward": None}
+OVERRIDES: dict = {"block": None, "splits": None, "poison": False, "backward": None,
+                   "cpu_block": None}
 
 
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -76,7 +76,9 @@ def _run_case(backend, dtype, opts, *, n=N, h=H, v=V, lead=None, peaked=False, *
 
 # The Triton backend runs twice: the exact dense backward (G chunks + GEMMs) and the
 # fused in-kernel backward (atomics) with filtering off.
-PATHS = [("torch", None)] + ([("triton", "dense"), ("triton", "fused")] if "triton" in BACKENDS else [])
+# The C++ CPU backend runs as the public API calls it: forward, then the deferred backward.
+PATHS = ([("torch", None)] + ([("triton", "dense"), ("triton", "fused")] if "triton" in BACKENDS else [])
+         + ([("cpp", None)] if "cpp" in BACKENDS else []))
 
 
 @pytest.mark.parametrize("backend,mode", PATHS, ids=[f"{b}-{m}" if m else b for b, m in PATHS])

@@ -1,0 +1,277 @@
+"""The 'cpp' backend: the C++ CPU kernels of ``csrc/linear_ce.cpp``.
+
+The automatic choice on CPU for float16 / bfloat16 / float32 inputs (float64
+stays on the 'torch' reference). The extension is compiled on first use with
+`torch.utils.cpp_extension.load` (ninja and the system C++ compiler) into a
+cache directory shared by every process of this user:
+``$T3S_KERNELS_CACHE`` or ``~/.cache/t3s_kernels``, one subdirectory per
+source / flags / torch version. Compiling prints one line; a cached build is
+loaded silently. Without a compiler or ninja, or when the build fails, the
+backend reports why through `unavailable_reason`, and dispatch falls back to
+the reference with one warning.
+
+Each kernel works on tiles of (kept rows x vocabulary chunk), merges the
+chunks with an online log-sum-exp and never holds more than one
+``[block_rows, V]`` slab of logits. The logits are float32 products (a
+low-precision weight is upcast once, as in the reference); with bfloat16
+inputs the two backward products run in bf16 (G rounded to bf16, as in the
+Triton kernels), summed in float32. `loss_forward_backward` computes the
+gradients in the forward pass (three GEMMs, no recompute); `loss_backward`
+recomputes the logits from the saved lse (the deferred backward).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Optional, Tuple
+
+import torch
+
+from .. import reference
+from ..debug import OVERRIDES, empty
+from ..prepare import KERNEL_DTYPES, RowLosses
+from .registry import Backend, register_backend
+
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+SOURCES = ("linear_ce.cpp",)
+# -march=native: the build is local to this machine (the cache key names its CPU).
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
+# Tile shape: vocabulary columns per tile, and the cap on kept rows per block.
+BLOCK_VOCAB = 1024
+MAX_BLOCK_ROWS = 256
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    """A hash of everything the compiled module depends on."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+            h.update(f.read())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version, platform.machine(),
+                   _cpu_model())).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    root = os.environ.get("T3S_KERNELS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "t3s_kernels")
+    return os.path.join(root, f"cpp-{build_key()}")
+
+
+def toolchain_problem() -> Optional[str]:
+    """Why the extension cannot be built here (None: a compiler and ninja are present)."""
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # it needs setuptools
+        return f"torch.utils.cpp_extension cannot be imported ({exc})"
+
+    try:  # the `ninja` pip package ships the binary outside PATH when its bin is not on it
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r}) on PATH"
+    return None
+
+
+def _compile():
+    """Build (or load the cached build of) the extension module."""
+    from torch.utils import cpp_extension
+
+    build_dir = cache_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    name = "t3s_kernels_cpu_" + os.path.basename(build_dir)[4:]
+    cached = os.path.exists(os.path.join(build_dir, name + ".so"))
+    if not cached:
+        print(f"t3s_kernels: compiling the C++ CPU kernels (once; cached in {build_dir})",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    module = cpp_extension.load(
+        name=name, sources=[os.path.join(SOURCE_DIR, s) for s in SOURCES],
+        extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=build_dir,
+        verbose=False)
+    LOAD_INFO.update(compiled=not cached, seconds=time.perf_counter() - start, path=build_dir)
+    return module
+
+
+LOAD_INFO: dict = {}
+_STATE: dict = {"module": None, "problem": None, "tried": False}
+
+
+def load_extension(loader=None):
+    """The compiled module, or None with the reason in `load_problem()`. Tried once per
+    process; ``loader`` replaces the build (tests)."""
+    if not _STATE["tried"]:
+        _STATE["tried"] = True
+        try:
+            problem = toolchain_problem() if loader is None else None
+            if problem is None:
+                _STATE["module"] = (loader or _compile)()
+        except Exception as exc:  # a failed build (or an unwritable cache) must not break
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            # The first line, and the compiler's first error when the output holds one.
+            detail = next((ln.strip() for ln in lines[1:] if "error:" in ln), None)
+            problem = (f"building the C++ extension failed: {lines[0]}"
+                       + (f" ({detail})" if detail else ""))
+        _STATE["problem"] = problem
+    return _STATE["module"]
+
+
+def load_problem() -> Optional[str]:
+    load_extension()
+    return _STATE["problem"]
+
+
+def reset_extension() -> None:
+    """Forget the load attempt, so that the next use tries again (tests)."""
+    _STATE.update(module=None, problem=None, tried=False)
+
+
+def _blocks(M: int, weight: torch.Tensor, buffer_bytes: int, slab: bool) -> Tuple[int, int]:
+    """(block_rows, block_vocab): a slab of block_rows x V float32 logits (fused pass) or
+    one block_rows x block_vocab tile per thread, and the threads' float32 [block_rows, H]
+    grad_hidden parts, take at most half of buffer_bytes."""
+    if OVERRIDES.get("cpu_block") is not None:
+        rows, vocab = OVERRIDES["cpu_block"]
+        return int(rows), int(vocab)
+    (V, H), threads = weight.shape, torch.get_num_threads()
+    vocab = min(V, BLOCK_VOCAB)
+    per_row = 4 * ((V if slab else vocab * threads) + H * threads)
+    rows = max(1, min(MAX_BLOCK_ROWS, (buffer_bytes // 2) // per_row, max(M, 1)))
+    return rows, vocab
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def _grad_buffers(hidden, weight, bias, rows, opts, need):
+    """Zeroed accumulators (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] in
+    accum_dtype, grad_bias [V] float32); None where not needed."""
+    need_h, need_w, need_b = need
+    grad_h = None
+    if need_h:
+        if OVERRIDES["poison"]:  # kept rows must be written by the kernel; the rest are 0
+            grad_h = empty(*hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            dropped = torch.ones(hidden.shape[0], dtype=torch.bool)
+            dropped[rows] = False
+            grad_h[dropped] = 0
+        else:
+            grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype)
+    grad_w = torch.zeros(weight.shape, dtype=opts.accum_dtype) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32) if need_b and bias is not None else None
+    return grad_h, grad_w, grad_b
+
+
+def _weight_lp(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bfloat16 weight for the backward products in bf16 (None: float32 products)."""
+    return weight.detach().contiguous() if weight.dtype == torch.bfloat16 else None
+
+
+def _finish_grads(grads, weight, bias):
+    grad_h, grad_w, grad_b = grads
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
+def _row_losses(stats, targets, V, opts, want_stats) -> RowLosses:
+    lse, tz, sz, entropy, argmax = stats
+    loss = reference.per_token_loss(lse, tz, sz, V, opts.label_smoothing, opts.z_loss)
+    if not want_stats:
+        none = lse.new_empty(0)
+        return RowLosses(loss, lse, none, none, torch.empty(0, dtype=torch.bool))
+    return RowLosses(loss, lse, tz - lse, entropy, argmax == targets)
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    priority = 5
+    auto_devices = ("cpu",)
+
+    def __init__(self):
+        # (tiles skipped by filter_eps, gradient tiles) of the last backward.
+        self.last_tiles: Tuple[int, int] = (0, 0)
+
+    def unavailable_reason(self):
+        return load_problem()  # compiles on first use
+
+    def check_inputs(self, hidden):
+        if hidden.device.type != "cpu":
+            raise ValueError(f"the C++ kernels run on CPU tensors, not {hidden.device.type}")
+        if hidden.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"the C++ kernels take float16, bfloat16 and float32 inputs, not "
+                            f"dtype {hidden.dtype} (the 'torch' reference takes it)")
+
+    def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
+        stats = load_extension().lce_forward(
+            hidden.detach(), _f32(weight), _f32(bias), rows, targets, opts.softcap, want_stats,
+            want_stats, bm, bv)
+        return _row_losses(stats, targets, weight.shape[0], opts, want_stats)
+
+    def loss_backward(self, hidden, weight, bias, rows, targets, lse, grad_loss, opts, need):
+        grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
+        eps = -1.0 if opts.filter_eps is None else opts.filter_eps
+        self.last_tiles = tuple(load_extension().lce_backward(
+            hidden.detach(), _f32(weight), _f32(bias), rows, targets, lse.float().contiguous(),
+            grad_loss.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss, eps,
+            *grads, _weight_lp(weight), bm, bv))
+        return _finish_grads(grads, weight, bias)
+
+    def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
+                              want_stats, need):
+        """The forward on the M kept rows and, in the same pass, the gradients of
+        sum_m grad_scale[m] * loss[m] (grad_scale [M]): (`RowLosses`, (grad_hidden [N, H],
+        grad_weight [V, H], grad_bias [V])), None where ``need`` is False."""
+        need = (need[0], need[1], need[2] and bias is not None)
+        if not any(need):
+            return (self.loss_forward(hidden, weight, bias, rows, targets, opts, want_stats),
+                    (None, None, None))
+        grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
+        bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=True)
+        eps = -1.0 if opts.filter_eps is None else opts.filter_eps
+        *stats, counts = load_extension().lce_forward_backward(
+            hidden.detach(), _f32(weight), _f32(bias), rows, targets,
+            grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
+            eps, want_stats, want_stats, *grads, _weight_lp(weight), bm, bv)
+        self.last_tiles = tuple(counts.tolist())
+        losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
+        return losses, _finish_grads(grads, weight, bias)
+
+    def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
+                        want_argmax, buffer_bytes):
+        bm, bv = _blocks(rows.numel(), weight, buffer_bytes, slab=False)
+        lse, tz, _, entropy, argmax = load_extension().lce_forward(
+            hidden.detach(), _f32(weight), _f32(bias), rows, targets, softcap, want_entropy,
+            want_argmax, bm, bv)
+        return tz - lse, entropy if want_entropy else None, argmax if want_argmax else None
+
+
+register_backend(CppBackend())
