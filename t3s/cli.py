@@ -2,6 +2,7 @@
 
     t3s run    --model DIR --train traces.jsonl --heldout heldout.jsonl [--run-dir DIR] [...]
     t3s pilot | select | train | baseline | eval | report   [same options]
+    t3s analyze RUN_DIR [--analysis-param KEY=VALUE ...]    (the diagnostics, then the report)
     t3s demo   [--quick] [--out DIR] [--seed N] [--redo STAGE] [--overwrite] [--no-progress]
 
 ``t3s run`` runs the stages of `t3s.pipeline.stages` (pilot, select, train,
@@ -100,7 +101,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
             g.add_argument(o.flag, action=argparse.BooleanOptionalAction,
                            help=o.help + default, **kw)
         elif o.kind == "params":
-            flag = "--rule-param" if o.name == "rule_params" else "--baseline-param"
+            flag = o.flag[:-1]   # --rule-param, --baseline-param, --analysis-param
             g.add_argument(flag, action="append", type=_params_arg, metavar=o.metavar,
                            help=o.help, **kw)
         else:
@@ -123,16 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     helps = {s.name: s.help for s in STAGES}
     sub_help = {
-        "run": "all stages: pilot, select, train, baseline, eval, report (resumable)",
+        "run": "all stages: pilot, select, train, baseline, eval, report (resumable; "
+               "--analyze adds the analyze stage)",
         "pilot": helps["pilot"],
         "select": helps["select"] + " (any rule of t3s.selection.RULES)",
         "train": helps["train"] + " (--rule none: plain SFT)",
         "baseline": helps["baseline"],
         "eval": helps["eval"],
+        "analyze": helps["analyze"] + "; then the report",
         "report": helps["report"],
     }
     for name, text in sub_help.items():
         p = sub.add_parser(name, help=text, description=text)
+        if name == "analyze":   # `t3s analyze RUN_DIR` (or --run-dir)
+            p.add_argument("run_dir_arg", nargs="?", metavar="RUN_DIR",
+                           help="the run directory (the same as --run-dir)")
         _add_options(p)
     demo = sub.add_parser("demo", help="the built-in CPU demo (no download)",
                           description="Reproduce imitation shock and T3S on a synthetic task.")
@@ -179,7 +185,14 @@ def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
 def resolve_config(args: argparse.Namespace):
     """(settings, run directory, stored config or None) for parsed ``args``
     (`t3s.pipeline.commands.resolve_config`)."""
-    return commands.resolve_config(_flag_values(args), config_file=args.config,
+    flags = _flag_values(args)
+    if args.command == "analyze":
+        if getattr(args, "run_dir_arg", None):
+            if "run_dir" in flags and flags["run_dir"] != args.run_dir_arg:
+                raise UsageError("give the run directory once: RUN_DIR or --run-dir")
+            flags["run_dir"] = args.run_dir_arg
+        flags["analyze"] = True
+    return commands.resolve_config(flags, config_file=args.config,
                                    overwrite=args.overwrite)
 
 

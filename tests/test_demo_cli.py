@@ -17,7 +17,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from t3s.cli import main  # noqa: E402
 from t3s.pipeline import engine  # noqa: E402
 from t3s.pipeline.console import show_progress  # noqa: E402
-from t3s.pipeline.rundir import STAGE_NAMES  # noqa: E402
+from t3s.pipeline.rundir import ANALYSIS_FIGURES, STAGE_NAMES  # noqa: E402
 from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,16 @@ def test_quick_demo_end_to_end(quick_run):
         data = (report / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000, png
         assert f"({png})" in text
+    # the analyze stage: every key and figure, the report's section
+    analysis = json.loads((out / "analyze" / "analysis.json").read_text())
+    for key in ("grad_norm_ratio", "grad_cosine", "transfer_matrix", "static_auc", "shock"):
+        assert analysis[key], key
+    steps = sorted(int(s) for s in analysis["grad_norm_ratio"]["pilot"])
+    assert steps == list(range(0, config["steps"] + 1, config["eval_steps"]))   # kept checkpoints
+    assert set(analysis["transfer_matrix"]) == {"θ0", "θb", "T3S 25", "T3S final"}
+    assert "## Diagnostics (`t3s analyze`)" in text
+    for png in ANALYSIS_FIGURES.values():
+        assert (report / png).read_bytes().startswith(b"\x89PNG") and f"({png})" in text
 
 
 def test_quick_demo_resumes(quick_run, capsys):

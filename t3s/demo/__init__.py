@@ -12,8 +12,10 @@
    student θ0 (``t3s/demo/assets/base``, `t3s.demo.model`): the pilot SFT
    (= plain SFT), selection (bottleneck, Δc, anchor mask), T3S retraining, a
    random-mask baseline with the same token budget, evaluation on both
-   held-out sets and the report (``DIR/report/``: ``report.md``,
-   ``metrics.json``, ``shock.png``, ``delta_hist.png``, ``traces.png``).
+   held-out sets, the diagnostics (``DIR/analyze/``, `t3s.pipeline.analysis`, on every
+   evaluated checkpoint of the pilot and of T3S, which the demo keeps) and the report
+   (``DIR/report/``: ``report.md`` with the diagnostics' section, ``metrics.json``,
+   ``shock.png``, ``delta_hist.png``, ``traces.png`` and the ``analysis_*.png`` figures).
 
 ``DIR`` is an ordinary run directory: running the demo again resumes after the
 last finished stage, and ``t3s report --run-dir DIR`` etc. work on it. As with
@@ -65,6 +67,10 @@ SETTINGS: Dict[str, Any] = {
     "max_new_tokens": max_new_tokens_for(4),  # the longest teacher-style 4-term answer, plus 4
     "eval_batch_size": 256, "verifier": "math", "device": "cpu",
     "rule": "anchor", "delta": "online", "agreement": True, "baseline": "random",
+    # the diagnostics, on every evaluated checkpoint of the pilot and of T3S
+    "analyze": True, "keep_checkpoints": True,
+    "analysis_params": {"examples": 32,
+                        "transfer_at": ["theta0", "thetab", "train:25", "t3s_final"]},
 }
 #: the quick demo (for tests): fewer steps and evaluations
 QUICK_SETTINGS: Dict[str, Any] = {**SETTINGS, "steps": 60, "eval_steps": 5, "eval_subset": 32}

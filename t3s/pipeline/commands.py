@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .console import quiet_libraries, show_progress
 from .diffusion import is_diffusion
+from .analysis import analysis_settings
 from .engine import run_stages, stage_status
 from .loaders import check_jsonl, check_model_dir
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
@@ -132,6 +133,8 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
                          "rule 'forced' is not a loss mask; pass --baseline-param "
                          "keep_fraction=F (or --baseline none)")
     check_rule_params(cfg)
+    if "analyze" in pending:
+        analysis_settings(cfg)
 
 
 def _check_run_dir(run: RunDir, overwrite: bool) -> None:
@@ -152,7 +155,9 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     """Run ``command`` ("run" or a stage name) with the settings `resolve_config`
     gave; returns `run_stages`' outcome (stage -> "ran", "done before", "skipped")."""
     fps = path_fingerprints(cfg, stored)
-    targets = list(STAGE_NAMES) if command == "run" else [command]
+    # `t3s analyze` also brings the report up to date (its section comes from the analysis)
+    targets = list(STAGE_NAMES) if command == "run" else \
+        [command] + (["report"] if command == "analyze" else [])
     _check_run_dir(run, overwrite)
     if stored is not None:
         diff = run.config_diff(cfg, fps)

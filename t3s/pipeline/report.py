@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -600,6 +601,13 @@ def build_report(run_dir, *, out_dir=None,
         json.dump(metrics_out, f, indent=1)
     text = render_markdown(metrics, config=config, figures=figures, run_dir=str(run_dir),
                            writeup=demo_writeup(run_dir, config))
+    analysis_dir = dirs.get("analyze")
+    if analysis_dir is not None and (analysis_dir / rundir.ANALYSIS_SECTION).is_file():
+        # the analyze stage's section and figures, copied so the report folder stands alone
+        for fname in rundir.ANALYSIS_FIGURES.values():
+            if (analysis_dir / fname).is_file():
+                shutil.copyfile(analysis_dir / fname, out / fname)
+        text += "\n" + (analysis_dir / rundir.ANALYSIS_SECTION).read_text(encoding="utf-8")
     if notes:
         text += "\n" + "\n".join(f"_Note: {s}_" for s in notes) + "\n"
     with open(out / rundir.REPORT_FILE, "w", encoding="utf-8") as f:

@@ -10,14 +10,18 @@ the report and the demo build their paths from these constants::
       .lock                LOCK_FILE: held while a process works in the directory
       pilot/   stage.json (RECORD_FILE), trajectory/ (TRAJECTORY_DIR),
                t3s_accuracy.json (ACCURACY_FILE), log_history.json (LOG_HISTORY_FILE),
-               checkpoint-<b>/ (θb, `checkpoint_dir`), final/ (FINAL_MODEL_DIR: the SFT model)
+               checkpoint-<b>/ (θb, `checkpoint_dir`; every evaluated step with
+               ``keep_checkpoints``), final/ (FINAL_MODEL_DIR: the SFT model)
       select/  stage.json, selection.parquet (SELECTION_FILE), baseline.parquet
                (BASELINE_FILE), delta_online.parquet, delta_exact.parquet (`delta_file`),
                profile/ (PROFILE_DIR), summary.json (SUMMARY_FILE)
-      train/   stage.json, model/ (MODEL_DIR), t3s_accuracy.json, log_history.json
+      train/   stage.json, model/ (MODEL_DIR), t3s_accuracy.json, log_history.json,
+               checkpoint-<step>/ (with ``keep_checkpoints``)
       baseline/  (as train/)
       eval/    stage.json, results.json (RESULTS_FILE), <arm>.jsonl (every prediction on
                the first set), <arm>.<set>.jsonl (on the others; `predictions_file`)
+      analyze/ stage.json, analysis.json (ANALYSIS_FILE), analysis.md (ANALYSIS_SECTION: the
+               report's section), the figures of ANALYSIS_FIGURES
       report/  stage.json, report.md (REPORT_FILE), metrics.json (METRICS_FILE),
                shock.png (SHOCK_FIGURE), delta_hist.png (DELTA_FIGURE),
                traces.png (TRACES_FIGURE)
@@ -73,6 +77,9 @@ __all__ = [
     "PROFILE_DIR",
     "SUMMARY_FILE",
     "RESULTS_FILE",
+    "ANALYSIS_FILE",
+    "ANALYSIS_SECTION",
+    "ANALYSIS_FIGURES",
     "predictions_file",
     "REPORT_FILE",
     "METRICS_FILE",
@@ -90,7 +97,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: the stage directories, in pipeline order
-STAGE_NAMES = ("pilot", "select", "train", "baseline", "eval", "report")
+STAGE_NAMES = ("pilot", "select", "train", "baseline", "eval", "analyze", "report")
 
 # the run directory itself
 CONFIG_FILE = "config.json"
@@ -114,6 +121,11 @@ PROFILE_DIR = "profile"
 SUMMARY_FILE = "summary.json"
 # eval/
 RESULTS_FILE = "results.json"
+# analyze/
+ANALYSIS_FILE = "analysis.json"
+ANALYSIS_SECTION = "analysis.md"
+ANALYSIS_FIGURES = {"shock": "analysis_shock.png", "transfer": "analysis_transfer.png",
+                    "gradients": "analysis_gradients.png", "static": "analysis_static_roc.png"}
 # report/
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"

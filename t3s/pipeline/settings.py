@@ -156,6 +156,18 @@ OPTIONS: Tuple[Option, ...] = (
     Option("block_length", "int", 32, "diffusion generation: block length (semi-autoregressive)"),
     Option("diffusion_steps", "int", None,
            "diffusion generation: unmasking steps (default: one per generated position)"),
+    # diagnostics (`t3s analyze`); none of them changes another stage's results
+    Option("analyze", "bool", False,
+           "also run the analyze stage (the paper's diagnostics) under `t3s run`; `t3s analyze` "
+           "runs it in any case", hashed=False),
+    Option("keep_checkpoints", "bool", False,
+           "keep the checkpoint of every evaluated step of the pilot and the retrainings (the "
+           "gradient diagnostics of `t3s analyze` use them; default: only θb); applies when "
+           "those stages next run", hashed=False),
+    Option("analysis_params", "params", None,
+           "an analysis parameter, KEY=VALUE (repeatable): examples, batch_size, last_layers, "
+           "transfer_lr, transfer_steps, transfer_at, seed (t3s.pipeline.analysis)",
+           hashed=False, metavar="KEY=VALUE"),
     # the directory
     Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
     # None: on when stderr is a terminal (`t3s.pipeline.console.show_progress`); it is
@@ -303,6 +315,7 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
     _check_diffusion(cfg, where)
     cfg["rule_params"] = dict(cfg["rule_params"] or {})
     cfg["baseline_params"] = dict(cfg["baseline_params"] or {})
+    cfg["analysis_params"] = dict(cfg["analysis_params"] or {})
     return cfg
 
 

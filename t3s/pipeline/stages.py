@@ -13,7 +13,8 @@ pilot      SFT from θ0 on the traces, recording every trained         model, da
            token's log-prob at every step (`t3s.TrajectoryRecorder`)
            and evaluating training / held-out accuracy every
            ``eval_steps`` (`t3s.trainer.AccuracyCallback`); only the
-           checkpoint θb is kept. The pilot is also the plain-SFT
+           checkpoint θb is kept (every evaluated step with
+           ``keep_checkpoints``). The pilot is also the plain-SFT
            arm of the comparison.
 select     bottleneck b, Δc = c(θb) − c(θ0) (online from the          pilot
            trajectory, or exact), the mask under ``rule`` and the
@@ -27,6 +28,10 @@ eval       accuracy with the verifier on the test set (``test``),    model, test
            θ0 and of every trained model that is current (SFT,
            T3S, baseline); the headline numbers come from
            ``test``, else ``heldout`` (`eval_sets`)
+analyze    the diagnostics (`t3s.pipeline.analysis`): shock curves,   pilot, select
+           gradient ratio and cosine per retained checkpoint,
+           loss-transfer matrices, static-signal AUC (only with
+           ``analyze``, or as ``t3s analyze``)
 report     figures, ``metrics.json`` and ``report.md``                any stage
            (`t3s.pipeline.report`)
 =========  ========================================================  ================
@@ -49,6 +54,7 @@ from .console import show_progress
 from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
                         diffusion_train_stage, is_diffusion)
 from .diffusion_report import diffusion_report
+from .analysis import stage_analyze
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -99,7 +105,8 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
             + f"; {cfg['steps']} steps, evaluating every {cfg['eval_steps']}")
     model = load_model(cfg["model"], cfg)
     resume_from = continue_from(work, ctx.resume, ctx.say, "pilot")
-    callback = accuracy_callback(cfg, tok, train, heldout, prune=True)
+    keep = bool(cfg.get("keep_checkpoints"))
+    callback = accuracy_callback(cfg, tok, train, heldout, prune=not keep)
     trainer = T3STrainer(
         model=model, processing_class=tok, train_dataset=train,
         callbacks=[callback, resume_state_retention()],
@@ -112,11 +119,14 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     last = int(trainer.state.global_step)
     b = bottleneck_step(history["train_acc"])
-    # θb is the only checkpoint kept (the final model is in final/), as weights only.
+    # θb is the only checkpoint kept (the final model is in final/), as weights only;
+    # with keep_checkpoints every evaluated one is kept too (weights only).
     thetab = None
     for step, path in sorted(checkpoints(work).items()):
         if step == b and b != last:
             thetab = path.name
+            strip_resume_state(path)
+        elif keep and step != last:
             strip_resume_state(path)
         else:
             shutil.rmtree(path)
@@ -280,16 +290,23 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
     model = load_model(cfg["model"], cfg)
     resume_from = continue_from(work, ctx.resume, ctx.say, desc)
     callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
+    # keep_checkpoints: save at every evaluation and keep them all, as the pilot does
+    keep = bool(cfg.get("keep_checkpoints"))
     trainer = T3STrainer(model=model, processing_class=tok, train_dataset=train,
-                         callbacks=[callback],
-                         args=training_args(cfg, work, **checkpoint_args(cfg, pilot=False)),
+                         callbacks=[callback] + ([resume_state_retention()] if keep else []),
+                         args=training_args(cfg, work, **checkpoint_args(cfg, pilot=keep)),
                          data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
     progress_bar(trainer, cfg, desc)
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     save_log(trainer, work)
     _save_model(trainer, tok, work / rundir.MODEL_DIR)
-    for path in checkpoints(work).values():  # only for resuming; the model is in model/
-        shutil.rmtree(path)
+    for step, path in checkpoints(work).items():
+        # for resuming (the model is in model/); with keep_checkpoints the earlier
+        # ones stay, as weights only, for `t3s analyze`
+        if keep and step != int(trainer.state.global_step):
+            strip_resume_state(path)
+        else:
+            shutil.rmtree(path)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
             "final_step": int(trainer.state.global_step),
@@ -426,11 +443,16 @@ STAGES: Tuple[Stage, ...] = (
           + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline"),
           help="accuracy on a JSONL test set with the verifier"),
+    Stage("analyze", stage_analyze, _DATA + ("analysis_params",),
+          lambda cfg: ("pilot", "select"), optional=("train",),
+          enabled=lambda cfg: bool(cfg.get("analyze")),
+          help="the diagnostics: shock curves, gradient ratio and cosine, loss-transfer "
+               "matrix, static-signal AUC"),
     Stage("report", _stage_report, (), lambda cfg: (),
-          optional=("pilot", "select", "train", "baseline", "eval"),
+          optional=("pilot", "select", "train", "baseline", "eval", "analyze"),
           help="figures and a Markdown summary"),
 )
 register_stages(STAGES)   # checks that their names are rundir.STAGE_NAMES
 #: stages that load the model or the training data
-NEEDS_MODEL = ("pilot", "select", "train", "baseline", "eval")
-NEEDS_TRAIN = ("pilot", "select", "train", "baseline")
+NEEDS_MODEL = ("pilot", "select", "train", "baseline", "eval", "analyze")
+NEEDS_TRAIN = ("pilot", "select", "train", "baseline", "analyze")

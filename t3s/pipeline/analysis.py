@@ -1,0 +1,312 @@
+"""The analyze stage: the paper's diagnostics of a run (`t3s.analysis`), as figures,
+``analysis.json`` and a section of the report.
+
+What it computes, on a fixed random subset of ``examples`` training traces
+(all of them with ``examples: 0``) and over a parameter subset (``last_layers``:
+the last k decoder layers plus the head and final norm; default every parameter),
+both stated in the outputs:
+
+* **shock curves**: the pilot's loss and training / held-out accuracy per step, the
+  bottleneck, and the share of trace tokens whose latest recorded confidence is
+  still below θ0's (the pilot's trajectory against c(θ0) from select/);
+* per retained checkpoint (θ0, the pilot's checkpoints, its final model; the T3S
+  retraining's checkpoints and model when the train stage is current), each
+  group's mean loss, the **gradient-norm ratio** ‖∇L_anchors‖ / ‖∇L_rest‖ and the
+  **cosine** of the two gradients (the fused masked loss, one backward per group).
+  Only θb is retained unless ``keep_checkpoints`` was on when the pilot ran;
+* the **loss-transfer matrix** at the checkpoints in ``transfer_at`` (default θ0 and
+  θb): ``transfer_steps`` SGD steps on one group, the loss change of each group.
+  ``transfer_lr: auto`` picks, per checkpoint, the step that would lower the loss of
+  all trace tokens by 1% to first order (0.01 · L / ‖∇L‖²);
+* **static-signal AUC**: how well θ0's confidence, entropy and head-gradient norm
+  recover the anchor set (ROC AUC; 0.5 is chance).
+
+The groups are the selection artifact's: the tokens its rule leaves out of the
+loss (the anchors under the anchor rule) and the other trace tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Tuple
+
+from .._util import one_line
+from . import rundir
+from .analysis_report import render_section
+from .engine import StageContext
+from .loaders import load_data, load_model, load_tokenizer, resolve_device
+from .rundir import read_json, write_json
+from .settings import UsageError
+from .training import checkpoints
+
+__all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "stage_analyze"]
+
+#: the analysis parameters (``--analysis-param KEY=VALUE``) and their defaults
+ANALYSIS_DEFAULTS: Dict[str, Any] = {
+    "examples": 64,          # training traces analysed (0: all)
+    "batch_size": None,      # None: eval_batch_size
+    "last_layers": None,     # None: every parameter; k: last k layers + head + final norm
+    "transfer_lr": "auto",   # SGD learning rate of the transfer matrix, or "auto"
+    "transfer_steps": 1,     # SGD steps per row
+    "transfer_at": ["theta0", "thetab"],   # also "final", "pilot:<step>", "train:<step>", "t3s_final"
+    "seed": None,            # None: the run's seed (the example subset)
+}
+
+
+def _int(params, key, low, allow_none=False):
+    v = params[key]
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise UsageError(f"analysis parameter {key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def analysis_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """``analysis_params`` over `ANALYSIS_DEFAULTS`, checked (UsageError on an unknown
+    key or a bad value)."""
+    given = dict(cfg.get("analysis_params") or {})
+    unknown = sorted(set(given) - set(ANALYSIS_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown analysis parameter(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(ANALYSIS_DEFAULTS)}")
+    p = {**ANALYSIS_DEFAULTS, **given}
+    p["examples"] = _int(p, "examples", 0)
+    p["batch_size"] = _int(p, "batch_size", 1, True) or cfg["eval_batch_size"]
+    p["last_layers"] = _int(p, "last_layers", 0, True)
+    p["transfer_steps"] = _int(p, "transfer_steps", 1)
+    p["seed"] = cfg["seed"] if p["seed"] is None else _int(p, "seed", 0)
+    lr = p["transfer_lr"]
+    if lr != "auto":
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (lr > 0 and math.isfinite(lr)):
+            raise UsageError(f"analysis parameter transfer_lr must be 'auto' or a positive "
+                             f"number, got {p['transfer_lr']!r}")
+    p["transfer_lr"] = lr
+    at = p["transfer_at"]
+    at = [a.strip() for a in at.split(",")] if isinstance(at, str) else list(at or [])
+    for a in at:
+        if a not in ("theta0", "thetab", "final", "t3s_final") and not (
+                isinstance(a, str) and a.split(":")[0] in ("pilot", "train")
+                and a.partition(":")[2].isdigit()):
+            raise UsageError(f"analysis parameter transfer_at: unknown checkpoint {a!r} "
+                             "(theta0, thetab, final, t3s_final, pilot:<step>, train:<step>)")
+    p["transfer_at"] = at
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# The checkpoints
+# --------------------------------------------------------------------------------------
+
+def _points(ctx: StageContext) -> List[Dict[str, Any]]:
+    """Every retained model, as {"series": "pilot"/"t3s", "step", "label", "names", "path"};
+    ``names`` are the transfer_at names that denote it."""
+    cfg = ctx.cfg
+    pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
+    b, final = pilot.get("bottleneck_step"), int(pilot["final_step"])
+    pts = [{"series": "pilot", "step": 0, "label": "θ0", "path": cfg["model"],
+            "names": ["theta0", "pilot:0", "train:0"]}]
+    found = checkpoints(pilot_dir)
+    found.setdefault(final, pilot_dir / rundir.FINAL_MODEL_DIR)
+    for step in sorted(found):
+        names = [f"pilot:{step}"] + (["thetab"] if step == b else []) + \
+            (["final"] if step == final else [])
+        label = "θb" if step == b else ("SFT final" if step == final else f"pilot {step}")
+        pts.append({"series": "pilot", "step": step, "label": label, "path": str(found[step]),
+                    "names": names})
+    train_dir = ctx.dir("train")
+    if cfg.get("objective", "ar") != "ar":
+        ctx.say("[analyze] the train stage trained a diffusion LM: only the pilot's "
+                "checkpoints (the AR selector) are analysed")
+        train_dir = None
+    if train_dir is not None and (train_dir / rundir.MODEL_DIR).is_dir():
+        t_final = int(ctx.record("train")["summary"]["final_step"])
+        found = checkpoints(train_dir)
+        found.setdefault(t_final, train_dir / rundir.MODEL_DIR)
+        for step in sorted(found):
+            pts.append({"series": "t3s", "step": step,
+                        "label": "T3S final" if step == t_final else f"T3S {step}",
+                        "path": str(found[step]),
+                        "names": [f"train:{step}"] + (["t3s_final"] if step == t_final else [])})
+    return pts
+
+
+def _auto_lr(losses, grads, counts) -> float:
+    """0.01 · L / ‖∇L‖² for L the mean loss over every group's tokens (disjoint groups)."""
+    w = counts.double() / counts.double().sum()
+    loss = float((w * losses).sum())
+    g = (w.to(grads.device)[:, None] * grads.double()).sum(0)
+    sq = float(g @ g)
+    if not sq > 0:
+        raise UsageError("the gradient of the trace tokens' loss is zero at a transfer "
+                         "checkpoint; set --analysis-param transfer_lr=VALUE")
+    return 0.01 * loss / sq
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
+    """Shock curves, per-checkpoint group losses / gradient ratio / cosine, transfer
+    matrices and static-signal AUC; analysis.json, figures and analysis.md."""
+    import pyarrow.parquet as pq
+
+    from ..analysis import (below_initial, choose_examples, describe_subset, gradient_stats,
+                            group_gradients, groups_from_artifact, make_batches,
+                            member_of, parameter_subset, roc_curve, shock_curves, static_auc,
+                            static_signals, transfer_matrix)
+    from ..analysis import figures
+    from ..artifact import SelectionArtifact, dataset_fingerprint, tokenizer_fingerprint
+    from ..hf import lm_head
+    from ..trajectory import TrajectoryReader
+    cfg, work = ctx.cfg, ctx.work
+    p = analysis_settings(cfg)
+    tok = load_tokenizer(cfg)
+    train = load_data(cfg, "train", tok)
+    fp, tfp = dataset_fingerprint(train), tokenizer_fingerprint(tok)
+    sel_path = ctx.dir("select") / rundir.SELECTION_FILE
+    try:
+        art = SelectionArtifact.load(sel_path, tokenizer=tok, examples=train)
+        examples = choose_examples(list(train), p["examples"] or None, seed=p["seed"])
+        # over all the data (the artifact covers it; load checked it), used on the subset
+        groups = groups_from_artifact(art, train, check=False)
+        names = list(groups)
+        batches = make_batches(examples, groups, batch_size=p["batch_size"],
+                               pad_token_id=tok.pad_token_id or 0)
+    except ValueError as e:
+        raise UsageError(f"analysis of {sel_path}: {one_line(e)}") from None
+    counts = sum(b.counts() for b in batches)
+    ctx.say(f"[analyze] {len(examples)} of {len(train)} traces; groups "
+            + ", ".join(f"{n} ({int(c)} tokens)" for n, c in zip(names, counts)))
+    device = resolve_device(cfg)
+    points = _points(ctx)
+    wanted = set(p["transfer_at"])
+    known = {n for pt in points for n in pt["names"]}
+    missing = sorted(wanted - known)
+    if missing:
+        raise UsageError(f"analysis parameter transfer_at: {', '.join(missing)} not retained in "
+                         f"this run (retained: {', '.join(sorted(known))}; keep_checkpoints "
+                         "keeps every evaluated step)")
+
+    result: Dict[str, Any] = {"format": "t3s.analysis", "version": 1,
+                              "groups": {"names": names, "tokens": {n: int(c) for n, c in
+                                                                   zip(names, counts)},
+                                         "rule": art.rule},
+                              "examples": {"analysed": len(examples), "of": len(train),
+                                           "seed": p["seed"]},
+                              "params": {k: v for k, v in p.items()}}
+    rows, transfers = [], {}
+    ratio: Dict[str, Dict[str, float]] = {}
+    cosine: Dict[str, Dict[str, float]] = {}
+    signals = head0 = None
+    for pt in points:
+        model = load_model(pt["path"], cfg, device=device)
+        subset = parameter_subset(model, last_layers=p["last_layers"])
+        if "parameters" not in result:
+            result["parameters"] = describe_subset(subset, model, last_layers=p["last_layers"])
+        # the logit map is the architecture's: measured by the probe once, at θ0
+        head = lm_head(model) if head0 is None else \
+            lm_head(model, verify=False, logit_scale=head0.logit_scale)
+        head0 = head0 or head
+        grads, losses = group_gradients(model, batches, subset, head=head, return_losses=True)
+        st = gradient_stats(grads, names)
+        row = {k: pt[k] for k in ("series", "step", "label", "path")}
+        row.update(loss=dict(zip(names, losses.tolist())), grad_norm=st["norms"],
+                   grad_norm_ratio=st["norm_ratio"], grad_cosine=st["cosine"],
+                   grad_cosine_matrix=st["cosine_matrix"])
+        rows.append(row)
+        ratio.setdefault(pt["series"], {})[str(pt["step"])] = st["norm_ratio"]
+        cosine.setdefault(pt["series"], {})[str(pt["step"])] = st["cosine"]
+        for name in pt["names"]:
+            if name in wanted and pt["label"] not in transfers:
+                lr = p["transfer_lr"] if p["transfer_lr"] != "auto" else \
+                    _auto_lr(losses, grads, counts)
+                res = transfer_matrix(model, batches, names, subset, lr=lr,
+                                      steps=p["transfer_steps"], head=head)
+                res.update(step=pt["step"], series=pt["series"], lr_rule=
+                           "auto: 0.01·L/‖∇L‖²" if p["transfer_lr"] == "auto" else "given")
+                transfers[pt["label"]] = res
+        if pt["label"] == "θ0":
+            signals = static_signals(model, examples, batch_size=p["batch_size"],
+                                     pad_token_id=tok.pad_token_id or 0)
+        del model, grads
+        ctx.say(f"[analyze] {pt['label']} (step {pt['step']}): ‖∇{names[0]}‖/‖∇{names[1]}‖ "
+                f"{st['norm_ratio']:.3g}, cosine {st['cosine']:+.3f}")
+    if "t3s" in ratio:   # the T3S retraining starts at θ0 too
+        ratio["t3s"] = {"0": rows[0]["grad_norm_ratio"], **ratio["t3s"]}
+        cosine["t3s"] = {"0": rows[0]["grad_cosine"], **cosine["t3s"]}
+        rows = rows + [{**rows[0], "series": "t3s"}]
+        rows.sort(key=lambda r: (r["series"] != "pilot", r["step"]))
+    result.update(checkpoints=rows, grad_norm_ratio=ratio, grad_cosine=cosine,
+                  transfer_matrix=transfers)
+    accuracy = {}
+    for stage, key in (("pilot", "pilot"), ("train", "t3s")):
+        d = ctx.dir(stage)
+        if d is not None and (d / rundir.ACCURACY_FILE).is_file():
+            acc = read_json(d / rundir.ACCURACY_FILE)
+            accuracy[key] = {k: acc.get(k) or {} for k in ("train_acc", "heldout_acc")}
+    result["accuracy"] = accuracy
+
+    member = member_of(signals, groups[names[0]])
+    try:
+        aucs = static_auc(signals, member)
+    except ValueError as e:
+        raise UsageError(f"static-signal AUC: {one_line(e)}") from None
+    result["static_auc"] = {k: v["auc"] for k, v in aucs.items()}
+    result["static_separability"] = {k: v["separability"] for k, v in aucs.items()}
+    result["static_auc_at"] = "θ0"
+    result["static_auc_set"] = names[0]
+
+    # shock curves and the share of tokens below θ0
+    pilot_dir = ctx.dir("pilot")
+    curves = shock_curves(read_json(pilot_dir / rundir.ACCURACY_FILE),
+                          read_json(pilot_dir / rundir.LOG_HISTORY_FILE))
+    below = None
+    delta_path = ctx.dir("select") / rundir.delta_file("online")
+    try:
+        traj = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
+                                tokenizer_fingerprint=tfp).read(
+            ["step", "example_id", "position", "logprob"])
+        c0 = pq.read_table(delta_path, columns=["example_id", "position", "c_0"]) \
+            .rename_columns(["example_id", "position", "logprob"])
+        below = below_initial(traj, c0)
+    except (ValueError, OSError) as e:
+        ctx.say(f"[analyze] tokens below θ0 not computed: {one_line(e)}")
+    result["shock"] = {k: ({str(s): v for s, v in curves[k].items()} if isinstance(curves[k], dict)
+                           else curves[k]) for k in curves}
+    if below is not None:
+        result["shock"]["below_theta0"] = {k: v.tolist() for k, v in below.items()}
+
+    figs = rundir.ANALYSIS_FIGURES
+    shown: List[Tuple[str, str]] = []
+    figures.plot_shock_curves(work / figs["shock"], curves, below)
+    shown.append(("Pilot: loss, accuracy and trace tokens still below their θ0 confidence",
+                  figs["shock"]))
+    if transfers:
+        figures.plot_transfer(work / figs["transfer"], transfers)
+        shown.append(("Loss-transfer matrices (row: the group trained on; value: each group's "
+                      "loss change)", figs["transfer"]))
+    labels = {"pilot": "pilot (plain SFT)", "t3s": f"T3S ({art.rule})"}
+    series = {labels[k]: {"step": [r["step"] for r in rows if r["series"] == k],
+                          "ratio": [r["grad_norm_ratio"] for r in rows if r["series"] == k],
+                          "cosine": [r["grad_cosine"] for r in rows if r["series"] == k]}
+              for k in ratio}
+    figures.plot_gradients(work / figs["gradients"], series, names=names,
+                           marks={} if curves["bottleneck_step"] is None else
+                           {"bottleneck": curves["bottleneck_step"]})
+    shown.append(("Gradient-norm ratio and cosine per checkpoint", figs["gradients"]))
+    figures.plot_roc(work / figs["static"], {k: roc_curve(signals[k], member) for k in aucs},
+                     result["static_auc"], title=f"Static signals at θ0 vs the {names[0]}")
+    shown.append((f"Static signals at θ0 against the {names[0]} (ROC)", figs["static"]))
+    result["figures"] = [f for _, f in shown]
+    write_json(work / rundir.ANALYSIS_FILE, result)
+    (work / rundir.ANALYSIS_SECTION).write_text(render_section(result, shown), encoding="utf-8")
+    return {"examples": len(examples), "checkpoints": len(rows),
+            "transfer_at": list(transfers), "static_auc": result["static_auc"],
+            "grad_norm_ratio_theta0": rows[0]["grad_norm_ratio"],
+            "grad_cosine_theta0": rows[0]["grad_cosine"]}
