@@ -76,12 +76,13 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
 @triton.jit
 def lse_partials_kernel(
     H, W, B, ROWS, TGT,
-    OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI,
+    OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI, Z,
     M, V, K, vocab_per_split,
-    stride_hm, stride_hk, stride_wv, stride_wk,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_zm,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TARGET: tl.constexpr,
     WANT_SUMZ: tl.constexpr, WANT_ENT: tl.constexpr, WANT_ARGMAX: tl.constexpr,
+    STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -109,6 +110,9 @@ def lse_partials_kernel(
         z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                        stride_hm, stride_hk, stride_wv, stride_wk, softcap,
                        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        if STORE_Z:  # the gradient-in-forward path forms G from these stored logits
+            tl.store(Z + offs_m[:, None] * stride_zm + cols[None, :], z,
+                     mask=row_mask[:, None] & col_mask[None, :])
         z_valid = tl.where(col_mask[None, :], z, 0.0)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         if HAS_TARGET:
@@ -159,10 +163,13 @@ class Partials:
 def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  rows: torch.Tensor, targets: Optional[torch.Tensor], *,
                  softcap: Optional[float], want_sumz: bool = False, want_entropy: bool = False,
-                 want_argmax: bool = False) -> Partials:
+                 want_argmax: bool = False,
+                 logits_out: Optional[torch.Tensor] = None) -> Partials:
     """Launch the streaming kernel over rows `rows` of hidden [N, K]; weight [V, K].
 
     rows: [M] int64 row indices, targets: [M] int64 or None. O(S * M) output.
+    logits_out: optional [M, V] float32 (unit column stride) that receives the logits
+    z (after bias and softcap) of the M rows as they stream past.
     """
     M = rows.numel()
     V, K = weight.shape
@@ -185,13 +192,14 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             hidden, weight, bias if bias is not None else dummy, rows,
             targets if targets is not None else rows,
             out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
-            _or(out_av, dummy), _or(out_ai, dummy),
+            _or(out_av, dummy), _or(out_ai, dummy), _or(logits_out, dummy),
             M, V, K, vocab_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            logits_out.stride(0) if logits_out is not None else 0,
             float(softcap) if softcap is not None else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_TARGET=targets is not None, WANT_SUMZ=want_sumz, WANT_ENT=want_entropy,
-            WANT_ARGMAX=want_argmax,
+            WANT_ARGMAX=want_argmax, STORE_Z=logits_out is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
