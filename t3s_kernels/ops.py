@@ -190,7 +190,8 @@ def linear_ce_forward_backward(
         stats = tuple(scatter_rows(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
     else:
         stats = tuple(s.new_empty(0) for s in stats)
-    grads = tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+    # contiguous, as the fake promises (a backend may follow a strided hidden's layout)
+    grads = tuple(g.contiguous() if g is not None else hidden.new_empty(0) for g in grads)
     return (loss, scatter_rows(out.lse.to(scale.dtype), rows, n, nan), *stats, *grads)
 
 
@@ -219,12 +220,15 @@ def _setup_fb_context(ctx, inputs, output):
 def _fb_backward(ctx, grad_loss, *_other_grads):
     """The gradients were computed in the forward: scale them by d out / d loss.
 
-    In place: a second [V, H] gradient would double the head's gradient memory at
-    this point. A second backward through the same graph (retain_graph) is refused
-    by autograd's saved-tensor version check instead of scaling twice.
+    Eagerly in place: a second [V, H] gradient would double the head's gradient memory
+    at this point, and a second backward through the same graph (retain_graph) is
+    refused by autograd's saved-tensor version check instead of scaling twice. While
+    tracing (fake / functional tensor subclasses) out of place: the traced graph may
+    not mutate its saved outputs, and the compiler plans the memory itself.
     """
     saved = ctx.saved_tensors
-    grads = tuple(g.mul_(grad_loss) if (need and grad_loss is not None) else None
+    grads = tuple(None if not (need and grad_loss is not None) else
+                  g.mul_(grad_loss) if type(g) is torch.Tensor else g * grad_loss
                   for g, need in zip(saved, ctx.needs_input_grad[:3]))
     return grads + (None,) * 15
 

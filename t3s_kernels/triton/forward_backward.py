@@ -224,10 +224,12 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
     logprob = empty(n_stats, dtype=torch.float32, device=dev)
     entropy = empty(n_stats, dtype=torch.float32, device=dev)
     correct = empty(n_stats, dtype=torch.bool, device=dev)
-    grad_h = torch.zeros_like(hidden) if need_h else None
+    # Contiguous gradients (the kernels write rows with a unit column stride), also for
+    # a strided hidden; as the fake implementation of the op promises.
+    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
     grad_w = dw = None
     if need_w:
-        grad_w = torch.zeros_like(weight)
+        grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev)
         dw = torch.zeros(V, K, dtype=torch.float32, device=dev) if plan.fp32_weight_accumulator \
             else grad_w
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
