@@ -114,7 +114,14 @@ def linear_cross_entropy(
 
     Shapes, dtypes and options are checked here; label range and mask values
     inside the op, with the one host sync that also sizes the list of kept
-    tokens (a second one in the backward). Both raise before any kernel runs.
+    tokens (a second one in the backward when it is deferred, i.e. for
+    reduction='none'). Both raise before any kernel runs.
+
+    For 'mean' / 'sum' with a gradient wanted, the gradients are computed in
+    the forward and held until the backward scales them by grad_output (the
+    Triton backend: one logit GEMM plus the kept tiles of the two backward
+    GEMMs, when its buffers fit ``buffer_bytes``; see
+    `t3s_kernels.triton.forward_backward`).
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_loss_mask(loss_mask, targets)

@@ -1,11 +1,13 @@
 """Triton forward kernel: per-row log-sum-exp and friends over a linear head, streamed.
 
-Used by the forward of both ops (the loss and `target_logprobs`).
+Used by the forward of both ops (the loss and `target_logprobs`), and by the
+one-pass loss + gradient (`t3s_kernels.triton.forward_backward`).
 
 For each kept row t and a slice of the vocabulary (a "split"), the kernel
 computes logit tiles z = softcap(h_t W^T + b) block by block (fp32
-accumulation) and folds them into running statistics without ever storing a
-logit:
+accumulation) and folds them into running statistics, storing no logit
+(except with ``STORE_Z``: the one-pass path writes its row chunk's logits to a
+bounded buffer, to form the gradient from them):
 
     m      running max                 s    sum exp(z - m)
     tz     target logit (0 if the target is in another split)
