@@ -4,14 +4,19 @@ No GPU or driver is needed: `triton.compile` with a `GPUTarget` gives the PTX, t
 cubin, shared memory, and (through ptxas) registers and spills. The variants are
 not listed by hand: `capture_launches` runs the real host code (`loss_forward`,
 `loss_backward`, the forward of `target_logprobs`) on meta tensors with the kernels
-replaced by recorders, so what is compiled is exactly what would be launched for
-that shape, dtype and option set (block shapes, warps and stages from
+replaced by recorders (and, for the cases that ask for it, the one-pass loss +
+gradient of `forward_backward`), so what is compiled is exactly what would be
+launched for that shape, dtype and option set (block shapes, warps and stages from
 `pick_config`; Triton's own specialisation of 1-valued and 16-divisible integers
 and 16-aligned pointers is reproduced).
 
     python -m t3s_kernels.triton.aot            # every variant, a table
     python -m t3s_kernels.triton.aot --cases core   # the few that CI compiles
     python -m t3s_kernels.triton.aot --json F   # also the records as JSON
+
+Each record: shared memory, registers and spills (ptxas --verbose), wgmma count
+(PTX), and GPU-scope fences (MEMBAR.*.GPU, CCTL.IVALL) and atomics from the
+SASS (Triton's bundled cuobjdump).
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 """

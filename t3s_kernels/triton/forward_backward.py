@@ -229,9 +229,15 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
     grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
     grad_w = dw = None
     if need_w:
-        grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev)
-        dw = torch.zeros(V, K, dtype=torch.float32, device=dev) if plan.fp32_weight_accumulator \
-            else grad_w
+        # The tile kernels' first chunk writes every grad_weight tile (kept or not), so
+        # only the library-GEMM path (+=) and an empty batch need zeros.
+        alloc = torch.zeros if (exact or M == 0) else \
+            (lambda *shape, dtype, device: empty(*shape, dtype=dtype, device=device))
+        if plan.fp32_weight_accumulator:
+            dw = alloc(V, K, dtype=torch.float32, device=dev)
+            grad_w = empty(V, K, dtype=weight.dtype, device=dev)
+        else:
+            grad_w = dw = alloc(V, K, dtype=weight.dtype, device=dev)
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     C = plan.chunk_rows
     z_buf = torch.empty(min(C, M), V, dtype=torch.float32, device=dev)
