@@ -82,6 +82,11 @@ def test_core_variants_compile_for_sm90_and_fit(tmp_path):
     # the one-pass gradient kernels own their output tiles: no atomics at all
     assert atomics["grad_hidden_kernel"] == atomics["grad_weight_kernel"] == 0
     assert atomics["lce_backward_kernel"] > 0  # the deferred fused backward still adds
+    # W (and the one-pass kernels' G) tiles come through tensor descriptors: TMA loads
+    tma = [r for r in results if "+use_tma" in r["variant"]]
+    assert {r["variant"].split("[")[0] for r in tma} == {
+        "lse_partials_kernel", "grad_hidden_kernel", "grad_weight_kernel"}
+    assert all(r["tma_loads"] > 0 for r in tma), [r["variant"] for r in tma if not r["tma_loads"]]
     _check(results)
 
 

@@ -15,8 +15,8 @@ and 16-aligned pointers is reproduced).
     python -m t3s_kernels.triton.aot --json F   # also the records as JSON
 
 Each record: shared memory, registers and spills (ptxas --verbose), wgmma count
-(PTX), and GPU-scope fences (MEMBAR.*.GPU, CCTL.IVALL) and atomics from the
-SASS (Triton's bundled cuobjdump).
+(PTX), TMA loads (cp.async.bulk.tensor in the PTX), and GPU-scope fences
+(MEMBAR.*.GPU, CCTL.IVALL) and atomics from the SASS (Triton's bundled cuobjdump).
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 """
@@ -69,7 +69,8 @@ class Launch:
         cx = dict(self.constexprs)
         flags = [k.lower() for k in ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENT", "WANT_ARGMAX",
                                      "WANT_SUMZ", "STORE_Z", "COMPUTE_DH", "COMPUTE_DW",
-                                     "COMPUTE_DB", "STORE_G", "ACCUMULATE") if cx.get(k)]
+                                     "COMPUTE_DB", "STORE_G", "ACCUMULATE", "USE_TMA")
+                 if cx.get(k)]
         sig = dict(self.signature)
         dtype = (sig.get("H") or sig.get("G", "?")).lstrip("*")
         if cx.get("COMPUTE_DW") or self.kernel == "grad_weight_kernel":
@@ -101,6 +102,9 @@ class _Recorder:
             if name in constexpr_names:
                 signature.append((name, "constexpr"))
                 constexprs.append((name, v))
+            elif config.TensorDescriptor is not None and isinstance(v, config.TensorDescriptor):
+                dims = ", ".join(str(b) for b in v.block_shape)
+                signature.append((name, f"tensordesc<{_POINTER_TYPES[v.base.dtype][1:]}[{dims}]>"))
             elif isinstance(v, torch.Tensor):
                 signature.append((name, _POINTER_TYPES[v.dtype]))
                 if (v.storage_offset() * v.element_size()) % 16 == 0:
@@ -213,12 +217,14 @@ class Compiled:
     wgmma: int  # wgmma instructions in the PTX (Hopper tensor cores)
     seconds: float
     gpu_fences: Optional[int] = None  # GPU-scope fences in the SASS (None: no cuobjdump)
+    tma_loads: int = 0  # cp.async.bulk.tensor instructions in the PTX
     atomics: Optional[int] = None  # RED / ATOM instructions in the SASS
 
     def row(self) -> dict:
         return {"variant": self.launch.name, "shared_bytes": self.shared_bytes,
                 "registers": self.registers, "spill_bytes": self.spill_bytes,
                 "wgmma": self.wgmma, "gpu_fences": self.gpu_fences, "atomics": self.atomics,
+                "tma_loads": self.tma_loads,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -246,7 +252,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
                     len(re.findall(r"wgmma\.mma_async", ptx)), seconds,
                     gpu_fences=None if sass is None else len(re.findall(GPU_FENCE, sass)),
                     atomics=None if sass is None else len(re.findall(r"\b(?:RED|ATOM)G?\.",
-                                                                     sass)))
+                                                                     sass)),
+                    tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
 
 
 def _sass(cubin: Optional[bytes]) -> Optional[str]:
@@ -351,7 +358,7 @@ def main(argv=None) -> int:
         flag = "" if r.shared_bytes <= SHARED_MEMORY_LIMIT else "  OVER SHARED LIMIT"
         print(f"{r.launch.name:100s} shared {r.shared_bytes:7d}  regs {r.registers}  "
               f"spill {r.spill_bytes}  wgmma {r.wgmma}  gpu_fences {r.gpu_fences}  "
-              f"atomics {r.atomics}  {r.seconds:5.1f}s{flag}")
+              f"atomics {r.atomics}  tma {r.tma_loads}  {r.seconds:5.1f}s{flag}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch,

@@ -71,7 +71,8 @@ def lce_backward_kernel(
 
     z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                    stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+                   W, 0, False)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
     # z_loss * lse^2 adds 2 z_loss lse p_j to d loss / d z_j.

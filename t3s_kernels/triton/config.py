@@ -15,6 +15,11 @@ import triton
 
 from ..debug import OVERRIDES
 
+try:  # host-side tensor descriptors (TMA on sm_90); Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
+
 
 @triton.jit
 def _interpreter_probe():
@@ -76,6 +81,26 @@ def dot_precision(dtype: torch.dtype) -> str:
         return "ieee"
     return "tf32"
 
+
+
+def tma_problem(t: torch.Tensor) -> Optional[str]:
+    """Why the W tiles of ``t`` [V, K] cannot come through a tensor descriptor (None:
+    they can). TMA needs Triton's descriptors, an sm_90+ GPU (or the interpreter, or
+    meta tensors for the ahead-of-time compile), a unit column stride, and 16-byte
+    aligned base and row stride. ``OVERRIDES["tma"] = False`` turns it off."""
+    if TensorDescriptor is None:
+        return "this Triton has no triton.tools.tensor_descriptor"
+    if OVERRIDES.get("tma", True) is False:
+        return "turned off by OVERRIDES['tma']"
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return "TMA needs compute capability 9.0 or newer"
+    if t.device.type not in ("cuda", "meta") and not KERNELS_INTERPRETED:
+        return f"tensors on {t.device}"
+    if t.stride(1) != 1:
+        return "weight's last dimension is not contiguous"
+    if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return "weight's base or row stride is not 16-byte aligned"
+    return None
 
 
 def device_problem(t: torch.Tensor) -> Optional[str]:

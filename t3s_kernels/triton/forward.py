@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ..debug import empty
 from ..reference import merge_partials
-from .config import KERNELS_INTERPRETED, dot_precision, pick_config, pick_splits
+from .config import (KERNELS_INTERPRETED, TensorDescriptor, dot_precision, pick_config,
+                     pick_splits, tma_problem)
 
 
 @triton.jit
@@ -57,16 +58,24 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                stride_hm, stride_hk, stride_wv, stride_wk, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W."""
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               W_DESC=None, v0=0, USE_TMA: tl.constexpr = False):
+    """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W.
+
+    With USE_TMA the W tiles come through the tensor descriptor W_DESC (block
+    [BLOCK_N, BLOCK_K], zero padding past V and K; TMA on sm_90), tile start v0."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
-                    mask=col_mask[None, :] & kmask[:, None], other=0.0)
+        if USE_TMA:
+            # columns past this split's end are loaded too; the caller masks them
+            b = W_DESC.load([v0, k0]).T
+        else:
+            b = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+                        mask=col_mask[None, :] & kmask[:, None], other=0.0)
         acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -77,7 +86,7 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
 
 @triton.jit
 def lse_partials_kernel(
-    H, W, B, ROWS, TGT,
+    H, W, W_DESC, B, ROWS, TGT,
     OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI, Z,
     M, V, K, vocab_per_split,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_zm,
@@ -86,7 +95,7 @@ def lse_partials_kernel(
     WANT_SUMZ: tl.constexpr, WANT_ENT: tl.constexpr, WANT_ARGMAX: tl.constexpr,
     STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -111,7 +120,8 @@ def lse_partials_kernel(
         col_mask = cols < v_end
         z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                        stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+                       W_DESC, v0, USE_TMA)
         if STORE_Z:  # the gradient-in-forward path forms G from these stored logits
             tl.store(Z + offs_m[:, None] * stride_zm + cols[None, :], z,
                      mask=row_mask[:, None] & col_mask[None, :])
@@ -190,8 +200,10 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if M > 0:
         dummy = out_m  # stands in for absent optional pointers; never dereferenced
         grid = (triton.cdiv(M, cfg.block_m), S)
+        w_desc = weight_descriptor(weight, cfg.block_n, cfg.block_k)
         lse_partials_kernel[grid](
-            hidden, weight, bias if bias is not None else dummy, rows,
+            hidden, weight, w_desc if w_desc is not None else weight,
+            bias if bias is not None else dummy, rows,
             targets if targets is not None else rows,
             out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
             _or(out_av, dummy), _or(out_ai, dummy), _or(logits_out, dummy),
@@ -204,9 +216,19 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             WANT_ARGMAX=want_argmax, STORE_Z=logits_out is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
+            USE_TMA=w_desc is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return Partials(out_m, out_s, out_tz, out_sz, out_ez, out_av, out_ai)
+
+
+def weight_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
+    """A host tensor descriptor of weight [V, K] with block [block_n, block_k], or None
+    where TMA does not apply (`config.tma_problem` says why)."""
+    if tma_problem(weight) is not None:
+        return None
+    return TensorDescriptor(weight, shape=list(weight.shape), strides=[weight.stride(0), 1],
+                            block_shape=[block_n, block_k])
 
 
 def _or(t, default):

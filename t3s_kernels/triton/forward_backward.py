@@ -48,7 +48,8 @@ import triton.language as tl
 from ..debug import empty
 from ..prepare import Grads, LossOptions, RowLosses
 from ..reference import per_token_loss
-from .config import KERNELS_INTERPRETED, dot_precision, pick_config
+from .config import (KERNELS_INTERPRETED, TensorDescriptor, dot_precision, pick_config,
+                     tma_problem)
 from .forward import combine_partials, dot_acc, lse_partials
 
 
@@ -91,12 +92,15 @@ def grad_tile_kernel(
 
 @triton.jit
 def grad_hidden_kernel(
-    G, W, ROWS, TILES, COUNTS, DH,
+    G, W, G_DESC, W_DESC, ROWS, TILES, COUNTS, DH,
     M, V, K, n_vtiles, stride_gm, stride_wv, stride_wk, stride_dhm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """grad_hidden[rows] = G W over the kept vocabulary tiles of each row block."""
+    """grad_hidden[rows] = G W over the kept vocabulary tiles of each row block.
+
+    USE_TMA: the G and W tiles come through tensor descriptors (zero padding past
+    the chunk's rows, V and K)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,12 +111,16 @@ def grad_hidden_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     for i in range(0, count):
         vt = tl.load(TILES + pid_m * n_vtiles + i)
-        cols = vt * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < V
-        g = tl.load(G + offs_m[:, None] * stride_gm + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
-                    mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            g = G_DESC.load([pid_m * BLOCK_M, vt * BLOCK_N])
+            w = W_DESC.load([vt * BLOCK_N, pid_k * BLOCK_K])
+        else:
+            cols = vt * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < V
+            g = tl.load(G + offs_m[:, None] * stride_gm + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(W + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
         acc = dot_acc(g, w, acc, UPCAST, PRECISION)
     hrows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
     tl.store(DH + hrows[:, None] * stride_dhm + ks[None, :], acc.to(DH.dtype.element_ty),
@@ -121,13 +129,16 @@ def grad_hidden_kernel(
 
 @triton.jit
 def grad_weight_kernel(
-    G, H, ROWS, TILES, COUNTS, DW,
+    G, G_DESC, H, ROWS, TILES, COUNTS, DW,
     M, V, K, n_mtiles, stride_gm, stride_hm, stride_hk, stride_dwv,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """grad_weight[tile] (+)= Gᵀ h over the kept row blocks of each vocabulary tile."""
+    """grad_weight[tile] (+)= Gᵀ h over the kept row blocks of each vocabulary tile.
+
+    USE_TMA: the G tiles come through a tensor descriptor; the h rows are gathered
+    (the kept rows are not contiguous in hidden)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,8 +151,11 @@ def grad_weight_kernel(
         mt = tl.load(TILES + pid_n * n_mtiles + i)
         offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = offs_m < M
-        g = tl.load(G + offs_m[:, None] * stride_gm + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if USE_TMA:
+            g = G_DESC.load([mt * BLOCK_M, pid_n * BLOCK_N])
+        else:
+            g = tl.load(G + offs_m[:, None] * stride_gm + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         hrows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
         h = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & kmask[None, :], other=0.0)
@@ -187,6 +201,19 @@ def _tile_lists(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     counts [R] int32). On the device, without a host sync."""
     order = torch.argsort(keep, dim=1, descending=True, stable=True).to(torch.int32)
     return order.contiguous(), keep.sum(1, dtype=torch.int32)
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+    """A tensor descriptor of the 2-D ``t`` (TMA on sm_90), or None where it does not
+    apply (`config.tma_problem`)."""
+    if tma_problem(t) is not None:
+        return None
+    return TensorDescriptor(t, shape=list(t.shape), strides=[t.stride(0), 1],
+                            block_shape=[block_rows, block_cols])
+
+
+def _or(t, default):
+    return t if t is not None else default
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -287,18 +314,21 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k,
                       UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        g_desc = _descriptor(g, bm, bn)
         if need_h:
             tiles, counts = _tile_lists(keep)
+            w_desc = _descriptor(weight, bn, cfg.block_k) if g_desc is not None else None
             grad_hidden_kernel[(n_mtiles, triton.cdiv(K, cfg.block_k))](
-                g, weight, rows_c, tiles, counts, grad_h,
+                g, weight, _or(g_desc, g), _or(w_desc, weight), rows_c, tiles, counts, grad_h,
                 c, V, K, n_vtiles, g.stride(0), weight.stride(0), weight.stride(1),
-                grad_h.stride(0), **common)
+                grad_h.stride(0), USE_TMA=w_desc is not None, **common)
         if need_w:
             tiles_t, counts_t = _tile_lists(keep.T.contiguous())
             grad_weight_kernel[(n_vtiles, triton.cdiv(K, cfg.block_k))](
-                g, hidden, rows_c, tiles_t, counts_t, dw,
+                g, _or(g_desc, g), hidden, rows_c, tiles_t, counts_t, dw,
                 c, V, K, n_mtiles, g.stride(0), hidden.stride(0), hidden.stride(1),
-                dw.stride(0), ACCUMULATE=not first_w_chunk, **common)
+                dw.stride(0), ACCUMULATE=not first_w_chunk, USE_TMA=g_desc is not None,
+                **common)
             first_w_chunk = False
     if need_w and dw is not grad_w:
         grad_w.copy_(dw)
