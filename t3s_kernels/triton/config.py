@@ -83,13 +83,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 
-def tma_problem(t: torch.Tensor) -> Optional[str]:
-    """Why the W tiles of ``t`` [V, K] cannot come through a tensor descriptor (None:
-    they can). TMA needs Triton's descriptors, an sm_90+ GPU (or the interpreter, or
-    meta tensors for the ahead-of-time compile), a unit column stride, and 16-byte
-    aligned base and row stride. ``OVERRIDES["tma"] = False`` turns it off."""
+def tma_problem(t: torch.Tensor, precision: str = "tf32") -> Optional[str]:
+    """Why the tiles of ``t`` [rows, cols] cannot come through a tensor descriptor
+    (None: they can). TMA needs Triton's descriptors, an sm_90+ GPU (or the
+    interpreter, or meta tensors for the ahead-of-time compile), a unit column stride,
+    16-byte aligned base and row stride, and tensor-core dots: with IEEE fp32 dots
+    (``precision='ieee'``) the descriptor tiles spill 5-10 KB per thread on sm_90
+    (`t3s_kernels.triton.aot`), pointer loads none. ``OVERRIDES["tma"] = False``
+    turns it off."""
     if TensorDescriptor is None:
         return "this Triton has no triton.tools.tensor_descriptor"
+    if precision == "ieee":
+        return "IEEE fp32 dots (no tensor cores) spill with descriptor tiles"
     if OVERRIDES.get("tma", True) is False:
         return "turned off by OVERRIDES['tma']"
     if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:

@@ -225,7 +225,7 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def weight_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
     """A host tensor descriptor of weight [V, K] with block [block_n, block_k], or None
     where TMA does not apply (`config.tma_problem` says why)."""
-    if tma_problem(weight) is not None:
+    if tma_problem(weight, dot_precision(weight.dtype)) is not None:
         return None
     return TensorDescriptor(weight, shape=list(weight.shape), strides=[weight.stride(0), 1],
                             block_shape=[block_n, block_k])

@@ -206,7 +206,7 @@ def _tile_lists(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     """A tensor descriptor of the 2-D ``t`` (TMA on sm_90), or None where it does not
     apply (`config.tma_problem`)."""
-    if tma_problem(t) is not None:
+    if tma_problem(t, dot_precision(t.dtype)) is not None:
         return None
     return TensorDescriptor(t, shape=list(t.shape), strides=[t.stride(0), 1],
                             block_shape=[block_rows, block_cols])
