@@ -10,6 +10,10 @@ Both are `torch.compile`-friendly: the static checks below are traced, and the
 work runs in the custom ops of `t3s_kernels.ops` (static output shapes; the
 compaction of kept rows and its host sync happen inside them).
 
+For reduction 'mean' or 'sum' with a gradient wanted, the loss op computes the
+gradients in its forward (`ops.linear_ce_forward_backward`); the backward then
+only scales them by grad_output. 'none' keeps the deferred backward.
+
 Semantics are specified in `t3s_kernels.reference`.
 """
 
@@ -21,6 +25,7 @@ import torch
 
 from . import ops, reference
 from .backends import available_backends, resolve_backend
+from .debug import OVERRIDES
 from .prepare import (
     DEFAULT_BUFFER_BYTES,
     check_linear_inputs,
@@ -109,7 +114,14 @@ def linear_cross_entropy(
 
     Shapes, dtypes and options are checked here; label range and mask values
     inside the op, with the one host sync that also sizes the list of kept
-    tokens (a second one in the backward). Both raise before any kernel runs.
+    tokens (a second one in the backward when it is deferred, i.e. for
+    reduction='none'). Both raise before any kernel runs.
+
+    For 'mean' / 'sum' with a gradient wanted, the gradients are computed in
+    the forward and held until the backward scales them by grad_output (the
+    Triton backend: one logit GEMM plus the kept tiles of the two backward
+    GEMMs, when its buffers fit ``buffer_bytes``; see
+    `t3s_kernels.triton.forward_backward`).
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_loss_mask(loss_mask, targets)
@@ -122,14 +134,23 @@ def linear_cross_entropy(
     lead_shape = targets.shape
     targets1d = targets.reshape(-1).long()
     mask1d = None if loss_mask is None else loss_mask.reshape(-1)
-    token_loss, lse, logprob, entropy, correct = ops.linear_ce_forward(
-        hidden.reshape(-1, hidden.shape[-1]), weight, None if bias is None else bias.contiguous(),
-        targets1d, mask1d, ignore_index,
-        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-        resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes, return_stats,
-        backend)
-    loss = reference.reduce_token_losses(token_loss, token_weights(targets1d, mask1d, ignore_index),
-                                         reduction, normalizer)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    bias = None if bias is None else bias.contiguous()
+    options = (float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+               resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes,
+               return_stats)
+    token_weight = token_weights(targets1d, mask1d, ignore_index)
+    need = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if _gradient_in_forward(reduction, normalizer, need):
+        grad_scale = _grad_scale(token_weight, reduction, normalizer,
+                                 reference.compute_dtype_for(hidden.dtype))
+        loss, lse, logprob, entropy, correct, *_grads = ops.linear_ce_forward_backward(
+            hidden2d, weight, bias, targets1d, mask1d, grad_scale, ignore_index, *options,
+            *need, backend)
+    else:
+        token_loss, lse, logprob, entropy, correct = ops.linear_ce_forward(
+            hidden2d, weight, bias, targets1d, mask1d, ignore_index, *options, backend)
+        loss = reference.reduce_token_losses(token_loss, token_weight, reduction, normalizer)
     if reduction == "none":
         loss = loss.view(lead_shape)
     if not return_stats:
@@ -141,6 +162,33 @@ def linear_cross_entropy(
         lse=lse.float().view(lead_shape),
     )
     return loss, token_stats
+
+
+def _gradient_in_forward(reduction: str, normalizer, need) -> bool:
+    """Whether the loss takes its gradient in the forward pass (`ops.linear_ce_forward_backward`):
+    for the scalar reductions, when autograd will want a gradient of hidden, weight or
+    bias. 'none' keeps the deferred backward (its per-token grad_output is unknown
+    until then), and so does a normalizer that itself requires grad.
+    ``OVERRIDES["grad_in_forward"] = False`` forces the deferred backward (tests)."""
+    if reduction == "none" or not torch.is_grad_enabled() or not any(need):
+        return False
+    if isinstance(normalizer, torch.Tensor) and normalizer.requires_grad:
+        return False
+    return OVERRIDES.get("grad_in_forward", True)
+
+
+def _grad_scale(token_weight: torch.Tensor, reduction: str, normalizer,
+                dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d token_loss_t [N] = w_t / denominator, with the denominator of
+    `reference.reduce_token_losses` (normalizer; 1 for 'sum'; sum_t w_t for 'mean', an
+    all-dropped batch giving 0 gradients, not 0/0)."""
+    w = token_weight.to(dtype)
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=dtype, device=w.device).reshape(())
+        return w / denom
+    if reduction == "sum":
+        return w
+    return w / w.sum().clamp_min(torch.finfo(dtype).tiny)
 
 
 @torch.no_grad()

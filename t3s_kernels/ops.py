@@ -1,16 +1,24 @@
 """The custom ops: what `torch.compile` sees of the kernels.
 
-Three `torch.library.custom_op` ops, each with a fake (meta) implementation so
-that `torch.compile` traces them with static output shapes, and the loss op
-with its autograd formula:
+Four `torch.library.custom_op` ops, each with a fake (meta) implementation so
+that `torch.compile` traces them with static output shapes, and the two loss
+ops with their autograd formulas:
 
     t3s_kernels::linear_ce_forward(hidden [N, H], weight [V, H], bias [V]?,
         targets [N], loss_mask [N]?, ...) ->
         (token_loss [N], lse [N], target_logprob [N'], entropy [N'], argmax_correct [N'])
     t3s_kernels::linear_ce_backward(grad_token_loss [N], hidden, weight, bias?,
         targets, loss_mask?, lse [N], ...) -> (grad_hidden, grad_weight, grad_bias)
+    t3s_kernels::linear_ce_forward_backward(hidden, weight, bias?, targets, loss_mask?,
+        grad_scale [N], ...) -> (loss [], lse [N], target_logprob [N'], entropy [N'],
+        argmax_correct [N'], grad_hidden [N, H]', grad_weight [V, H]', grad_bias [V]')
     t3s_kernels::target_logprobs(hidden [N, H], weight [V, H], bias [V]?, targets [N], ...)
         -> (logprob [N], entropy [N'], argmax [N'])
+
+`linear_ce_forward_backward` serves the scalar reductions: loss =
+sum_t grad_scale_t * token_loss_t, and its gradients are computed in the
+forward (the backend's `loss_forward_backward`); its autograd backward only
+scales them by grad_output.
 
 N' is N when the statistic is asked for and 0 otherwise; a gradient that is
 not needed comes back as an empty tensor. token_loss and lse are float32
@@ -36,7 +44,8 @@ from .backends import get_backend
 from .prepare import LossOptions, scatter_rows
 from .reference import compute_dtype_for
 
-__all__ = ["linear_ce_forward", "linear_ce_backward", "target_logprobs_op"]
+__all__ = ["linear_ce_forward", "linear_ce_backward", "linear_ce_forward_backward",
+           "target_logprobs_op"]
 
 
 def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes):
@@ -147,6 +156,84 @@ def _backward(ctx, grad_token_loss, *_stat_grads):
 
 
 linear_ce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# The scalar-reduced loss with its gradient computed in the forward
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("t3s_kernels::linear_ce_forward_backward", mutates_args=())
+def linear_ce_forward_backward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+    loss_mask: Optional[Tensor], grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], filter_eps: Optional[float],
+    accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool, need_hidden: bool,
+    need_weight: bool, need_bias: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss = sum_t grad_scale_t * token_loss_t (grad_scale [N] in the loss dtype: token
+    weight / denominator, 0 on dropped tokens), lse, the statistics, and the gradients
+    of loss (empty where not needed)."""
+    n = targets.shape[0]
+    token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
+    rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
+                                        ignore_index)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    scale = grad_scale[rows].contiguous()
+    out, grads = get_backend(backend).loss_forward_backward(
+        hidden, weight, bias, rows, targets[rows].contiguous(), scale, opts, want_stats, need)
+    loss = (out.loss.to(scale.dtype) * scale).sum()
+    nan = float("nan")
+    stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
+    if want_stats:
+        stats = tuple(scatter_rows(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
+    else:
+        stats = tuple(s.new_empty(0) for s in stats)
+    # contiguous, as the fake promises (a backend may follow a strided hidden's layout)
+    grads = tuple(g.contiguous() if g is not None else hidden.new_empty(0) for g in grads)
+    return (loss, scatter_rows(out.lse.to(scale.dtype), rows, n, nan), *stats, *grads)
+
+
+@linear_ce_forward_backward.register_fake
+def _(hidden, weight, bias, targets, loss_mask, grad_scale, ignore_index, label_smoothing,
+      z_loss, softcap, filter_eps, accum_dtype, buffer_bytes, want_stats, need_hidden,
+      need_weight, need_bias, backend):
+    n = targets.shape[0]
+    cd = compute_dtype_for(hidden.dtype)
+    stats_n = n if want_stats else 0
+    has_b = need_bias and bias is not None
+    return (hidden.new_empty((), dtype=cd), hidden.new_empty(n, dtype=cd),
+            hidden.new_empty(stats_n, dtype=torch.float32),
+            hidden.new_empty(stats_n, dtype=torch.float32),
+            hidden.new_empty(stats_n, dtype=torch.bool),
+            hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if has_b else hidden.new_empty(0))
+
+
+def _setup_fb_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[5:])
+    ctx.mark_non_differentiable(*output[1:])  # lse, statistics and gradients
+
+
+def _fb_backward(ctx, grad_loss, *_other_grads):
+    """The gradients were computed in the forward: scale them by d out / d loss.
+
+    Eagerly in place: a second [V, H] gradient would double the head's gradient memory
+    at this point, and a second backward through the same graph (retain_graph) is
+    refused by autograd's saved-tensor version check instead of scaling twice. While
+    tracing (fake / functional tensor subclasses) out of place: the traced graph may
+    not mutate its saved outputs, and the compiler plans the memory itself.
+    """
+    saved = ctx.saved_tensors
+    grads = tuple(None if not (need and grad_loss is not None) else
+                  g.mul_(grad_loss) if type(g) is torch.Tensor else g * grad_loss
+                  for g, need in zip(saved, ctx.needs_input_grad[:3]))
+    return grads + (None,) * 15
+
+
+linear_ce_forward_backward.register_autograd(_fb_backward, setup_context=_setup_fb_context)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 `t3s_kernels.triton.aot` runs the host code on meta tensors to record exactly the
 launches it would make, then compiles each with `triton.compile(..., target=
-GPUTarget("cuda", 90, 32))`. It runs in a subprocess: the kernels must not be the
+GPUTarget("cuda", 90, 32))`, and reads shared memory, registers and spills (ptxas),
+wgmma count (PTX) and GPU-scope fences and atomics (SASS, Triton's cuobjdump). It
+runs in a subprocess: the kernels must not be the
 interpreter's (conftest sets TRITON_INTERPRET=1 for this process). The default run
 compiles the core variants; ``--run-slow`` compiles every dtype, option and mode.
 """
@@ -45,6 +47,12 @@ def _compile(tmp_path, which):
     return json.loads(out.read_text())["results"]
 
 
+# Kernels without a matrix product (elementwise over a stored tile): no wgmma expected.
+NO_DOT = ("grad_tile_kernel",)
+KERNELS = {"lse_partials_kernel", "lce_backward_kernel", "grad_tile_kernel",
+           "grad_hidden_kernel", "grad_weight_kernel"}
+
+
 def _check(results):
     assert results
     problems = []
@@ -53,8 +61,11 @@ def _check(results):
         if shared > SHARED_LIMIT:
             problems.append(f"{name}: {shared} bytes of shared memory > {SHARED_LIMIT}")
         ieee = ",ieee," in name
-        if not ieee and r["wgmma"] == 0:
+        if not ieee and r["wgmma"] == 0 and not name.startswith(NO_DOT):
             problems.append(f"{name}: no wgmma (Hopper tensor-core) instruction")
+        # relaxed atomics: no GPU-wide MEMBAR / CCTL.IVALL (acq_rel put one around each add)
+        if r["gpu_fences"]:
+            problems.append(f"{name}: {r['gpu_fences']} GPU-scope fences in the SASS")
         spill = r["spill_bytes"]
         if spill is not None and spill > (FP32_SPILL_LIMIT if ieee else 0):
             problems.append(f"{name}: {spill} bytes of register spills")
@@ -64,7 +75,18 @@ def _check(results):
 def test_core_variants_compile_for_sm90_and_fit(tmp_path):
     results = _compile(tmp_path, "core")
     names = {r["variant"].split("[")[0] for r in results}
-    assert names == {"lse_partials_kernel", "lce_backward_kernel"}
+    assert names == KERNELS
+    # the fence count is read from the SASS (Triton's cuobjdump): it must have been read
+    assert all(r["gpu_fences"] is not None for r in results)
+    atomics = {r["variant"].split("[")[0]: r["atomics"] for r in results}
+    # the one-pass gradient kernels own their output tiles: no atomics at all
+    assert atomics["grad_hidden_kernel"] == atomics["grad_weight_kernel"] == 0
+    assert atomics["lce_backward_kernel"] > 0  # the deferred fused backward still adds
+    # W (and the one-pass kernels' G) tiles come through tensor descriptors: TMA loads
+    tma = [r for r in results if "+use_tma" in r["variant"]]
+    assert {r["variant"].split("[")[0] for r in tma} == {
+        "lse_partials_kernel", "grad_hidden_kernel", "grad_weight_kernel"}
+    assert all(r["tma_loads"] > 0 for r in tma), [r["variant"] for r in tma if not r["tma_loads"]]
     _check(results)
 
 

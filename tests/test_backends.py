@@ -67,7 +67,16 @@ def test_a_registered_backend_serves_every_entry_point(counting):
     torch.testing.assert_close(loss, ref)
     target_logprobs(h, w, y, backend="counting")
     t3s.masked_ce(h, w, y, backend="counting")
-    assert counting.calls == ["loss_forward", "loss_backward", "target_logprobs", "loss_forward"]
+    # 'mean' with a gradient wanted runs the default loss_forward_backward in the forward
+    # (loss_forward, then loss_backward with grad_scale); masked_ce's too, though its
+    # gradient is never asked for.
+    assert counting.calls == ["loss_forward", "loss_backward", "target_logprobs", "loss_forward",
+                              "loss_backward"]
+    counting.calls.clear()
+    linear_cross_entropy(h, w, y, backend="counting", reduction="none").sum().backward()
+    with torch.no_grad():
+        linear_cross_entropy(h, w, y, backend="counting")
+    assert counting.calls == ["loss_forward", "loss_backward", "loss_forward"]
 
 
 def test_patch_accepts_a_registered_backend(counting):

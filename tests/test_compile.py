@@ -64,6 +64,12 @@ def test_masked_ce_fullgraph_matches_eager(backend, mask, reduction):
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     ref_loss, ref_stats, ref_grads = _loss_and_grads(fn, h, w, b, y, m)
+    # 'mean' / 'sum' trace the op that computes the gradient in the forward
+    explained = torch._dynamo.explain(fn)(h.detach().requires_grad_(), w, b, y, m)
+    op = "linear_ce_forward" if reduction == "none" else "linear_ce_forward_backward"
+    assert explained.graph_break_count == 0
+    assert any(f"t3s_kernels.{op}.default" in str(n.target)
+               for g in explained.graphs for n in g.graph.nodes), op
     loss, stats, grads = _loss_and_grads(compiled, h, w, b, y, m)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -125,6 +131,13 @@ def test_ops_registration_opcheck(backend):
     torch.library.opcheck(ops.linear_ce_forward,
                           (h, w, b, y, weights, -100, 0.1, 0.01, None, None, torch.float32,
                            2**20, True, backend))
+    scale = weights / weights.sum()
+    torch.library.opcheck(ops.linear_ce_forward_backward,
+                          (h, w, b, y, weights, scale, -100, 0.1, 0.01, None, None,
+                           torch.float32, 2**20, True, True, True, True, backend))
+    torch.library.opcheck(ops.linear_ce_forward_backward,
+                          (h, w.detach(), None, y, None, torch.full((N,), 0.5), -100, 0.0, 0.0,
+                           5.0, 0.0, torch.float32, 2**20, False, True, False, False, backend))
     torch.library.opcheck(ops.target_logprobs_op,
                           (h.detach(), w.detach(), None, y, -100, 30.0, True, True, 2**20,
                            backend))

@@ -374,9 +374,11 @@ def test_triton_backend_tiny(monkeypatch):
                       labels=torch.where(mask, labels, torch.full_like(labels, -100)))
     calls = []
     triton_backend = get_backend("triton")
-    kernel = triton_backend.loss_forward
-    monkeypatch.setattr(triton_backend, "loss_forward",
-                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    # the mean loss with a gradient runs loss_forward_backward (gradient in the forward)
+    for method in ("loss_forward", "loss_forward_backward"):
+        kernel = getattr(triton_backend, method)
+        monkeypatch.setattr(triton_backend, method,
+                            lambda *a, _k=kernel, **k: calls.append(1) or _k(*a, **k))
     patch(model, backend="triton", filter_eps=None)
     out, g = step(model, input_ids=ids, labels=labels, loss_mask=mask)
     assert calls  # the Triton kernels ran (interpreted on CPU)

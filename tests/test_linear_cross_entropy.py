@@ -74,18 +74,30 @@ def _run_case(backend, dtype, opts, *, n=N, h=H, v=V, lead=None, peaked=False, *
     return hidden, weight, targets
 
 
-# The Triton backend runs twice: the exact dense backward (G chunks + GEMMs) and the
-# fused in-kernel backward (atomics) with filtering off.
-# The C++ CPU backend runs as the public API calls it: forward, then the deferred backward.
-PATHS = ([("torch", None)] + ([("triton", "dense"), ("triton", "fused")] if "triton" in BACKENDS else [])
-         + ([("cpp", None)] if "cpp" in BACKENDS else []))
+# The Triton backend runs three times: with the gradient computed in the forward
+# ('mean' / 'sum'; 'none' always defers), and deferred to the backward in its exact
+# dense mode (G chunks + GEMMs) and its fused in-kernel mode (atomics) with filtering off.
+# The C++ CPU backend runs twice: its one-pass forward + gradient, and deferred.
+PATHS = ([("torch", None)]
+         + ([("triton", "forward_backward"), ("triton", "dense"), ("triton", "fused")]
+            if "triton" in BACKENDS else [])
+         + ([("cpp", "forward_backward"), ("cpp", "deferred")] if "cpp" in BACKENDS else []))
+
+
+def defer_backward(monkeypatch):
+    """Make 'mean' / 'sum' take the deferred backward (the default computes the gradient
+    in the forward)."""
+    monkeypatch.setitem(debug.OVERRIDES, "grad_in_forward", False)
 
 
 @pytest.mark.parametrize("backend,mode", PATHS, ids=[f"{b}-{m}" if m else b for b, m in PATHS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_options_match_float64(backend, mode, dtype, case):
-    debug.OVERRIDES["backward"] = mode
+def test_options_match_float64(backend, mode, dtype, case, monkeypatch):
+    if mode in ("dense", "fused"):
+        debug.OVERRIDES["backward"] = mode
+    if mode in ("dense", "fused", "deferred"):
+        defer_backward(monkeypatch)
     _run_case(backend, dtype, OPTION_CASES[case], filter_eps=None)
 
 
@@ -149,11 +161,14 @@ def test_accum_dtype_weight_dtype(backend):
 
 
 def test_accum_bf16_refused_by_interpreter():
+    """The deferred backward adds into a bf16 grad_weight with atomics, which the
+    interpreter lacks; 'none' always defers."""
     if "triton" not in BACKENDS or DEVICE.type == "cuda":
         pytest.skip("interpreter-only limitation")
     h, w, y, _ = make_case(N, H, V, torch.bfloat16, DEVICE)
     with pytest.raises(ValueError, match="accum_dtype"):
-        linear_cross_entropy(h, w, y, backend="triton", accum_dtype=torch.bfloat16)
+        linear_cross_entropy(h, w, y, backend="triton", accum_dtype=torch.bfloat16,
+                             reduction="none")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -354,7 +369,9 @@ def test_backends_listed():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wide_hidden_small_buffer(backend, monkeypatch):
-    """M * H * 4 > buffer_bytes: grad_hidden is done in row chunks in a separate pass."""
+    """Deferred backward, M * H * 4 > buffer_bytes: grad_hidden is done in row chunks in a
+    separate pass."""
+    defer_backward(monkeypatch)
     n, h = 40, 512
     assert n * h * 4 > 2**16
     from t3s_kernels.triton import backward as triton_linear_ce
@@ -371,9 +388,11 @@ def test_wide_hidden_small_buffer(backend, monkeypatch):
 
 @pytest.mark.parametrize("h", [48, 512], ids=["dense_chunks", "dense_too_big_falls_back"])
 def test_exact_backward_modes(h, monkeypatch):
-    """Exact mode: G in vocabulary chunks + GEMMs when its buffers fit, else the fused path."""
+    """Exact deferred backward: G in vocabulary chunks + GEMMs when its buffers fit, else
+    the fused path."""
     if "triton" not in BACKENDS:
         pytest.skip("triton unavailable")
+    defer_backward(monkeypatch)
     from t3s_kernels.triton import backward as triton_linear_ce
     used = []
     for name in ("_dense_backward", "_fused_backward"):

@@ -32,7 +32,8 @@ __all__ = ["Backend", "register_backend", "unregister_backend", "get_backend", "
 
 class Backend:
     """One implementation of the kernels' contract. Subclasses set `name` and override
-    the three compute methods; the eligibility hooks have permissive defaults.
+    the three compute methods (`loss_forward`, `loss_backward`, `target_logprobs`);
+    `loss_forward_backward` and the eligibility hooks have working defaults.
 
     name: the ``backend=`` value that selects it.
     priority: rank in automatic dispatch (higher wins).
@@ -68,6 +69,27 @@ class Backend:
         """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) from grad_loss [M];
         None where ``need`` is False. Rows of hidden that are not kept get zeros."""
         raise NotImplementedError
+
+    def loss_forward_backward(self, hidden: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], rows: torch.Tensor,
+                              targets: torch.Tensor, grad_scale: torch.Tensor, opts: LossOptions,
+                              want_stats: bool, need: Tuple[bool, bool, bool]
+                              ) -> Tuple[RowLosses, Grads]:
+        """The forward on the M kept rows and, in the same call, the gradients of
+        sum_m grad_scale[m] * loss[m] (the scalar reductions 'mean' and 'sum').
+
+        grad_scale: [M] in the loss dtype (token weight / denominator). Returns
+        (`RowLosses` of [M] tensors, (grad_hidden [N, H] with zeros on rows not kept,
+        grad_weight [V, H], grad_bias [V])), None where ``need`` is False.
+
+        The default runs `loss_forward` then `loss_backward`, so every backend has
+        it; a backend overrides it to share work between the two (e.g. the logits).
+        """
+        out = self.loss_forward(hidden, weight, bias, rows, targets, opts, want_stats)
+        if not any(need):
+            return out, (None, None, None)
+        return out, self.loss_backward(hidden, weight, bias, rows, targets, out.lse,
+                                       grad_scale, opts, need)
 
     def target_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor], rows: torch.Tensor,

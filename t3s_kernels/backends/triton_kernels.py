@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from ..prepare import KERNEL_DTYPES
 from .registry import Backend, register_backend
 
@@ -18,8 +20,9 @@ try:  # Triton is optional: without it everything runs on the reference.
     from ..triton import backward as triton_backward
     from ..triton import config as triton_config
     from ..triton import forward as triton_forward
+    from ..triton import forward_backward as triton_forward_backward
 except ImportError as exc:  # pragma: no cover - depends on the install
-    triton_backward = triton_config = triton_forward = None
+    triton_backward = triton_config = triton_forward = triton_forward_backward = None
     IMPORT_ERROR: Optional[str] = f"Triton failed to import: {exc}"
 else:
     IMPORT_ERROR = None
@@ -48,6 +51,22 @@ class TritonBackend(Backend):
     def loss_backward(self, hidden, weight, bias, rows, targets, lse, grad_loss, opts, need):
         return triton_backward.loss_backward(hidden, weight, bias, rows, targets, lse,
                                              grad_loss, opts, need)
+
+    def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
+                              want_stats, need):
+        """One pass (`t3s_kernels.triton.forward_backward`) when its buffers fit
+        `buffer_bytes`; otherwise the forward and the deferred backward."""
+        V, K = weight.shape
+        plan = triton_forward_backward.plan_forward_backward(
+            rows.numel(), V, K, hidden.element_size(), need[1],
+            accum_fp32=opts.accum_dtype == torch.float32 and weight.dtype != torch.float32,
+            buffer_bytes=opts.buffer_bytes)
+        if plan is None:
+            return super().loss_forward_backward(hidden, weight, bias, rows, targets,
+                                                 grad_scale, opts, want_stats, need)
+        return triton_forward_backward.loss_forward_backward(
+            hidden, weight, bias, rows, targets, grad_scale.float().contiguous(), opts,
+            want_stats, need, plan)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
                         want_argmax, buffer_bytes):

@@ -4,14 +4,19 @@ No GPU or driver is needed: `triton.compile` with a `GPUTarget` gives the PTX, t
 cubin, shared memory, and (through ptxas) registers and spills. The variants are
 not listed by hand: `capture_launches` runs the real host code (`loss_forward`,
 `loss_backward`, the forward of `target_logprobs`) on meta tensors with the kernels
-replaced by recorders, so what is compiled is exactly what would be launched for
-that shape, dtype and option set (block shapes, warps and stages from
+replaced by recorders (and, for the cases that ask for it, the one-pass loss +
+gradient of `forward_backward`), so what is compiled is exactly what would be
+launched for that shape, dtype and option set (block shapes, warps and stages from
 `pick_config`; Triton's own specialisation of 1-valued and 16-divisible integers
 and 16-aligned pointers is reproduced).
 
     python -m t3s_kernels.triton.aot            # every variant, a table
     python -m t3s_kernels.triton.aot --cases core   # the few that CI compiles
     python -m t3s_kernels.triton.aot --json F   # also the records as JSON
+
+Each record: shared memory, registers and spills (ptxas --verbose), wgmma count
+(PTX), TMA loads (cp.async.bulk.tensor in the PTX), and GPU-scope fences
+(MEMBAR.*.GPU, CCTL.IVALL) and atomics from the SASS (Triton's bundled cuobjdump).
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 """
@@ -32,13 +37,17 @@ import torch
 import triton
 
 from ..prepare import LossOptions
-from . import backward, config, forward
+from . import backward, config, forward, forward_backward
 
 __all__ = ["Launch", "Case", "Compiled", "capture_launches", "launches_for", "compile_launch",
-           "default_cases", "core_cases", "SHARED_MEMORY_LIMIT"]
+           "default_cases", "core_cases", "one_pass_cases", "SHARED_MEMORY_LIMIT", "GPU_FENCE"]
 
 # sm_90's largest shared memory per block (227 KiB): a kernel above it cannot launch.
 SHARED_MEMORY_LIMIT = 227 * 1024
+# What an acq_rel atomic costs in SASS: a GPU-wide MEMBAR before it and an L1
+# invalidation (CCTL.IVALL) after it. Relaxed atomics have neither; the MEMBAR.ALL.CTA
+# + FENCE.VIEW.ASYNC pairs around wgmma's shared-memory operands are not counted.
+GPU_FENCE = r"\bMEMBAR\.\S*GPU\b|\bCCTL\.IVALL\b"
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
                   torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32",
                   torch.bool: "*i1", torch.int8: "*i8"}
@@ -59,11 +68,12 @@ class Launch:
     def name(self) -> str:
         cx = dict(self.constexprs)
         flags = [k.lower() for k in ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENT", "WANT_ARGMAX",
-                                     "WANT_SUMZ", "COMPUTE_DH", "COMPUTE_DW", "COMPUTE_DB",
-                                     "STORE_G") if cx.get(k)]
+                                     "WANT_SUMZ", "STORE_Z", "COMPUTE_DH", "COMPUTE_DW",
+                                     "COMPUTE_DB", "STORE_G", "ACCUMULATE", "USE_TMA")
+                 if cx.get(k)]
         sig = dict(self.signature)
-        dtype = sig.get("H", "?").lstrip("*")
-        if cx.get("COMPUTE_DW"):
+        dtype = (sig.get("H") or sig.get("G", "?")).lstrip("*")
+        if cx.get("COMPUTE_DW") or self.kernel == "grad_weight_kernel":
             flags.append(f"dw_{sig.get('DW', '?').lstrip('*')}")
         return (f"{self.kernel}[{dtype},{cx.get('PRECISION')},"
                 f"{cx.get('BLOCK_M')}x{cx.get('BLOCK_N')}x{cx.get('BLOCK_K')},"
@@ -92,6 +102,9 @@ class _Recorder:
             if name in constexpr_names:
                 signature.append((name, "constexpr"))
                 constexprs.append((name, v))
+            elif config.TensorDescriptor is not None and isinstance(v, config.TensorDescriptor):
+                dims = ", ".join(str(b) for b in v.block_shape)
+                signature.append((name, f"tensordesc<{_POINTER_TYPES[v.base.dtype][1:]}[{dims}]>"))
             elif isinstance(v, torch.Tensor):
                 signature.append((name, _POINTER_TYPES[v.dtype]))
                 if (v.storage_offset() * v.element_size()) % 16 == 0:
@@ -122,13 +135,20 @@ def capture_launches():
         raise RuntimeError("the AOT compile needs the real kernels: unset TRITON_INTERPRET "
                            "before t3s_kernels is imported")
     sink: List[Launch] = []
-    saved = (forward.lse_partials_kernel, backward.lce_backward_kernel)
-    forward.lse_partials_kernel = _Recorder(saved[0], sink)
-    backward.lce_backward_kernel = _Recorder(saved[1], sink)
+    saved = {(module, name): getattr(module, name) for module, name in _KERNELS}
+    for (module, name), kernel in saved.items():
+        setattr(module, name, _Recorder(kernel, sink))
     try:
         yield sink
     finally:
-        forward.lse_partials_kernel, backward.lce_backward_kernel = saved
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
+
+
+# Every kernel the host code launches, by the module whose global the host code reads.
+_KERNELS = ((forward, "lse_partials_kernel"), (backward, "lce_backward_kernel"),
+            (forward_backward, "grad_tile_kernel"), (forward_backward, "grad_hidden_kernel"),
+            (forward_backward, "grad_weight_kernel"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +166,14 @@ class Case:
     stats: bool = False
     filter_eps: Optional[float] = 1e-3  # None: the exact (dense) backward
     accum_dtype: Optional[torch.dtype] = None  # None: float32
+    buffer_bytes: int = 256 * 2**20
+    one_pass: bool = False  # also the gradient-in-forward launches ('mean' / 'sum')
 
 
 def launches_for(case: Case) -> List[Launch]:
-    """The launches of one loss forward + backward and one `target_logprobs` forward."""
+    """The launches of one loss forward + backward and one `target_logprobs` forward, and
+    with ``case.one_pass`` those of the one-pass loss + gradient (when its plan fits
+    ``case.buffer_bytes``; otherwise it runs the launches above)."""
     meta = dict(device="meta", dtype=case.dtype)
     hidden = torch.empty(case.M, case.H, **meta)
     weight = torch.empty(case.V, case.H, **meta)
@@ -158,7 +182,12 @@ def launches_for(case: Case) -> List[Launch]:
     targets = torch.empty(case.M, dtype=torch.int64, device="meta")
     opts = LossOptions(label_smoothing=case.label_smoothing, softcap=case.softcap,
                        filter_eps=case.filter_eps,
-                       accum_dtype=case.accum_dtype or torch.float32)
+                       accum_dtype=case.accum_dtype or torch.float32,
+                       buffer_bytes=case.buffer_bytes)
+    need = (True, True, case.bias)
+    plan = forward_backward.plan_forward_backward(
+        case.M, case.V, case.H, hidden.element_size(), True,
+        opts.accum_dtype == torch.float32 and case.dtype != torch.float32, case.buffer_bytes)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32
     try:
@@ -169,6 +198,10 @@ def launches_for(case: Case) -> List[Launch]:
                                    (True, True, case.bias))
             forward.lse_partials(hidden, weight, bias, rows, targets, softcap=case.softcap,
                                  want_entropy=case.stats, want_argmax=case.stats)
+            if case.one_pass and plan is not None:
+                forward_backward.loss_forward_backward(
+                    hidden, weight, bias, rows, targets, torch.empty(case.M, device="meta"),
+                    opts, case.stats, need, plan)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     unique: Dict[Launch, None] = dict.fromkeys(sink)
@@ -183,11 +216,16 @@ class Compiled:
     spill_bytes: Optional[int]
     wgmma: int  # wgmma instructions in the PTX (Hopper tensor cores)
     seconds: float
+    gpu_fences: Optional[int] = None  # GPU-scope fences in the SASS (None: no cuobjdump)
+    tma_loads: int = 0  # cp.async.bulk.tensor instructions in the PTX
+    atomics: Optional[int] = None  # RED / ATOM instructions in the SASS
 
     def row(self) -> dict:
         return {"variant": self.launch.name, "shared_bytes": self.shared_bytes,
                 "registers": self.registers, "spill_bytes": self.spill_bytes,
-                "wgmma": self.wgmma, "seconds": round(self.seconds, 2)}
+                "wgmma": self.wgmma, "gpu_fences": self.gpu_fences, "atomics": self.atomics,
+                "tma_loads": self.tma_loads,
+                "seconds": round(self.seconds, 2)}
 
 
 def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
@@ -197,8 +235,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = {"lse_partials_kernel": forward.lse_partials_kernel,
-              "lce_backward_kernel": backward.lce_backward_kernel}[launch.kernel]
+    kernel = {name: getattr(module, name) for module, name in _KERNELS}[launch.kernel]
     index = {n: i for i, n in enumerate(kernel.arg_names)}
     src = ASTSource(fn=kernel, signature=dict(launch.signature),
                     constexprs={(index[n],): v for n, v in launch.constexprs},
@@ -210,8 +247,27 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_resources(ptx, arch)
+    sass = _sass(compiled.asm.get("cubin"))
     return Compiled(launch, int(compiled.metadata.shared), registers, spills,
-                    len(re.findall(r"wgmma\.mma_async", ptx)), seconds)
+                    len(re.findall(r"wgmma\.mma_async", ptx)), seconds,
+                    gpu_fences=None if sass is None else len(re.findall(GPU_FENCE, sass)),
+                    atomics=None if sass is None else len(re.findall(r"\b(?:RED|ATOM)G?\.",
+                                                                     sass)),
+                    tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
+
+
+def _sass(cubin: Optional[bytes]) -> Optional[str]:
+    """The SASS of a cubin (Triton's bundled ``cuobjdump -sass``), or None without it."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def _ptxas_resources(ptx: str, arch: int):
@@ -252,15 +308,32 @@ def default_cases() -> List[Case]:
                       Case(M=M, dtype=dtype, tf32=tf32, filter_eps=None)]
             if dtype != torch.float32:
                 cases.append(Case(M=M, dtype=dtype, accum_dtype=dtype))
+            cases += one_pass_cases(M, dtype, tf32)
     return cases
+
+
+def one_pass_cases(M: int, dtype: torch.dtype, tf32: bool) -> List[Case]:
+    """The gradient-in-forward launches: filtered (tile kernels) with and without bias /
+    softcap / stats, and exact (the logits and G kernels; the GEMMs are the library's).
+    Low-precision weights sum grad_weight in their own dtype here: a float32 [V, H]
+    accumulator of this head exceeds the default buffer (the plan would fall back)."""
+    accum = None if dtype == torch.float32 else dtype
+    return [Case(M=M, dtype=dtype, tf32=tf32, one_pass=True, accum_dtype=accum),
+            Case(M=M, dtype=dtype, tf32=tf32, one_pass=True, accum_dtype=accum, bias=True,
+                 softcap=30.0, label_smoothing=0.1, stats=True),
+            Case(M=M, dtype=dtype, tf32=tf32, one_pass=True, accum_dtype=accum,
+                 filter_eps=None)]
 
 
 def core_cases() -> List[Case]:
     """The few variants CI compiles by default: the bf16 and fp32 + TF32 loss forward and
     fused backward at both block heights (the fp32 backward is the one nearest the
-    shared-memory limit)."""
-    return [Case(M=M, dtype=dtype, tf32=tf32) for M in (4093, 8191)
-            for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True))]
+    shared-memory limit), and the one-pass kernels in bf16 and fp32 + TF32."""
+    return ([Case(M=M, dtype=dtype, tf32=tf32) for M in (4093, 8191)
+             for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True))]
+            + [Case(M=8191, dtype=torch.bfloat16, one_pass=True, accum_dtype=torch.bfloat16,
+                    bias=True),
+               Case(M=4093, dtype=torch.float32, tf32=True, one_pass=True)])
 
 
 def compile_all(cases: Iterable[Case], arch: int = 90) -> List[Compiled]:
@@ -284,7 +357,8 @@ def main(argv=None) -> int:
     for r in results:
         flag = "" if r.shared_bytes <= SHARED_MEMORY_LIMIT else "  OVER SHARED LIMIT"
         print(f"{r.launch.name:100s} shared {r.shared_bytes:7d}  regs {r.registers}  "
-              f"spill {r.spill_bytes}  wgmma {r.wgmma}  {r.seconds:5.1f}s{flag}")
+              f"spill {r.spill_bytes}  wgmma {r.wgmma}  gpu_fences {r.gpu_fences}  "
+              f"atomics {r.atomics}  tma {r.tma_loads}  {r.seconds:5.1f}s{flag}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch,

@@ -22,7 +22,14 @@ fp32 vocabulary chunks, each written out in the weight's dtype once complete
 (so fp32 accumulation never needs a V x H fp32 buffer). With accum_dtype equal to the weight's
 dtype the atomics go straight into grad_weight and no chunk buffer is used.
 
-Atomics make the float summation order, hence the last bits, run-dependent.
+Atomics make the float summation order, hence the last bits, run-dependent. They
+are relaxed (``sem="relaxed"``): the adds commute and nothing in the kernel reads
+what another program added, so the default acq_rel ordering (a GPU-wide fence
+around every add) buys nothing. The result is read only after the launch ends.
+
+The scalar reductions 'mean' and 'sum' do not come here: they take the one-pass
+path of `t3s_kernels.triton.forward_backward`, which has no atomics on
+grad_hidden or grad_weight.
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ def lce_backward_kernel(
 
     z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                    stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+                   W, 0, False)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
     # z_loss * lse^2 adds 2 z_loss lse p_j to d loss / d z_j.
@@ -81,7 +89,7 @@ def lce_backward_kernel(
     if (tile_max >= filter_eps) | (tile_max != tile_max):
         g = dz * tl.load(GCOEF + offs_m, mask=row_mask, other=0.0)[:, None]
         if COMPUTE_DB:
-            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask)
+            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
         g_in = g.to(H.dtype.element_ty)  # operand dtype of the two GEMMs, fp32 accumulation
         if STORE_G:  # dense mode: the GEMMs run outside, on this [M, chunk] tile of G
             tl.store(G + offs_m[:, None] * stride_gm + (cols - v_begin)[None, :], g_in,
@@ -95,7 +103,7 @@ def lce_backward_kernel(
                 dh = dot_acc(g_in, w_tile, tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
                           UPCAST, PRECISION)
                 tl.atomic_add(DH + offs_m[:, None] * stride_dhm + ks[None, :], dh,
-                              mask=row_mask[:, None] & kmask[None, :])
+                              mask=row_mask[:, None] & kmask[None, :], sem="relaxed")
             if COMPUTE_DW:
                 h_tile = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
                                  mask=row_mask[:, None] & kmask[None, :], other=0.0)
@@ -103,7 +111,7 @@ def lce_backward_kernel(
                           UPCAST, PRECISION)
                 tl.atomic_add(DW + (cols - v_begin)[:, None] * stride_dwv + ks[None, :],
                               dw.to(DW.dtype.element_ty),
-                              mask=col_mask[:, None] & kmask[None, :])
+                              mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
 
 
 def _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, *, dh, dw, db,

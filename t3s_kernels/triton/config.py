@@ -15,6 +15,11 @@ import triton
 
 from ..debug import OVERRIDES
 
+try:  # host-side tensor descriptors (TMA on sm_90); Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
+
 
 @triton.jit
 def _interpreter_probe():
@@ -76,6 +81,31 @@ def dot_precision(dtype: torch.dtype) -> str:
         return "ieee"
     return "tf32"
 
+
+
+def tma_problem(t: torch.Tensor, precision: str = "tf32") -> Optional[str]:
+    """Why the tiles of ``t`` [rows, cols] cannot come through a tensor descriptor
+    (None: they can). TMA needs Triton's descriptors, an sm_90+ GPU (or the
+    interpreter, or meta tensors for the ahead-of-time compile), a unit column stride,
+    16-byte aligned base and row stride, and tensor-core dots: with IEEE fp32 dots
+    (``precision='ieee'``) the descriptor tiles spill 5-10 KB per thread on sm_90
+    (`t3s_kernels.triton.aot`), pointer loads none. ``OVERRIDES["tma"] = False``
+    turns it off."""
+    if TensorDescriptor is None:
+        return "this Triton has no triton.tools.tensor_descriptor"
+    if precision == "ieee":
+        return "IEEE fp32 dots (no tensor cores) spill with descriptor tiles"
+    if OVERRIDES.get("tma", True) is False:
+        return "turned off by OVERRIDES['tma']"
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return "TMA needs compute capability 9.0 or newer"
+    if t.device.type not in ("cuda", "meta") and not KERNELS_INTERPRETED:
+        return f"tensors on {t.device}"
+    if t.stride(1) != 1:
+        return "weight's last dimension is not contiguous"
+    if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return "weight's base or row stride is not 16-byte aligned"
+    return None
 
 
 def device_problem(t: torch.Tensor) -> Optional[str]:

@@ -1,11 +1,13 @@
 """Triton forward kernel: per-row log-sum-exp and friends over a linear head, streamed.
 
-Used by the forward of both ops (the loss and `target_logprobs`).
+Used by the forward of both ops (the loss and `target_logprobs`), and by the
+one-pass loss + gradient (`t3s_kernels.triton.forward_backward`).
 
 For each kept row t and a slice of the vocabulary (a "split"), the kernel
 computes logit tiles z = softcap(h_t W^T + b) block by block (fp32
-accumulation) and folds them into running statistics without ever storing a
-logit:
+accumulation) and folds them into running statistics, storing no logit
+(except with ``STORE_Z``: the one-pass path writes its row chunk's logits to a
+bounded buffer, to form the gradient from them):
 
     m      running max                 s    sum exp(z - m)
     tz     target logit (0 if the target is in another split)
@@ -31,7 +33,8 @@ import triton.language as tl
 
 from ..debug import empty
 from ..reference import merge_partials
-from .config import KERNELS_INTERPRETED, dot_precision, pick_config, pick_splits
+from .config import (KERNELS_INTERPRETED, TensorDescriptor, dot_precision, pick_config,
+                     pick_splits, tma_problem)
 
 
 @triton.jit
@@ -55,16 +58,24 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                stride_hm, stride_hk, stride_wv, stride_wk, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W."""
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               W_DESC=None, v0=0, USE_TMA: tl.constexpr = False):
+    """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W.
+
+    With USE_TMA the W tiles come through the tensor descriptor W_DESC (block
+    [BLOCK_N, BLOCK_K], zero padding past V and K; TMA on sm_90), tile start v0."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = tl.load(H + hrows[:, None] * stride_hm + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
-                    mask=col_mask[None, :] & kmask[:, None], other=0.0)
+        if USE_TMA:
+            # columns past this split's end are loaded too; the caller masks them
+            b = W_DESC.load([v0, k0]).T
+        else:
+            b = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+                        mask=col_mask[None, :] & kmask[:, None], other=0.0)
         acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -75,15 +86,16 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
 
 @triton.jit
 def lse_partials_kernel(
-    H, W, B, ROWS, TGT,
-    OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI,
+    H, W, W_DESC, B, ROWS, TGT,
+    OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI, Z,
     M, V, K, vocab_per_split,
-    stride_hm, stride_hk, stride_wv, stride_wk,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_zm,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TARGET: tl.constexpr,
     WANT_SUMZ: tl.constexpr, WANT_ENT: tl.constexpr, WANT_ARGMAX: tl.constexpr,
+    STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -108,7 +120,11 @@ def lse_partials_kernel(
         col_mask = cols < v_end
         z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                        stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+                       W_DESC, v0, USE_TMA)
+        if STORE_Z:  # the gradient-in-forward path forms G from these stored logits
+            tl.store(Z + offs_m[:, None] * stride_zm + cols[None, :], z,
+                     mask=row_mask[:, None] & col_mask[None, :])
         z_valid = tl.where(col_mask[None, :], z, 0.0)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         if HAS_TARGET:
@@ -159,10 +175,13 @@ class Partials:
 def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  rows: torch.Tensor, targets: Optional[torch.Tensor], *,
                  softcap: Optional[float], want_sumz: bool = False, want_entropy: bool = False,
-                 want_argmax: bool = False) -> Partials:
+                 want_argmax: bool = False,
+                 logits_out: Optional[torch.Tensor] = None) -> Partials:
     """Launch the streaming kernel over rows `rows` of hidden [N, K]; weight [V, K].
 
     rows: [M] int64 row indices, targets: [M] int64 or None. O(S * M) output.
+    logits_out: optional [M, V] float32 (unit column stride) that receives the logits
+    z (after bias and softcap) of the M rows as they stream past.
     """
     M = rows.numel()
     V, K = weight.shape
@@ -181,22 +200,35 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if M > 0:
         dummy = out_m  # stands in for absent optional pointers; never dereferenced
         grid = (triton.cdiv(M, cfg.block_m), S)
+        w_desc = weight_descriptor(weight, cfg.block_n, cfg.block_k)
         lse_partials_kernel[grid](
-            hidden, weight, bias if bias is not None else dummy, rows,
+            hidden, weight, w_desc if w_desc is not None else weight,
+            bias if bias is not None else dummy, rows,
             targets if targets is not None else rows,
             out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
-            _or(out_av, dummy), _or(out_ai, dummy),
+            _or(out_av, dummy), _or(out_ai, dummy), _or(logits_out, dummy),
             M, V, K, vocab_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            logits_out.stride(0) if logits_out is not None else 0,
             float(softcap) if softcap is not None else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_TARGET=targets is not None, WANT_SUMZ=want_sumz, WANT_ENT=want_entropy,
-            WANT_ARGMAX=want_argmax,
+            WANT_ARGMAX=want_argmax, STORE_Z=logits_out is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
+            USE_TMA=w_desc is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return Partials(out_m, out_s, out_tz, out_sz, out_ez, out_av, out_ai)
+
+
+def weight_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
+    """A host tensor descriptor of weight [V, K] with block [block_n, block_k], or None
+    where TMA does not apply (`config.tma_problem` says why)."""
+    if tma_problem(weight, dot_precision(weight.dtype)) is not None:
+        return None
+    return TensorDescriptor(weight, shape=list(weight.shape), strides=[weight.stride(0), 1],
+                            block_shape=[block_n, block_k])
 
 
 def _or(t, default):
