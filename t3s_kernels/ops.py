@@ -220,15 +220,11 @@ def _setup_fb_context(ctx, inputs, output):
 def _fb_backward(ctx, grad_loss, *_other_grads):
     """The gradients were computed in the forward: scale them by d out / d loss.
 
-    Eagerly in place: a second [V, H] gradient would double the head's gradient memory
-    at this point, and a second backward through the same graph (retain_graph) is
-    refused by autograd's saved-tensor version check instead of scaling twice. While
-    tracing (fake / functional tensor subclasses) out of place: the traced graph may
-    not mutate its saved outputs, and the compiler plans the memory itself.
+    Out of place, so that a retained graph's next backward (per-group gradients,
+    ``retain_graph=True``) scales the same saved gradients again.
     """
     saved = ctx.saved_tensors
-    grads = tuple(None if not (need and grad_loss is not None) else
-                  g.mul_(grad_loss) if type(g) is torch.Tensor else g * grad_loss
+    grads = tuple(None if not (need and grad_loss is not None) else g * grad_loss
                   for g, need in zip(saved, ctx.needs_input_grad[:3]))
     return grads + (None,) * 15
 
