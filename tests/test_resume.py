@@ -181,8 +181,11 @@ KILL_POINTS = (
 
 def _demo(out, log):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # SIGINT as at a terminal: a test run started in the background (`cmd &` in a script)
+    # hands its children SIGINT ignored, and Python then keeps it ignored
     return subprocess.Popen([sys.executable, "-m", "t3s", "demo", "--quick", "--out", str(out)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _kill_at(proc, trigger: Path, sig, timeout=600):
