@@ -22,8 +22,8 @@ Rows, task 'loss' (forward + backward of the mean loss over the kept tokens):
 - three GEMMs: ``h_kept @ W^T``, ``G @ W``, ``G^T @ h_kept`` on the kept rows, the
   arithmetic floor of any exact implementation (G a stand-in of the right shape);
 - t3s torch: the reference backend through `linear_cross_entropy`;
-- t3s cpp: the C++ backend through `linear_cross_entropy` (forward, then the deferred
-  backward that recomputes the logits from the saved lse);
+- t3s cpp: the C++ backend through `linear_cross_entropy` (for 'mean' the op calls its
+  one-pass `loss_forward_backward`; autograd then scales the saved gradients);
 - t3s cpp one-pass: the C++ backend's `loss_forward_backward` (the gradient computed in
   the forward pass, three GEMMs), called on the compacted rows.
 
