@@ -60,3 +60,14 @@ def one_line(exc: BaseException) -> str:
     """The exception's message with its lines joined (its type name when empty)."""
     text = str(exc).strip() or type(exc).__name__
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures go to files)."""
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
+        raise ImportError("t3s figures need matplotlib: pip install matplotlib") from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt

@@ -16,18 +16,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from .._util import pyplot
 
 __all__ = ["plot_shock_curves", "plot_transfer", "plot_gradients", "plot_roc"]
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("t3s figures need matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _xy(series: Mapping[int, float]):
@@ -38,7 +29,7 @@ def _xy(series: Mapping[int, float]):
 def plot_shock_curves(path, curves: Mapping[str, Any], below: Optional[Mapping[str, Any]] = None,
                       *, title: str = "Pilot SFT: loss, accuracy, tokens below θ0") -> None:
     """curves: `t3s.analysis.shock.shock_curves`' result; below: `below_initial`'s."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = 3 if below is not None else 2
     fig, axes = plt.subplots(rows, 1, figsize=(7, 2.4 * rows), sharex=True)
     b = curves.get("bottleneck_step")
@@ -75,7 +66,7 @@ def plot_shock_curves(path, curves: Mapping[str, Any], below: Optional[Mapping[s
 
 def plot_transfer(path, matrices: Mapping[str, Mapping[str, Any]]) -> None:
     """matrices: checkpoint label -> `t3s.analysis.transfer.transfer_matrix`'s result."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(matrices)
     if n == 0:
         raise ValueError("no matrix to plot")
@@ -105,7 +96,7 @@ def plot_gradients(path, series: Mapping[str, Mapping[str, Sequence[float]]], *,
                    marks: Optional[Mapping[str, float]] = None) -> None:
     """series: label -> {"step", "ratio", "cosine"} (lists per checkpoint); marks: label ->
     step to mark (e.g. the bottleneck)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 4.6), sharex=True)
     colors = ("#e76f51", "#1f77b4", "#7f7f7f", "#2a9d8f")
     for (label, s), color in zip(series.items(), colors):
@@ -134,7 +125,7 @@ def plot_gradients(path, series: Mapping[str, Mapping[str, Sequence[float]]], *,
 def plot_roc(path, curves: Mapping[str, Any], aucs: Mapping[str, float], *,
              title: str = "Static signals at θ0 vs the anchor set") -> None:
     """curves: signal -> (fpr, tpr); aucs: signal -> AUC."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot([0, 1], [0, 1], color="#999999", ls=":", lw=1)
     for name, (fpr, tpr) in curves.items():

@@ -24,34 +24,12 @@ from typing import Any, Dict, List, Mapping, Optional
 from . import rundir
 from .plots import plot_shock
 from .rundir import read_json
+from .report import stage_history, stage_summary
 
 __all__ = ["DIFFUSION_METRIC_KEYS", "diffusion_report"]
 
 #: the keys the metrics.json of a diffusion run starts with
 DIFFUSION_METRIC_KEYS = ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "forced_fraction")
-
-
-def _curves(stage_dir: Optional[Path]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"train_acc": {}, "heldout_acc": {}, "loss": {}}
-    if stage_dir is None:
-        return out
-    acc = stage_dir / rundir.ACCURACY_FILE
-    if acc.is_file():
-        data = read_json(acc)
-        for key in ("train_acc", "heldout_acc"):
-            out[key] = {int(s): float(a) for s, a in (data.get(key) or {}).items()}
-    log = stage_dir / rundir.LOG_HISTORY_FILE
-    if log.is_file():
-        for e in read_json(log):
-            if isinstance(e, dict) and "loss" in e and "step" in e:
-                out["loss"][int(e["step"])] = float(e["loss"])
-    return out
-
-
-def _summary(stage_dir: Optional[Path]) -> Dict[str, Any]:
-    if stage_dir is None or not (stage_dir / rundir.RECORD_FILE).is_file():
-        return {}
-    return dict(read_json(stage_dir / rundir.RECORD_FILE).get("summary") or {})
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -67,8 +45,8 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
     if dirs.get("eval") is not None and (dirs["eval"] / rundir.RESULTS_FILE).is_file():
         results = read_json(dirs["eval"] / rundir.RESULTS_FILE)
     arms = results.get("arms") or {}
-    pilot, select = _summary(dirs.get("pilot")), _summary(dirs.get("select"))
-    train, base_run = _summary(dirs.get("train")), _summary(dirs.get("baseline"))
+    pilot, select = stage_summary(dirs.get("pilot")), stage_summary(dirs.get("select"))
+    train, base_run = stage_summary(dirs.get("train")), stage_summary(dirs.get("baseline"))
     m: Dict[str, Any] = {f"{a}_acc": (arms[a]["accuracy"] if a in arms else None)
                          for a in ("base", "sft", "t3s", "baseline")}
     m["forced_fraction"] = train.get("forced_fraction", select.get("masked_fraction"))
@@ -88,7 +66,7 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
         "sft_model": cfg.get("sft_model"),
         "bottleneck_step": pilot.get("bottleneck_step", select.get("bottleneck_step")),
         "selector_pilot_train_acc": {str(k): v for k, v in
-                                     sorted(_curves(dirs.get("pilot"))["train_acc"].items())},
+                                     sorted(stage_history(dirs.get("pilot"))["train_acc"].items())},
     })
     runs = {}
     sft_dir = Path(cfg["sft_model"]).parent if cfg.get("sft_model") else None
@@ -96,7 +74,7 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
                           ("dsft", sft_dir, "diffusion: plain SFT"),
                           ("t3s", dirs.get("train"), "diffusion: T3S (forced set)"),
                           ("baseline", dirs.get("baseline"), "diffusion: random forced set")):
-        c = _curves(d)
+        c = stage_history(d)
         if c["loss"] or c["heldout_acc"] or c["train_acc"]:
             runs[arm] = {**c, "label": label}
             m[f"{arm}_heldout_acc_curve"] = {str(k): v for k, v in sorted(c["heldout_acc"].items())}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from .._util import pyplot
 
 __all__ = ["plot_shock", "plot_delta_histogram", "plot_traces", "ANCHOR_COLOR", "KEPT_COLOR"]
 
@@ -27,16 +28,6 @@ _ARM_STYLE = {
     "t3s": dict(color="#1f77b4", label="T3S"),
     "baseline": dict(color="#7f7f7f", label="baseline"),
 }
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("t3s reports need matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # --------------------------------------------------------------------------------------
@@ -62,7 +53,7 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
     measured_on: "train_acc" / "heldout_acc" -> what that accuracy was measured on
     (e.g. "on 64 of the 200 held-out problems"), added to the legend.
     """
-    plt = _pyplot()
+    plt = pyplot()
     on = {k: f" ({v})" if v else "" for k, v in (measured_on or {}).items()}
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 8.2), sharex=True,
                                           gridspec_kw=dict(height_ratios=[1, 1.35]))
@@ -119,7 +110,7 @@ def plot_delta_histogram(path, deltas: Mapping[str, Sequence[float]], *, thresho
     outside are given in the legend); the threshold is drawn as a line and the
     share of tokens above it is written in the legend.
     """
-    plt = _pyplot()
+    plt = pyplot()
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in deltas.items() if len(v)}
     arrays = {k: v[np.isfinite(v)] for k, v in arrays.items()}
     fig, ax = plt.subplots(figsize=(8, 5.2))
@@ -181,7 +172,7 @@ def plot_traces(path, examples: Sequence[Mapping[str, Any]], *, columns: int = 9
     characters per line, at most ``max_rows`` lines per example (the rest is
     cut with "…").
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch, Rectangle
 
     rows: List[Tuple[str, Any]] = []   # ("title", text) | ("prompt", text) | ("tokens", [...])

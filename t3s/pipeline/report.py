@@ -38,6 +38,8 @@ __all__ = [
     "collect_metrics",
     "render_markdown",
     "demo_writeup",
+    "stage_history",
+    "stage_summary",
 ]
 
 #: The keys every metrics.json starts with, in this order (null when not available).
@@ -48,7 +50,7 @@ METRIC_KEYS = ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "bottleneck_ste
 # Reading a run directory
 # --------------------------------------------------------------------------------------
 
-def _history(stage_dir: Optional[Path]) -> Dict[str, Any]:
+def stage_history(stage_dir: Optional[Path]) -> Dict[str, Any]:
     """{"train_acc", "heldout_acc": {step: acc}, "loss": {step: loss}, "bottleneck_step"}."""
     out: Dict[str, Any] = {"train_acc": {}, "heldout_acc": {}, "loss": {}}
     if stage_dir is None:
@@ -70,7 +72,8 @@ def _history(stage_dir: Optional[Path]) -> Dict[str, Any]:
     return out
 
 
-def _summary(stage_dir: Optional[Path]) -> Dict[str, Any]:
+def stage_summary(stage_dir: Optional[Path]) -> Dict[str, Any]:
+    """The ``summary`` of a stage's record (``stage.json``); {} when there is none."""
     if stage_dir is None or not (stage_dir / rundir.RECORD_FILE).is_file():
         return {}
     return dict(read_json(stage_dir / rundir.RECORD_FILE).get("summary") or {})
@@ -123,8 +126,8 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     """
     run_dir = Path(run_dir)
     dirs, config = _stage_dirs_and_config(run_dir, stage_dirs, config)
-    pilot, train, base_run = (_history(dirs.get(n)) for n in ("pilot", "train", "baseline"))
-    pilot_sum, select_sum = _summary(dirs.get("pilot")), _summary(dirs.get("select"))
+    pilot, train, base_run = (stage_history(dirs.get(n)) for n in ("pilot", "train", "baseline"))
+    pilot_sum, select_sum = stage_summary(dirs.get("pilot")), stage_summary(dirs.get("select"))
     eval_dir = dirs.get("eval")
     results = read_json(eval_dir / rundir.RESULTS_FILE) if eval_dir is not None and \
         (eval_dir / rundir.RESULTS_FILE).is_file() else {}
@@ -557,7 +560,7 @@ def build_report(run_dir, *, out_dir=None,
 
     runs = {}
     for arm, stage in (("sft", "pilot"), ("t3s", "train"), ("baseline", "baseline")):
-        h = _history(dirs.get(stage))
+        h = stage_history(dirs.get(stage))
         if h["loss"] or h["train_acc"] or h["heldout_acc"]:
             label = None
             if arm == "t3s" and metrics.get("rule"):
