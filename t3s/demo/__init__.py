@@ -49,7 +49,8 @@ from .evaluate import max_new_tokens_for
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
 from .task import Problem
 
-__all__ = ["main", "demo_settings", "write_data", "DATA_SIZES", "QUICK_DATA_SIZES",
+__all__ = ["main", "demo_settings", "write_data", "check_demo_dir", "install_data",
+           "refuse_other_settings", "DATA_SIZES", "QUICK_DATA_SIZES",
            "SETTINGS", "QUICK_SETTINGS", "BASE_DIR", "PARAM_COUNT", "build_tokenizer",
            "load_base", "Problem"]
 
@@ -98,6 +99,49 @@ def write_data(data_dir: os.PathLike, *, trace_counts: Mapping[int, int], heldou
             for key, problems in (("train", traces), ("heldout", heldout), ("extra_test", four))}
 
 
+def check_demo_dir(out_path: Path, run, ours: Sequence[str] = ()) -> None:
+    """RunDirError unless ``out_path`` is missing, a run directory, or holds only what a
+    demo puts there (data/, the lock, staging folders, ``ours``)."""
+    from ..pipeline.rundir import DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, RunDirError
+    allowed = (DEMO_DATA_DIR, LOCK_FILE, *ours)
+    if out_path.exists() and not run.is_run_dir() and any(
+            p.name not in allowed and not p.name.startswith(DEMO_STAGING_PREFIX)
+            for p in out_path.iterdir()):
+        raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another "
+                          "--out")
+
+
+def refuse_other_settings(run, cfg: Mapping[str, Any], fps: Mapping[str, Any]) -> None:
+    """RunDirError when ``run`` holds a demo run with settings other than ``cfg``."""
+    from ..pipeline.rundir import RunDirError
+    diff = run.config_diff(cfg, fps)
+    if diff:
+        raise RunDirError(f"{run.path} holds a demo run with other settings "
+                          f"({'; '.join(diff)}); pass --overwrite to start it afresh, "
+                          "or choose another --out")
+
+
+def install_data(out_path: Path, sizes: Mapping[str, Any], seed: int,
+                 settle: Callable[[Dict[str, str], Dict[str, str]], Any]) -> Any:
+    """Write the demo's data next to ``out_path/data/``, call ``settle(data, staged)``
+    (data: key -> final path, staged: key -> the written file; it builds the settings
+    and refuses other ones by raising), and only then move the files into data/;
+    returns what ``settle`` returned. A refused call changes nothing. Call it with the
+    run directory's lock held."""
+    from ..pipeline.rundir import DEMO_DATA_DIR, DEMO_STAGING_PREFIX
+    staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
+    try:
+        staged = write_data(staging, seed=seed, **sizes)
+        data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
+        settled = settle(data, staged)
+        (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
+        for key, path in staged.items():
+            os.replace(path, data[key])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return settled
+
+
 def _default_threads() -> int:
     try:
         n = len(os.sched_getaffinity(0))
@@ -134,8 +178,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     from ..pipeline.commands import redo_list
     from ..pipeline.console import print_metrics, quiet_libraries, show_progress
     from ..pipeline.engine import run_stages
-    from ..pipeline.rundir import (DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, METRICS_FILE,
-                                   RunDir, RunDirError, read_json)
+    from ..pipeline.rundir import METRICS_FILE, RunDir, read_json
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
     t0 = time.perf_counter()
@@ -144,11 +187,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
     sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
     run = RunDir(out_path)
-    if out_path.exists() and not run.is_run_dir() and any(
-            p.name not in (DEMO_DATA_DIR, LOCK_FILE) and not p.name.startswith(DEMO_STAGING_PREFIX)
-            for p in out_path.iterdir()):
-        raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another "
-                          "--out")
+    check_demo_dir(out_path, run)
     redo = redo_list("run", redo)   # checks the names; "all" -> every stage
     out_path.mkdir(parents=True, exist_ok=True)
     # The lock is held from here on, so --overwrite never deletes what another process
@@ -158,22 +197,14 @@ def main(quick: bool = False, out: Optional[str] = None, *,
         if overwrite and run.is_run_dir():
             say(f"t3s demo: starting {out_path} afresh (--overwrite)")
             run.wipe()
-        staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
-        try:
-            staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
-            data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
+
+        def settle(data, staged):
             cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
             fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in PATH_KEYS}
-            diff = run.config_diff(cfg, fps)   # empty after --overwrite's wipe
-            if diff:
-                raise RunDirError(f"{out_path} holds a demo run with other settings "
-                                  f"({'; '.join(diff)}); pass --overwrite to start it afresh, "
-                                  "or choose another --out")
-            (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
-            for key, path in staged.items():
-                os.replace(path, data[key])
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            refuse_other_settings(run, cfg, fps)   # nothing to refuse after --overwrite
+            return cfg, fps
+
+        cfg, fps = install_data(out_path, sizes, int(overrides.get("seed", 0)), settle)
         say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
             f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
         quiet_libraries(show_progress(cfg["progress"]), False)

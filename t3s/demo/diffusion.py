@@ -25,14 +25,12 @@ plain arm).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from . import DATA_SIZES, QUICK_DATA_SIZES, demo_settings, write_data
+from . import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
+               refuse_other_settings)
 from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
 
 __all__ = ["main", "DIFFUSION_OVERRIDES", "PLAIN_DIR"]
@@ -55,8 +53,8 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
     from ..pipeline.console import quiet_libraries, show_progress
     from ..pipeline.diffusion_report import DIFFUSION_METRIC_KEYS
     from ..pipeline.engine import run_stages
-    from ..pipeline.rundir import (DEMO_DATA_DIR, DEMO_STAGING_PREFIX, LOCK_FILE, METRICS_FILE,
-                                   MODEL_DIR, REPORT_FILE, RunDir, RunDirError, read_json)
+    from ..pipeline.rundir import (METRICS_FILE, MODEL_DIR, REPORT_FILE, RunDir, RunDirError,
+                                   read_json)
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
     t0 = time.perf_counter()
@@ -66,10 +64,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
     sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
     sizes.update({k: overrides.pop(k) for k in list(sizes) if k in overrides})
     run, plain = RunDir(out_path), RunDir(out_path / PLAIN_DIR)
-    ours = (DEMO_DATA_DIR, LOCK_FILE, PLAIN_DIR)
-    if out_path.exists() and not run.is_run_dir() and any(
-            p.name not in ours and not p.name.startswith(DEMO_STAGING_PREFIX) for p in out_path.iterdir()):
-        raise RunDirError(f"{out_path} exists and is not a t3s demo directory; choose another --out")
+    check_demo_dir(out_path, run, ours=(PLAIN_DIR,))
     redo = redo_list("run", redo)
     if "diffusion_model" not in overrides and not dlm_exists():
         raise RunDirError(f"the diffusion demo's student is not built ({DLM_DIR} has no model); "
@@ -80,28 +75,20 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
         if overwrite and (run.is_run_dir() or plain.is_run_dir()):
             say(f"t3s demo --diffusion: starting {out_path} afresh (--overwrite)")
             run.wipe()
-        staging = Path(tempfile.mkdtemp(prefix=DEMO_STAGING_PREFIX, dir=out_path))
-        try:
-            staged = write_data(staging, seed=int(overrides.get("seed", 0)), **sizes)
-            data = {k: str(out_path / DEMO_DATA_DIR / Path(v).name) for k, v in staged.items()}
+
+        def settle(data, staged):
             values = demo_settings(quick, out_path, data, **{**DIFFUSION_OVERRIDES, **overrides})
-            sft_model = str(plain.path / "train" / MODEL_DIR)
             cfg = normalize_config({**values, "sft_model": sft_model})
             plain_cfg = normalize_config({**values, "rule": "none", "baseline": "none",
                                           "run_dir": str(plain.path)})
             fps = {r: {key: fingerprint_path(staged.get(key, c[key])) for key in PATH_KEYS}
                    for r, c in (("main", cfg), ("plain", plain_cfg))}
-            for r, c, name in ((run, cfg, "main"), (plain, plain_cfg, "plain")):
-                diff = r.config_diff(c, fps[name]) if r.is_run_dir() else []
-                if diff:
-                    raise RunDirError(f"{r.path} holds a demo run with other settings "
-                                      f"({'; '.join(diff)}); pass --overwrite to start it afresh, "
-                                      "or choose another --out")
-            (out_path / DEMO_DATA_DIR).mkdir(exist_ok=True)
-            for key, path in staged.items():
-                os.replace(path, data[key])
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            refuse_other_settings(run, cfg, fps["main"])
+            refuse_other_settings(plain, plain_cfg, fps["plain"])
+            return cfg, plain_cfg, fps
+
+        sft_model = str(plain.path / "train" / MODEL_DIR)
+        cfg, plain_cfg, fps = install_data(out_path, sizes, int(overrides.get("seed", 0)), settle)
         say(f"t3s demo --diffusion{' --quick' if quick else ''}: {out_path} (selector θ0: "
             f"{cfg['model']}; diffusion θ0: {cfg['diffusion_model']})")
         quiet_libraries(show_progress(cfg["progress"]), False)
