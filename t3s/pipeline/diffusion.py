@@ -44,7 +44,7 @@ from .._util import one_line
 from . import rundir
 from .console import show_progress
 from .engine import StageContext
-from .loaders import check_model_dir, load_data, resolve_device
+from .loaders import check_model_dir, ensure_pad_token, load_data, resolve_device
 from .rundir import write_json
 from .settings import UsageError
 from .training import (checkpoint_args, checkpoint_step_of, checkpoints, continue_from, finals,
@@ -86,10 +86,7 @@ def load_diffusion(cfg: Mapping[str, Any], path: Optional[str] = None, *, device
                                          mask_token_id=cfg["mask_token_id"])
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a diffusion LM from {path}: {one_line(e)}") from None
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise UsageError(f"the tokenizer in {path} has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, path)
     if device is not None:
         adapter.model.to(device)
     return adapter, tok

@@ -18,7 +18,7 @@ from .rundir import read_json
 from .settings import UsageError
 
 __all__ = ["DATA_WHAT", "resolve_device", "check_model_dir", "check_jsonl", "load_tokenizer",
-           "load_model", "load_data", "warnings_as_log"]
+           "ensure_pad_token", "load_model", "load_data", "warnings_as_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ def load_tokenizer(cfg: Mapping[str, Any]):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg["trust_remote_code"])
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
+    return ensure_pad_token(tok, path)
+
+
+def ensure_pad_token(tok, path: str):
+    """``tok`` with a pad token: its eos token when it has none (UsageError without
+    either; ``path`` names it)."""
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"the tokenizer in {path} has neither a pad nor an eos token")
