@@ -242,7 +242,8 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
                       verifier: Union[str, Verifier, None] = "math", subset_size: Optional[int] = 64,
                       max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
                       progress: bool = True, return_details: bool = False,
-                      generation_kwargs: Optional[Mapping[str, Any]] = None):
+                      generation_kwargs: Optional[Mapping[str, Any]] = None,
+                      split_across_ranks: Optional[bool] = None):
     """Fraction of training prompts the model answers correctly.
 
     For a fixed subset (`select_subset`) of ``examples`` (dicts from `t3s.data`:
@@ -253,49 +254,82 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
     answer)`` *(choice: greedy, fixed subset, configurable size)*. The model is
     put in eval mode and restored afterwards.
 
+    split_across_ranks: under ``torch.distributed`` (default: whenever a
+    process group of more than one rank exists), each rank generates for its
+    share of the subset (`t3s.dist.rank_share`) and the answers are gathered,
+    so every rank returns the same result as one process would. Every rank
+    must call this together. A sharded model (FSDP: DTensor parameters) runs
+    the ranks in lockstep (equal batch counts, ``synced_gpus``).
+
     Returns the accuracy in [0, 1]; with ``return_details=True``, ``(accuracy,
-    [{"example_id", "prediction", "answer", "correct"}])``.
+    [{"example_id", "prediction", "answer", "correct"}])`` in subset order.
     """
+    from . import dist
     verify_fn = get_verifier(verifier)
     subset = select_subset(list(examples), subset_size, seed)
     if not subset:
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    pad_id = pad_token_id(tokenizer)
+    split = dist.world_size() > 1 if split_across_ranks is None else bool(split_across_ranks)
+    split = split and dist.world_size() > 1
+    order = list(dist.rank_share(len(subset))) if split else list(range(len(subset)))
+    lockstep = split and _is_sharded(model)
+    n_batches = -(-len(order) // batch_size)
+    if lockstep:  # every rank runs as many generate calls as the rank with the most
+        n_batches = -(-len(dist.rank_share(len(subset), rank_=0)) // batch_size)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=int(pad_token_id(tokenizer)))
+    if lockstep:
+        kwargs["synced_gpus"] = True
+    kwargs.update(generation_kwargs or {})
     device = _model_device(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
-    details = []
+    mine = []
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(subset), desc="training accuracy", disable=not progress, leave=False)
-        for start in range(0, len(subset), batch_size):
-            chunk = subset[start:start + batch_size]
-            prompts = [_prompt_ids(ex) for ex in chunk]
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                attention_mask[i, width - len(p):] = 1
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=int(pad_id))
-            kwargs.update(generation_kwargs or {})
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 **kwargs)
-            if not isinstance(out, torch.Tensor):
-                out = out.sequences
-            new_tokens = out[:, width:].cpu()
-            for ex, toks in zip(chunk, new_tokens):
+        bar = tqdm(total=len(order), desc="training accuracy", leave=False,
+                   disable=not progress or not dist.is_main())
+        for b in range(n_batches):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            chunk = [subset[i] for i in idx] or [subset[0]]  # a lockstep filler, discarded
+            new_tokens = _generate(model, chunk, tokenizer, device, kwargs)
+            for i, ex, toks in zip(idx, chunk, new_tokens):
                 pred = tokenizer.decode(toks.tolist(), skip_special_tokens=True)
-                ok = bool(verify_fn(pred, str(ex["answer"])))
-                details.append({"example_id": int(ex["example_id"]), "prediction": pred,
-                                "answer": str(ex["answer"]), "correct": ok})
-            bar.update(len(chunk))
+                mine.append((i, {"example_id": int(ex["example_id"]), "prediction": pred,
+                                 "answer": str(ex["answer"]),
+                                 "correct": bool(verify_fn(pred, str(ex["answer"])))}))
+            bar.update(len(idx))
         bar.close()
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
+    gathered = [row for part in dist.gather_objects(mine) for row in part] if split else mine
+    details = [d for _, d in sorted(gathered, key=lambda row: row[0])]
     acc = sum(d["correct"] for d in details) / len(details)
     return (acc, details) if return_details else acc
+
+
+def _generate(model, chunk, tokenizer, device, kwargs) -> torch.Tensor:
+    """The new tokens [B, T_new] of greedy generation from the chunk's left-padded prompts."""
+    prompts = [_prompt_ids(ex) for ex in chunk]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(chunk), width), int(kwargs["pad_token_id"]), dtype=torch.long)
+    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p):] = 1
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         **kwargs)
+    if not isinstance(out, torch.Tensor):
+        out = out.sequences
+    return out[:, width:].cpu()
+
+
+def _is_sharded(model) -> bool:
+    """Whether a parameter is a DTensor (FSDP2) or the model an FSDP1 wrapper: each
+    forward is then a collective every rank must join."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())

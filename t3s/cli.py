@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from . import dist
 from ._util import one_line
 from .pipeline import commands
 from .pipeline.console import print_metrics, say
@@ -208,6 +209,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return 0
     outcome = commands.run_command(args.command, cfg, run, stored, redo=redo, force=args.force,
                                    overwrite=args.overwrite, debug=args.debug, say=say)
+    if not dist.is_main():  # rank 0 prints for every rank
+        return 0
     if not any(v == "ran" for v in outcome.values()):
         say(f"t3s: nothing to do in {run.path}: every stage asked for is done "
             "(--redo STAGE runs one again)")
@@ -222,6 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"the demo cannot be imported: {e}") from None
     if args.diffusion:
+        commands.check_single_process("`t3s demo --diffusion`")
         from t3s.demo import diffusion as demo
     fn = getattr(demo, "main", None)
     if not callable(fn):
@@ -294,32 +298,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if debug:
         logging.basicConfig(level=logging.INFO)
     try:
-        commands.check_single_process(args.command)
         if args.command == "demo":
             return _demo(args)
         return _run_command(args)
     except UsageError as e:
         if debug:
             raise
-        print(f"t3s: error: {one_line(e)}", file=sys.stderr)
+        _error(e, one_line(e))
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, ImportError) as e:
         if debug:
             raise
-        print(f"t3s: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        _error(e, f"{one_line(e)} (--debug shows the traceback)")
         return 2
     except KeyboardInterrupt:
-        print("t3s: interrupted; run the same command again to resume", file=sys.stderr)
+        if dist.is_main():
+            print("t3s: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # a full disk or another I/O error while writing the run
         failure = storage_failure(e)
         if debug or failure is None:
             raise
         directory = getattr(args, "run_dir", None) or getattr(args, "out", None)
-        print(f"t3s: error: {describe_os_error(failure, directory)}; free space or fix the "
-              "file system, then run the same command again to resume (--debug shows the "
-              "traceback)", file=sys.stderr)
+        _error(e, f"{describe_os_error(failure, directory)}; free space or fix the "
+               "file system, then run the same command again to resume (--debug shows the "
+               "traceback)")
         return 1
+
+
+def _error(e: BaseException, message: str) -> None:
+    """``t3s: error: ...`` on stderr; under a launcher rank 0's errors are printed by
+    rank 0 only (the other ranks' copies carry ``from_main``), another rank's own error
+    names the rank."""
+    if getattr(e, "from_main", False):
+        return
+    where = "" if dist.is_main() else f" (rank {dist.rank()})"
+    print(f"t3s: error{where}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

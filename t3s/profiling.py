@@ -183,6 +183,7 @@ def profile(
     backend: Optional[str] = None,
     progress: bool = True,
     fsync: bool = False,
+    split_across_ranks: bool = False,
 ) -> pa.Table:
     """Forward-only pass computing c_t = log p(y_t) for every response token.
 
@@ -221,6 +222,14 @@ def profile(
             ``logits_scaling``) and check nothing.
         backend: kernel backend for `t3s_kernels.target_logprobs`.
         progress: show a tqdm bar. fsync: passed to the store writer.
+        split_across_ranks: under ``torch.distributed`` with more than one
+            rank, each rank profiles its share of the examples
+            (`t3s.dist.rank_share` of the iteration order) into its own shard
+            (`rank` is then the process's rank) and every rank returns the
+            whole table: each token key is computed and written exactly once.
+            Every rank must call this together, on the same data, with an
+            unsharded model (a sharded one runs each forward collectively:
+            use the default, every rank on every example).
 
     Returns:
         A pyarrow table (step, example_id, position, logprob[, entropy]) with one
@@ -233,6 +242,19 @@ def profile(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from . import dist
+    split = bool(split_across_ranks) and dist.world_size() > 1
+    if split:
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise ValueError("split_across_ranks needs an unsharded model (each rank runs its own "
+                             "examples); a sharded (FSDP) model must see every example on every "
+                             "rank: pass split_across_ranks=False")
+        if rank is not None and int(rank) != dist.rank():
+            raise ValueError(f"split_across_ranks writes this process's shard (rank "
+                             f"{dist.rank()}), not rank={rank}")
+        rank = dist.rank()
+        everything = list(_iter_examples(data))
+        data = [everything[i] for i in dist.rank_share(len(everything))]
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     # The logit map is measured (or read from the config) and the head gathered once per call.
@@ -251,6 +273,8 @@ def profile(
                                      tokenizer_fingerprint=tokenizer_fingerprint).read()
             at_step = table.filter(pc.equal(table["step"], pa.scalar(step, pa.int32())))
             done = np.unique(at_step.column("example_id").to_numpy())
+        if split:
+            dist.barrier()  # every rank has read the store before any rank appends to it
         writer = TrajectoryWriter(
             store_dir, dataset_fingerprint=dataset_fingerprint,
             tokenizer_fingerprint=tokenizer_fingerprint, model_id=model_id, rank=rank,
@@ -263,9 +287,11 @@ def profile(
     if verify_atol is None:
         verify_atol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 0.25
     total = len(data) if hasattr(data, "__len__") else None
+    examples = iter(data) if split else _iter_examples(data)
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="ex", desc=f"profile step {step}", disable=not progress)
+        bar = tqdm(total=total, unit="ex", desc=f"profile step {step}",
+                   disable=not progress or not dist.is_main())
     except ImportError:  # pragma: no cover
         bar = None
     results: List[pa.RecordBatch] = []
@@ -273,7 +299,7 @@ def profile(
     model.eval()
     verified = not verify
     try:
-        for todo in _windows(_iter_examples(data), max(1, sort_window) * batch_size):
+        for todo in _windows(examples, max(1, sort_window) * batch_size):
             if done is not None and done.size:
                 skip = np.isin([e[0] for e in todo], done)
                 if bar is not None:
@@ -308,11 +334,14 @@ def profile(
             bar.close()
         if writer is not None:
             writer.close()
+    if split:
+        dist.barrier()  # every shard is sealed before any rank reads the store
     if writer is not None:
         table = TrajectoryReader(store_dir, dataset_fingerprint=dataset_fingerprint).read()
         table = table.filter(pc.equal(table["step"], pa.scalar(step, pa.int32())))
     else:
-        table = pa.Table.from_batches(results, schema=schema)
+        parts = dist.gather_objects(results) if split else [results]
+        table = pa.Table.from_batches([b for part in parts for b in part], schema=schema)
     return first_visit(table)
 
 

@@ -17,6 +17,12 @@
    (``DIR/report/``: ``report.md`` with the diagnostics' section, ``metrics.json``,
    ``shock.png``, ``delta_hist.png``, ``traces.png`` and the ``analysis_*.png`` figures).
 
+Under ``torchrun`` / ``accelerate launch`` the demo runs as ``t3s run`` does
+there (`t3s.pipeline.commands`): rank 0 writes the data and owns ``DIR``, each
+rank trains on its slice of every batch and the profiling and generation are
+split across the ranks; the numbers equal one process's within float32
+rounding.
+
 ``DIR`` is an ordinary run directory: running the demo again resumes after the
 last finished stage, and ``t3s report --run-dir DIR`` etc. work on it. As with
 ``t3s run``, ``--redo STAGE`` runs a stage again (and the stages that use its
@@ -38,6 +44,7 @@ Modules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -147,6 +154,7 @@ def _default_threads() -> int:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
+    n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # ranks share the cores
     return max(1, min(2, n))  # a 0.86M-parameter model gains nothing from more threads
 
 
@@ -175,6 +183,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     the stages that use their outputs follow. overwrite: delete the directory's
     run and start afresh, as ``t3s run --overwrite``.
     """
+    from .. import dist
     from ..pipeline.commands import redo_list
     from ..pipeline.console import print_metrics, quiet_libraries, show_progress
     from ..pipeline.engine import run_stages
@@ -187,13 +196,18 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
     sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
     run = RunDir(out_path)
-    check_demo_dir(out_path, run)
+    dist.init_from_launcher("cpu")
+    if not dist.is_main():
+        say = _silent   # rank 0 prints for every rank
     redo = redo_list("run", redo)   # checks the names; "all" -> every stage
-    out_path.mkdir(parents=True, exist_ok=True)
-    # The lock is held from here on, so --overwrite never deletes what another process
-    # is writing. The data is written next to data/ first and moved in only once the
-    # settings are known to match the directory's run, so a refused call changes nothing.
-    with run.locked():
+
+    def start(held):
+        # The lock is held from here on, so --overwrite never deletes what another process
+        # is writing. The data is written next to data/ first and moved in only once the
+        # settings are known to match the directory's run, so a refused call changes nothing.
+        check_demo_dir(out_path, run)
+        out_path.mkdir(parents=True, exist_ok=True)
+        held.enter_context(run.locked())
         if overwrite and run.is_run_dir():
             say(f"t3s demo: starting {out_path} afresh (--overwrite)")
             run.wipe()
@@ -205,18 +219,25 @@ def main(quick: bool = False, out: Optional[str] = None, *,
             return cfg, fps
 
         cfg, fps = install_data(out_path, sizes, int(overrides.get("seed", 0)), settle)
+        run.write_config(cfg, fps)
+        return cfg, fps
+
+    with contextlib.ExitStack() as held:
+        # rank 0 writes the data and the config; every rank gets the settings (or the error)
+        cfg, fps = dist.on_main(start, held)
+        ranks = f", {dist.world_size()} ranks" if dist.world_size() > 1 else ""
         say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
-            f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''})")
+            f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''}{ranks})")
         quiet_libraries(show_progress(cfg["progress"]), False)
         import torch
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg["threads"])
         try:
-            run.write_config(cfg, fps)
             outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), redo=redo, say=say,
                                  stages=STAGES)
         finally:
             torch.set_num_threads(threads)
+    dist.barrier()   # rank 0's report is written
     metrics = read_json(run.stage_dir("report") / METRICS_FILE)
     print_metrics(run, say)
     seconds = time.perf_counter() - t0
@@ -225,3 +246,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
             "nothing to do (every stage done; --redo STAGE runs one again)")
     say(f"t3s demo: {what} in {seconds:.0f} s")
     return metrics
+
+
+def _silent(msg: str) -> None:
+    """The ``say`` of the ranks other than 0."""

@@ -7,18 +7,28 @@ the asked-for stages under the directory's lock. Opening a run directory with
 different settings is refused (`RunDirError`) unless ``force`` (keep the
 stages the changed settings do not affect, redo the others) or ``overwrite``
 (start afresh).
+
+Under a launcher (``torchrun`` / ``accelerate launch`` with ``WORLD_SIZE`` > 1)
+every rank calls `run_command`: it joins the launcher's process group
+(`t3s.dist.init_from_launcher`), rank 0 does the checks, holds the lock and
+owns the run directory, and an error it finds stops every rank with its
+message printed once (`t3s.dist.on_main`); the stages then run as
+`t3s.pipeline.engine` says. ``batch_size`` stays the global batch: each rank
+trains on its slice of every batch (`t3s.pipeline.training.training_args`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .. import dist
 from .console import quiet_libraries, show_progress
 from .diffusion import is_diffusion
 from .analysis import analysis_settings
 from .engine import run_stages, stage_status
-from .loaders import check_jsonl, check_model_dir
+from .loaders import check_jsonl, check_model_dir, resolve_device
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
 from .settings import (
     DEFAULTS,
@@ -31,24 +41,31 @@ from .settings import (
 )
 from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
 
-__all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process", "run_command"]
+__all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process",
+           "check_launch", "run_command"]
 
 
-def check_single_process(command: str) -> None:
-    """Refuse to start under a multi-process launcher (torchrun, accelerate launch).
-
-    The command drives one run directory from one process; under a launcher every
-    rank would run it, the second would be refused the directory's lock, and the
-    first would then wait forever for it in the Trainer's collectives. UsageError
-    before anything is touched."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
+def check_single_process(what: str) -> None:
+    """Refuse to start ``what`` (a command run in one process only: the diffusion
+    objective) under a multi-process launcher; UsageError before anything is touched."""
+    world = dist.launched_world_size()
+    if world > 1:
         raise UsageError(
-            f"`t3s {command}` runs in one process, but it was started by a launcher with "
-            f"WORLD_SIZE={world} (torchrun / accelerate launch); the pipeline does not run "
-            f"across processes yet: run `t3s {command}` directly, or train under your own "
-            "launcher with t3s.trainer.T3STrainer, which records one trajectory shard per "
-            "rank (see the README's multi-process notes)")
+            f"{what} runs in one process, but it was started by a launcher with "
+            f"WORLD_SIZE={world} (torchrun / accelerate launch): start it directly (the "
+            "autoregressive pipeline, `t3s run` and `t3s demo`, runs under a launcher)")
+
+
+def check_launch(cfg: Mapping[str, Any]) -> None:
+    """Under a launcher: what cannot run across ranks, refused up front."""
+    world = dist.world_size()
+    if world == 1:
+        return
+    if is_diffusion(cfg):
+        check_single_process("`--objective diffusion`")
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over the "
+                         f"{world} ranks: it must be a multiple of {world}")
 
 
 def resolve_config(flags: Mapping[str, Any], *, config_file: Optional[str] = None,
@@ -135,6 +152,7 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
     check_rule_params(cfg)
     if "analyze" in pending:
         analysis_settings(cfg)
+    check_launch(cfg)
 
 
 def _check_run_dir(run: RunDir, overwrite: bool) -> None:
@@ -154,6 +172,24 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
                 say: Callable[[str], None] = print) -> Dict[str, str]:
     """Run ``command`` ("run" or a stage name) with the settings `resolve_config`
     gave; returns `run_stages`' outcome (stage -> "ran", "done before", "skipped")."""
+    dist.init_from_launcher(resolve_device(cfg))
+    # rank 0 checks; its error (or its go-ahead) reaches every rank
+    fps = dist.on_main(_plan, command, cfg, run, stored, redo, force, overwrite)
+    quiet_libraries(show_progress(cfg["progress"]) and dist.is_main(), debug)
+    if cfg["threads"]:
+        import torch
+        torch.set_num_threads(cfg["threads"])
+    targets = list(STAGE_NAMES) if command == "run" else \
+        [command] + (["report"] if command == "analyze" else [])
+    with contextlib.ExitStack() as held:
+        dist.on_main(_start, held, run, cfg, fps, overwrite, say)
+        return run_stages(run, cfg, fps, targets, redo=redo, say=say,
+                          explicit=command != "run", stages=STAGES)
+
+
+def _plan(command: str, cfg: Dict[str, Any], run: RunDir, stored, redo, force: bool,
+          overwrite: bool) -> Dict[str, Any]:
+    """Rank 0: every check `run_command` makes before it starts; the path fingerprints."""
     fps = path_fingerprints(cfg, stored)
     # `t3s analyze` also brings the report up to date (its section comes from the analysis)
     targets = list(STAGE_NAMES) if command == "run" else \
@@ -181,15 +217,13 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
                 raise RunDirError(f"stage {command!r} needs stage {dep!r}, which is {why} in "
                                   f"{run.path}; run `t3s {dep}` (or `t3s run`) first")
     check_inputs(cfg, pending, command)
+    return fps
 
-    quiet_libraries(show_progress(cfg["progress"]), debug)
-    if cfg["threads"]:
-        import torch
-        torch.set_num_threads(cfg["threads"])
-    with run.locked():
-        if overwrite:
-            say(f"t3s: starting {run.path} afresh (--overwrite)")
-            run.wipe()
-        run.write_config(cfg, fps)
-        return run_stages(run, cfg, fps, targets, redo=redo, say=say,
-                          explicit=command != "run", stages=STAGES)
+
+def _start(held: contextlib.ExitStack, run: RunDir, cfg, fps, overwrite: bool, say) -> None:
+    """Rank 0: the directory's lock (held until ``held`` closes), --overwrite, config.json."""
+    held.enter_context(run.locked())
+    if overwrite:
+        say(f"t3s: starting {run.path} afresh (--overwrite)")
+        run.wipe()
+    run.write_config(cfg, fps)

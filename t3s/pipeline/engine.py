@@ -21,6 +21,15 @@ into place whose ledger entry was not yet written is adopted from its
 ``stage.json``. ``redo`` re-runs the named
 stages; the stages that consumed their outputs then are no longer current and
 run again too, and nothing upstream is touched.
+
+Under a launcher (``torchrun``, ``accelerate launch``: `t3s.dist`) every rank
+runs `run_stages` together. Rank 0 owns the run directory: it decides what
+each stage does (the ledger, the statuses, an attempt to resume), prepares
+and commits the stage directory, and prints; the other ranks follow its
+decisions. A stage's function runs on every rank (`Stage.ranks` "all": the
+training stages, the split profiling and generation) or on rank 0 alone
+("main": the others wait). An interrupted attempt is resumed only under the
+same number of ranks (it records ``world_size``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+from .. import dist
 from .._util import sha256_json
 from .rundir import ATTEMPT_FILE, STAGE_NAMES, RunDir, RunDirError, now, read_json, write_json
 from .settings import identity
@@ -70,6 +80,8 @@ class Stage:
     enabled: whether ``t3s run`` runs it under the settings.
     resumable: an interrupted attempt under the same settings and inputs is
         continued in its directory (`StageContext.resume`) instead of removed.
+    ranks: under a launcher, "all" runs ``fn`` on every rank (it must then do
+        its file work on rank 0, `t3s.dist.is_main`), "main" on rank 0 only.
     """
 
     name: str
@@ -80,6 +92,12 @@ class Stage:
     enabled: Callable[[Mapping[str, Any]], bool] = lambda cfg: True
     help: str = ""
     resumable: bool = False
+    ranks: str = "all"
+
+    def __post_init__(self):
+        if self.ranks not in ("all", "main"):
+            raise ValueError(f"stage {self.name!r}: ranks must be 'all' or 'main', "
+                             f"not {self.ranks!r}")
 
 
 @dataclass
@@ -160,37 +178,50 @@ def run_stages(run: RunDir, cfg: Dict[str, Any], fingerprints: Dict[str, Any],
     Returns stage name -> what happened ("ran", "done before", "skipped").
     """
     stages = tuple(stages if stages is not None else registered_stages())
+    if not dist.is_main():
+        say = _silent  # rank 0 prints for every rank
     outcome: Dict[str, str] = {}
     redo = list(redo)
     for st in stages:
         if st.name not in targets:
             continue
-        status = stage_status(run, cfg, fingerprints, redo=redo, stages=stages)
-        run_id, reason = status[st.name]
-        if not st.enabled(cfg):
-            if explicit:
-                raise RunDirError(f"stage {st.name!r} is disabled by the settings "
-                                  f"({'baseline is none' if st.name == 'baseline' else reason})")
-            outcome[st.name] = "skipped"
-            continue
-        if run_id is not None:
-            rec = run.record(st.name) or {}
-            say(f"[{st.name}] already done ({rec.get('finished', '?')}); "
-                f"pass --redo {st.name} to run it again")
-            outcome[st.name] = "done before"
-            continue
-        missing = [d for d in st.deps(cfg) if status[d][0] is None]
-        if missing:
-            d = missing[0]
-            why = status[d][1]
-            raise RunDirError(f"stage {st.name!r} needs stage {d!r}, which is {why} in "
-                              f"{run.path}; run `t3s {d}` (or `t3s run`) first")
-        inputs = _inputs(st, cfg, status)
-        _run_one(run, st, cfg, fingerprints, inputs, say, reason)
-        if st.name in redo:
-            redo.remove(st.name)
-        outcome[st.name] = "ran"
+        # rank 0 reads the ledger and decides; every rank gets the decision (or its error)
+        action, inputs, reason = dist.on_main(_decide, run, st, cfg, fingerprints, redo, stages,
+                                              say, explicit)
+        if action == "run":
+            _run_one(run, st, cfg, fingerprints, inputs, say, reason)
+            if st.name in redo:
+                redo.remove(st.name)
+        outcome[st.name] = action if action != "run" else "ran"
     return outcome
+
+
+def _silent(msg: str) -> None:
+    """The ``say`` of the ranks other than 0."""
+
+
+def _decide(run: RunDir, st: Stage, cfg, fingerprints, redo, stages, say, explicit: bool
+            ) -> Tuple[str, Dict[str, Optional[str]], str]:
+    """(what to do with ``st``: "run", "done before" or "skipped"; its inputs; why)."""
+    status = stage_status(run, cfg, fingerprints, redo=redo, stages=stages)
+    run_id, reason = status[st.name]
+    if not st.enabled(cfg):
+        if explicit:
+            raise RunDirError(f"stage {st.name!r} is disabled by the settings "
+                              f"({'baseline is none' if st.name == 'baseline' else reason})")
+        return "skipped", {}, reason
+    if run_id is not None:
+        rec = run.record(st.name) or {}
+        say(f"[{st.name}] already done ({rec.get('finished', '?')}); "
+            f"pass --redo {st.name} to run it again")
+        return "done before", {}, reason
+    missing = [d for d in st.deps(cfg) if status[d][0] is None]
+    if missing:
+        d = missing[0]
+        why = status[d][1]
+        raise RunDirError(f"stage {st.name!r} needs stage {d!r}, which is {why} in "
+                          f"{run.path}; run `t3s {d}` (or `t3s run`) first")
+    return "run", _inputs(st, cfg, status), reason
 
 
 def _read_attempt(partial: Path) -> Optional[Dict[str, Any]]:
@@ -202,8 +233,20 @@ def _read_attempt(partial: Path) -> Optional[Dict[str, Any]]:
 
 
 def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str) -> None:
+    attempt = {"hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs),
+               "world_size": dist.world_size()}
+    resume = dist.on_main(_prepare, run, st, attempt, say, reason)
+    t0 = time.perf_counter()
+    started = now()
+    ctx = StageContext(st.name, dict(cfg), run.partial_dir(st.name), run, dict(inputs), say,
+                       dict(fingerprints), resume=resume)
+    summary = st.fn(ctx) if st.ranks == "all" or dist.is_main() else None
+    dist.on_main(_commit, run, st, attempt, started, time.perf_counter() - t0, summary, say)
+
+
+def _prepare(run: RunDir, st: Stage, attempt, say, reason: str) -> bool:
+    """Rank 0: the stage's partial directory, resumed (True) or new (False)."""
     partial = run.partial_dir(st.name)
-    attempt = {"hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs)}
     resume = False
     if partial.exists():
         resume = st.resumable and _read_attempt(partial) == attempt
@@ -218,15 +261,14 @@ def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str
         partial.mkdir(parents=True)
         write_json(partial / ATTEMPT_FILE, attempt)
         say(f"[{st.name}] running ({reason})")
-    t0 = time.perf_counter()
-    started = now()
-    ctx = StageContext(st.name, dict(cfg), partial, run, dict(inputs), say, dict(fingerprints),
-                       resume=resume)
-    summary = st.fn(ctx) or {}
-    seconds = time.perf_counter() - t0
+    return resume
+
+
+def _commit(run: RunDir, st: Stage, attempt, started: str, seconds: float, summary, say) -> None:
+    """Rank 0: the stage's record written and its directory renamed into place."""
     record = {"stage": st.name, "run_id": uuid.uuid4().hex, **attempt,
               "started": started, "finished": now(), "seconds": round(seconds, 3),
-              "summary": summary}
-    (partial / ATTEMPT_FILE).unlink(missing_ok=True)
+              "summary": summary or {}}
+    (run.partial_dir(st.name) / ATTEMPT_FILE).unlink(missing_ok=True)
     run.commit(st.name, record)
     say(f"[{st.name}] done in {seconds:.1f} s")

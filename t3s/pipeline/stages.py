@@ -36,6 +36,14 @@ report     figures, ``metrics.json`` and ``report.md``                any stage
            (`t3s.pipeline.report`)
 =========  ========================================================  ================
 
+Under a launcher (`t3s.pipeline.engine`) pilot, train and baseline train with
+every rank on its slice of each batch (DDP, or the launcher's FSDP), each rank
+recording its own trajectory shard; select profiles each rank's share of the
+examples into its own shard of the profile store (every token once), then
+rank 0 alone computes Δc and writes the artifacts; eval splits the generation
+across ranks and gathers it; analyze and report run on rank 0. Files are
+written by rank 0 only.
+
 The bottleneck is the argmin of training accuracy over the evaluations
 *after* step 0 *(choice: θ0 is the reference of Δc, so b = 0 would give
 Δc ≡ 0)*; ties go to the earliest step.
@@ -48,6 +56,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .. import dist
 from .._util import one_line
 from . import rundir
 from .console import show_progress
@@ -87,8 +96,9 @@ def _training_data(cfg: Mapping[str, Any]):
 
 
 def _save_model(trainer, tok, path: Path) -> None:
-    trainer.save_model(str(path))
-    tok.save_pretrained(str(path))
+    trainer.save_model(str(path))   # collective under FSDP; rank 0 writes
+    if dist.is_main():
+        tok.save_pretrained(str(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
             + (f", {len(heldout)} held-out problems" if heldout is not None else "")
             + f"; {cfg['steps']} steps, evaluating every {cfg['eval_steps']}")
     model = load_model(cfg["model"], cfg)
-    resume_from = continue_from(work, ctx.resume, ctx.say, "pilot")
+    resume_from = dist.on_main(continue_from, work, ctx.resume, ctx.say, "pilot")
     keep = bool(cfg.get("keep_checkpoints"))
     callback = accuracy_callback(cfg, tok, train, heldout, prune=not keep)
     trainer = T3STrainer(
@@ -114,8 +124,10 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
         trajectory_dir=str(work / rundir.TRAJECTORY_DIR))
     progress_bar(trainer, cfg, "pilot")
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
-    save_log(trainer, work)
     _save_model(trainer, tok, work / rundir.FINAL_MODEL_DIR)
+    if not dist.is_main():   # rank 0 keeps θb, prunes and writes the summary
+        return {}
+    save_log(trainer, work)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     last = int(trainer.state.global_step)
     b = bottleneck_step(history["train_acc"])
@@ -181,8 +193,9 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     train = load_data(cfg, "train", tok)
     fp, tfp = dataset_fingerprint(train), tokenizer_fingerprint(tok)
     device = resolve_device(cfg)
+    # every rank profiles its share of the examples into its own shard (each token once)
     prof = dict(store_dir=str(work / rundir.PROFILE_DIR), dataset_fingerprint=fp,
-                tokenizer_fingerprint=tfp,
+                tokenizer_fingerprint=tfp, split_across_ranks=True,
                 batch_size=cfg["eval_batch_size"], progress=show_progress(cfg["progress"]))
 
     def profile_at(path: Path, step: int):
@@ -192,7 +205,19 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
         finally:
             del model
 
+    thetab = pilot_dir / pilot["thetab"] if pilot.get("thetab") else None
+    if thetab is None and cfg["delta"] == "exact":
+        raise UsageError("delta: exact needs the pilot's θb checkpoint, which is missing; "
+                         "use delta: online")
     c0 = profile_at(Path(cfg["model"]), 0)
+    want_exact = thetab is not None and (cfg["delta"] == "exact" or cfg["agreement"])
+    cb = profile_at(thetab, b) if want_exact else None
+    # Rho-1 offline *(choice)*: L_θ at θ0, the reference is the pilot's final model
+    # (trained on the traces).
+    cf = (profile_at(pilot_dir / rundir.FINAL_MODEL_DIR, int(pilot["final_step"]))
+          if "rho1" in (cfg["rule"], cfg["baseline"]) else None)
+    if not dist.is_main():   # rank 0 computes Δc and writes the artifacts
+        return {}
     try:  # a missing, damaged or foreign trajectory must stop the selection, not zero Δc
         reader = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
                                   tokenizer_fingerprint=tfp)
@@ -201,16 +226,11 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
         raise UsageError(f"the pilot's trajectory cannot be used: {one_line(exc)}; run the "
                          "pilot again (--redo pilot)") from None
     pq.write_table(online, work / rundir.delta_file("online"))
-    thetab = pilot_dir / pilot["thetab"] if pilot.get("thetab") else None
     exact = agreement = None
     if cfg["delta"] == "exact" or cfg["agreement"]:
         if thetab is None:
-            if cfg["delta"] == "exact":
-                raise UsageError("delta: exact needs the pilot's θb checkpoint, which is missing; "
-                                 "use delta: online")
             ctx.say("[select] no θb checkpoint: online-vs-exact agreement not computed")
         else:
-            cb = profile_at(thetab, b)
             exact = exact_delta(c0, cb)
             pq.write_table(exact, work / rundir.delta_file("exact"))
             agreement = compare_deltas(online, exact, bottleneck_step=b)
@@ -219,10 +239,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     if unvisited:
         ctx.say(f"[select] {unvisited} trace tokens were never trained on in the pilot; their "
                 "Δc is set to 0")
-    if "rho1" in (cfg["rule"], cfg["baseline"]):
-        # Rho-1 offline *(choice)*: L_θ at θ0, the reference is the pilot's final model
-        # (trained on the traces).
-        cf = profile_at(pilot_dir / rundir.FINAL_MODEL_DIR, int(pilot["final_step"]))
+    if cf is not None:
         ref = table.align(TokenTable(cf["example_id"].to_numpy(), cf["position"].to_numpy(),
                                      c=cf["logprob"].to_numpy()))
         table = table.with_columns(loss_theta=-table["c0"], loss_ref=-ref["c"])
@@ -288,7 +305,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
     else:
         ctx.say(f"[{desc}] plain SFT from θ0 (every trace token in the loss)")
     model = load_model(cfg["model"], cfg)
-    resume_from = continue_from(work, ctx.resume, ctx.say, desc)
+    resume_from = dist.on_main(continue_from, work, ctx.resume, ctx.say, desc)
     callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
     # keep_checkpoints: save at every evaluation and keep them all, as the pilot does
     keep = bool(cfg.get("keep_checkpoints"))
@@ -298,8 +315,10 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
                          data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
     progress_bar(trainer, cfg, desc)
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
-    save_log(trainer, work)
     _save_model(trainer, tok, work / rundir.MODEL_DIR)
+    if not dist.is_main():   # rank 0 removes the checkpoints and writes the summary
+        return {}
+    save_log(trainer, work)
     for step, path in checkpoints(work).items():
         # for resuming (the model is in model/); with keep_checkpoints the earlier
         # ones stay, as weights only, for `t3s analyze`
@@ -382,8 +401,9 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
                 max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
                 seed=cfg["seed"], progress=show_progress(cfg["progress"]), return_details=True)
             fname = rundir.predictions_file(arm, None if i == 0 else key)
-            with open(work / fname, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
+            if dist.is_main():   # every rank has the gathered answers; rank 0 writes them
+                with open(work / fname, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
             by_set[key][arm] = {"accuracy": acc, "n": len(details),
                                 "n_correct": int(sum(d["correct"] for d in details)),
                                 "model": path}
@@ -391,6 +411,8 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
             ctx.say(f"[eval] {key}: {label}: {acc:.3f} "
                     f"({by_set[key][arm]['n_correct']}/{len(details)})")
         del model
+    if not dist.is_main():
+        return {}
     key = sets[0][0]
     out = {"test_set": cfg[key], "test_key": key, "n": len(data[key]), "verifier": cfg["verifier"],
            "arms": by_set[key],
@@ -447,10 +469,10 @@ STAGES: Tuple[Stage, ...] = (
           lambda cfg: ("pilot", "select"), optional=("train",),
           enabled=lambda cfg: bool(cfg.get("analyze")),
           help="the diagnostics: shock curves, gradient ratio and cosine, loss-transfer "
-               "matrix, static-signal AUC"),
+               "matrix, static-signal AUC", ranks="main"),
     Stage("report", _stage_report, (), lambda cfg: (),
           optional=("pilot", "select", "train", "baseline", "eval", "analyze"),
-          help="figures and a Markdown summary"),
+          help="figures and a Markdown summary", ranks="main"),
 )
 register_stages(STAGES)   # checks that their names are rundir.STAGE_NAMES
 #: stages that load the model or the training data

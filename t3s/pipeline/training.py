@@ -40,8 +40,15 @@ RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pt
 
 
 def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
-    """`TrainingArguments` of the pilot and the retrainings (``overrides`` on top)."""
+    """`TrainingArguments` of the pilot and the retrainings (``overrides`` on top).
+
+    ``batch_size`` is the global batch. Under a launcher each of the W ranks
+    trains on its slice of every batch (accelerate's ``split_batches``), so the
+    batches, their order and the loss (normalised by the tokens of all ranks)
+    are those of one process."""
     from transformers import TrainingArguments
+
+    from .. import dist
     device = resolve_device(cfg)
     kw = dict(output_dir=str(out), per_device_train_batch_size=cfg["batch_size"],
               gradient_accumulation_steps=cfg["grad_accum"], max_steps=cfg["steps"],
@@ -50,6 +57,9 @@ def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
               logging_steps=1, save_strategy="no", report_to=[], use_cpu=device == "cpu",
               disable_tqdm=True, seed=cfg["seed"], data_seed=cfg["seed"],
               dataloader_num_workers=0)
+    if dist.world_size() > 1:
+        kw.update(accelerator_config={"split_batches": True, "dispatch_batches": True},
+                  ddp_find_unused_parameters=False)
     kw.update(overrides)
     try:
         return TrainingArguments(**kw)
