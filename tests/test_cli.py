@@ -29,7 +29,7 @@ import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
 from t3s.pipeline import engine, rundir  # noqa: E402
-from t3s.pipeline.settings import DEFAULTS  # noqa: E402
+from t3s.pipeline.settings import DEFAULTS, UsageError  # noqa: E402
 from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 
 STAGES = ("pilot", "select", "train", "baseline", "eval", "report")
@@ -458,22 +458,40 @@ cp -r {run_dir} {keep}
         assert m_keep[key] == m_fin[key], key
 
 
-def test_a_launcher_is_refused_on_every_rank_before_anything_is_touched(tmp_path):
-    """`torchrun --nproc_per_node 2 -m t3s run`: both ranks exit at once with one line
-    (before, the second was refused the lock and the first waited for it forever)."""
+def test_under_a_launcher_a_bad_input_stops_every_rank_with_one_line(tmp_path):
+    """`torchrun --nproc_per_node 2 -m t3s run` without a model: rank 0 finds it, every
+    rank exits with status 2, the message is printed once, and nothing is created."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "t3s", "run",
-         "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=300)
+         "--run-dir", str(run_dir), "--device", "cpu"], capture_output=True, text=True, env=env,
+        timeout=300)
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("t3s: error:")]
-    assert len(lines) == 2 and "WORLD_SIZE=2" in lines[0] and "torchrun" in lines[0], \
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("t3s: error")]
+    assert len(lines) == 1 and lines[0].startswith("t3s: error: no model given"), \
         proc.stderr[-3000:]
     assert not run_dir.exists()
     print(f"refused in {time.perf_counter() - t0:.1f} s")
+
+
+def test_what_cannot_run_across_ranks_is_refused(monkeypatch):
+    from t3s import dist
+    from t3s.pipeline import commands
+    from t3s.pipeline.settings import normalize_config
+    cfg = normalize_config({"batch_size": 9})
+    commands.check_launch(cfg)   # one process: nothing to refuse
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--batch-size 9 is the global batch.*multiple of 2"):
+        commands.check_launch(cfg)
+    with pytest.raises(UsageError, match="diffusion.*runs in one process.*WORLD_SIZE=2"):
+        commands.check_launch(normalize_config({"batch_size": 8, "objective": "diffusion",
+                                               "rule": "forced"}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "DDP" in commands.launch_notes(normalize_config({"device": "cpu"}))[0]
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])

@@ -42,7 +42,7 @@ from .settings import (
 from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
 
 __all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process",
-           "check_launch", "run_command"]
+           "check_launch", "launch_notes", "run_command"]
 
 
 def check_single_process(what: str) -> None:
@@ -66,6 +66,17 @@ def check_launch(cfg: Mapping[str, Any]) -> None:
     if cfg["batch_size"] % world:
         raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over the "
                          f"{world} ranks: it must be a multiple of {world}")
+
+
+def launch_notes(cfg: Mapping[str, Any]) -> List[str]:
+    """What of the launcher's setup does not apply here, said instead of ignored."""
+    notes = []
+    if (dist.world_size() > 1 and resolve_device(cfg) == "cpu"
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        notes.append("the accelerate config asks for FSDP, which accelerate does not apply to "
+                     "CPU processes: the ranks train with DDP (the same results; FSDP applies "
+                     "on GPUs)")
+    return notes
 
 
 def resolve_config(flags: Mapping[str, Any], *, config_file: Optional[str] = None,
@@ -176,6 +187,9 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     # rank 0 checks; its error (or its go-ahead) reaches every rank
     fps = dist.on_main(_plan, command, cfg, run, stored, redo, force, overwrite)
     quiet_libraries(show_progress(cfg["progress"]) and dist.is_main(), debug)
+    if dist.is_main():
+        for note in launch_notes(cfg):
+            say(f"t3s: {note}")
     if cfg["threads"]:
         import torch
         torch.set_num_threads(cfg["threads"])

@@ -34,9 +34,11 @@ __all__ = ["training_args", "checkpoint_args", "resume_point", "continue_from", 
            "strip_resume_state", "accuracy_callback", "progress_bar", "save_log", "checkpoints",
            "finals", "RESUME_STATE_FILES"]
 
-#: the files of a Trainer checkpoint needed only to resume from it (not for θb)
-RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth",
-                      "rng_state_*.pth", "training_args.bin")
+#: the files of a Trainer checkpoint needed only to resume from it (not for θb); under
+#: FSDP the optimizer is ``optimizer.bin`` (full) or ``optimizer_0/`` (sharded)
+RESUME_STATE_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0", "scheduler.pt",
+                      "scaler.pt", "rng_state.pth", "rng_state_*.pth", "training_args.bin")
+_OPTIMIZER_STATES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
 
 
 def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
@@ -87,7 +89,8 @@ def resume_point(work: Path) -> Optional[Path]:
     from ..trainer import checkpoint_step
     for step, path in sorted(checkpoints(work).items(), reverse=True):
         try:
-            if checkpoint_step(path, str(work)) == step and (path / "optimizer.pt").exists():
+            if checkpoint_step(path, str(work)) == step and any(
+                    (path / name).exists() for name in _OPTIMIZER_STATES):
                 return path
         except ValueError:
             pass
@@ -121,7 +124,7 @@ def strip_resume_state(checkpoint: Path) -> None:
     """Remove what only resuming needs (`RESUME_STATE_FILES`), keeping the model."""
     for pattern in RESUME_STATE_FILES:
         for f in checkpoint.glob(pattern):
-            f.unlink()
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
 def resume_state_retention():

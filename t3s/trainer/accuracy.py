@@ -39,9 +39,11 @@ class AccuracyCallback(TrainerCallback):
     s" evaluates the parameters after s optimizer updates: step 0 (θ0) is
     evaluated in ``on_train_begin`` (``eval_at_start``), then every
     ``eval_steps`` updates, and the last step at the end of training
-    (``eval_at_end``). Every rank evaluates (generation may need all ranks
-    under sharding); only the main process writes files and deletes
-    checkpoints.
+    (``eval_at_end``). Under ``torch.distributed`` every rank generates for
+    its share of the subset and the answers are gathered
+    (`t3s.training_accuracy`'s ``split_across_ranks``), so every rank holds
+    the same accuracy as one process would; a sharded (FSDP) model generates
+    in lockstep. Only the main process writes files and deletes checkpoints.
 
     Each training accuracy feeds ``tracker`` (a `t3s.BottleneckTracker` with
     ``margin``, ``recover_margin``, ``patience`` and ``exclude_initial``: θ0
