@@ -190,3 +190,28 @@ def test_killed_rank_stops_every_rank_and_the_run_resumes(tmp_path):
                             dataset_fingerprint=None).read().to_pandas()
     assert not traj.duplicated(["step", "example_id", "position"]).any()
     assert sorted(traj["step"].unique()) == list(range(24))
+
+
+def test_accelerate_launch_with_the_shipped_fsdp2_config(tmp_path):
+    """The README's `accelerate launch --config_file examples/accelerate_fsdp2.yaml` on 2 CPU
+    processes: the pilot runs on both ranks, and t3s says that accelerate applies FSDP to GPU
+    processes only (CPU ones train with DDP) instead of ignoring the config silently."""
+    from t3s.demo import BASE_DIR, write_data
+    data = tmp_path / "data"
+    write_data(data, trace_counts={2: 16, 3: 16, 4: 0}, heldout_size=8, four_term_size=2)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate_fsdp2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "t3s", "pilot",
+           "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"), "--steps", "4",
+           "--eval-steps", "2", "--eval-subset", "4", "--batch-size", "8",
+           "--max-new-tokens", "30", "--device", "cpu", "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
+                          cwd=ROOT, timeout=600)
+    log = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("accelerate does not apply to CPU processes") == 1, log[-3000:]
+    record = _read(run_dir / "pilot" / "stage.json")
+    assert record["world_size"] == 2 and record["summary"]["final_step"] == 4
+    assert sorted(p.name for p in (run_dir / "pilot" / "trajectory").glob("*.arrow")) == [
+        "traj-rank00000.arrow", "traj-rank00001.arrow"]
