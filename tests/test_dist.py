@@ -11,18 +11,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from two_ranks import run_two_ranks
 
 
 def _tiny_lm_and_data(seed: int):
@@ -104,24 +97,9 @@ def _worker(rank, port, seed, store, errors):
 
 
 def test_split_passes_on_two_ranks(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
     seed = int(torch.randint(0, 2**31 - 1, ()))
     store = str(tmp_path / "profile")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, seed, store, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
-    assert [p.exitcode for p in procs] == [0, 0], f"seed {seed}"
+    run_two_ranks(_worker, seed, store, what=f"seed {seed}")
     # every key of the store in exactly one rank's shard
     import pyarrow.ipc as ipc
     from t3s.trajectory.store import shard_path

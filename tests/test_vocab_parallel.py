@@ -7,22 +7,15 @@ grad_bias with a single-process float64 reference.
 """
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_ranks import run_two_ranks
 
 N, H, V = 23, 16, 37
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(seed, dtype):
@@ -111,23 +104,8 @@ def _worker(rank, port, seed, errors):
 
 
 def test_vocab_parallel_matches_unsharded_on_two_ranks():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, seed, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
-    assert [p.exitcode for p in procs] == [0, 0], f"seed {seed}"
+    run_two_ranks(_worker, seed, timeout=180, what=f"seed {seed}")
 
 
 def test_vocab_parallel_needs_a_group():
