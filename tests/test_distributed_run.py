@@ -87,9 +87,10 @@ def test_two_ranks_equal_one_process(two_rank_demo, quick_demo):
         np.testing.assert_allclose(d2["delta"], d1["delta"], atol=2e-4, err_msg=name)
     sel1, sel2 = (pq.read_table(o / "select" / "selection.parquet").to_pandas()
                   for o in (out1, out2))
+    # (many tokens sit at Δc ≈ 0: confident at θ0 and at θb)
     clear = np.abs(sel1["delta"].values) > 1e-3
     assert (sel1["loss_mask"].values[clear] == sel2["loss_mask"].values[clear]).all()
-    assert clear.mean() > 0.99
+    assert (sel1["loss_mask"].values != sel2["loss_mask"].values).mean() < 0.005
     m1, m2 = (_read(o / "report" / "metrics.json") for o in (out1, out2))
     for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "bottleneck_step"):
         assert m2[key] == pytest.approx(m1[key], abs=0.02), key
