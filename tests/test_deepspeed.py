@@ -127,7 +127,8 @@ def check(make, patched, init, name):
         assert (out.logits is None) == patched, name
         # gathered by the head's own hooks, not registered as an external parameter of the
         # model (whole through its entire forward and backward)
-        assert not any(id(head) in getattr(m, "_external_params", {}) for m in model.modules()), name
+        external = [m for m in model.modules() if id(head) in getattr(m, "_external_params", {})]
+        assert not external, (name, [type(m).__name__ for m in external])
         total = out.loss.detach().clone()
         dist.all_reduce(total)
         torch.testing.assert_close(total / 2, ref_loss.detach(), rtol=1e-5, atol=1e-6,
