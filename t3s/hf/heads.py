@@ -439,6 +439,8 @@ def peek_parameter(module: nn.Module, name: str):
     backward: read before the head's call, the head would stay whole for the
     model's entire forward and backward. Same lookup order as ``nn.Module``.
     """
+    if torch.compiler.is_compiling():  # traced as is; ZeRO-3 skips its gather then too
+        return getattr(module, name, None)
     try:
         return object.__getattribute__(module, name)  # instance dict, class descriptors
     except AttributeError:
