@@ -45,6 +45,9 @@ setup(
         # (the model file; its own dependencies are not wanted), see docs/real_model.md
         "real": ["gguf>=0.10"],
         "flash": ["flash-attn>=2.6"],
+        # ZeRO-3 (tests/test_deepspeed.py runs it on the CPU accelerator with gloo); a
+        # pure-Python install, its C++ ops are compiled on first use only
+        "deepspeed": ["deepspeed>=0.19"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LMHead", "lm_head", "last_hidden_state", "HeadTap", "output_embedding",
-           "single_hidden", "is_dtensor"]
+           "single_hidden", "is_dtensor", "peek_parameter"]
 
 @dataclass(frozen=True)
 class LMHead:
@@ -421,13 +421,34 @@ def output_embedding(model: nn.Module) -> nn.Module:
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding "
                          "(get_output_embeddings() is None); t3s needs a causal LM head")
-    weight = getattr(head, "weight", None)
+    weight = peek_parameter(head, "weight")
     # FSDP1 / ZeRO-3 shards are 1-D (or empty) outside the head's call: the loss then runs
     # inside that call, where the weight is whole (`t3s.hf.patch`).
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
         raise ValueError(f"{type(model).__name__}'s output embedding {type(head).__name__} has no "
                          "2-D weight [V, H]")
     return head
+
+
+def peek_parameter(module: nn.Module, name: str):
+    """``getattr(module, name, None)``, minus DeepSpeed ZeRO-3's gather-on-access.
+
+    Inside a ZeRO-3 engine's forward, reading a partitioned parameter through its
+    module's ``_parameters`` all-gathers it and registers it as an external
+    parameter of the running module, whole through that module's forward and
+    backward: read before the head's call, the head would stay whole for the
+    model's entire forward and backward. Same lookup order as ``nn.Module``.
+    """
+    if torch.compiler.is_compiling():  # traced as is; ZeRO-3 skips its gather then too
+        return getattr(module, name, None)
+    try:
+        return object.__getattribute__(module, name)  # instance dict, class descriptors
+    except AttributeError:
+        pass
+    params = module.__dict__.get("_parameters")
+    if isinstance(params, dict) and name in params:
+        return dict.get(params, name)  # not a subclass's __getitem__
+    return getattr(module, name, None)
 
 
 def _is_materialised(t: torch.Tensor) -> bool:

@@ -47,7 +47,11 @@ shards, as FSDP2 does for every other parameter. Engines that gather the weight 
 the head module's own hooks (FSDP1 with the head in its own unit, DeepSpeed ZeRO-3)
 leave a 1-D or empty shard outside that call: then the loss is computed inside the
 head's call (`t3s.hf.heads.HeadTap` with a ``loss_fn``), and the head's empty output
-feeds the loss so that the engine's backward hooks re-gather the weight first.
+feeds the loss so that the engine's backward hooks re-gather the weight first. A ZeRO-3
+parameter always takes that path, and is inspected before the call with
+`t3s.hf.heads.peek_parameter`, which skips ZeRO-3's gather-on-access: otherwise the
+head would be registered as an external parameter of the whole model, kept whole
+through its entire forward and backward.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ from t3s_kernels.backends import check_backend_name
 
 from ..loss import masked_ce
 from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard, remove_guards
-from .heads import HeadTap, LMHead, is_dtensor, lm_head, output_embedding, single_hidden
+from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek_parameter,
+                    single_hidden)
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 
@@ -343,7 +348,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
 
     # A head whose weight is whole only during its own call (FSDP1 / ZeRO-3 gather it in
     # module hooks) gets its loss computed inside that call; otherwise after the forward.
-    inside = not _whole_outside_call(tapped.weight)
+    inside = not _whole_outside_call(peek_parameter(tapped, "weight"))
     tap.begin(compute_logits=not skip_logits, loss_fn=loss_of if inside else None)
     try:
         out = _original_forward(model, info)(*args, **kwargs)
@@ -385,7 +390,11 @@ def _tapped_module(module: nn.Module) -> nn.Module:
 
 def _whole_outside_call(weight) -> bool:
     """True when the head's weight is usable after its call: a full [V, H] tensor or a
-    DTensor (gathered in the loss). False for FSDP1 / ZeRO-3 shards (1-D or empty)."""
+    DTensor (gathered in the loss). False for FSDP1 shards (1-D or empty) and for every
+    DeepSpeed ZeRO-3 parameter (``ds_id``): whether one is whole before the head's call
+    (persistent, prefetched) says nothing about the moment the loss runs."""
+    if hasattr(weight, "ds_id"):
+        return False
     return isinstance(weight, torch.Tensor) and (
         (weight.dim() == 2 and weight.numel() > 0) or is_dtensor(weight))
 
