@@ -216,3 +216,52 @@ def test_accelerate_launch_with_the_shipped_fsdp2_config(tmp_path):
     assert record["world_size"] == 2 and record["summary"]["final_step"] == 4
     assert sorted(p.name for p in (run_dir / "pilot" / "trajectory").glob("*.arrow")) == [
         "traj-rank00000.arrow", "traj-rank00001.arrow"]
+
+
+DDP_TRAINER_SCRIPT = """
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+import torch.distributed as dist, transformers
+from transformers import TrainingArguments
+import t3s
+from t3s.demo import BASE_DIR
+from t3s.trainer import T3STrainer
+from t3s.trajectory import TrajectoryReader
+out = sys.argv[1]
+tok = transformers.AutoTokenizer.from_pretrained(str(BASE_DIR))
+rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
+        for a in range(10, 20) for b in range(10, 12)]
+path = os.path.join(out, "traces.jsonl")
+# TrainingArguments' defaults: the Trainer wraps in DDP with find_unused_parameters, which
+# rebuilds the model output from its items
+args = TrainingArguments(output_dir=out, use_cpu=True, max_steps=2, report_to=[],
+                         per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True)
+if dist.get_rank() == 0:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\\n" for r in rows)
+dist.barrier()
+data = t3s.TraceDataset.from_jsonl(path, tok)
+model = transformers.AutoModelForCausalLM.from_pretrained(str(BASE_DIR))
+T3STrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+           trajectory_dir=os.path.join(out, "traj")).train()
+dist.barrier()
+if dist.get_rank() == 0:
+    table = TrajectoryReader(os.path.join(out, "traj"), dataset_fingerprint=None).read()
+    assert sorted(set(table["step"].to_pylist())) == [0, 1], table
+print("ok", dist.get_rank(), flush=True)
+dist.barrier()
+os._exit(0)  # gloo's threads can abort a normal interpreter exit
+"""
+
+
+def test_t3s_trainer_under_plain_ddp(tmp_path):
+    """T3STrainer with TrainingArguments' defaults under torchrun (plain DDP): the
+    patched output survives DDP's rebuilding of it, and each rank records its shard."""
+    script = tmp_path / "ddp_trainer.py"
+    script.write_text(DDP_TRAINER_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--master_port", str(_free_port()), str(script), str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                          timeout=300)
+    log = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0 and log.count("ok ") == 2, log[-3000:]

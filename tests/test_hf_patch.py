@@ -344,6 +344,12 @@ def test_token_stats_alignment(arch):
     assert torch.isnan(got[~kept]).all() and torch.isnan(stats.target_logprob[:, -1]).all()
     assert torch.equal(stats.argmax_correct[:, :-1][kept],
                        (logp[:, :-1].argmax(-1) == labels[:, 1:])[kept])
+    # engines rebuild the output from its items (DDP with find_unused_parameters does):
+    # token_stats is a field of the output class, which stays the model's own
+    rebuilt = type(out)(**dict(out.items()))
+    assert rebuilt.token_stats is stats and isinstance(out, type(model.__class__.forward(
+        model, input_ids=ids, attention_mask=am)))
+    assert out.to_tuple()[-1] is stats
 
 
 def test_autocast_bf16():

@@ -376,10 +376,28 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     fields = dict(out.items())
     fields["loss"] = loss
     fields["logits"] = None if skip_logits else fields.get("logits")
-    new = type(out)(**fields)
-    if stats is not None:
-        new["token_stats"] = stats
+    if stats is None:
+        new = type(out)(**fields)
+    else:
+        # a field of its own: engines that rebuild the output from its items (DDP with
+        # find_unused_parameters) call the output class with every key
+        new = _with_token_stats(type(out))(**fields, token_stats=stats)
     return new if return_dict else new.to_tuple()
+
+
+_STATS_OUTPUTS: Dict[type, type] = {}
+
+
+def _with_token_stats(output_type: type) -> type:
+    """``output_type`` (a `ModelOutput` dataclass) with a ``token_stats`` field added."""
+    cls = _STATS_OUTPUTS.get(output_type)
+    if cls is None:
+        cls = dataclasses.make_dataclass(
+            output_type.__name__, [("token_stats", Optional[Any], None)], bases=(output_type,),
+            namespace={"__module__": output_type.__module__,
+                       "__doc__": f"{output_type.__name__} with t3s's token_stats."})
+        _STATS_OUTPUTS[output_type] = cls
+    return cls
 
 
 def _tapped_module(module: nn.Module) -> nn.Module:
