@@ -80,5 +80,120 @@ def test_analyze_resumes_and_refuses_bad_parameters(analysed, capsys):
         assert message in capsys.readouterr().err
     # refused before any work: the finished analysis is still in place
     assert (out / "analyze" / "analysis.json").is_file()
-    assert main(["analyze", str(out), "--no-progress", "--analysis-param", "transfer_at=pilot:2"]) == 2
-    assert "not retained" in capsys.readouterr().err
+    for param, message in (("transfer_at=pilot:2", "pilot:2 is never saved"),
+                           ("transfer_at=pilot:7", "pilot:7 is past the last step"),
+                           ("examples=21", "examples=21 but the training data"),
+                           ("groups=anchors,other", "unknown group(s) other"),
+                           ("last_layers=5", "has 4 decoder layers")):
+        assert main(["analyze", str(out), "--no-progress", "--analysis-param", param]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (param, err)
+    assert json.loads((out / "analyze" / "analysis.json").read_text())["examples"]["analysed"] == 8
+
+
+def test_what_only_the_pilot_tells_fails_at_the_stage_start(analysed, tmp_path, capsys):
+    """A checkpoint the settings would save but the run does not hold (removed here):
+    refused when the stage starts, naming the retained ones, before any gradient."""
+    import shutil
+    out, _ = analysed
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "pilot" / "checkpoint-3")
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--no-progress", "--analysis-param", "examples=8",
+                 "--analysis-param", "transfer_at=pilot:3"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "pilot:3 not retained in this run (retained: " in err[0], err
+    assert "theta0, thetab, final, t3s_final, pilot:0, pilot:6, train:0, train:3" in err[0]
+    assert "‖∇" not in captured.out and "traces; groups" not in captured.out
+    # the finished analysis (of other parameters) is untouched
+    assert json.loads((run / "analyze" / "analysis.json").read_text())["checkpoints"]
+
+
+def test_run_refuses_bad_analysis_parameters_before_any_stage(analysed, tmp_path, capsys):
+    out, _ = analysed
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    base = ["run", "--model", cfg["model"], "--train", cfg["train"], "--run-dir",
+            str(tmp_path / "fresh"), "--steps", "4", "--eval-steps", "2", "--no-progress",
+            "--analyze"]
+    capsys.readouterr()
+    for param, message in (("transfer_at=pilot:5", "pilot:5 is past the last step"),
+                           ("transfer_at=train:3", "train:3 is never saved"),
+                           ("groups=anchors,selected", "unknown group(s) selected")):
+        assert main(base + ["--analysis-param", param]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (param, err)
+        assert not (tmp_path / "fresh" / "pilot").exists()
+
+
+# ----------------------------------------------------------------------------- refused up front
+def _cfg(tmp_path, **over):
+    """Settings as `t3s run` resolves them, with a 5-trace training file and a 4-layer
+    model directory (config.json only: analysis_settings reads nothing else)."""
+    from t3s.pipeline.settings import DEFAULTS
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    (tmp_path / "train.jsonl").write_text("".join('{"prompt": "p", "response": "r"}\n\n'
+                                                  for _ in range(5)))
+    cfg = dict(DEFAULTS, model=str(tmp_path / "model"), train=str(tmp_path / "train.jsonl"),
+               steps=10, eval_steps=5)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"transfer_at": "pilot:15"}, "pilot:15 is past the last step of the pilot (steps: 10)"),
+    ({"transfer_at": "train:11"}, "train:11 is past the last step of the T3S retraining"),
+    ({"transfer_at": "pilot:3"}, "pilot:3 is never saved (the pilot saves a checkpoint every 5"),
+    ({"transfer_at": "theta0,bottleneck"}, "unknown checkpoint 'bottleneck'"),
+    ({"transfer_at": "pilot:x"}, "unknown checkpoint 'pilot:x'"),
+    ({"groups": "anchors,others"}, "unknown group(s) others (this run's rule 'anchor' gives "
+                                   "anchors, rest)"),
+    ({"groups": "anchors"}, "must name each of anchors, rest once"),
+    ({"groups": "rest,rest"}, "must name each of anchors, rest once"),
+    ({"examples": 6}, "examples=6 but the training data"),
+    ({"examples": -1}, "examples must be an integer >= 0"),
+    ({"last_layers": 5}, "last_layers=5 but the model"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"max_parameters": 1.5}, "max_parameters must be an integer"),
+    ({"transfer_steps": 0}, "transfer_steps must be an integer >= 1"),
+])
+def test_bad_analysis_parameters_are_refused_up_front(tmp_path, params, message):
+    from t3s.pipeline.analysis import analysis_settings
+    from t3s.pipeline.settings import UsageError
+    with pytest.raises(UsageError) as info:
+        analysis_settings(_cfg(tmp_path, analysis_params=params))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_analysis_parameters_the_settings_allow(tmp_path):
+    from t3s.pipeline.analysis import analysis_settings
+    from t3s.pipeline.settings import UsageError
+    p = analysis_settings(_cfg(tmp_path, analysis_params={
+        "transfer_at": "theta0, pilot:5,pilot:10,train:0,final,theta0", "groups": "rest,anchors",
+        "examples": 5, "last_layers": 4}))
+    assert p["transfer_at"] == ["theta0", "pilot:5", "pilot:10", "train:0", "final"]  # deduplicated
+    assert p["groups"] == ["rest", "anchors"] and p["examples"] == 5 and p["last_layers"] == 4
+    assert analysis_settings(_cfg(tmp_path, analysis_params={"transfer_at": ""}))["transfer_at"] == []
+    # checkpoint_steps 2 with eval_steps 5: the pilot saves every gcd = 1 step
+    assert analysis_settings(_cfg(tmp_path, checkpoint_steps=2,
+                                  analysis_params={"transfer_at": "pilot:3"}))
+    # other rules name their group "selected"; rule none analyses the anchors
+    assert analysis_settings(_cfg(tmp_path, rule="random",
+                                  analysis_params={"groups": "rest,selected"}))["groups"]
+    assert analysis_settings(_cfg(tmp_path, rule="none",
+                                  analysis_params={"groups": "anchors,rest"}))["groups"]
+    # a diffusion run's retraining trains the diffusion LM: not analysed
+    with pytest.raises(UsageError, match="t3s_final is a checkpoint of the diffusion LM"):
+        analysis_settings(_cfg(tmp_path, objective="diffusion", rule="forced",
+                               analysis_params={"transfer_at": "t3s_final"}))
+    # with the stages about to run known: a step only keep_checkpoints would keep
+    for at, pending, message in (("pilot:5", ["pilot", "select", "analyze"], "keeps only θb"),
+                                 ("train:5", ["train", "analyze"], "only its final model")):
+        with pytest.raises(UsageError, match="needs --keep-checkpoints") as info:
+            analysis_settings(_cfg(tmp_path, analysis_params={"transfer_at": at}), pending)
+        assert message in str(info.value)
+        assert analysis_settings(_cfg(tmp_path, keep_checkpoints=True,
+                                      analysis_params={"transfer_at": at}), pending)
+        assert analysis_settings(_cfg(tmp_path, analysis_params={"transfer_at": at}), ["analyze"])

@@ -41,7 +41,8 @@ def parameter_subset(model: nn.Module, *, last_layers: Optional[int] = None,
     the last k decoder layers (names ``...layers.<i>.``) plus, with ``head``, the
     output embedding's (tied to the input embedding in some models) and the
     final norm's parameters (those outside every layer that the head follows:
-    named ``norm`` / ``ln_f``). ValueError when the subset is empty."""
+    named ``norm`` / ``ln_f``). ValueError when the subset is empty or k is above the
+    number of decoder layers."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if last_layers is None:
         chosen = params
@@ -53,6 +54,9 @@ def parameter_subset(model: nn.Module, *, last_layers: Optional[int] = None,
             raise ValueError("no decoder layers found in the parameter names (expected "
                              "'...layers.<i>.'); use last_layers=None for all parameters")
         top = max(layer_of.values(), default=-1)
+        if last_layers > top + 1:
+            raise ValueError(f"last_layers={last_layers} but the model has {top + 1} decoder "
+                             "layers")
         head_ids = {id(p) for p in output_embedding(model).parameters()} if head else set()
         chosen = []
         for n, p in params:

@@ -27,8 +27,11 @@ loss (the anchors under the anchor rule) and the other trace tokens.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Dict, List, Mapping, Tuple
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._util import one_line
 from . import rundir
@@ -39,18 +42,23 @@ from .rundir import read_json, write_json
 from .settings import UsageError
 from .training import checkpoints
 
-__all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "stage_analyze"]
+__all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "group_names", "stage_analyze"]
 
 #: the analysis parameters (``--analysis-param KEY=VALUE``) and their defaults
 ANALYSIS_DEFAULTS: Dict[str, Any] = {
     "examples": 64,          # training traces analysed (0: all)
     "batch_size": None,      # None: eval_batch_size
     "last_layers": None,     # None: every parameter; k: last k layers + head + final norm
+    "max_parameters": 1_000_000_000,   # refuse a larger gradient subset (0: no limit)
+    "groups": None,          # the two groups' order, e.g. "rest,anchors" (None: the rule's)
     "transfer_lr": "auto",   # SGD learning rate of the transfer matrix, or "auto"
     "transfer_steps": 1,     # SGD steps per row
     "transfer_at": ["theta0", "thetab"],   # also "final", "pilot:<step>", "train:<step>", "t3s_final"
     "seed": None,            # None: the run's seed (the example subset)
 }
+
+#: the names transfer_at accepts besides pilot:<step> / train:<step>
+_NAMED_POINTS = ("theta0", "thetab", "final", "t3s_final")
 
 
 def _int(params, key, low, allow_none=False):
@@ -62,9 +70,93 @@ def _int(params, key, low, allow_none=False):
     return v
 
 
-def analysis_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """``analysis_params`` over `ANALYSIS_DEFAULTS`, checked (UsageError on an unknown
-    key or a bad value)."""
+def _names(value) -> List[str]:
+    parts = value.split(",") if isinstance(value, str) else (value or [])
+    return [str(a).strip() for a in parts]
+
+
+def group_names(rule: str) -> Tuple[str, str]:
+    """The two groups of a run with selection rule ``rule``: the tokens the rule selects
+    (the anchors under the anchor rule, and under rule ``none``, whose artifact leaves no
+    token out, the analysis takes the anchor rule on the same Δc) and the rest."""
+    return ("anchors", "rest") if rule in ("anchor", "none", "sft") else ("selected", "rest")
+
+
+def _count_records(path) -> Optional[int]:
+    """Non-blank lines of a JSONL file (None when it cannot be read: the loaders say why)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
+def _decoder_layers(model_dir) -> Optional[int]:
+    """The number of decoder layers config.json states (None when it states none)."""
+    try:
+        with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None
+    conf = conf.get("text_config", conf) if isinstance(conf, dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(conf.get(key), int):
+            return conf[key]
+    return None
+
+
+def _saved_every(cfg: Mapping[str, Any]) -> int:
+    """The step interval of the checkpoints a training stage saves (`checkpoint_args`: every
+    gcd of checkpoint_steps and eval_steps, each evaluation a θb candidate)."""
+    every = cfg.get("checkpoint_steps") or cfg["eval_steps"]
+    return math.gcd(every, cfg["eval_steps"]) if cfg["eval_steps"] else every
+
+
+def _check_transfer_at(at: Sequence[str], cfg: Mapping[str, Any],
+                       pending: Optional[Sequence[str]]) -> None:
+    """What the settings alone rule out: an unknown name, a step past the end or never
+    saved, the T3S retraining's checkpoints of a diffusion run, and (when ``pending`` says
+    the stage runs now) a step kept only with keep_checkpoints."""
+    where = "analysis parameter transfer_at"
+    steps, keep = int(cfg["steps"]), bool(cfg.get("keep_checkpoints"))
+    every = _saved_every(cfg)
+    for a in at:
+        series, _, tail = a.partition(":")
+        if a not in _NAMED_POINTS and not (series in ("pilot", "train") and tail.isdigit()):
+            raise UsageError(f"{where}: unknown checkpoint {a!r} (theta0, thetab, final, "
+                             "t3s_final, pilot:<step>, train:<step>)")
+        if (a == "t3s_final" or series == "train") and cfg.get("objective", "ar") != "ar" \
+                and a != "train:0":
+            raise UsageError(f"{where}: {a} is a checkpoint of the diffusion LM (objective: "
+                             "diffusion); only the pilot's checkpoints (the AR selector) are "
+                             "analysed")
+        if not tail.isdigit():
+            continue
+        step, stage = int(tail), "the pilot" if series == "pilot" else "the T3S retraining"
+        if step in (0, steps):
+            continue
+        if step > steps:
+            raise UsageError(f"{where}: {a} is past the last step of {stage} (steps: {steps})")
+        if step % every:
+            raise UsageError(f"{where}: {a} is never saved ({stage} saves a checkpoint every "
+                             f"{every} step(s) and its final model at step {steps})")
+        if pending is not None and (series if series == "pilot" else "train") in pending \
+                and not keep:
+            kept = "keeps only θb (name it thetab)" if series == "pilot" else \
+                "keeps only its final model (t3s_final)"
+            raise UsageError(f"{where}: {a} needs --keep-checkpoints: without it {stage} "
+                             f"{kept}")
+
+
+def analysis_settings(cfg: Mapping[str, Any],
+                      pending: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``analysis_params`` over `ANALYSIS_DEFAULTS`, checked against the settings before
+    any stage runs: UsageError on an unknown key, a bad value, ``examples`` above the
+    training file's records (when given: the default is an upper bound), ``last_layers`` above the model's decoder layers (config.json),
+    unknown ``groups`` for the rule, or a ``transfer_at`` checkpoint the settings never
+    save. ``pending``: the stages about to run (a checkpoint of one of them that only
+    keep_checkpoints would keep is refused too); None when not known. What only the
+    finished pilot tells is checked when the stage starts (`stage_analyze`)."""
     given = dict(cfg.get("analysis_params") or {})
     unknown = sorted(set(given) - set(ANALYSIS_DEFAULTS))
     if unknown:
@@ -74,6 +166,7 @@ def analysis_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     p["examples"] = _int(p, "examples", 0)
     p["batch_size"] = _int(p, "batch_size", 1, True) or cfg["eval_batch_size"]
     p["last_layers"] = _int(p, "last_layers", 0, True)
+    p["max_parameters"] = _int(p, "max_parameters", 0)
     p["transfer_steps"] = _int(p, "transfer_steps", 1)
     p["seed"] = cfg["seed"] if p["seed"] is None else _int(p, "seed", 0)
     lr = p["transfer_lr"]
@@ -86,15 +179,31 @@ def analysis_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
             raise UsageError(f"analysis parameter transfer_lr must be 'auto' or a positive "
                              f"number, got {p['transfer_lr']!r}")
     p["transfer_lr"] = lr
-    at = p["transfer_at"]
-    at = [a.strip() for a in at.split(",")] if isinstance(at, str) else list(at or [])
-    for a in at:
-        if a not in ("theta0", "thetab", "final", "t3s_final") and not (
-                isinstance(a, str) and a.split(":")[0] in ("pilot", "train")
-                and a.partition(":")[2].isdigit()):
-            raise UsageError(f"analysis parameter transfer_at: unknown checkpoint {a!r} "
-                             "(theta0, thetab, final, t3s_final, pilot:<step>, train:<step>)")
-    p["transfer_at"] = at
+    known = group_names(cfg.get("rule", "anchor"))
+    if p["groups"] is not None:
+        order = _names(p["groups"])
+        bad = [g for g in order if g not in known]
+        if bad:
+            raise UsageError(f"analysis parameter groups: unknown group(s) {', '.join(bad)} "
+                             f"(this run's rule {cfg.get('rule')!r} gives {', '.join(known)})")
+        if sorted(order) != sorted(known):
+            raise UsageError(f"analysis parameter groups must name each of {', '.join(known)} "
+                             f"once, got {p['groups']!r}")
+        p["groups"] = order
+    # the default (64) means "up to 64"; a number given asks for that many
+    if p["examples"] and "examples" in given and cfg.get("train"):
+        n = _count_records(cfg["train"])
+        if n is not None and p["examples"] > n:
+            raise UsageError(f"analysis parameter examples={p['examples']} but the training "
+                             f"data {cfg['train']} holds {n} traces (0: all of them)")
+    if p["last_layers"] is not None and cfg.get("model"):
+        n = _decoder_layers(cfg["model"])
+        if n is not None and p["last_layers"] > n:
+            raise UsageError(f"analysis parameter last_layers={p['last_layers']} but the model "
+                             f"{cfg['model']} has {n} decoder layers")
+    # empty (``transfer_at=``): no transfer matrix
+    p["transfer_at"] = [a for a in dict.fromkeys(_names(p["transfer_at"])) if a]
+    _check_transfer_at(p["transfer_at"], cfg, pending)
     return p
 
 
@@ -147,6 +256,28 @@ def _auto_lr(losses, grads, counts) -> float:
     return 0.01 * loss / sq
 
 
+def _point_order(name: str):
+    series, _, tail = name.partition(":")
+    named = _NAMED_POINTS.index(name) if name in _NAMED_POINTS else len(_NAMED_POINTS)
+    return (named, series, int(tail) if tail.isdigit() else 0, name)
+
+
+def _bounded_subset(subset, model, p: Mapping[str, Any], n_groups: int) -> Dict[str, Any]:
+    """`describe_subset` plus the gradient buffer (G × P float32); UsageError when P is over
+    ``max_parameters`` (before any gradient is taken)."""
+    from ..analysis import describe_subset
+    desc = describe_subset(subset, model, last_layers=p["last_layers"])
+    desc["gradient_bytes"] = 4 * n_groups * desc["parameters"]
+    limit = p["max_parameters"]
+    if limit and desc["parameters"] > limit:
+        raise UsageError(
+            f"the analysed parameters number {desc['parameters']:,} (> max_parameters="
+            f"{limit:,}; their {n_groups} gradients would take "
+            f"{desc['gradient_bytes'] / 2**30:.1f} GiB): set --analysis-param last_layers=K "
+            "(the last K decoder layers plus the head), or max_parameters=0 for no limit")
+    return desc
+
+
 # --------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------
@@ -156,7 +287,7 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     matrices and static-signal AUC; analysis.json, figures and analysis.md."""
     import pyarrow.parquet as pq
 
-    from ..analysis import (below_initial, choose_examples, describe_subset, gradient_stats,
+    from ..analysis import (below_initial, choose_examples, gradient_stats,
                             group_gradients, groups_from_artifact, make_batches,
                             member_of, parameter_subset, roc_curve, shock_curves, static_auc,
                             static_signals, transfer_matrix)
@@ -164,34 +295,49 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     from ..artifact import SelectionArtifact, dataset_fingerprint, tokenizer_fingerprint
     from ..hf import lm_head
     from ..trajectory import TrajectoryReader
+    t_start = time.perf_counter()
     cfg, work = ctx.cfg, ctx.work
     p = analysis_settings(cfg)
-    tok = load_tokenizer(cfg)
-    train = load_data(cfg, "train", tok)
-    fp, tfp = dataset_fingerprint(train), tokenizer_fingerprint(tok)
-    sel_path = ctx.dir("select") / rundir.SELECTION_FILE
-    try:
-        art = SelectionArtifact.load(sel_path, tokenizer=tok, examples=train)
-        examples = choose_examples(list(train), p["examples"] or None, seed=p["seed"])
-        # over all the data (the artifact covers it; load checked it), used on the subset
-        groups = groups_from_artifact(art, train, check=False)
-        names = list(groups)
-        batches = make_batches(examples, groups, batch_size=p["batch_size"],
-                               pad_token_id=tok.pad_token_id or 0)
-    except ValueError as e:
-        raise UsageError(f"analysis of {sel_path}: {one_line(e)}") from None
-    counts = sum(b.counts() for b in batches)
-    ctx.say(f"[analyze] {len(examples)} of {len(train)} traces; groups "
-            + ", ".join(f"{n} ({int(c)} tokens)" for n, c in zip(names, counts)))
-    device = resolve_device(cfg)
+    # what the pilot (and the retraining) retained decides transfer_at: checked first
     points = _points(ctx)
     wanted = set(p["transfer_at"])
     known = {n for pt in points for n in pt["names"]}
     missing = sorted(wanted - known)
     if missing:
         raise UsageError(f"analysis parameter transfer_at: {', '.join(missing)} not retained in "
-                         f"this run (retained: {', '.join(sorted(known))}; keep_checkpoints "
-                         "keeps every evaluated step)")
+                         f"this run (retained: {', '.join(sorted(known, key=_point_order))}; "
+                         "keep_checkpoints keeps every evaluated step)")
+    tok = load_tokenizer(cfg)
+    train = load_data(cfg, "train", tok)
+    if p["examples"] > len(train) and "examples" in (cfg.get("analysis_params") or {}):
+        raise UsageError(f"analysis parameter examples={p['examples']} but the training data "
+                         f"holds {len(train)} traces"
+                         + (f" ({len(train.dropped)} dropped as too long)"
+                            if getattr(train, "dropped", None) else "") + " (0: all of them)")
+    fp, tfp = dataset_fingerprint(train), tokenizer_fingerprint(tok)
+    sel_path = ctx.dir("select") / rundir.SELECTION_FILE
+    try:
+        art = SelectionArtifact.load(sel_path, tokenizer=tok, examples=train)
+        if art.rule == "sft":   # rule none leaves no token out: the anchors of the same Δc
+            art = art.reapply("anchor")
+            ctx.say("[analyze] rule none leaves every token in the loss: the groups are the "
+                    "anchor rule's (Δc > 0) on the same Δc")
+        examples = choose_examples(list(train), p["examples"] or None, seed=p["seed"])
+        # over all the data (the artifact covers it; load checked it), used on the subset
+        groups = groups_from_artifact(art, train, check=False)
+        if p["groups"] is not None:
+            groups = {n: groups[n] for n in p["groups"]}
+        names = list(groups)
+        batches = make_batches(examples, groups, batch_size=p["batch_size"],
+                               pad_token_id=tok.pad_token_id or 0)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"analysis of {sel_path}: {one_line(e)}") from None
+    counts = sum(b.counts() for b in batches)
+    ctx.say(f"[analyze] {len(examples)} of {len(train)} traces; groups "
+            + ", ".join(f"{n} ({int(c)} tokens)" for n, c in zip(names, counts)))
+    if not wanted:
+        ctx.say("[analyze] transfer_at is empty: no loss-transfer matrix")
+    device = resolve_device(cfg)
 
     result: Dict[str, Any] = {"format": "t3s.analysis", "version": 1,
                               "groups": {"names": names, "tokens": {n: int(c) for n, c in
@@ -204,11 +350,16 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     ratio: Dict[str, Dict[str, float]] = {}
     cosine: Dict[str, Dict[str, float]] = {}
     signals = head0 = None
+    seconds: Dict[str, Any] = {"checkpoints": {}, "transfer": {}}
     for pt in points:
+        t_point = time.perf_counter()
         model = load_model(pt["path"], cfg, device=device)
-        subset = parameter_subset(model, last_layers=p["last_layers"])
+        try:
+            subset = parameter_subset(model, last_layers=p["last_layers"])
+        except ValueError as e:
+            raise UsageError(f"analysis parameter last_layers: {one_line(e)}") from None
         if "parameters" not in result:
-            result["parameters"] = describe_subset(subset, model, last_layers=p["last_layers"])
+            result["parameters"] = _bounded_subset(subset, model, p, len(names))
         # the logit map is the architecture's: measured by the probe once, at θ0
         head = lm_head(model) if head0 is None else \
             lm_head(model, verify=False, logit_scale=head0.logit_scale)
@@ -226,15 +377,20 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
             if name in wanted and pt["label"] not in transfers:
                 lr = p["transfer_lr"] if p["transfer_lr"] != "auto" else \
                     _auto_lr(losses, grads, counts)
+                t_transfer = time.perf_counter()
                 res = transfer_matrix(model, batches, names, subset, lr=lr,
                                       steps=p["transfer_steps"], head=head)
+                seconds["transfer"][pt["label"]] = time.perf_counter() - t_transfer
                 res.update(step=pt["step"], series=pt["series"], lr_rule=
                            "auto: 0.01·L/‖∇L‖²" if p["transfer_lr"] == "auto" else "given")
                 transfers[pt["label"]] = res
         if pt["label"] == "θ0":
+            t_static = time.perf_counter()
             signals = static_signals(model, examples, batch_size=p["batch_size"],
                                      pad_token_id=tok.pad_token_id or 0)
+            seconds["static"] = time.perf_counter() - t_static
         del model, grads
+        seconds["checkpoints"][pt["label"]] = time.perf_counter() - t_point
         ctx.say(f"[analyze] {pt['label']} (step {pt['step']}): ‖∇{names[0]}‖/‖∇{names[1]}‖ "
                 f"{st['norm_ratio']:.3g}, cosine {st['cosine']:+.3f}")
     if "t3s" in ratio:   # the T3S retraining starts at θ0 too
@@ -304,9 +460,11 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
                      result["static_auc"], title=f"Static signals at θ0 vs the {names[0]}")
     shown.append((f"Static signals at θ0 against the {names[0]} (ROC)", figs["static"]))
     result["figures"] = [f for _, f in shown]
+    result["seconds"] = {**seconds, "total": time.perf_counter() - t_start}
     write_json(work / rundir.ANALYSIS_FILE, result)
     (work / rundir.ANALYSIS_SECTION).write_text(render_section(result, shown), encoding="utf-8")
-    return {"examples": len(examples), "checkpoints": len(rows),
+    return {"examples": len(examples), "parameters": result["parameters"]["parameters"],
+            "last_layers": p["last_layers"], "checkpoints": len(rows),
             "transfer_at": list(transfers), "static_auc": result["static_auc"],
             "grad_norm_ratio_theta0": rows[0]["grad_norm_ratio"],
             "grad_cosine_theta0": rows[0]["grad_cosine"]}

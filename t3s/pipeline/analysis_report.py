@@ -111,6 +111,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _cost(result: Mapping[str, Any]) -> str:
+    """What the subset cost: the gradient buffer per checkpoint and the seconds taken."""
+    par, sec = result["parameters"], result.get("seconds") or {}
+    out = ""
+    if "gradient_bytes" in par:
+        out += (f" The {len(result['groups']['names'])} gradients take "
+                f"{_bytes(par['gradient_bytes'])} (float32) per checkpoint")
+    if "total" in sec:
+        out += (("; the" if out else " The") + f" analysis took {sec['total']:.0f} s "
+                f"({len(sec.get('checkpoints') or {})} checkpoint(s)"
+                + (f", {sum(sec['transfer'].values()):.0f} s of them for the transfer matrices"
+                   if sec.get("transfer") else "") + ")")
+    return out + "." if out else ""
+
+
 def render_section(result: Mapping[str, Any], figures: Sequence[Tuple[str, str]]) -> str:
     """The Markdown section (starting with `SECTION_TITLE`)."""
     names = result["groups"]["names"]
@@ -124,7 +146,7 @@ def render_section(result: Mapping[str, Any], figures: Sequence[Tuple[str, str]]
              + ", ".join(f"**{n}** ({result['groups']['tokens'][n]} tokens)" for n in names)
              + f", from the selection artifact (rule `{result['groups']['rule']}`). Losses are "
              "each group's mean token cross-entropy on these traces; gradients are those of "
-             "these losses (the fused masked loss, one backward per group).", ""]
+             "these losses (the fused masked loss, one backward per group)." + _cost(result), ""]
     lines += [f"- {s}" for s in statements(result)]
     a, r = names[0], names[1]
     lines += ["", f"Per retained checkpoint (ratio = ‖∇L {a}‖ / ‖∇L {r}‖):", ""]
@@ -132,6 +154,8 @@ def render_section(result: Mapping[str, Any], figures: Sequence[Tuple[str, str]]
                     [[c["series"], str(c["step"]), c["label"], _f(c["loss"][a]),
                       _f(c["loss"][r]), _f(c["grad_norm_ratio"], ".2f"),
                       _f(c["grad_cosine"], "+.3f")] for c in result["checkpoints"]])
+    if not result.get("transfer_matrix"):
+        lines += ["", "No loss-transfer matrix: `transfer_at` named no checkpoint."]
     for label, t in (result.get("transfer_matrix") or {}).items():
         lines += ["", f"Loss-transfer matrix at {label} (step {t['step']}): {t['steps']} SGD "
                       f"step(s) of lr {t['lr']:.3g} ({t['lr_rule']}) on the row's group; each "
