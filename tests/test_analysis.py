@@ -212,6 +212,11 @@ def test_bad_groups_and_settings(tiny):
         transfer_matrix(model, batches, ["g0", "g1"], subset, lr=0.1, steps=0)
     with pytest.raises(ValueError, match="last_layers"):
         parameter_subset(model, last_layers=-1)
+    layers = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"last_layers={layers + 1} but the model has {layers} "):
+        parameter_subset(model, last_layers=layers + 1)
+    every_layer = {n for n, _ in parameter_subset(model, last_layers=layers)}
+    assert every_layer | {"model.embed_tokens.weight"} >= {n for n, _ in parameter_subset(model)}
     assert len(choose_examples(examples, 4, seed=1)) == 4
     assert choose_examples(examples, 4, seed=1) == choose_examples(examples, 4, seed=1)
 

