@@ -22,7 +22,15 @@ both stated in the outputs:
   recover the anchor set (ROC AUC; 0.5 is chance).
 
 The groups are the selection artifact's: the tokens its rule leaves out of the
-loss (the anchors under the anchor rule) and the other trace tokens.
+loss (the anchors under the anchor rule; under rule ``none``, which leaves none out,
+the anchor rule's on the same Δc) and the other trace tokens, in the order ``groups``
+gives. The gradient subset is bounded (``max_parameters``) and stated with its
+gradient buffer and the seconds taken.
+
+Bad parameters are refused before any stage runs (`analysis_settings`, from the
+settings alone); what only the finished pilot tells (the checkpoints it retained,
+the traces that survived ``truncation: drop``, the subset's size) is checked when the
+stage starts, before any gradient.
 """
 
 from __future__ import annotations
