@@ -160,8 +160,8 @@ def analysis_settings(cfg: Mapping[str, Any],
                       pending: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``analysis_params`` over `ANALYSIS_DEFAULTS`, checked against the settings before
     any stage runs: UsageError on an unknown key, a bad value, ``examples`` above the
-    training file's records (when given: the default is an upper bound), ``last_layers`` above the model's decoder layers (config.json),
-    unknown ``groups`` for the rule, or a ``transfer_at`` checkpoint the settings never
+    training file's records (when given: the default is an upper bound), ``last_layers``
+    above the model's decoder layers (config.json), unknown ``groups`` for the rule, or a ``transfer_at`` checkpoint the settings never
     save. ``pending``: the stages about to run (a checkpoint of one of them that only
     keep_checkpoints would keep is refused too); None when not known. What only the
     finished pilot tells is checked when the stage starts (`stage_analyze`)."""

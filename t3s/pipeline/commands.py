@@ -162,7 +162,7 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
                          "keep_fraction=F (or --baseline none)")
     check_rule_params(cfg)
     if "analyze" in pending:
-        analysis_settings(cfg)
+        analysis_settings(cfg, pending)
     check_launch(cfg)
 
 

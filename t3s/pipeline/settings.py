@@ -166,7 +166,8 @@ OPTIONS: Tuple[Option, ...] = (
            "those stages next run", hashed=False),
     Option("analysis_params", "params", None,
            "an analysis parameter, KEY=VALUE (repeatable): examples, batch_size, last_layers, "
-           "transfer_lr, transfer_steps, transfer_at, seed (t3s.pipeline.analysis)",
+           "max_parameters, groups, transfer_lr, transfer_steps, transfer_at, seed "
+           "(t3s.pipeline.analysis)",
            hashed=False, metavar="KEY=VALUE"),
     # the directory
     Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
