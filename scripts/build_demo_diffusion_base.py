@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the demo's diffusion student θ0 and write it to t3s/demo/assets/diffusion_base/.
 
-The model is `t3s.demo.dlm.build_dlm(seed)` (a ~0.87M-parameter bidirectional
+The model is `t3s.demo.dlm.build_dlm(seed)` (a ~0.70M-parameter bidirectional
 masked LM with the AR demo's tokenizer and one extra mask id), trained with
 the masked-diffusion SFT loss (`t3s.dllm.diffusion_sft_loss`: t ~ U(eps, 1)
 per sequence, response tokens masked with probability t, 1/t weights
@@ -16,6 +16,14 @@ of ``--lr``, gradients clipped at norm 1. At the end it reports held-out accurac
 by iterative unmasking (block length `t3s.demo.dlm.DLM_BLOCK_LENGTH`, one
 token per step) with the ``"math"`` verifier and writes it, the settings and
 the wall time to ``build_info.json``.
+
+Measured (seed 0, 2 shared CPU cores): the default 1500 steps do not make a
+competent student. Held-out accuracy by iterative unmasking (100 sums each) was
+0.05 / 0.02 on 2- / 3-term sums after 500 steps and 0.07 / 0.09 after 1000 (the
+format right, the arithmetic off: ``48+30+33=`` -> ``48+30=75;75+33=115;...``),
+while the AR base is at 0.985 after 500 steps. One step costs ~0.34 s of CPU
+time (batch 128, length 48). A build that reaches ≥ 0.9 needs more steps or
+another recipe; none is shipped yet.
 
     python scripts/build_demo_diffusion_base.py                  # rebuild the shipped model
     python scripts/build_demo_diffusion_base.py --out /tmp/d --steps 300
