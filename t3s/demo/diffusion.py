@@ -81,7 +81,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
     if "diffusion_model" not in overrides and not dlm_exists():
         raise RunDirError(f"the diffusion demo's student is not built ({DLM_DIR} has no model); "
                           "build it once with `python scripts/build_demo_diffusion_base.py` "
-                          "(1500 training steps on the CPU), or pass diffusion_model=")
+                          "(3000 training steps on the CPU), or pass diffusion_model=")
     out_path.mkdir(parents=True, exist_ok=True)
     with run.locked():
         if overwrite and (run.is_run_dir() or plain.is_run_dir()):

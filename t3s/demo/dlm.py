@@ -12,7 +12,7 @@ config (``mask_token_id``); the tokenizer itself stays the AR one.
 
 The diffusion base θ0 is meant to answer 2- and 3-term sums in the student's
 compact style by iterative unmasking (`t3s.dllm.diffusion_generate`), like the
-AR base; the build script's 1500 steps are not enough for that (see its docstring).
+AR base; 1500 build steps are not enough for that (see the build script's docstring).
 It lives in `DLM_DIR` (``t3s/demo/assets/diffusion_base/``), built by
 ``scripts/build_demo_diffusion_base.py`` (seed, steps and accuracies in its
 ``build_info.json``).
