@@ -12,10 +12,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["t3s", "t3s.*", "t3s_kernels", "t3s_kernels.*"]),
-    # The demo's base student (safetensors weights, tokenizer, config) ships with the package,
+    # The demo's base students (the AR one and the diffusion one: safetensors weights,
+    # tokenizer, config) ship with the package,
     # and so do the C++ sources of the CPU kernels (`t3s_kernels/csrc` links to `csrc/`):
     # they are compiled on first use, never at install time (no build-time torch).
-    package_data={"t3s.demo": ["assets/base/*"], "t3s_kernels": ["csrc/*.cpp"]},
+    package_data={"t3s.demo": ["assets/base/*", "assets/diffusion_base/*"],
+                  "t3s_kernels": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: an installed torch (the CPU build on CPU machines, the CUDA
