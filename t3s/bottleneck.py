@@ -271,10 +271,9 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    split = dist.world_size() > 1 if split_across_ranks is None else bool(split_across_ranks)
-    split = split and dist.world_size() > 1
+    split = dist.world_size() > 1 and split_across_ranks is not False
     order = list(dist.rank_share(len(subset))) if split else list(range(len(subset)))
-    lockstep = split and _is_sharded(model)
+    lockstep = split and dist.is_sharded(model)
     n_batches = -(-len(order) // batch_size)
     if lockstep:  # every rank runs as many generate calls as the rank with the most
         n_batches = -(-len(dist.rank_share(len(subset), rank_=0)) // batch_size)
@@ -325,11 +324,3 @@ def _generate(model, chunk, tokenizer, device, kwargs) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         out = out.sequences
     return out[:, width:].cpu()
-
-
-def _is_sharded(model) -> bool:
-    """Whether a parameter is a DTensor (FSDP2) or the model an FSDP1 wrapper: each
-    forward is then a collective every rank must join."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return True
-    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())

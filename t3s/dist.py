@@ -13,6 +13,8 @@ in the same order.
   rank 0 prints the message).
 * `rank_share`: this rank's share of ``n`` items (item i goes to rank i mod W),
   so that a pass split across ranks visits every item exactly once.
+* `main_only`: a function on rank 0, a no-op on the others (what prints).
+* `is_sharded`: whether each forward of a model is a collective (FSDP).
 * `init_from_launcher`: join the launcher's process group (gloo on CPU, NCCL
   and gloo on CUDA) when ``WORLD_SIZE`` > 1.
 """
@@ -25,8 +27,8 @@ import pickle
 from typing import Any, Callable, List, Optional, TypeVar
 
 __all__ = ["world_size", "rank", "is_main", "barrier", "broadcast_object", "gather_objects",
-           "on_main", "rank_share", "launched_world_size", "init_from_launcher",
-           "DEFAULT_TIMEOUT_S"]
+           "on_main", "main_only", "rank_share", "is_sharded", "launched_world_size",
+           "init_from_launcher", "DEFAULT_TIMEOUT_S"]
 
 T = TypeVar("T")
 
@@ -118,6 +120,24 @@ def _portable(exc: BaseException) -> BaseException:
         return pickle.loads(pickle.dumps(exc))
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def main_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` on rank 0; on the other ranks a function that does nothing (rank 0 prints
+    for every rank)."""
+    return fn if is_main() else _nothing
+
+
+def _nothing(*args, **kwargs) -> None:
+    """`main_only`'s stand-in on the ranks other than 0."""
+
+
+def is_sharded(model) -> bool:
+    """Whether a parameter of ``model`` is a DTensor (FSDP2) or a module an FSDP1 wrapper:
+    each forward is then a collective every rank must join."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
 def rank_share(n: int, *, rank_: Optional[int] = None, world: Optional[int] = None) -> range:

@@ -245,7 +245,7 @@ def profile(
     from . import dist
     split = bool(split_across_ranks) and dist.world_size() > 1
     if split:
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        if dist.is_sharded(model):
             raise ValueError("split_across_ranks needs an unsharded model (each rank runs its own "
                              "examples); a sharded (FSDP) model must see every example on every "
                              "rank: pass split_across_ranks=False")

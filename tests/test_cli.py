@@ -22,9 +22,9 @@ yaml = pytest.importorskip("yaml")
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
 from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
 
+from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
@@ -39,10 +39,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """A model this small runs fastest on one thread (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,19 @@ resuming, and the errors a user can fix. Nothing is downloaded."""
 import json
 
 import pytest
-import torch
 
 from tiny import SPECIAL, arithmetic_records, make_tokenizer, tiny_llama, write_jsonl
 from test_dllm import MASK, diffusion_tokenizer, tiny_bert
 
+from t3s._util import torch_threads
 from t3s.cli import main
 from t3s.pipeline import rundir
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

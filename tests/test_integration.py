@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import LossMaskCallback, T3STrainer, TrajectoryCallback  # noqa: E402
 from tiny import arithmetic_records, jsonl_lines, make_tokenizer, tiny_llama  # noqa: E402
@@ -27,10 +28,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: the intra-op pool costs more than the matmuls
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # tiny models: the intra-op pool costs more than the matmuls
+        yield
 
 
 @pytest.fixture(scope="module")

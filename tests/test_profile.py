@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from t3s._util import torch_threads  # noqa: E402
 import t3s_kernels  # noqa: E402
 from t3s.heads import last_hidden_state, lm_head  # noqa: E402
 from t3s.delta import compare_deltas, exact_delta, online_delta, rankdata  # noqa: E402
@@ -25,10 +26,8 @@ V = 97
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: threads only add contention (and make timings erratic on busy CI).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _llama():

@@ -27,6 +27,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package: pip install gguf")
 pytest.importorskip("math_verify", reason="the training-accuracy verifier needs: pip install math-verify")
 
+from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import read_accuracy_history  # noqa: E402
 
@@ -48,10 +49,8 @@ ex = load_example()
 def threads():
     """One torch thread: on a small shared CPU, OpenMP barriers with a busy sibling core
     cost more than the second core gives."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield 1
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        yield 1
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import (  # noqa: E402
     ACCURACY_FILE, METRICS, AccuracyCallback, T3STrainer, read_accuracy_history)
@@ -32,10 +33,8 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 def _one_thread():
     """Tiny models run fastest on one thread: the intra-op pool's wake-ups cost more than
     the matmuls, and much more on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

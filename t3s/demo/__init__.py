@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+from .._util import torch_threads
 from .evaluate import max_new_tokens_for
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
 from .task import Problem
@@ -197,8 +198,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
     run = RunDir(out_path)
     dist.init_from_launcher("cpu")
-    if not dist.is_main():
-        say = _silent   # rank 0 prints for every rank
+    say = dist.main_only(say)   # rank 0 prints for every rank
     redo = redo_list("run", redo)   # checks the names; "all" -> every stage
 
     def start(held):
@@ -229,14 +229,9 @@ def main(quick: bool = False, out: Optional[str] = None, *,
         say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
             f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''}{ranks})")
         quiet_libraries(show_progress(cfg["progress"]), False)
-        import torch
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg["threads"])
-        try:
+        with torch_threads(cfg["threads"]):
             outcome = run_stages(run, cfg, fps, list(STAGE_NAMES), redo=redo, say=say,
                                  stages=STAGES)
-        finally:
-            torch.set_num_threads(threads)
     dist.barrier()   # rank 0's report is written
     metrics = read_json(run.stage_dir("report") / METRICS_FILE)
     print_metrics(run, say)
@@ -246,7 +241,3 @@ def main(quick: bool = False, out: Optional[str] = None, *,
             "nothing to do (every stage done; --redo STAGE runs one again)")
     say(f"t3s demo: {what} in {seconds:.0f} s")
     return metrics
-
-
-def _silent(msg: str) -> None:
-    """The ``say`` of the ranks other than 0."""

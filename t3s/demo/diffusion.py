@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from .._util import torch_threads
 from . import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
                refuse_other_settings)
 from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
@@ -105,10 +106,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
         say(f"t3s demo --diffusion{' --quick' if quick else ''}: {out_path} (selector θ0: "
             f"{cfg['model']}; diffusion θ0: {cfg['diffusion_model']})")
         quiet_libraries(show_progress(cfg["progress"]), False)
-        import torch
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg["threads"])
-        try:
+        with torch_threads(cfg["threads"]):
             outcome: Dict[str, str] = {}
             plain_redo = ["train"] if ("train" in redo) else []
             with plain.locked():
@@ -122,8 +120,6 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
             run.write_config(cfg, fps["main"])
             outcome.update(run_stages(run, cfg, fps["main"], list(STAGE_NAMES), redo=redo, say=say,
                                       stages=STAGES))
-        finally:
-            torch.set_num_threads(threads)
     metrics = read_json(run.stage_dir("report") / METRICS_FILE)
     say("t3s: " + ", ".join(f"{k} {'n/a' if metrics.get(k) is None else format(metrics[k], '.3f')}"
                             for k in DIFFUSION_METRIC_KEYS))

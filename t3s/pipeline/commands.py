@@ -184,8 +184,11 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     """Run ``command`` ("run" or a stage name) with the settings `resolve_config`
     gave; returns `run_stages`' outcome (stage -> "ran", "done before", "skipped")."""
     dist.init_from_launcher(resolve_device(cfg))
+    # `t3s analyze` also brings the report up to date (its section comes from the analysis)
+    targets = list(STAGE_NAMES) if command == "run" else \
+        [command] + (["report"] if command == "analyze" else [])
     # rank 0 checks; its error (or its go-ahead) reaches every rank
-    fps = dist.on_main(_plan, command, cfg, run, stored, redo, force, overwrite)
+    fps = dist.on_main(_plan, command, targets, cfg, run, stored, redo, force, overwrite)
     quiet_libraries(show_progress(cfg["progress"]) and dist.is_main(), debug)
     if dist.is_main():
         for note in launch_notes(cfg):
@@ -193,21 +196,17 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     if cfg["threads"]:
         import torch
         torch.set_num_threads(cfg["threads"])
-    targets = list(STAGE_NAMES) if command == "run" else \
-        [command] + (["report"] if command == "analyze" else [])
     with contextlib.ExitStack() as held:
         dist.on_main(_start, held, run, cfg, fps, overwrite, say)
         return run_stages(run, cfg, fps, targets, redo=redo, say=say,
                           explicit=command != "run", stages=STAGES)
 
 
-def _plan(command: str, cfg: Dict[str, Any], run: RunDir, stored, redo, force: bool,
-          overwrite: bool) -> Dict[str, Any]:
-    """Rank 0: every check `run_command` makes before it starts; the path fingerprints."""
+def _plan(command: str, targets: Sequence[str], cfg: Dict[str, Any], run: RunDir, stored,
+          redo, force: bool, overwrite: bool) -> Dict[str, Any]:
+    """Rank 0: every check `run_command` makes before it starts (``targets``: the stages
+    the command runs); the path fingerprints."""
     fps = path_fingerprints(cfg, stored)
-    # `t3s analyze` also brings the report up to date (its section comes from the analysis)
-    targets = list(STAGE_NAMES) if command == "run" else \
-        [command] + (["report"] if command == "analyze" else [])
     _check_run_dir(run, overwrite)
     if stored is not None:
         diff = run.config_diff(cfg, fps)

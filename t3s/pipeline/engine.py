@@ -178,8 +178,7 @@ def run_stages(run: RunDir, cfg: Dict[str, Any], fingerprints: Dict[str, Any],
     Returns stage name -> what happened ("ran", "done before", "skipped").
     """
     stages = tuple(stages if stages is not None else registered_stages())
-    if not dist.is_main():
-        say = _silent  # rank 0 prints for every rank
+    say = dist.main_only(say)  # rank 0 prints for every rank
     outcome: Dict[str, str] = {}
     redo = list(redo)
     for st in stages:
@@ -194,10 +193,6 @@ def run_stages(run: RunDir, cfg: Dict[str, Any], fingerprints: Dict[str, Any],
                 redo.remove(st.name)
         outcome[st.name] = action if action != "run" else "ran"
     return outcome
-
-
-def _silent(msg: str) -> None:
-    """The ``say`` of the ranks other than 0."""
 
 
 def _decide(run: RunDir, st: Stage, cfg, fingerprints, redo, stages, say, explicit: bool
