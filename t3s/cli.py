@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -284,6 +285,17 @@ def describe_os_error(e: BaseException, directory: Optional[str] = None) -> str:
     return f"I/O error{where}: {getattr(e, 'strerror', None) or one_line(e)}"
 
 
+def _leave_process_group(status: int) -> None:
+    """End a finished multi-rank command: leave the process group, flush, and exit at
+    once. A normal interpreter exit can still abort (SIGABRT, "terminate called without
+    an active exception") while gloo's communication threads are torn down, and the
+    launcher would then report a finished run as failed."""
+    dist.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``t3s`` command; returns the exit status."""
     parser = build_parser()
@@ -298,9 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if debug:
         logging.basicConfig(level=logging.INFO)
     try:
-        if args.command == "demo":
-            return _demo(args)
-        return _run_command(args)
+        status = _demo(args) if args.command == "demo" else _run_command(args)
+        if dist.world_size() > 1:
+            _leave_process_group(status)
+        return status
     except UsageError as e:
         if debug:
             raise

@@ -14,9 +14,9 @@ in the same order.
 * `rank_share`: this rank's share of ``n`` items (item i goes to rank i mod W),
   so that a pass split across ranks visits every item exactly once.
 * `main_only`: a function on rank 0, a no-op on the others (what prints).
-* `is_sharded`: whether each forward of a model is a collective (FSDP).
+* `is_sharded`: whether each forward of a model is a collective (FSDP, ZeRO-3).
 * `init_from_launcher`: join the launcher's process group (gloo on CPU, NCCL
-  and gloo on CUDA) when ``WORLD_SIZE`` > 1.
+  and gloo on CUDA) when ``WORLD_SIZE`` > 1; `shutdown`: leave it at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 __all__ = ["world_size", "rank", "is_main", "barrier", "broadcast_object", "gather_objects",
            "on_main", "main_only", "rank_share", "is_sharded", "launched_world_size",
-           "init_from_launcher", "DEFAULT_TIMEOUT_S"]
+           "init_from_launcher", "shutdown", "DEFAULT_TIMEOUT_S"]
 
 T = TypeVar("T")
 
@@ -133,9 +133,10 @@ def _nothing(*args, **kwargs) -> None:
 
 
 def is_sharded(model) -> bool:
-    """Whether a parameter of ``model`` is a DTensor (FSDP2) or a module an FSDP1 wrapper:
-    each forward is then a collective every rank must join."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    """Whether a parameter of ``model`` is a DTensor (FSDP2) or a DeepSpeed ZeRO-3
+    partition (``ds_id``), or a module an FSDP1 wrapper: each forward is then a
+    collective every rank must join."""
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
         return True
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
@@ -175,3 +176,15 @@ def init_from_launcher(device: str = "cpu", timeout_s: Optional[float] = None) -
         backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group after a command's last collective: a barrier, so that no
+    rank tears its communication threads down while another still uses them, then
+    ``destroy_process_group`` (an interpreter exit with gloo's threads alive can
+    abort). A no-op without a process group."""
+    if not _group_ready():
+        return
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()

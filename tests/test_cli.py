@@ -488,8 +488,10 @@ def test_what_cannot_run_across_ranks_is_refused(monkeypatch):
     with pytest.raises(UsageError, match="diffusion.*runs in one process.*WORLD_SIZE=2"):
         commands.check_launch(normalize_config({"batch_size": 8, "objective": "diffusion",
                                                "rule": "forced"}))
+    assert commands.launch_notes(normalize_config({"device": "cpu"})) == []
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert "DDP" in commands.launch_notes(normalize_config({"device": "cpu"}))[0]
+    notes = commands.launch_notes(normalize_config({"device": "cpu"}))
+    assert len(notes) == 1 and "asks for FSDP" in notes[0] and "DDP" in notes[0]
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])

@@ -174,3 +174,94 @@ def test_zero3_fused_loss_matches_one_process(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.glob("ok.*")) == ["ok.0", "ok.1"], proc.stdout[-2000:]
+
+
+TRAINER_SCRIPT = """
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+import transformers
+from transformers import TrainingArguments
+import t3s
+from t3s.demo import BASE_DIR
+from t3s.trainer import T3STrainer
+
+out, config, use_cpu, batch = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", int(sys.argv[4])
+if config:  # as in ZERO3_SCRIPT: skip the CPU accelerator's JIT-compiled shm all-reduce
+    import deepspeed.comm.torch  # noqa: F401
+    ds_comm_torch = sys.modules["deepspeed.comm.torch"]
+    if hasattr(ds_comm_torch, "build_shm_op"):
+        ds_comm_torch.build_shm_op = lambda: None
+tok = transformers.AutoTokenizer.from_pretrained(str(BASE_DIR))
+rows = [{"prompt": f"{a}+{b}=", "response": f"{a}+{b}={a + b};\\\\boxed{{{a + b}}}",
+         "answer": str(a + b)} for a in range(10, 22) for b in range(30, 32)]  # 24: 3 batches of 8
+args = TrainingArguments(output_dir=out, max_steps=3, report_to=[], deepspeed=config,
+                         use_cpu=use_cpu, per_device_train_batch_size=batch, save_strategy="no",
+                         disable_tqdm=True, learning_rate=1e-3, logging_steps=1, seed=0)
+rank = int(os.environ.get("RANK", "0"))
+path = os.path.join(out, f"traces.{rank}.jsonl")
+with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\\n" for r in rows)
+data = t3s.TraceDataset.from_jsonl(path, tok)
+model = transformers.AutoModelForCausalLM.from_pretrained(str(BASE_DIR))
+trainer = T3STrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                     trajectory_dir=os.path.join(out, "traj"))
+trainer.train()
+result = {"engine": str(trainer.accelerator.distributed_type), "world_size": args.world_size,
+          "partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),
+          "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
+    json.dump(result, f)
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can abort a normal interpreter exit
+"""
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_t3s_trainer_with_the_shipped_zero3_config(tmp_path, use_cpu):
+    """The README's recipe: `T3STrainer` with `TrainingArguments(deepspeed=
+    "examples/deepspeed_zero3.json", use_cpu=True)` under `torchrun --nproc_per_node 2` on
+    CPU trains with every parameter partitioned and the data split (per-device batch 4);
+    its losses and trajectory (a shard per rank) equal one process with batch 8. Without
+    ``use_cpu`` accelerate's DeepSpeed state on CPU reports one process, and the Trainer
+    gives every rank the same batches: t3s says so, and rank 0's shard alone holds the
+    trajectory, equal to one process with batch 4."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e "
+                        "'.[deepspeed]')")
+    import json
+    from t3s.trajectory import TrajectoryReader
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DS_ACCELERATOR="cpu",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    flag = "1" if use_cpu else "0"
+    for cmd in ([sys.executable, str(script), str(one), "", "1", "8" if use_cpu else "4"],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 str(script), str(two), os.path.join(root, "examples", "deepspeed_zero3.json"),
+                 flag, "4"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    replicated = "every rank trains on the same batches; rank 0 records" in proc.stderr
+    assert replicated == (not use_cpu), proc.stderr[-3000:]
+    ref = json.loads((one / "result.0.json").read_text())
+    for rank in (0, 1):
+        got = json.loads((two / f"result.{rank}.json").read_text())
+        assert got["engine"] == "DistributedType.DEEPSPEED" and got["partitioned"], got
+        assert got["world_size"] == (2 if use_cpu else 1)
+        assert len(got["losses"]) == 3
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]),
+                                   rtol=1e-5, atol=1e-5)
+    shards = sorted(p.name for p in (two / "traj").glob("traj-rank*.arrow"))
+    assert shards == (["traj-rank00000.arrow", "traj-rank00001.arrow"] if use_cpu
+                      else ["traj-rank00000.arrow"])
+    t1, t2 = (TrajectoryReader(d / "traj", dataset_fingerprint=None).read().to_pandas()
+              for d in (one, two))
+    assert sorted(set(t2["step"])) == [0, 1, 2] and len(t2) == len(t1) > 0
+    keys = ["step", "example_id", "position"]
+    t1, t2 = (t.sort_values(keys).reset_index(drop=True) for t in (t1, t2))
+    assert (t1[keys].values == t2[keys].values).all()
+    torch.testing.assert_close(torch.tensor(t2["logprob"].values),
+                               torch.tensor(t1["logprob"].values), rtol=1e-4, atol=1e-4)

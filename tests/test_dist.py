@@ -122,3 +122,13 @@ def test_one_process_collectives_are_plain_calls():
         dist.on_main(lambda: {}["missing"])
     assert list(dist.rank_share(3)) == [0, 1, 2]
     dist.barrier()
+    dist.shutdown()   # no process group: nothing to leave
+
+
+def test_is_sharded_tells_which_models_need_every_rank_in_each_forward():
+    from t3s import dist
+    model, _ = _tiny_lm_and_data(0)
+    assert not dist.is_sharded(model)
+    # a ZeRO-3 partition carries a ds_id (deepspeed.runtime.zero.partition_parameters)
+    next(model.parameters()).ds_id = 0
+    assert dist.is_sharded(model)

@@ -74,6 +74,7 @@ def test_two_ranks_equal_one_process(two_rank_demo, quick_demo):
     assert acc2["heldout_acc"] == acc1["heldout_acc"]
     s1, s2 = (_read(o / "pilot" / "stage.json") for o in (out1, out2))
     assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert (s2["summary"]["parallelism"], s1["summary"]["parallelism"]) == ("ddp", "none")
     assert s2["summary"]["bottleneck_step"] == s1["summary"]["bottleneck_step"]
     for stage in ("pilot", "train", "baseline"):
         l1, l2 = _losses(out1 / stage), _losses(out2 / stage)
@@ -214,8 +215,82 @@ def test_accelerate_launch_with_the_shipped_fsdp2_config(tmp_path):
     assert log.count("accelerate does not apply to CPU processes") == 1, log[-3000:]
     record = _read(run_dir / "pilot" / "stage.json")
     assert record["world_size"] == 2 and record["summary"]["final_step"] == 4
+    assert record["summary"]["parallelism"] == "ddp"
     assert sorted(p.name for p in (run_dir / "pilot" / "trajectory").glob("*.arrow")) == [
         "traj-rank00000.arrow", "traj-rank00001.arrow"]
+
+
+ENGINES = {
+    # accelerate applies FSDP to GPU processes only: tests/fsdp2_on_cpu.py turns its FSDP
+    # branch on for CPU ones, so that fsdp2_prepare_model shards the model as on GPUs
+    "fsdp2": (["--config_file", str(ROOT / "examples" / "accelerate_fsdp2.yaml")],
+              [str(ROOT / "tests" / "fsdp2_on_cpu.py")], {}),
+    # DeepSpeed's CPU accelerator over gloo
+    "deepspeed": (["--use_deepspeed", "--deepspeed_config_file",
+                   str(ROOT / "examples" / "deepspeed_zero3.json")], ["-m", "t3s"],
+                  {"DS_ACCELERATOR": "cpu"}),
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_sharded_run_equals_one_process(tmp_path, engine):
+    """`t3s run` (pilot, select, train, baseline, eval, report) under `accelerate launch`
+    with the model sharded, by FSDP2 from the shipped config or by DeepSpeed ZeRO-3 from
+    the shipped one, on 2 CPU ranks equals one process: the accuracies, the bottleneck,
+    the losses, Δc and the masks. The runs cover the full-state-dict checkpoints, θb's
+    reload, the lockstep generation of a sharded model and the trajectory shards."""
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e "
+                            "'.[deepspeed]')")
+    launcher_args, target, extra_env = ENGINES[engine]
+    from t3s.demo import BASE_DIR, write_data
+    data = tmp_path / "data"
+    write_data(data, trace_counts={2: 16, 3: 16, 4: 0}, heldout_size=8, four_term_size=2)
+    common = ["run", "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"),
+              "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "2",
+              "--eval-subset", "8", "--batch-size", "8", "--max-new-tokens", "30",
+              "--baseline", "random", "--lr", "3e-4", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
+              "--num_processes", "2", "--main_process_port", str(_free_port()), *target]
+    for cmd in ([sys.executable, "-m", "t3s", *common, "--run-dir", str(one)],
+                [*launch, *common, "--run-dir", str(two)]):
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**_env(), **extra_env}, cwd=ROOT, timeout=600)
+        log = proc.stdout.decode("utf-8", "replace")
+        assert proc.returncode == 0, log[-3000:]
+    for stage in ("pilot", "train", "baseline"):
+        s1, s2 = (_read(o / stage / "stage.json") for o in (one, two))
+        assert (s1["summary"]["parallelism"], s2["summary"]["parallelism"]) == ("none", engine)
+        assert s2["world_size"] == 2
+        l1, l2 = _losses(one / stage), _losses(two / stage)
+        assert l1.shape == l2.shape == (6,)
+        np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4, err_msg=stage)
+    # each rank recorded its own half of the pilot's trajectory: together one process's
+    from t3s.trajectory import TrajectoryReader
+    t1, t2 = (TrajectoryReader(o / "pilot" / "trajectory", dataset_fingerprint=None).read()
+              .to_pandas().sort_values(["step", "example_id", "position"]) for o in (one, two))
+    assert len(list((two / "pilot" / "trajectory").glob("traj-rank*.arrow"))) == 2
+    assert len(t1) == len(t2) > 0
+    assert (t1[["step", "example_id", "position"]].values
+            == t2[["step", "example_id", "position"]].values).all()
+    np.testing.assert_allclose(t2["logprob"], t1["logprob"], atol=2e-4)
+    acc1, acc2 = (_read(o / "pilot" / "t3s_accuracy.json") for o in (one, two))
+    assert acc2["train_acc"] == acc1["train_acc"] and acc2["heldout_acc"] == acc1["heldout_acc"]
+    p1, p2 = (_read(o / "pilot" / "stage.json")["summary"] for o in (one, two))
+    assert p2["bottleneck_step"] == p1["bottleneck_step"] and p2["thetab"] == p1["thetab"]
+    for name in ("delta_online.parquet", "delta_exact.parquet"):
+        d1, d2 = (pq.read_table(o / "select" / name).to_pandas() for o in (one, two))
+        assert len(d1) == len(d2) == p1["trace_tokens"]
+        np.testing.assert_allclose(d2["delta"], d1["delta"], atol=2e-4, err_msg=name)
+    sel1, sel2 = (pq.read_table(o / "select" / "selection.parquet").to_pandas()
+                  for o in (one, two))
+    clear = np.abs(sel1["delta"].values) > 1e-3
+    assert clear.sum() > 100
+    assert (sel1["loss_mask"].values[clear] == sel2["loss_mask"].values[clear]).all()
+    m1, m2 = (_read(o / "report" / "metrics.json") for o in (one, two))
+    for key in ("base_acc", "sft_acc", "t3s_acc", "baseline_acc", "bottleneck_step"):
+        assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
 
 
 DDP_TRAINER_SCRIPT = """
@@ -248,7 +323,7 @@ dist.barrier()
 if dist.get_rank() == 0:
     table = TrajectoryReader(os.path.join(out, "traj"), dataset_fingerprint=None).read()
     assert sorted(set(table["step"].to_pylist())) == [0, 1], table
-print("ok", dist.get_rank(), flush=True)
+print(f"ok {dist.get_rank()}", flush=True)  # one write: the ranks share the pipe
 dist.barrier()
 os._exit(0)  # gloo's threads can abort a normal interpreter exit
 """

@@ -71,6 +71,7 @@ def check_launch(cfg: Mapping[str, Any]) -> None:
 def launch_notes(cfg: Mapping[str, Any]) -> List[str]:
     """What of the launcher's setup does not apply here, said instead of ignored."""
     notes = []
+    # accelerate sets FSDP only for accelerator processes (DeepSpeed runs on CPU ones)
     if (dist.world_size() > 1 and resolve_device(cfg) == "cpu"
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
         notes.append("the accelerate config asks for FSDP, which accelerate does not apply to "

@@ -113,11 +113,30 @@ def ensure_pad_token(tok, path: str):
     return tok
 
 
+def _whole_model_loads() -> None:
+    """Make ``from_pretrained`` build whole models again after a ZeRO-3 training stage.
+
+    Once a Trainer has seen a ZeRO-3 config, ``from_pretrained`` builds models partitioned
+    under ``zero.Init``: empty weights outside a DeepSpeed engine. The inference passes
+    (profiling, evaluation) run without an engine, so they need the whole model; a training
+    load is partitioned by ``deepspeed.initialize`` either way."""
+    try:
+        from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled,
+                                                         unset_hf_deepspeed_config)
+    except ImportError:  # pragma: no cover - older transformers
+        return
+    if is_deepspeed_zero3_enabled():
+        unset_hf_deepspeed_config()
+
+
 def load_model(path: str, cfg: Mapping[str, Any], *, device: Optional[str] = None):
-    """A causal LM from a local directory in the run's dtype (moved to ``device`` if given)."""
+    """A causal LM from a local directory in the run's dtype (moved to ``device`` if given:
+    an inference load, whole even after a ZeRO-3 training stage)."""
     import torch
     from transformers import AutoModelForCausalLM
     check_model_dir(path, trust_remote_code=cfg["trust_remote_code"])
+    if device is not None:
+        _whole_model_loads()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, _DTYPES[cfg["dtype"]]), use_safetensors=True,

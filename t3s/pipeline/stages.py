@@ -95,6 +95,20 @@ def _training_data(cfg: Mapping[str, Any]):
     return tok, load_data(cfg, "train", tok), load_data(cfg, "heldout", tok, required=False)
 
 
+def parallelism(trainer) -> str:
+    """How the trainer's accelerator ran the model: ``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"``,
+    ``"ddp"`` (several processes, each with the whole model) or ``"none"`` (one process).
+    Recorded in the stage summary: a launcher's config may ask for more than applies
+    (accelerate applies FSDP to GPU processes only)."""
+    acc = trainer.accelerator
+    kind = getattr(acc.distributed_type, "value", str(acc.distributed_type)).upper()
+    if kind == "FSDP":
+        return "fsdp2" if acc.is_fsdp2 else "fsdp1"
+    if kind == "DEEPSPEED":
+        return "deepspeed"
+    return "ddp" if acc.num_processes > 1 else "none"
+
+
 def _save_model(trainer, tok, path: Path) -> None:
     trainer.save_model(str(path))   # collective under FSDP; rank 0 writes
     if dist.is_main():
@@ -149,6 +163,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
         ctx.say(f"[pilot] bottleneck: step {b} (training accuracy "
                 f"{history['train_acc'][b]:.3f}; θ0 had {start:.3f})")
     return {"bottleneck_step": b, "thetab": thetab, "final_step": last,
+            "parallelism": parallelism(trainer),
             "resumed_from_step": checkpoint_step_of(resume_from),
             "train_acc_at_bottleneck": None if b is None else history["train_acc"][b],
             "n_train": len(train), "trace_tokens": train.num_response_tokens(),
@@ -328,7 +343,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
             shutil.rmtree(path)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
-            "final_step": int(trainer.state.global_step),
+            "final_step": int(trainer.state.global_step), "parallelism": parallelism(trainer),
             "resumed_from_step": checkpoint_step_of(resume_from), **finals(history)}
 
 

@@ -17,6 +17,7 @@ import torch
 import transformers
 from transformers import Trainer
 
+from .. import dist
 from ..artifact import dataset_fingerprint, tokenizer_fingerprint
 from ..data.collate import PackedCollator, PaddedCollator, pad_token_id
 from ..hf import count_loss_items, is_patched, patch
@@ -222,6 +223,17 @@ class T3STrainerMixin:
         fp, tok = self._t3s_store_fingerprints()
         opts = {k: v for k, v in self._t3s_trajectory_options.items()
                 if k not in ("dataset_fingerprint", "tokenizer_fingerprint")}
+        if dist.world_size() > 1 and self.args.world_size == 1 and "rank" not in opts:
+            # The Trainer sees one process under a larger process group (accelerate's
+            # DeepSpeed state on CPU): it does not split the data, every rank trains on
+            # the same batches, so rank 0's shard alone is the whole trajectory.
+            if dist.is_main():
+                logger.warning(
+                    "the Trainer sees one process (args.world_size 1) under a process group of "
+                    "%d ranks: every rank trains on the same batches; rank 0 records the "
+                    "trajectory", dist.world_size())
+            if not dist.is_main():
+                return
         opts.setdefault("rank", self.args.process_index)
         opts.setdefault("world_size", self.args.world_size)  # readers then notice a lost shard
         if "model_id" not in opts:
