@@ -10,12 +10,12 @@ shipped AR student can act as its T3S selector: the tokenizer fingerprints
 match) plus one id, `MASK_ID` = ``len(VOCAB)``, the mask token, named in the
 config (``mask_token_id``); the tokenizer itself stays the AR one.
 
-The diffusion base θ0 is meant to answer 2- and 3-term sums in the student's
-compact style by iterative unmasking (`t3s.dllm.diffusion_generate`), like the
-AR base; 1500 build steps are not enough for that (see the build script's docstring).
-It lives in `DLM_DIR` (``t3s/demo/assets/diffusion_base/``), built by
-``scripts/build_demo_diffusion_base.py`` (seed, steps and accuracies in its
-``build_info.json``).
+The diffusion base θ0 answers 2- and 3-term sums in the student's compact style by
+iterative unmasking (`t3s.dllm.diffusion_generate`), like the AR base: held-out accuracy
+1.00 / 0.98 on 100 2- / 3-term sums, 0.00 on 4-term ones, which it has never seen. It
+lives in `DLM_DIR` (``t3s/demo/assets/diffusion_base/``, 2.8 MB of float32
+safetensors), built by ``scripts/build_demo_diffusion_base.py`` (6000 steps; seed,
+steps and accuracies in its ``build_info.json``).
 """
 
 from __future__ import annotations
