@@ -232,8 +232,30 @@ ENGINES = {
 }
 
 
+def _small_run_args(data: Path) -> list:
+    from t3s.demo import BASE_DIR
+    return ["run", "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"),
+            "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "2",
+            "--eval-subset", "8", "--batch-size", "8", "--max-new-tokens", "30",
+            "--baseline", "random", "--lr", "3e-4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A small `t3s run` in one process: (data directory, run directory)."""
+    from t3s.demo import write_data
+    root = tmp_path_factory.mktemp("small")
+    data, run_dir = root / "data", root / "one"
+    write_data(data, trace_counts={2: 16, 3: 16, 4: 0}, heldout_size=8, four_term_size=2)
+    proc = subprocess.run([sys.executable, "-m", "t3s", *_small_run_args(data), "--run-dir",
+                           str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")[-3000:]
+    return data, run_dir
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_sharded_run_equals_one_process(tmp_path, engine):
+def test_sharded_run_equals_one_process(tmp_path, small_run, engine):
     """`t3s run` (pilot, select, train, baseline, eval, report) under `accelerate launch`
     with the model sharded, by FSDP2 from the shipped config or by DeepSpeed ZeRO-3 from
     the shipped one, on 2 CPU ranks equals one process: the accuracies, the bottleneck,
@@ -243,22 +265,14 @@ def test_sharded_run_equals_one_process(tmp_path, engine):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e "
                             "'.[deepspeed]')")
     launcher_args, target, extra_env = ENGINES[engine]
-    from t3s.demo import BASE_DIR, write_data
-    data = tmp_path / "data"
-    write_data(data, trace_counts={2: 16, 3: 16, 4: 0}, heldout_size=8, four_term_size=2)
-    common = ["run", "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"),
-              "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "2",
-              "--eval-subset", "8", "--batch-size", "8", "--max-new-tokens", "30",
-              "--baseline", "random", "--lr", "3e-4", "--device", "cpu"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
-              "--num_processes", "2", "--main_process_port", str(_free_port()), *target]
-    for cmd in ([sys.executable, "-m", "t3s", *common, "--run-dir", str(one)],
-                [*launch, *common, "--run-dir", str(two)]):
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**_env(), **extra_env}, cwd=ROOT, timeout=600)
-        log = proc.stdout.decode("utf-8", "replace")
-        assert proc.returncode == 0, log[-3000:]
+    data, one = small_run
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
+           "--num_processes", "2", "--main_process_port", str(_free_port()), *target,
+           *_small_run_args(data), "--run-dir", str(two)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env={**_env(), **extra_env}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")[-3000:]
     for stage in ("pilot", "train", "baseline"):
         s1, s2 = (_read(o / stage / "stage.json") for o in (one, two))
         assert (s1["summary"]["parallelism"], s2["summary"]["parallelism"]) == ("none", engine)
