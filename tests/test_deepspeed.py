@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 from t3s.hf import patch  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class GatherOnAccess(dict):
     """A module's ``_parameters`` that logs every read, as ZeRO-3's ``ZeROOrderedDict``
@@ -156,6 +158,15 @@ os._exit(0)
 """
 
 
+def _script(path, text: str):
+    """(path, env): ``text`` written to ``path``, and the environment that runs it on
+    DeepSpeed's CPU accelerator with this checkout importable."""
+    path.write_text(text)
+    env = dict(os.environ, DS_ACCELERATOR="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return path, env
+
+
 def test_zero3_fused_loss_matches_one_process(tmp_path):
     """ZeRO-3 on 2 gloo ranks (DeepSpeed's CPU accelerator): a Llama and a tied-embedding
     Qwen2, patched and not, partitioned by deepspeed.initialize or built under zero.Init:
@@ -164,11 +175,7 @@ def test_zero3_fused_loss_matches_one_process(tmp_path):
         "deepspeed",
         reason="deepspeed is not installed (pip install -e '.[deepspeed]'); this check runs "
                "ZeRO-3 on its CPU accelerator with gloo")
-    script = tmp_path / "zero3.py"
-    script.write_text(ZERO3_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script, env = _script(tmp_path / "zero3.py", ZERO3_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(script), str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -229,18 +236,14 @@ def test_t3s_trainer_with_the_shipped_zero3_config(tmp_path, use_cpu):
                         "'.[deepspeed]')")
     import json
     from t3s.trajectory import TrajectoryReader
-    script = tmp_path / "train.py"
-    script.write_text(TRAINER_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script, env = _script(tmp_path / "train.py", TRAINER_SCRIPT)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
     flag = "1" if use_cpu else "0"
     for cmd in ([sys.executable, str(script), str(one), "", "1", "8" if use_cpu else "4"],
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 str(script), str(two), os.path.join(root, "examples", "deepspeed_zero3.json"),
+                 str(script), str(two), os.path.join(ROOT, "examples", "deepspeed_zero3.json"),
                  flag, "4"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
