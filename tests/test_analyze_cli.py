@@ -108,6 +108,9 @@ def test_what_only_the_pilot_tells_fails_at_the_stage_start(analysed, tmp_path, 
     assert len(err) == 1 and "pilot:3 not retained in this run (retained: " in err[0], err
     assert "theta0, thetab, final, t3s_final, pilot:0, pilot:6, train:0, train:3" in err[0]
     assert "‖∇" not in captured.out and "traces; groups" not in captured.out
+    # refused before the stage replaces anything: the finished analysis is still there
+    assert json.loads((run / "analyze" / "analysis.json").read_text())["examples"]["analysed"] == 8
+    assert "[analyze] running" not in captured.out
     # over max_parameters: refused once θ0's subset is known, before its gradients
     assert main(["analyze", str(run), "--no-progress", "--analysis-param", "examples=8",
                  "--analysis-param", "max_parameters=1000"]) == 2

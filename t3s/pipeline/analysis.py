@@ -219,9 +219,10 @@ def analysis_settings(cfg: Mapping[str, Any],
 # The checkpoints
 # --------------------------------------------------------------------------------------
 
-def _points(ctx: StageContext) -> List[Dict[str, Any]]:
+def _points(ctx: StageContext, *, say: bool = True) -> List[Dict[str, Any]]:
     """Every retained model, as {"series": "pilot"/"t3s", "step", "label", "names", "path"};
-    ``names`` are the transfer_at names that denote it."""
+    ``names`` are the transfer_at names that denote it (``say``: tell when the train stage's
+    models are left out)."""
     cfg = ctx.cfg
     pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
     b, final = pilot.get("bottleneck_step"), int(pilot["final_step"])
@@ -237,8 +238,9 @@ def _points(ctx: StageContext) -> List[Dict[str, Any]]:
                     "names": names})
     train_dir = ctx.dir("train")
     if cfg.get("objective", "ar") != "ar":
-        ctx.say("[analyze] the train stage trained a diffusion LM: only the pilot's "
-                "checkpoints (the AR selector) are analysed")
+        if say:
+            ctx.say("[analyze] the train stage trained a diffusion LM: only the pilot's "
+                    "checkpoints (the AR selector) are analysed")
         train_dir = None
     if train_dir is not None and (train_dir / rundir.MODEL_DIR).is_dir():
         t_final = int(ctx.record("train")["summary"]["final_step"])
@@ -290,6 +292,26 @@ def _bounded_subset(subset, model, p: Mapping[str, Any], n_groups: int) -> Dict[
 # The stage
 # --------------------------------------------------------------------------------------
 
+def _retained_points(ctx: StageContext, p: Mapping[str, Any], *, say: bool = True
+                     ) -> List[Dict[str, Any]]:
+    """`_points`, after checking that every ``transfer_at`` name is among them (what the
+    pilot and the retraining retained decides it; UsageError naming the retained ones)."""
+    points = _points(ctx, say=say)
+    known = {n for pt in points for n in pt["names"]}
+    missing = sorted(set(p["transfer_at"]) - known)
+    if missing:
+        raise UsageError(f"analysis parameter transfer_at: {', '.join(missing)} not retained in "
+                         f"this run (retained: {', '.join(sorted(known, key=_point_order))}; "
+                         "keep_checkpoints keeps every evaluated step)")
+    return points
+
+
+def check_analyze(ctx: StageContext) -> None:
+    """The analyze stage's check before a previous analysis is replaced: the parameters,
+    and ``transfer_at`` against the retained checkpoints."""
+    _retained_points(ctx, analysis_settings(ctx.cfg), say=False)
+
+
 def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     """Shock curves, per-checkpoint group losses / gradient ratio / cosine, transfer
     matrices and static-signal AUC; analysis.json, figures and analysis.md."""
@@ -306,15 +328,8 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     t_start = time.perf_counter()
     cfg, work = ctx.cfg, ctx.work
     p = analysis_settings(cfg)
-    # what the pilot (and the retraining) retained decides transfer_at: checked first
-    points = _points(ctx)
+    points = _retained_points(ctx, p)
     wanted = set(p["transfer_at"])
-    known = {n for pt in points for n in pt["names"]}
-    missing = sorted(wanted - known)
-    if missing:
-        raise UsageError(f"analysis parameter transfer_at: {', '.join(missing)} not retained in "
-                         f"this run (retained: {', '.join(sorted(known, key=_point_order))}; "
-                         "keep_checkpoints keeps every evaluated step)")
     tok = load_tokenizer(cfg)
     train = load_data(cfg, "train", tok)
     if p["examples"] > len(train) and "examples" in (cfg.get("analysis_params") or {}):

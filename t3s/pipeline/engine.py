@@ -82,6 +82,8 @@ class Stage:
         continued in its directory (`StageContext.resume`) instead of removed.
     ranks: under a launcher, "all" runs ``fn`` on every rank (it must then do
         its file work on rank 0, `t3s.dist.is_main`), "main" on rank 0 only.
+    check: what only the earlier stages' outputs can tell, run on rank 0 before the
+        stage's previous outputs are replaced, so that a refusal leaves them in place.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Stage:
     help: str = ""
     resumable: bool = False
     ranks: str = "all"
+    check: Optional[Callable[["StageContext"], None]] = None
 
     def __post_init__(self):
         if self.ranks not in ("all", "main"):
@@ -230,11 +233,13 @@ def _read_attempt(partial: Path) -> Optional[Dict[str, Any]]:
 def _run_one(run: RunDir, st: Stage, cfg, fingerprints, inputs, say, reason: str) -> None:
     attempt = {"hash": stage_hash(st, cfg, fingerprints), "inputs": dict(inputs),
                "world_size": dist.world_size()}
-    resume = dist.on_main(_prepare, run, st, attempt, say, reason)
+    ctx = StageContext(st.name, dict(cfg), run.partial_dir(st.name), run, dict(inputs), say,
+                       dict(fingerprints))
+    if st.check is not None:
+        dist.on_main(st.check, ctx)
+    ctx.resume = dist.on_main(_prepare, run, st, attempt, say, reason)
     t0 = time.perf_counter()
     started = now()
-    ctx = StageContext(st.name, dict(cfg), run.partial_dir(st.name), run, dict(inputs), say,
-                       dict(fingerprints), resume=resume)
     summary = st.fn(ctx) if st.ranks == "all" or dist.is_main() else None
     dist.on_main(_commit, run, st, attempt, started, time.perf_counter() - t0, summary, say)
 

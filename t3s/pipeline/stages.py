@@ -63,7 +63,7 @@ from .console import show_progress
 from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
                         diffusion_train_stage, is_diffusion)
 from .diffusion_report import diffusion_report
-from .analysis import stage_analyze
+from .analysis import check_analyze, stage_analyze
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -484,7 +484,7 @@ STAGES: Tuple[Stage, ...] = (
           lambda cfg: ("pilot", "select"), optional=("train",),
           enabled=lambda cfg: bool(cfg.get("analyze")),
           help="the diagnostics: shock curves, gradient ratio and cosine, loss-transfer "
-               "matrix, static-signal AUC", ranks="main"),
+               "matrix, static-signal AUC", ranks="main", check=check_analyze),
     Stage("report", _stage_report, (), lambda cfg: (),
           optional=("pilot", "select", "train", "baseline", "eval", "analyze"),
           help="figures and a Markdown summary", ranks="main"),
