@@ -208,3 +208,30 @@ def test_analysis_parameters_the_settings_allow(tmp_path):
         assert analysis_settings(_cfg(tmp_path, keep_checkpoints=True,
                                       analysis_params={"transfer_at": at}), pending)
         assert analysis_settings(_cfg(tmp_path, analysis_params={"transfer_at": at}), ["analyze"])
+
+
+def test_rule_none_analyses_the_anchor_groups_of_the_same_delta(analysed, tmp_path, capsys):
+    """Rule none (plain SFT) leaves no token out: `t3s analyze` groups the tokens as the
+    anchor rule does on the same Δc, and says so. The retraining is then the pilot itself,
+    so the T3S series equals the pilot's at the same steps."""
+    import shutil
+    out, _ = analysed
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(run), "--rule", "none", "--analyze", "--force",
+                 "--no-progress", "--analysis-param", "examples=8",
+                 "--analysis-param", "transfer_at=theta0,thetab"]) == 0
+    said = capsys.readouterr().out
+    assert "[analyze] rule none leaves every token in the loss: the groups are the anchor " \
+           "rule's (Δc > 0) on the same Δc" in said
+    assert "rule none: 0 of" in said
+    res = json.loads((run / "analyze" / "analysis.json").read_text())
+    anchor = json.loads((out / "analyze" / "analysis.json").read_text())
+    assert res["groups"]["rule"] == "anchor" and res["groups"]["names"] == ["anchors", "rest"]
+    assert res["groups"]["tokens"] == anchor["groups"]["tokens"]
+    for stat in ("grad_norm_ratio", "grad_cosine"):
+        pilot, t3s = res[stat]["pilot"], res[stat]["t3s"]
+        assert set(t3s) == {"0", "3", "6"} and set(t3s) <= set(pilot)
+        for step in t3s:
+            assert t3s[step] == pytest.approx(pilot[step], rel=1e-4, abs=1e-6), (stat, step)
