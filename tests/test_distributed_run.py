@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from two_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +33,7 @@ def _env():
 
 def _launch(*args: str) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(_free_port()), "-m", "t3s", *args]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            "--master_port", str(free_port()), "-m", "t3s", *args]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +198,7 @@ def test_accelerate_launch_with_the_shipped_fsdp2_config(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "examples" / "accelerate_fsdp2.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "t3s", "pilot",
+           "--main_process_port", str(free_port()), "-m", "t3s", "pilot",
            "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"), "--steps", "4",
            "--eval-steps", "2", "--eval-subset", "4", "--batch-size", "8",
            "--max-new-tokens", "30", "--device", "cpu", "--run-dir", str(run_dir)]
@@ -268,7 +262,7 @@ def test_sharded_run_equals_one_process(tmp_path, small_run, engine):
     data, one = small_run
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
-           "--num_processes", "2", "--main_process_port", str(_free_port()), *target,
+           "--num_processes", "2", "--main_process_port", str(free_port()), *target,
            *_small_run_args(data), "--run-dir", str(two)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env={**_env(), **extra_env}, cwd=ROOT, timeout=600)
@@ -349,7 +343,7 @@ def test_t3s_trainer_under_plain_ddp(tmp_path):
     script = tmp_path / "ddp_trainer.py"
     script.write_text(DDP_TRAINER_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "--master_port", str(_free_port()), str(script), str(tmp_path)],
+                           "2", "--master_port", str(free_port()), str(script), str(tmp_path)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
                           timeout=300)
     log = proc.stdout.decode("utf-8", "replace")

@@ -50,7 +50,8 @@ from .rundir import read_json, write_json
 from .settings import UsageError
 from .training import checkpoints
 
-__all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "group_names", "stage_analyze"]
+__all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "group_names", "check_analyze",
+           "stage_analyze"]
 
 #: the analysis parameters (``--analysis-param KEY=VALUE``) and their defaults
 ANALYSIS_DEFAULTS: Dict[str, Any] = {
@@ -161,10 +162,12 @@ def analysis_settings(cfg: Mapping[str, Any],
     """``analysis_params`` over `ANALYSIS_DEFAULTS`, checked against the settings before
     any stage runs: UsageError on an unknown key, a bad value, ``examples`` above the
     training file's records (when given: the default is an upper bound), ``last_layers``
-    above the model's decoder layers (config.json), unknown ``groups`` for the rule, or a ``transfer_at`` checkpoint the settings never
-    save. ``pending``: the stages about to run (a checkpoint of one of them that only
-    keep_checkpoints would keep is refused too); None when not known. What only the
-    finished pilot tells is checked when the stage starts (`stage_analyze`)."""
+    above the model's decoder layers (config.json), unknown ``groups`` for the rule, or a
+    ``transfer_at`` checkpoint the settings never save. ``pending``: the stages about to
+    run (a checkpoint of one of them that only keep_checkpoints would keep is refused
+    too); None when not known. What only the finished pilot tells is checked when the
+    stage starts: the retained checkpoints in `check_analyze`, the surviving traces and
+    the subset's size in `stage_analyze`."""
     given = dict(cfg.get("analysis_params") or {})
     unknown = sorted(set(given) - set(ANALYSIS_DEFAULTS))
     if unknown:
@@ -292,24 +295,17 @@ def _bounded_subset(subset, model, p: Mapping[str, Any], n_groups: int) -> Dict[
 # The stage
 # --------------------------------------------------------------------------------------
 
-def _retained_points(ctx: StageContext, p: Mapping[str, Any], *, say: bool = True
-                     ) -> List[Dict[str, Any]]:
-    """`_points`, after checking that every ``transfer_at`` name is among them (what the
-    pilot and the retraining retained decides it; UsageError naming the retained ones)."""
-    points = _points(ctx, say=say)
-    known = {n for pt in points for n in pt["names"]}
+def check_analyze(ctx: StageContext) -> None:
+    """The analyze stage's check (`Stage.check`, before a previous analysis is replaced):
+    the parameters, and every ``transfer_at`` name among the models the pilot and the
+    retraining retained (UsageError naming the retained ones)."""
+    p = analysis_settings(ctx.cfg)
+    known = {n for pt in _points(ctx, say=False) for n in pt["names"]}
     missing = sorted(set(p["transfer_at"]) - known)
     if missing:
         raise UsageError(f"analysis parameter transfer_at: {', '.join(missing)} not retained in "
                          f"this run (retained: {', '.join(sorted(known, key=_point_order))}; "
                          "keep_checkpoints keeps every evaluated step)")
-    return points
-
-
-def check_analyze(ctx: StageContext) -> None:
-    """The analyze stage's check before a previous analysis is replaced: the parameters,
-    and ``transfer_at`` against the retained checkpoints."""
-    _retained_points(ctx, analysis_settings(ctx.cfg), say=False)
 
 
 def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
@@ -328,7 +324,7 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     t_start = time.perf_counter()
     cfg, work = ctx.cfg, ctx.work
     p = analysis_settings(cfg)
-    points = _retained_points(ctx, p)
+    points = _points(ctx)   # transfer_at among them: `check_analyze` ran before the stage
     wanted = set(p["transfer_at"])
     tok = load_tokenizer(cfg)
     train = load_data(cfg, "train", tok)

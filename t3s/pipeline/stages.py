@@ -100,11 +100,11 @@ def parallelism(trainer) -> str:
     ``"ddp"`` (several processes, each with the whole model) or ``"none"`` (one process).
     Recorded in the stage summary: a launcher's config may ask for more than applies
     (accelerate applies FSDP to GPU processes only)."""
+    from accelerate.utils import DistributedType
     acc = trainer.accelerator
-    kind = getattr(acc.distributed_type, "value", str(acc.distributed_type)).upper()
-    if kind == "FSDP":
+    if acc.distributed_type == DistributedType.FSDP:
         return "fsdp2" if acc.is_fsdp2 else "fsdp1"
-    if kind == "DEEPSPEED":
+    if acc.distributed_type == DistributedType.DEEPSPEED:
         return "deepspeed"
     return "ddp" if acc.num_processes > 1 else "none"
 

@@ -34,11 +34,12 @@ __all__ = ["training_args", "checkpoint_args", "resume_point", "continue_from", 
            "strip_resume_state", "accuracy_callback", "progress_bar", "save_log", "checkpoints",
            "finals", "RESUME_STATE_FILES"]
 
-#: the files of a Trainer checkpoint needed only to resume from it (not for θb); under
-#: FSDP the optimizer is ``optimizer.bin`` (full) or ``optimizer_0/`` (sharded)
-RESUME_STATE_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0", "scheduler.pt",
-                      "scaler.pt", "rng_state.pth", "rng_state_*.pth", "training_args.bin")
+#: a checkpoint's optimizer state: ``optimizer.pt``, or under FSDP ``optimizer.bin`` (full)
+#: or ``optimizer_0/`` (sharded)
 _OPTIMIZER_STATES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+#: the files of a Trainer checkpoint needed only to resume from it (not for θb)
+RESUME_STATE_FILES = _OPTIMIZER_STATES + ("scheduler.pt", "scaler.pt", "rng_state.pth",
+                                          "rng_state_*.pth", "training_args.bin")
 
 
 def training_args(cfg: Mapping[str, Any], out: Path, **overrides):

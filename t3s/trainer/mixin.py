@@ -227,13 +227,12 @@ class T3STrainerMixin:
             # The Trainer sees one process under a larger process group (accelerate's
             # DeepSpeed state on CPU): it does not split the data, every rank trains on
             # the same batches, so rank 0's shard alone is the whole trajectory.
-            if dist.is_main():
-                logger.warning(
-                    "the Trainer sees one process (args.world_size 1) under a process group of "
-                    "%d ranks: every rank trains on the same batches; rank 0 records the "
-                    "trajectory", dist.world_size())
             if not dist.is_main():
                 return
+            logger.warning(
+                "the Trainer sees one process (args.world_size 1) under a process group of "
+                "%d ranks: every rank trains on the same batches; rank 0 records the "
+                "trajectory", dist.world_size())
         opts.setdefault("rank", self.args.process_index)
         opts.setdefault("world_size", self.args.world_size)  # readers then notice a lost shard
         if "model_id" not in opts:
