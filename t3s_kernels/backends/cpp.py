@@ -12,12 +12,15 @@ the reference with one warning.
 
 Each kernel works on tiles of (kept rows x vocabulary chunk), merges the
 chunks with an online log-sum-exp and never holds more than one
-``[block_rows, V]`` slab of logits. The logits are float32 products (a
-low-precision weight is upcast once, as in the reference); with bfloat16
-inputs the two backward products run in bf16 (G rounded to bf16, as in the
-Triton kernels), summed in float32. `loss_forward_backward` computes the
-gradients in the forward pass (three GEMMs, no recompute); `loss_backward`
-recomputes the logits from the saved lse (the deferred backward).
+``[block_rows, V]`` slab of logits. Every product is oneDNN's GEMM
+micro-kernel (through ATen's ``cpublas::brgemm``): float32 operands, or, for
+bfloat16 inputs on a CPU that runs the bf16 micro-kernel
+(`bf16_operands`), bfloat16 operands with float32 accumulation and float32
+logits (G rounded to bf16 for the two backward products, as in the Triton
+kernels). Float16 inputs, and bfloat16 ones elsewhere, are computed from a
+float32 copy. `loss_forward_backward` computes the gradients in the forward
+pass (three GEMMs, no recompute); `loss_backward` recomputes the logits from
+the saved lse (the deferred backward).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ SOURCES = ("linear_ce.cpp",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 # Tile shape: vocabulary columns per tile, and the cap on kept rows per block.
-BLOCK_VOCAB = 1024
+BLOCK_VOCAB = 512
 MAX_BLOCK_ROWS = 256
 
 
@@ -168,6 +171,27 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().float().contiguous()
 
 
+_BF16: dict = {}
+
+
+def bf16_operands() -> bool:
+    """Whether bfloat16 inputs run as bfloat16 GEMM operands here (oneDNN's bf16
+    micro-kernel: AVX-512 or AMX, and oneDNN enabled); otherwise they are computed
+    from float32 copies."""
+    key = torch.backends.mkldnn.enabled
+    if key not in _BF16:
+        _BF16[key] = bool(load_extension().bf16_supported())
+    return _BF16[key]
+
+
+def _operand(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the GEMM operand dtype (contiguous): bfloat16 where `bf16_operands`
+    holds for bfloat16 inputs, float32 otherwise."""
+    if weight.dtype == torch.bfloat16 and bf16_operands():
+        return weight.detach().contiguous()
+    return _f32(weight)
+
+
 def _grad_buffers(hidden, weight, bias, rows, opts, need):
     """Zeroed accumulators (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] in
     accum_dtype, grad_bias [V] float32); None where not needed."""
@@ -184,11 +208,6 @@ def _grad_buffers(hidden, weight, bias, rows, opts, need):
     grad_w = torch.zeros(weight.shape, dtype=opts.accum_dtype) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32) if need_b and bias is not None else None
     return grad_h, grad_w, grad_b
-
-
-def _weight_lp(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """The bfloat16 weight for the backward products in bf16 (None: float32 products)."""
-    return weight.detach().contiguous() if weight.dtype == torch.bfloat16 else None
 
 
 def _finish_grads(grads, weight, bias):
@@ -231,7 +250,7 @@ class CppBackend(Backend):
     def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         stats = load_extension().lce_forward(
-            hidden.detach(), _f32(weight), _f32(bias), rows, targets, opts.softcap, want_stats,
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets, opts.softcap, want_stats,
             want_stats, bm, bv)
         return _row_losses(stats, targets, weight.shape[0], opts, want_stats)
 
@@ -240,9 +259,9 @@ class CppBackend(Backend):
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
         self.last_tiles = tuple(load_extension().lce_backward(
-            hidden.detach(), _f32(weight), _f32(bias), rows, targets, lse.float().contiguous(),
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets, lse.float().contiguous(),
             grad_loss.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss, eps,
-            *grads, _weight_lp(weight), bm, bv))
+            *grads, bm, bv))
         return _finish_grads(grads, weight, bias)
 
     def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
@@ -258,9 +277,9 @@ class CppBackend(Backend):
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=True)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
         *stats, counts = load_extension().lce_forward_backward(
-            hidden.detach(), _f32(weight), _f32(bias), rows, targets,
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets,
             grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
-            eps, want_stats, want_stats, *grads, _weight_lp(weight), bm, bv)
+            eps, want_stats, want_stats, *grads, bm, bv)
         self.last_tiles = tuple(counts.tolist())
         losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
         return losses, _finish_grads(grads, weight, bias)
@@ -269,7 +288,7 @@ class CppBackend(Backend):
                         want_argmax, buffer_bytes):
         bm, bv = _blocks(rows.numel(), weight, buffer_bytes, slab=False)
         lse, tz, _, entropy, argmax = load_extension().lce_forward(
-            hidden.detach(), _f32(weight), _f32(bias), rows, targets, softcap, want_entropy,
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets, softcap, want_entropy,
             want_argmax, bm, bv)
         return tz - lse, entropy if want_entropy else None, argmax if want_argmax else None
 
