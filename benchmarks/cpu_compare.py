@@ -1,34 +1,42 @@
-"""CPU comparison: the fused loss and the log-probs against torch eager, time and extra memory.
+"""CPU comparison: t3s's fused loss and log-probs against every peer, time and memory.
 
-    python benchmarks/cpu_compare.py                       # N=4096 (50% masked), H=512, V=32000
-    python benchmarks/cpu_compare.py --dtypes fp32 --reps 5 --results benchmarks/RESULTS.md
+    python benchmarks/cpu_compare.py                          # the anchor: N=4096 (50% masked), H=512, V=32000
+    python benchmarks/cpu_compare.py --preset large --dtypes bf16   # N=8192, H=2048, V=128256
+    python benchmarks/cpu_compare.py --results benchmarks/RESULTS.md
+    python benchmarks/cpu_compare.py --n 64 --h 32 --v 512 --rounds 1 --reps 1   # smoke run
 
-Each implementation runs in its own subprocess (so that its peak RSS is its own), on
-the same inputs (seed 0), with a warm-up call first (the C++ build, allocator). Then:
+Every implementation runs in its own subprocess, so that its peak RSS is its own, on
+the same inputs (seed 0), with a warm-up call first (compilation, the C++ build, the
+allocator). The implementations are interleaved: ``--rounds`` passes over the whole list,
+each subprocess timing ``--reps`` calls. A figure is the best over rounds and calls (the
+least disturbed by other processes on a shared machine):
 
-- time: the fastest of ``--reps`` calls (min is the least disturbed by other processes),
-  wall clock and CPU time of the process (all threads; the steadier of the two when other
-  processes share the cores, though it also counts OpenMP threads spinning at barriers);
-- extra peak memory: peak RSS during one call minus RSS before it (the kernel's high-water
-  mark is reset through /proc/self/clear_refs), outputs (gradients) included. glibc's
-  mmap threshold is pinned so that freed buffers go back to the system between calls.
+- time: wall clock of one call;
+- extra peak: peak RSS during one call minus RSS before it (the kernel's high-water mark is
+  reset through /proc/self/clear_refs), outputs (gradients) included; glibc's mmap
+  threshold is pinned so that freed buffers go back to the system between calls;
+- peak RSS: the process's high-water mark during the call, inputs included.
 
-Rows, task 'loss' (forward + backward of the mean loss over the kept tokens):
+Rows (``--impls`` picks a subset):
 
-- torch eager: ``F.cross_entropy(F.linear(h, w).float(), labels)``, masked tokens as
-  ignore_index (the N x V logits materialised), the baseline of every ratio;
-- torch chunked: torch's own ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
-  when this torch has it;
-- three GEMMs: ``h_kept @ W^T``, ``G @ W``, ``G^T @ h_kept`` on the kept rows, the
-  arithmetic floor of any exact implementation (G a stand-in of the right shape);
-- t3s torch: the reference backend through `linear_cross_entropy`;
-- t3s cpp: the C++ backend through `linear_cross_entropy` (for 'mean' the op calls its
-  one-pass `loss_forward_backward`; autograd then scales the saved gradients);
-- t3s cpp one-pass: the C++ backend's `loss_forward_backward` (the gradient computed in
-  the forward pass, three GEMMs), called on the compacted rows.
+- ``torch_eager``: ``F.linear`` then ``F.cross_entropy`` / ``log_softmax`` on the
+  materialised logits (float32), masked tokens as ignore_index;
+- ``torch_linear_ce``: torch's ``F.linear_cross_entropy`` (chunked), where this torch has it;
+- ``cce_compile``: Cut Cross-Entropy's ``linear_cross_entropy(..., impl="torch_compile")``
+  (``pip install -e .[bench]``), which compacts the kept rows itself;
+- ``trl_head``: TRL's fused LM head, ``trl.kernels.ChunkedLogProbFunction`` (what
+  ``trl.SFTTrainer`` installs by default), given the kept rows only and no optional
+  outputs (its leanest use; on CPU SFTTrainer itself scores every position);
+- ``dense_gemms``: the bare products of an exact method through ``torch.mm`` on the kept
+  rows: the logits ``h @ W^T`` (log-probs: on every row) and, for the loss, ``G @ W`` and
+  ``G^T @ h`` (G a stand-in of the right shape). A reference, not a peer;
+- ``t3s_gemms``: the same products inside t3s's C++ kernels (same blocking, packing and
+  oneDNN micro-kernel, no elementwise work): t3s's GEMM share, for the breakdown;
+- ``t3s``: `t3s_kernels.linear_cross_entropy` / `target_logprobs` with the automatic
+  backend (what a user gets); ``t3s_stats``: log-probs with entropy and argmax too.
 
-Task 'logprobs' (forward only, every token): torch eager ``log_softmax(...).gather(...)``
-against `target_logprobs` on each backend (and the C++ one with entropy and argmax).
+Every figure is reported as a ratio to the fastest / leanest *peer* of the same run
+(torch_eager, torch_linear_ce, cce_compile, trl_head) and to the dense GEMMs.
 """
 
 from __future__ import annotations
@@ -44,11 +52,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+PRESETS = {"anchor": dict(n=4096, h=512, v=32000), "large": dict(n=8192, h=2048, v=128256)}
+PEERS = ("torch_eager", "torch_linear_ce", "cce_compile", "trl_head")
 IMPLS = {
-    "loss": ("torch_eager", "torch_chunked", "three_gemms", "t3s_torch", "t3s_cpp",
-             "t3s_cpp_onepass"),
-    "logprobs": ("torch_eager", "t3s_torch", "t3s_cpp", "t3s_cpp_stats"),
+    "loss": PEERS + ("dense_gemms", "t3s_gemms", "t3s"),
+    "logprobs": PEERS + ("dense_gemms", "t3s_gemms", "t3s", "t3s_stats"),
 }
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                     "avx_vnni", "amx_bf16", "amx_tile", "avx512_fp16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,17 +83,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def build(task: str, impl: str, args):
-    """(the call to measure, the reset before each call, its scalar result) or
-    (None, None, why it cannot run)."""
+def _inputs(args):
     import torch
-    import torch.nn.functional as F
 
-    import t3s_kernels
-    from t3s_kernels.backends import get_backend
-    from t3s_kernels.prepare import LossOptions, resolve_filter_eps
-
-    torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.n, args.h, generator=gen).to(dtype).requires_grad_()
@@ -90,75 +93,111 @@ def build(task: str, impl: str, args):
     weight.requires_grad_()
     labels = torch.randint(0, args.v, (args.n,), generator=gen)
     keep = torch.rand(args.n, generator=gen) >= args.mask_frac
+    return hidden, weight, labels, keep
+
+
+def build(task: str, impl: str, args):
+    """(the call to measure, the reset before each call, its scalar result) or
+    (None, None, why it cannot run)."""
+    import torch
+    import torch.nn.functional as F
+
+    import t3s_kernels
+
+    torch.set_num_threads(args.threads)
+    hidden, weight, labels, keep = _inputs(args)
     masked_labels = torch.where(keep, labels, torch.full_like(labels, -100))
+    rows = torch.nonzero(keep).squeeze(1)
     out = {}
+    logprobs = task == "logprobs"
 
     def clear():  # called before each measured call: outputs count in its extra memory
         hidden.grad = weight.grad = None
         out.clear()
 
-    if task == "logprobs":
-        def run():
-            with torch.no_grad():
-                if impl == "torch_eager":
-                    logits = F.linear(hidden, weight).float()
-                    out["v"] = torch.log_softmax(logits, -1).gather(1, labels[:, None]).sum()
-                else:
-                    backend = {"t3s_torch": "torch"}.get(impl, "cpp")
-                    stats = impl == "t3s_cpp_stats"
-                    r = t3s_kernels.target_logprobs(hidden, weight, labels, backend=backend,
-                                                    return_entropy=stats, return_argmax=stats)
-                    out["v"] = (r.logprobs if stats else r).sum()
-        return run, clear, lambda: float(out["v"])
+    def finish(value, grads=False):
+        if logprobs:
+            out["v"] = value.float().nansum()
+        else:
+            value.backward()
+            out["v"] = value.detach()
 
     if impl == "torch_eager":
         def run():
-            loss = F.cross_entropy(F.linear(hidden, weight).float(), masked_labels)
-            loss.backward()
-            out["v"] = loss.detach()
-    elif impl == "torch_chunked":
+            with torch.set_grad_enabled(not logprobs):
+                logits = F.linear(hidden, weight).float()
+                if logprobs:
+                    finish(torch.log_softmax(logits, -1).gather(1, labels[:, None]))
+                else:
+                    finish(F.cross_entropy(logits, masked_labels))
+    elif impl == "torch_linear_ce":
         if not hasattr(F, "linear_cross_entropy"):
             return None, None, "this torch has no F.linear_cross_entropy"
 
         def run():
-            loss = F.linear_cross_entropy(hidden, weight, masked_labels, ignore_index=-100,
-                                          options=torch.nn.LinearCrossEntropyOptions())
-            loss.backward()
-            out["v"] = loss.detach()
-    elif impl == "three_gemms":
-        rows = torch.nonzero(keep).squeeze(1)
+            with torch.set_grad_enabled(not logprobs):
+                if logprobs:
+                    finish(-F.linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                                   options=torch.nn.LinearCrossEntropyOptions()))
+                else:
+                    finish(F.linear_cross_entropy(hidden, weight, masked_labels, ignore_index=-100,
+                                                  options=torch.nn.LinearCrossEntropyOptions()))
+    elif impl == "cce_compile":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except ImportError as exc:
+            return None, None, f"cut-cross-entropy is not installed ({exc}; extra 'bench')"
 
+        def run():
+            with torch.set_grad_enabled(not logprobs):
+                if logprobs:
+                    finish(-cce(hidden, weight, labels, impl="torch_compile", reduction="none"))
+                else:
+                    finish(cce(hidden, weight, masked_labels, impl="torch_compile"))
+    elif impl == "trl_head":
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except ImportError as exc:
+            return None, None, f"TRL's fused head is not importable ({exc})"
+
+        def run():
+            with torch.set_grad_enabled(not logprobs):
+                h, y = (hidden, labels) if logprobs else (hidden[rows], labels[rows])
+                logp = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, None, 1.0,
+                                                    ())[0]
+                finish(logp if logprobs else -logp.sum() / max(rows.numel(), 1))
+    elif impl == "dense_gemms":
         def run():
             with torch.no_grad():
-                h = hidden[rows]
+                h = hidden if logprobs else hidden[rows]
                 g = h @ weight.T  # the logits; reused as the stand-in for G
+                if logprobs:
+                    out["v"] = g[0, 0].float()
+                    return
                 grad_h = g @ weight
                 grad_w = g.T @ h
-                out["v"] = grad_h[0, 0] + grad_w[0, 0]
-    elif impl in ("t3s_torch", "t3s_cpp"):
-        backend = impl[4:]
+                out["v"] = (grad_h[0, 0] + grad_w[0, 0]).float()
+    elif impl == "t3s_gemms":
+        from t3s_kernels.backends import get_backend
 
-        def run():
-            loss = t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep,
-                                                    backend=backend)
-            loss.backward()
-            out["v"] = loss.detach()
-    elif impl == "t3s_cpp_onepass":
         cpp = get_backend("cpp")
         if cpp.unavailable_reason() is not None:
             return None, None, cpp.unavailable_reason()
-        rows = torch.nonzero(keep).squeeze(1)
-        targets = labels[rows].contiguous()
-        opts = LossOptions(filter_eps=resolve_filter_eps("auto", dtype))
+        all_rows = torch.arange(args.n)
 
         def run():
-            with torch.no_grad():
-                scale = torch.full((rows.numel(),), 1.0 / rows.numel())
-                losses, grads = cpp.loss_forward_backward(hidden, weight, None, rows, targets,
-                                                          scale, opts, False,
-                                                          (True, True, False))
-                out["v"] = (losses.loss * scale).sum()
-                out["grads"] = grads
+            out["v"] = torch.tensor(cpp.gemms_only(hidden, weight, all_rows if logprobs else rows,
+                                                   backward=not logprobs, slab=not logprobs))
+    elif impl in ("t3s", "t3s_stats"):
+        def run():
+            if logprobs:
+                stats = impl == "t3s_stats"
+                r = t3s_kernels.target_logprobs(hidden, weight, labels, return_entropy=stats,
+                                                return_argmax=stats)
+                finish(r.logprobs if stats else r)
+            else:
+                finish(t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep))
     else:
         raise ValueError(impl)
     return run, clear, lambda: float(out["v"])
@@ -172,23 +211,24 @@ def measure(task: str, impl: str, args) -> dict:
         return {"task": task, "impl": impl, "skipped": result}
     run()  # warm-up: compilation, first-touch of the allocator
     value = result()
-    times, cpu_times, peaks = [], [], []
+    times, extra, peaks = [], [], []
     for _ in range(args.reps):
         clear()
         gc.collect()
         reset = _reset_peak()
         before = _rss_kib("VmRSS")
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        peaks.append((_rss_kib("VmHWM") - before) / 1024 if reset else float("nan"))
-    return {"task": task, "impl": impl, "seconds": min(times), "cpu_seconds": min(cpu_times),
-            "extra_mib": min(peaks), "value": value}
+        peak = _rss_kib("VmHWM")
+        extra.append((peak - before) / 1024 if reset else float("nan"))
+        peaks.append(peak / 2**20 if reset else float("nan"))
+    return {"task": task, "impl": impl, "seconds": min(times), "extra_mib": min(extra),
+            "peak_gib": min(peaks), "value": value}
 
 
 # ---------------------------------------------------------------------------------------
-# The table
+# The tables
 # ---------------------------------------------------------------------------------------
 
 def run_in_subprocess(task: str, impl: str, args) -> dict:
@@ -203,78 +243,129 @@ def run_in_subprocess(task: str, impl: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
+def cpu_description() -> str:
+    """The CPU model and the flags that matter for these kernels."""
+    model, flags = platform.processor() or "unknown CPU", set()
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    have = [f for f in INTERESTING_FLAGS if f in flags]
+    return f"{model} ({os.cpu_count()} CPUs; flags: {' '.join(have) or 'none of interest'})"
 
 
-def table(rows, dtype: str) -> str:
-    lines = [f"| task | implementation ({dtype}) | seconds | time / eager | CPU seconds | "
-             "CPU time / eager | extra peak MiB | memory / eager | result |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    base = {r["task"]: r for r in rows if r["impl"] == "torch_eager" and "seconds" in r}
+def best(results):
+    """Best figures over rounds of one (task, impl): min time, min memory."""
+    done = [r for r in results if "seconds" in r]
+    if not done:
+        return results[-1]
+    out = dict(done[0])
+    for key in ("seconds", "extra_mib", "peak_gib"):
+        out[key] = min(r[key] for r in done)
+    return out
+
+
+def table(rows, dtype: str, task: str) -> str:
+    peers = [r for r in rows if r["impl"] in PEERS and "seconds" in r]
+    fastest = min(peers, key=lambda r: r["seconds"]) if peers else None
+    leanest = min(peers, key=lambda r: r["extra_mib"]) if peers else None
+    dense = next((r for r in rows if r["impl"] == "dense_gemms" and "seconds" in r), None)
+    head = (f"| {task} ({dtype}) | seconds | time / fastest peer | time / dense GEMMs | "
+            "extra peak MiB | memory / leanest peer | peak RSS GiB | result |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if b else "-"
+
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['task']} | {r['impl']} | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['impl']} | - | - | - | - | - | - | {r['skipped']} |")
             continue
-        b = base.get(r["task"])
-        t_ratio = r["seconds"] / b["seconds"] if b else float("nan")
-        c_ratio = r["cpu_seconds"] / b["cpu_seconds"] if b else float("nan")
-        m_ratio = r["extra_mib"] / b["extra_mib"] if b and b["extra_mib"] else float("nan")
-        lines.append(f"| {r['task']} | {r['impl']} | {r['seconds']:.3f} | {t_ratio:.2f} | "
-                     f"{r['cpu_seconds']:.2f} | {c_ratio:.2f} | {r['extra_mib']:.0f} | "
-                     f"{m_ratio:.2f} | {r['value']:.5g} |")
+        lines.append(
+            f"| {r['impl']} | {r['seconds']:.3f} | "
+            f"{ratio(r['seconds'], fastest['seconds']) if fastest else '-'} | "
+            f"{ratio(r['seconds'], dense['seconds']) if dense else '-'} | "
+            f"{r['extra_mib']:.0f} | "
+            f"{ratio(r['extra_mib'], leanest['extra_mib']) if leanest else '-'} | "
+            f"{r['peak_gib']:.2f} | {r['value']:.6g} |")
+    if fastest and leanest:
+        lines.append("")
+        lines.append(f"Fastest peer: {fastest['impl']} ({fastest['seconds']:.3f} s); "
+                     f"leanest peer: {leanest['impl']} ({leanest['extra_mib']:.0f} MiB).")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=4096, help="tokens")
-    p.add_argument("--h", type=int, default=512, help="hidden size")
-    p.add_argument("--v", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="anchor",
+                   help="shape preset (--n/--h/--v override it)")
+    p.add_argument("--n", type=int, help="tokens")
+    p.add_argument("--h", type=int, help="hidden size")
+    p.add_argument("--v", type=int, help="vocabulary size")
     p.add_argument("--mask-frac", type=float, default=0.5, help="fraction of tokens dropped")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--tasks", default="loss,logprobs", help="comma-separated: loss, logprobs")
-    p.add_argument("--reps", type=int, default=3, help="timed calls per implementation")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--impls", help="comma-separated subset of the rows (default: all)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the rows")
+    p.add_argument("--reps", type=int, default=2, help="timed calls per subprocess")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--results", help="append the tables to this markdown file")
+    p.add_argument("--json", help="write every measurement to this JSON file")
     p.add_argument("--one", nargs=2, metavar=("TASK", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.one:
         args.dtype = args.dtypes
         print(json.dumps(measure(*args.one, args)))
         return 0
     import torch
 
-    head = (f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}; "
-            f"N={args.n} ({args.mask_frac:.0%} masked), H={args.h}, V={args.v}; min of "
-            f"{args.reps} calls; load average before: {os.getloadavg()[0]:.1f}")
-    print(head)
-    tables = []
+    tasks = args.tasks.split(",")
+    wanted = None if args.impls is None else set(args.impls.split(","))
+    for task in tasks:
+        if task not in IMPLS:
+            p.error(f"unknown task {task!r}; choose from {', '.join(IMPLS)}")
+    if wanted is not None and wanted - set(IMPLS["loss"] + IMPLS["logprobs"]):
+        p.error(f"unknown rows: {', '.join(sorted(wanted - set(IMPLS['loss'] + IMPLS['logprobs'])))}")
+    head = (f"CPU: {cpu_description()}; {args.threads} threads, torch {torch.__version__}; "
+            f"N={args.n} ({args.mask_frac:.0%} masked for the loss), H={args.h}, V={args.v}; "
+            f"best of {args.rounds} interleaved rounds x {args.reps} calls; load average "
+            f"before: {os.getloadavg()[0]:.1f}")
+    print(head, flush=True)
+    tables, records = [], []
     for dtype in args.dtypes.split(","):
         args.dtype = dtype
-        rows = []
-        for task in args.tasks.split(","):
-            for impl in IMPLS[task]:
-                rows.append(run_in_subprocess(task, impl, args))
-                r = rows[-1]
-                print(f"  {dtype} {task} {impl}: "
-                      + (f"{r['seconds']:.3f} s, {r['extra_mib']:.0f} MiB" if "seconds" in r
-                         else r["skipped"]), flush=True)
-        tables.append(table(rows, dtype))
-        print(tables[-1])
+        for task in tasks:
+            impls = [i for i in IMPLS[task] if wanted is None or i in wanted]
+            runs = {impl: [] for impl in impls}
+            for rnd in range(args.rounds):
+                for impl in impls:
+                    r = run_in_subprocess(task, impl, args)
+                    runs[impl].append(r)
+                    print(f"  round {rnd + 1} {dtype} {task} {impl}: "
+                          + (f"{r['seconds']:.3f} s, {r['extra_mib']:.0f} MiB" if "seconds" in r
+                             else r["skipped"]), flush=True)
+            rows = [best(runs[impl]) for impl in impls]
+            records += [{**r, "dtype": dtype} for r in rows]
+            tables.append(table(rows, dtype, task))
+            print(tables[-1], flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"head": head, "rows": records}, f, indent=1)
     if args.results:
         with open(args.results, "a", encoding="utf-8") as f:
-            f.write(f"\n## CPU: fused loss and log-probs ({time.strftime('%Y-%m-%d')})\n\n"
-                    f"`python benchmarks/cpu_compare.py`. {head}.\n\n"
-                    + "\n\n".join(tables) + "\n")
+            f.write(f"\n## CPU: fused loss and log-probs against the peers "
+                    f"({time.strftime('%Y-%m-%d')})\n\n"
+                    f"`python benchmarks/cpu_compare.py {' '.join(argv or sys.argv[1:])}`. "
+                    f"{head}.\n\n" + "\n\n".join(tables) + "\n")
     return 0
 
 

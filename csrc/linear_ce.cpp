@@ -13,7 +13,7 @@
 // column) then vectorise across tokens. The logit gradient G^T [width, rows] feeds both
 // backward products with no per-tile transpose:
 //   grad_weight_c [width, H] += G^T @ Hb          (A = G^T, B = Hb packed per row block)
-//   grad_hidden^T [H, rows]  += W_c^T @ G^T       (A = W^T, built once per call)
+//   grad_hidden^T [H, rows]  += W_c^T @ G^T       (A = W_c^T, built once per call)
 //
 // Blocking. Kept rows go in blocks of `block_rows`; inside a block, at::parallel_for splits
 // the vocabulary chunks of `block_vocab` columns between threads. Per (row block, chunk) a
@@ -183,32 +183,38 @@ static void pack_bt(const T* src_t, int64_t lds, int64_t N, int64_t K, T* dst_t)
   }
 }
 
-// src [R, C] row-major -> its transpose [C, R], in parallel (ATen's strided copy is far
-// slower for large float32 matrices).
-static Tensor transpose_contiguous(const Tensor& src) {
-  const int64_t R = src.size(0), C = src.size(1);
-  Tensor out = at::empty({C, R}, src.options());
-  constexpr int64_t kBlock = 64;
-  const int64_t row_blocks = (R + kBlock - 1) / kBlock;
+// W [V, H] -> W^T chunk by chunk: chunk c (rows v0 .. v0 + w of W) becomes a contiguous
+// [H, w] block at c * H * bv, so that the A operand of grad_hidden^T is read with lda = w,
+// not with the vocabulary's stride. In parallel over chunks (ATen's strided copy is far
+// slower for a large float32 matrix).
+static Tensor transpose_chunks(const Tensor& weight, int64_t bv) {
+  const int64_t V = weight.size(0), H = weight.size(1), chunks = (V + bv - 1) / bv;
+  Tensor out = at::empty({V * H}, weight.options());
   auto run = [&](auto bits_tag) {
     using B = decltype(bits_tag);
-    const B* s = reinterpret_cast<const B*>(src.data_ptr());
+    const B* s = reinterpret_cast<const B*>(weight.data_ptr());
     B* d = reinterpret_cast<B*>(out.data_ptr());
-    at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t rb = b0; rb < b1; ++rb) {
-        const int64_t r0 = rb * kBlock, r1 = std::min(R, r0 + kBlock);
-        for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-          const int64_t c1 = std::min(C, c0 + kBlock);
-          for (int64_t c = c0; c < c1; ++c)
-            for (int64_t r = r0; r < r1; ++r) d[c * R + r] = s[r * C + c];
+    constexpr int64_t kBlock = 32;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t v0 = c * bv, w = std::min(bv, V - v0);
+        const B* src = s + v0 * H;
+        B* dst = d + v0 * H;
+        for (int64_t i0 = 0; i0 < w; i0 += kBlock) {
+          const int64_t i1 = std::min(w, i0 + kBlock);
+          for (int64_t k0 = 0; k0 < H; k0 += kBlock) {
+            const int64_t k1 = std::min(H, k0 + kBlock);
+            for (int64_t k = k0; k < k1; ++k)
+              for (int64_t i = i0; i < i1; ++i) dst[k * w + i] = src[i * H + k];
+          }
         }
       }
     });
   };
-  if (src.element_size() == 4) {
+  if (weight.element_size() == 4) {
     run(uint32_t{});
   } else {
-    TORCH_CHECK(src.element_size() == 2, "transpose of 2- or 4-byte elements only");
+    TORCH_CHECK(weight.element_size() == 2, "transpose of 2- or 4-byte elements only");
     run(uint16_t{});
   }
   return out;
@@ -462,7 +468,7 @@ struct GradOutputs {
   Tensor grad_hidden;  // [N, H] in hidden's dtype, or undefined
   Tensor grad_weight;  // [V, H] accumulator (float32 or the accum dtype), or undefined
   Tensor grad_bias;    // [V] float32 accumulator, or undefined
-  Tensor weight_t;     // W^T [H, V] in the operand dtype when grad_hidden is wanted
+  Tensor weight_t;     // W^T by chunks ([H, w] blocks, `transpose_chunks`), operand dtype
 };
 
 // Per-thread scratch of the gradient products.
@@ -511,7 +517,8 @@ static void grad_gemms(const float* gt, int64_t w, int64_t n, int64_t v0, int64_
     }
   }
   if (dht_part != nullptr) {
-    gemm<T>(H, n, w, V, n, n, true, out.weight_t.template data_ptr<T>() + v0, b_op, dht_part);
+    gemm<T>(H, n, w, w, n, n, true, out.weight_t.template data_ptr<T>() + v0 * H, b_op,
+            dht_part);
   }
   if (out.grad_bias.defined()) {
     float* gb = out.grad_bias.data_ptr<float>() + v0;
@@ -645,7 +652,7 @@ struct Backward {
         skipped(b.chunks, 0) {
     const int64_t H = weight.size(1);
     if (out.grad_hidden.defined()) {
-      out.weight_t = transpose_contiguous(weight);
+      out.weight_t = transpose_chunks(weight, b.vocab);
       parts = at::empty({at::get_num_threads(), H * std::min(b.rows, M)},
                         at::TensorOptions().dtype(at::kFloat));
     }
@@ -815,6 +822,51 @@ std::vector<Tensor> lce_forward_backward(
                                       want_argmax, bw);
 }
 
+// The products alone, with the kernels' blocking and packing and no elementwise work: the
+// logits GEMM (and, with `backward`, the two gradient GEMMs on the raw logits). For the
+// benchmark's breakdown of where the time goes; returns one checksum.
+template <typename T>
+static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tensor& rows,
+                         bool backward, const Blocks& b) {
+  const int64_t M = rows.numel(), V = weight.size(0), H = weight.size(1);
+  GradOutputs out;
+  Tensor parts;
+  if (backward) {
+    out.grad_weight = at::zeros({V, H}, at::TensorOptions().dtype(at::kFloat));
+    out.weight_t = transpose_chunks(weight, b.vocab);
+    parts = at::zeros({at::get_num_threads(), H * std::min(b.rows, M)},
+                      at::TensorOptions().dtype(at::kFloat));
+  }
+  const T* w = weight.data_ptr<T>();
+  const LossParams p{false, 1.0f, 0.0f, 0.0f, -1.0f, V};
+  for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
+    const int64_t n = std::min(b.rows, M - r0);
+    RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), backward);
+    at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> tile(b.vocab * n);
+      GradScratch<T> scratch(b.vocab, n, H, false);
+      float* part = backward ? parts[at::get_thread_num()].data_ptr<float>() : nullptr;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
+        logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), n, nullptr, v0, width, p,
+                       tile.data());
+        if (backward) grad_gemms<T>(tile.data(), width, n, v0, H, V, blk, out, scratch, part);
+      }
+      cpublas::brgemm_release(kVnni<T>);
+    });
+  }
+  return backward ? out.grad_weight.sum().item<double>() + parts.sum().item<double>() : 0.0;
+}
+
+double lce_gemms(const Tensor& hidden, const Tensor& weight, const Tensor& rows, bool backward,
+                 int64_t block_rows, int64_t block_vocab) {
+  check_common(hidden, weight, c10::nullopt, rows, rows);
+  const Blocks b = blocks_for(weight.size(0), block_rows, block_vocab);
+  if (weight.scalar_type() == at::kBFloat16)
+    return gemms_impl<BFloat16>(hidden, weight, rows, backward, b);
+  return gemms_impl<float>(hidden, weight, rows, backward, b);
+}
+
 // Whether this CPU (and this process's oneDNN settings) runs the bf16 micro-kernel; where
 // it does not, the caller computes in float32.
 bool bf16_supported() {
@@ -839,5 +891,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lce_forward", &lce_forward, "row statistics of the kept rows");
   m.def("lce_backward", &lce_backward, "gradients from a saved lse");
   m.def("lce_forward_backward", &lce_forward_backward, "forward and gradients in one pass");
+  m.def("lce_gemms", &lce_gemms, "the products alone (benchmark breakdown)");
   m.def("bf16_supported", &bf16_supported, "whether the bf16 GEMM micro-kernel runs here");
 }

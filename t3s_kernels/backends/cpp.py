@@ -37,7 +37,7 @@ import torch
 
 from .. import reference
 from ..debug import OVERRIDES, empty
-from ..prepare import KERNEL_DTYPES, RowLosses
+from ..prepare import DEFAULT_BUFFER_BYTES, KERNEL_DTYPES, RowLosses
 from .registry import Backend, register_backend
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -45,8 +45,10 @@ SOURCES = ("linear_ce.cpp",)
 # -march=native: the build is local to this machine (the cache key names its CPU).
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
-# Tile shape: vocabulary columns per tile, and the cap on kept rows per block.
-BLOCK_VOCAB = 512
+# Tile shape: vocabulary columns per tile (by operand bytes: measured best on a 2-core
+# Zen 5 at H=512, where a float32 [256, 512] grad_weight tile no longer stays in L2), and
+# the cap on kept rows per block.
+BLOCK_VOCAB = {2: 512, 4: 256}
 MAX_BLOCK_ROWS = 256
 
 
@@ -161,7 +163,8 @@ def _blocks(M: int, weight: torch.Tensor, buffer_bytes: int, slab: bool) -> Tupl
         rows, vocab = OVERRIDES["cpu_block"]
         return int(rows), int(vocab)
     (V, H), threads = weight.shape, torch.get_num_threads()
-    vocab = min(V, BLOCK_VOCAB)
+    operand_bytes = 2 if weight.dtype == torch.bfloat16 and bf16_operands() else 4
+    vocab = min(V, BLOCK_VOCAB[operand_bytes])
     per_row = 4 * ((V if slab else vocab * threads) + H * threads)
     rows = max(1, min(MAX_BLOCK_ROWS, (buffer_bytes // 2) // per_row, max(M, 1)))
     return rows, vocab
@@ -283,6 +286,14 @@ class CppBackend(Backend):
         self.last_tiles = tuple(counts.tolist())
         losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
         return losses, _finish_grads(grads, weight, bias)
+
+    def gemms_only(self, hidden, weight, rows, backward: bool, slab: bool = True) -> float:
+        """The kernels' GEMMs alone on the kept rows [M] (the logits product; with
+        ``backward`` also the two gradient products), same blocking and packing, no
+        elementwise work: the GEMM share of a call, for benchmarks. Returns a checksum."""
+        bm, bv = _blocks(rows.numel(), weight, DEFAULT_BUFFER_BYTES, slab=slab)
+        return load_extension().lce_gemms(hidden.detach(), _operand(weight), rows, backward,
+                                          bm, bv)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
                         want_argmax, buffer_bytes):
