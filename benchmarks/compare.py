@@ -19,8 +19,10 @@ Tasks and implementations (`--task`, `--impl` filter them):
     loss           forward + backward of mean CE over the kept tokens; outputs the
                    loss, grad_hidden [N, H] and grad_weight [V, H]
                    torch_eager, torch_compile, liger, liger_sm90, quack, cce, cce_exact,
-                   t3s, t3s_exact, t3s_1pass, t3s_1pass_exact
-                   (t3s / t3s_exact: the defaults, filtering on / off, grad_weight summed
+                   trl, t3s, t3s_exact, t3s_1pass, t3s_1pass_exact
+                   (trl: TRL's fused LM head, trl.kernels.ChunkedLogProbFunction, which
+                   trl.SFTTrainer installs by default, on the labelled rows as TRL calls
+                   it on CUDA. t3s / t3s_exact: the defaults, filtering on / off, grad_weight summed
                    in fp32; at large V x H that fp32 accumulator exceeds buffer_bytes, so
                    the gradient is deferred to the backward. t3s_1pass(_exact):
                    accum_dtype=bf16, which lets the gradient-in-forward path run within
@@ -28,7 +30,7 @@ Tasks and implementations (`--task`, `--impl` filter them):
                    liger_sm90: Liger's CuTe DSL Hopper FLCE; quack: quack-kernels'
                    chunked_linear_cross_entropy; both need nvidia-cutlass-dsl.)
     logprob        per-token log p(target), no grad, output [N] float32
-                   torch_eager, liger, cce, t3s
+                   torch_eager, liger, cce, trl, t3s
     logprob_stats  log p(target), entropy and argmax per token, no grad
                    torch_eager, t3s
     floor          the GEMM that every implementation must do at least once
@@ -110,13 +112,13 @@ MiB = 2**20
 TASKS = ("loss", "logprob", "logprob_stats", "floor")
 IMPLS_BY_TASK = {
     "loss": ("torch_eager", "torch_compile", "liger", "liger_sm90", "quack", "cce", "cce_exact",
-             "t3s", "t3s_exact", "t3s_1pass", "t3s_1pass_exact"),
-    "logprob": ("torch_eager", "liger", "cce", "t3s"),
+             "trl", "t3s", "t3s_exact", "t3s_1pass", "t3s_1pass_exact"),
+    "logprob": ("torch_eager", "liger", "cce", "trl", "t3s"),
     "logprob_stats": ("torch_eager", "t3s"),
     "floor": ("gemm_all", "gemm_kept"),
 }
 ALL_IMPLS = ("torch_eager", "torch_compile", "liger", "liger_sm90", "quack", "cce", "cce_exact",
-             "t3s", "t3s_exact", "t3s_1pass", "t3s_1pass_exact",
+             "trl", "t3s", "t3s_exact", "t3s_1pass", "t3s_1pass_exact",
              "gemm_all", "gemm_kept")
 # Implementations that need CUDA (or are not worth timing elsewhere); on CPU they are
 # recorded as skipped unless --try-cpu is given.
@@ -146,6 +148,10 @@ class Competitors:
     liger_sm90_fn: Optional[type] = None  # LigerFusedLinearCrossEntropySM90Function
     quack_fn: Optional[Callable] = None  # quack.linear_cross_entropy.chunked_linear_cross_entropy
     cce_fn: Optional[Callable] = None
+    # TRL's fused LM head (trl.kernels.ChunkedLogProbFunction, what trl.SFTTrainer installs by
+    # default; its Triton kernels on CUDA) and the vocabulary chunk TRL calls it with
+    trl_fn: Optional[type] = None
+    trl_chunk: int = 32768
     reasons: Dict[str, str] = field(default_factory=dict)
     versions: Dict[str, Optional[str]] = field(default_factory=dict)
 
@@ -205,6 +211,17 @@ def load_competitors() -> Competitors:
         comps.versions["cut-cross-entropy"] = _dist_version("cut-cross-entropy")
     except Exception as e:  # noqa: BLE001
         comps.reasons["cce"] = f"cut-cross-entropy not importable: {type(e).__name__}: {e}"
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        comps.trl_fn = ChunkedLogProbFunction
+        try:
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+            comps.trl_chunk = int(_CHUNKED_LOGPROB_CHUNK_SIZE)
+        except Exception:  # noqa: BLE001 - the trainer needs transformers; keep TRL 1.16's value
+            pass
+        comps.versions["trl"] = _dist_version("trl")
+    except Exception as e:  # noqa: BLE001
+        comps.reasons["trl"] = f"trl.kernels not importable: {type(e).__name__}: {e}"
     # The Hopper CuTe DSL anchors. Liger has the SM90 FLCE from liger-kernel 0.8.5 on
     # (liger_kernel/ops/cutedsl/ops/fused_linear_cross_entropy_sm90.py, extra "cutedsl");
     # quack-kernels has chunked_linear_cross_entropy (0.6.5 checked). Both import
@@ -429,6 +446,8 @@ class Builder:
             return self.comps.reasons["quack"]
         if impl in ("cce", "cce_exact") and self.comps.cce_fn is None:
             return self.comps.reasons["cce"]
+        if impl == "trl" and self.comps.trl_fn is None:
+            return self.comps.reasons["trl"]
         if impl in CUDA_ONLY and device.type != "cuda" and not try_cpu:
             return (f"timed on CUDA only (device is {device.type}; the Triton CPU interpreter or "
                     "an inductor CPU compile would dominate the run; --try-cpu forces it)")
@@ -477,6 +496,13 @@ class Builder:
         if impl == "quack":
             fn = self.comps.quack_fn
             return lambda h, w: fn(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean")
+        if impl == "trl":  # as TRL's fused head calls it on CUDA: the labelled rows only
+            fn, chunk, keep = self.comps.trl_fn, self.comps.trl_chunk, t != IGNORE_INDEX
+
+            def trl_loss(h, w):
+                logp = fn.apply(h[keep], w, None, t[keep], 1.0, chunk, None, 1.0, ())[0]
+                return -logp.sum() / keep.sum().clamp(min=1)
+            return trl_loss
         if impl in T3S_LOSS:
             eps, low_accum = T3S_LOSS[impl]
             return lambda h, w: t3s_kernels.linear_cross_entropy(
@@ -500,6 +526,10 @@ class Builder:
             cce = self.comps.cce_fn
             return torch.no_grad()(
                 lambda: {"logprob": -cce(h, w, t, ignore_index=IGNORE_INDEX, reduction="none")})
+        if impl == "trl":
+            fn, chunk, safe_t = self.comps.trl_fn, self.comps.trl_chunk, t.clamp_min(0)
+            return torch.no_grad()(lambda: {"logprob": fn.apply(h, w, None, safe_t, 1.0, chunk,
+                                                                None, 1.0, ())[0]})
         if impl == "t3s":
             be = self.t3s_backend
             return lambda: {"logprob": t3s_kernels.target_logprobs(

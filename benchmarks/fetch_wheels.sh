@@ -29,6 +29,8 @@ PYVER="${T3S_WHEEL_PYTHON:-3.12}"
 LIGER_SPEC="${LIGER_SPEC:-liger-kernel==0.8.5}"
 CCE_SPEC="${CCE_SPEC:-cut-cross-entropy==25.1.1}"
 QUACK_SPEC="${QUACK_SPEC:-quack-kernels==0.6.5}"
+# TRL's fused LM head (trl.kernels, the anchor that trl.SFTTrainer installs by default)
+TRL_SPEC="${TRL_SPEC:-trl==1.16.0}"
 CUTE_CUDA="${T3S_CUTE_CUDA:-cu12}"
 PYTHON="${PYTHON:-python3}"
 
@@ -36,7 +38,7 @@ mkdir -p "$DEST"
 "$PYTHON" -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
     --python-version "$PYVER" --implementation cp \
     --platform manylinux2014_x86_64 --platform any \
-    --dest "$DEST" "$LIGER_SPEC" "$CCE_SPEC" "$QUACK_SPEC"
+    --dest "$DEST" "$LIGER_SPEC" "$CCE_SPEC" "$QUACK_SPEC" "$TRL_SPEC"
 if [ "${T3S_WHEELS_CUTE:-0}" = "1" ]; then
     # the CuTe DSL stack of quack and liger_sm90 (binary wheels for this Python / glibc)
     "$PYTHON" -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \

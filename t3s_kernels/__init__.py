@@ -7,14 +7,16 @@ Layout, top-down:
 
 - `api`: the two public functions (static checks, dispatch, reductions);
 - `ops`: the `torch.library` custom ops that `torch.compile` traces;
-- `backends`: the registry and the built-in backends ('triton', 'torch');
+- `backends`: the registry and the built-in backends ('triton', 'cpp', 'torch');
 - `triton`: the Triton kernels (`forward`, `backward`, launch `config`);
 - `reference`: the pure-PyTorch specification, also the 'torch' backend;
 - `vocab_parallel`: the loss and log-probs of a head sharded by vocabulary rows;
 - `prepare`: validation and compaction shared by every backend;
 - `debug`: test hooks (forced blocks, splits, NaN-poisoned outputs).
 
-Triton kernels on CUDA, the chunked reference elsewhere.
+Triton kernels on CUDA, the C++ kernels (`csrc/`, oneDNN GEMM micro-kernels)
+on CPU, the chunked reference elsewhere. ``T3S_KERNELS_DEBUG=1`` logs each
+automatic backend choice.
 """
 
 from .api import TargetLogprobs, TokenStats, linear_cross_entropy, target_logprobs

@@ -371,3 +371,115 @@ def test_first_use_compiles_once_and_says_so_in_one_line(tmp_path):
     assert len(lines) == 1 and str(tmp_path) in lines[0]
     second = _import_in_subprocess(env)
     assert second.returncode == 0 and "compiling" not in second.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Odd shapes, operand types and dispatch of the oneDNN micro-kernel path
+# ---------------------------------------------------------------------------------------
+
+# Odd N, odd H (an odd K for the bf16 operand pairs of the logits product), odd V (an odd
+# last vocabulary chunk); (7, 95): odd row blocks and odd chunk widths.
+ODD = (29, 47, 997)
+ODD_BLOCK = (7, 95)
+OPTS_ALL = dict(label_smoothing=0.05, z_loss=1e-3, softcap=5.0)
+
+
+def _every_path(hidden, weight, bias, rows, t, grad_scale, opts):
+    """The one-pass forward + backward, and the forward then the deferred backward."""
+    backend = get_backend("cpp")
+    need = (True, True, bias is not None)
+    one_pass = backend.loss_forward_backward(hidden, weight, bias, rows, t, grad_scale, opts,
+                                             True, need)
+    fwd = backend.loss_forward(hidden, weight, bias, rows, t, opts, True)
+    grads = backend.loss_backward(hidden, weight, bias, rows, t, fwd.lse, grad_scale, opts, need)
+    return {"one_pass": one_pass, "deferred": (fwd, grads)}
+
+
+def _check_odd_case(dtype):
+    N_, H_, V_ = ODD
+    hidden, weight, targets, bias = make_case(N_, H_, V_, dtype, CPU, bias=True,
+                                              peaked=dtype != torch.float32,
+                                              ignore_frac=0.2, requires_grad=False)
+    rows = _rows(N_)
+    t = targets[rows].clamp_min(0).contiguous()
+    opts = LossOptions(**OPTS_ALL)
+    grad_scale = torch.rand(rows.numel()) + 0.5
+    need = (True, True, True)
+    exp, exp_grads, scales = _expected(hidden, weight, bias, rows, t, grad_scale, opts, need)
+    for name, (got, got_grads) in _every_path(hidden, weight, bias, rows, t, grad_scale,
+                                              opts).items():
+        try:
+            _check(got, got_grads, exp, exp_grads, scales, dtype, t, bias)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+        assert got_grads[0].dtype == dtype and got_grads[1].dtype == dtype
+    # forward only, every row that is not ignored
+    out = target_logprobs(hidden, weight, targets, bias=bias, softcap=OPTS_ALL["softcap"],
+                          return_entropy=True, return_argmax=True, backend="cpp")
+    z = reference.logits_ref(hidden.double(), weight.double(), bias.double(), OPTS_ALL["softcap"])
+    logp = torch.log_softmax(z, dim=1)
+    kept = targets != -100
+    assert_close64(out.logprobs[kept], logp.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)[kept],
+                   torch.float32, "logprobs")
+    assert_close64(out.entropy[kept], -(logp.exp() * logp).sum(1)[kept], torch.float32, "entropy")
+    assert torch.equal(out.argmax[kept], z.argmax(1)[kept])
+    assert out.logprobs[~kept].isnan().all() and (out.argmax[~kept] == -1).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("block", [None, ODD_BLOCK], ids=["default_blocks", "odd_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_odd_shapes_every_path_matches_float64(dtype, block):
+    """Loss, stats and gradients of the one-pass and the deferred backward, and the
+    forward-only log-probs, against float64 on the same (rounded) inputs."""
+    debug.OVERRIDES["cpu_block"] = block
+    _check_odd_case(dtype)
+
+
+@needs_cpp
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_without_onednn_every_path_still_matches(dtype):
+    """With oneDNN disabled the micro-kernels are unavailable: bf16 inputs are computed
+    from float32 copies and the float32 products fall back to the BLAS."""
+    debug.OVERRIDES["cpu_block"] = ODD_BLOCK
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not cpp.bf16_operands()
+        assert "float32" in get_backend("cpp").describe(torch.ones(2, 2, dtype=dtype))
+        _check_odd_case(dtype)
+
+
+@needs_cpp
+def test_bf16_operands_where_the_cpu_runs_the_micro_kernel():
+    """On an AVX-512 CPU (CI's) bf16 inputs run as bf16 GEMM operands, and say so."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    if "avx512f" not in flags or not torch.backends.mkldnn.is_available():
+        pytest.skip("no AVX-512 here: bf16 inputs are computed in float32")
+    assert cpp.bf16_operands()
+    assert cpp._operand(torch.ones(3, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert "bfloat16 GEMM operands" in get_backend("cpp").describe(torch.ones(2, 2).bfloat16())
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,expected,how", [
+    (torch.float32, "cpp", "float32 GEMM operands"),
+    (torch.bfloat16, "cpp", "GEMM operands"),
+    (torch.float16, "cpp", "float32 copies"),
+    (torch.float64, "torch", None),
+], ids=["fp32", "bf16", "fp16", "fp64"])
+def test_dispatch_choice_is_logged(dtype, expected, how, caplog):
+    """Each automatic choice is stated on the t3s_kernels logger at DEBUG level, with how
+    the chosen backend computes."""
+    import logging
+    import warnings
+
+    hidden, weight, targets, _ = make_case(5, 8, 11, dtype, CPU, requires_grad=False)
+    with caplog.at_level(logging.DEBUG, logger="t3s_kernels"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target_logprobs(hidden, weight, targets)
+    lines = [r.getMessage() for r in caplog.records if r.name == "t3s_kernels"]
+    assert any(f"backend '{expected}' for cpu" in line for line in lines), lines
+    if how is not None:
+        assert any(how in line for line in lines), lines

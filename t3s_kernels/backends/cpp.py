@@ -250,6 +250,14 @@ class CppBackend(Backend):
             raise TypeError(f"the C++ kernels take float16, bfloat16 and float32 inputs, not "
                             f"dtype {hidden.dtype} (the 'torch' reference takes it)")
 
+    def describe(self, hidden):
+        if hidden.dtype == torch.bfloat16 and bf16_operands():
+            return "bfloat16 GEMM operands, float32 accumulation (oneDNN micro-kernel)"
+        if hidden.dtype == torch.float32:
+            return "float32 GEMM operands (oneDNN micro-kernel)"
+        return (f"{str(hidden.dtype).replace('torch.', '')} inputs computed from float32 "
+                "copies (no low-precision micro-kernel for them on this CPU)")
+
     def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         stats = load_extension().lce_forward(

@@ -14,17 +14,28 @@ Automatic choice (``backend=None``): among the registered backends whose
 `auto_devices` contain the input's device type, the highest `priority` that
 is usable for the input (`unavailable_reason`, `check_inputs`); a
 passed-over backend is reported once with a warning. The torch reference
-(priority 0, every device) is the last resort.
+(priority 0, every device) is the last resort. Each automatic choice, and how
+the chosen backend will compute (`Backend.describe`), is logged at DEBUG level
+on the ``t3s_kernels`` logger (``T3S_KERNELS_DEBUG=1`` turns that on).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..prepare import Grads, LossOptions, RowLosses
+
+LOG = logging.getLogger("t3s_kernels")
+if os.environ.get("T3S_KERNELS_DEBUG", "").lower() in ("1", "true", "yes"):
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(_handler)
+    LOG.setLevel(logging.DEBUG)
 
 __all__ = ["Backend", "register_backend", "unregister_backend", "get_backend", "registered_backends",
            "available_backends", "resolve_backend", "check_backend_name"]
@@ -53,6 +64,10 @@ class Backend:
     def check_inputs(self, hidden: torch.Tensor) -> None:
         """Raise `TypeError` (dtype) or `ValueError` (device, ...) when it cannot run on
         these inputs; the message says why."""
+
+    def describe(self, hidden: torch.Tensor) -> str:
+        """How it will compute on these inputs (operand dtype, engine), for the debug log."""
+        return ""
 
     # ---- the contract ------------------------------------------------------------------
     def loss_forward(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -180,6 +195,10 @@ def resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
             except (TypeError, ValueError) as exc:
                 reason = str(exc)
         if reason is None:
+            if LOG.isEnabledFor(logging.DEBUG):
+                how = impl.describe(hidden)
+                LOG.debug("t3s_kernels: backend %r for %s %s inputs%s", impl.name, device,
+                          str(hidden.dtype).replace("torch.", ""), f" ({how})" if how else "")
             return impl.name
         _warn_once(f"t3s_kernels: not using the {impl.name!r} backend ({reason})")
     raise RuntimeError(f"no registered t3s_kernels backend runs on {device} tensors")

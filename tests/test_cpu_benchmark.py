@@ -1,0 +1,40 @@
+"""The CPU comparison script (`benchmarks/cpu_compare.py`) runs end to end at a tiny shape.
+
+A smoke test, not a measurement: each row is a subprocess, as in a real run, and the
+results it prints must agree (t3s's loss and log-probs with torch eager's, on the same
+inputs). No timing is asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "cpu_compare.py")
+
+
+def test_cpu_compare_runs_at_a_tiny_shape(tmp_path):
+    out = tmp_path / "rows.json"
+    md = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, SCRIPT, "--n", "48", "--h", "24", "--v", "301", "--dtypes", "bf16",
+           "--rounds", "1", "--reps", "1", "--threads", "1",
+           "--impls", "torch_eager,trl_head,dense_gemms,t3s_gemms,t3s",
+           "--json", str(out), "--results", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "flags:" in data["head"] and "V=301" in data["head"]
+    rows = {(r["task"], r["impl"]): r for r in data["rows"]}
+    assert set(rows) == {(task, impl) for task in ("loss", "logprobs")
+                         for impl in ("torch_eager", "trl_head", "dense_gemms", "t3s_gemms",
+                                      "t3s")}
+    for task in ("loss", "logprobs"):
+        eager, t3s = rows[task, "torch_eager"], rows[task, "t3s"]
+        assert "seconds" in eager and "seconds" in t3s, (eager, t3s)
+        assert t3s["value"] == pytest.approx(eager["value"], rel=2e-2)
+        assert t3s["extra_mib"] >= 0 and t3s["peak_gib"] > 0
+    text = md.read_text()
+    assert "time / fastest peer" in text and "| t3s |" in text and "Fastest peer:" in text
