@@ -10,10 +10,12 @@
 // Layout. A tile's logits are computed transposed, Z^T [width, rows] = W_c @ Hb^T: the
 // weight chunk W_c [width, H] is the A operand as stored, and the row block's hidden states,
 // packed once per row block, are the B operand. The per-token statistics (one token per
-// column) then vectorise across tokens. The logit gradient G^T [width, rows] feeds both
-// backward products with no per-tile transpose:
+// column) then vectorise across tokens. The logit gradient G^T [width, rows] feeds the
+// backward products:
 //   grad_weight_c [width, H] += G^T @ Hb          (A = G^T, B = Hb packed per row block)
-//   grad_hidden^T [H, rows]  += W_c^T @ G^T       (A = W_c^T, built once per call)
+//   grad_hidden [rows, H]    += G @ W_c           (A = G, the tile transposed;
+//                                                   B = W_c as stored, or VNNI-packed
+//                                                   once per call for bf16)
 //
 // Blocking. Kept rows go in blocks of `block_rows`; inside a block, at::parallel_for splits
 // the vocabulary chunks of `block_vocab` columns between threads. Per (row block, chunk) a
@@ -183,41 +185,51 @@ static void pack_bt(const T* src_t, int64_t lds, int64_t N, int64_t K, T* dst_t)
   }
 }
 
-// W [V, H] -> W^T chunk by chunk: chunk c (rows v0 .. v0 + w of W) becomes a contiguous
-// [H, w] block at c * H * bv, so that the A operand of grad_hidden^T is read with lda = w,
-// not with the vocabulary's stride. In parallel over chunks (ATen's strided copy is far
-// slower for a large float32 matrix).
-static Tensor transpose_chunks(const Tensor& weight, int64_t bv) {
-  const int64_t V = weight.size(0), H = weight.size(1), chunks = (V + bv - 1) / bv;
-  Tensor out = at::empty({V * H}, weight.options());
-  auto run = [&](auto bits_tag) {
-    using B = decltype(bits_tag);
-    const B* s = reinterpret_cast<const B*>(weight.data_ptr());
-    B* d = reinterpret_cast<B*>(out.data_ptr());
-    constexpr int64_t kBlock = 32;
+// W [V, H] as the B operand of grad_hidden = G @ W_c, chunk by chunk: float32 W is used as
+// stored (undefined here); bf16 W is VNNI-packed once per call, chunk c (rows v0 .. v0 + w)
+// at c * packed_size(bv, H). In parallel over chunks.
+template <typename T>
+static Tensor pack_weight(const Tensor& weight, int64_t bv) {
+  if constexpr (!kVnni<T>) {
+    return Tensor();
+  } else {
+    const int64_t V = weight.size(0), H = weight.size(1), chunks = (V + bv - 1) / bv;
+    const int64_t stride = packed_size<T>(bv, H);
+    Tensor out = at::empty({chunks * stride}, weight.options());
+    const T* src = weight.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * bv, w = std::min(bv, V - v0);
-        const B* src = s + v0 * H;
-        B* dst = d + v0 * H;
-        for (int64_t i0 = 0; i0 < w; i0 += kBlock) {
-          const int64_t i1 = std::min(w, i0 + kBlock);
-          for (int64_t k0 = 0; k0 < H; k0 += kBlock) {
-            const int64_t k1 = std::min(H, k0 + kBlock);
-            for (int64_t k = k0; k < k1; ++k)
-              for (int64_t i = i0; i < i1; ++i) dst[k * w + i] = src[i * H + k];
+        pack_b<T>(src + v0 * H, H, w, H, dst + c * stride);
+      }
+    });
+    return out;
+  }
+}
+
+// G [n, w] = (G^T [w, n])^T in the operand dtype (bf16: rounded), blocked for the caches.
+template <typename T>
+static void transpose_tile(const float* gt, int64_t w, int64_t n, T* g_t) {
+  auto g = reinterpret_cast<Bits<T>*>(g_t);
+  constexpr int64_t kBlock = 32;
+  for (int64_t i0 = 0; i0 < w; i0 += kBlock) {
+    const int64_t i1 = std::min(w, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        Bits<T>* dst = g + j * w;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) {
+          if constexpr (kVnni<T>) {
+            dst[i] = bf16_bits(gt[i * n + j]);
+          } else {
+            dst[i] = gt[i * n + j];
           }
         }
       }
-    });
-  };
-  if (weight.element_size() == 4) {
-    run(uint32_t{});
-  } else {
-    TORCH_CHECK(weight.element_size() == 2, "transpose of 2- or 4-byte elements only");
-    run(uint16_t{});
+    }
   }
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -468,20 +480,21 @@ struct GradOutputs {
   Tensor grad_hidden;  // [N, H] in hidden's dtype, or undefined
   Tensor grad_weight;  // [V, H] accumulator (float32 or the accum dtype), or undefined
   Tensor grad_bias;    // [V] float32 accumulator, or undefined
-  Tensor weight_t;     // W^T by chunks ([H, w] blocks, `transpose_chunks`), operand dtype
+  Tensor weight_b;     // bf16: W packed as the B operand of grad_hidden (`pack_weight`)
+  const void* weight;  // W [V, H] in the operand dtype
+  int64_t block_vocab;
 };
 
 // Per-thread scratch of the gradient products.
 template <typename T>
 struct GradScratch {
-  Tensor gt_a, gt_b;  // G^T in the operand dtype: as A [w, n], and packed as B
-  Tensor dw;          // float32 [w, H] product when the accumulator is not float32
-  GradScratch(int64_t bv, int64_t bm, int64_t H, bool lp_accum) {
-    if constexpr (kVnni<T>) {
-      auto o = at::TensorOptions().dtype(at::kBFloat16);
-      gt_a = at::empty({bv * bm}, o);
-      gt_b = at::empty({packed_size<T>(bv, bm)}, o);
-    }
+  Tensor gt_lp;  // bf16: G^T rounded, the A operand of grad_weight [w, n]
+  Tensor g;      // G [n, w] in the operand dtype, the A operand of grad_hidden
+  Tensor dw;     // float32 [w, H] product when the accumulator is not float32
+  GradScratch(int64_t bv, int64_t bm, int64_t H, bool lp_accum, bool need_hidden) {
+    auto o = at::TensorOptions().dtype(kVnni<T> ? at::kBFloat16 : at::kFloat);
+    if constexpr (kVnni<T>) gt_lp = at::empty({bv * bm}, o);
+    if (need_hidden) g = at::empty({bv * bm}, o);
     if (lp_accum) dw = at::empty({bv, H}, at::TensorOptions().dtype(at::kFloat));
   }
 };
@@ -490,20 +503,17 @@ struct GradScratch {
 template <typename T>
 static void grad_gemms(const float* gt, int64_t w, int64_t n, int64_t v0, int64_t H,
                        int64_t V, const RowBlock<T>& blk, GradOutputs& out,
-                       GradScratch<T>& scratch, float* dht_part) {
-  const T* a_op;
-  const T* b_op;
+                       GradScratch<T>& scratch, float* dh_part) {
+  const T* a_op;  // G^T [w, n], the A operand of grad_weight
   if constexpr (kVnni<T>) {
     // G rounded to bf16 (as the Triton kernels do), each product summed in float32.
-    uint16_t* ga = reinterpret_cast<uint16_t*>(scratch.gt_a.data_ptr());
+    uint16_t* ga = reinterpret_cast<uint16_t*>(scratch.gt_lp.data_ptr());
     const int64_t count = w * n;
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) ga[k] = bf16_bits(gt[k]);
-    a_op = scratch.gt_a.template data_ptr<T>();
-    pack_b<T>(a_op, n, w, n, scratch.gt_b.template data_ptr<T>());
-    b_op = scratch.gt_b.template data_ptr<T>();
+    a_op = scratch.gt_lp.template data_ptr<T>();
   } else {
-    a_op = b_op = gt;
+    a_op = gt;
   }
   if (out.grad_weight.defined()) {
     if (out.grad_weight.scalar_type() == at::kFloat) {
@@ -516,9 +526,13 @@ static void grad_gemms(const float* gt, int64_t w, int64_t n, int64_t v0, int64_
       out.grad_weight.narrow(0, v0, w).add_(prod);
     }
   }
-  if (dht_part != nullptr) {
-    gemm<T>(H, n, w, w, n, n, true, out.weight_t.template data_ptr<T>() + v0 * H, b_op,
-            dht_part);
+  if (dh_part != nullptr) {  // grad_hidden [n, H] += G [n, w] @ W_c [w, H]
+    T* g = scratch.g.template data_ptr<T>();
+    transpose_tile<T>(gt, w, n, g);
+    const int64_t c = v0 / out.block_vocab;
+    const T* wb = kVnni<T> ? out.weight_b.template data_ptr<T>() + c * packed_size<T>(out.block_vocab, H)
+                           : static_cast<const T*>(out.weight) + v0 * H;
+    gemm<T>(n, H, w, w, H, H, true, g, wb, dh_part);
   }
   if (out.grad_bias.defined()) {
     float* gb = out.grad_bias.data_ptr<float>() + v0;
@@ -532,12 +546,11 @@ static void grad_gemms(const float* gt, int64_t w, int64_t n, int64_t v0, int64_
   }
 }
 
-// Sum of the threads' grad_hidden^T parts [threads][H * n] of one row block, written to its rows.
+// Sum of the threads' grad_hidden parts [threads][n * H] of one row block, written to its rows.
 static void write_grad_hidden(GradOutputs& out, const Tensor& parts, const Tensor& rows,
                               int64_t r0, int64_t n, int64_t H) {
-  Tensor dht = parts.narrow(1, 0, H * n).sum(0).view({H, n});
-  out.grad_hidden.index_copy_(0, rows.narrow(0, r0, n),
-                              dht.t().to(out.grad_hidden.scalar_type()));
+  Tensor dh = parts.narrow(1, 0, n * H).sum(0).view({n, H});
+  out.grad_hidden.index_copy_(0, rows.narrow(0, r0, n), dh.to(out.grad_hidden.scalar_type()));
 }
 
 static void check_common(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -638,7 +651,7 @@ struct Backward {
   GradOutputs out;
   Blocks b;
   LossParams p;
-  Tensor parts;  // float32 [threads, H * block_rows] grad_hidden^T parts, or undefined
+  Tensor parts;  // float32 [threads, block_rows * H] grad_hidden parts, or undefined
   std::vector<int64_t> skipped;
   int64_t tiles = 0;
 
@@ -646,13 +659,13 @@ struct Backward {
            int64_t block_vocab, c10::optional<Tensor> grad_hidden,
            c10::optional<Tensor> grad_weight, c10::optional<Tensor> grad_bias)
       : out{grad_hidden.value_or(Tensor()), grad_weight.value_or(Tensor()),
-            grad_bias.value_or(Tensor()), Tensor()},
+            grad_bias.value_or(Tensor()), Tensor(), weight.data_ptr(),
+            std::min(block_vocab, weight.size(0))},
         b(blocks_for(weight.size(0), block_rows, block_vocab)),
         p(lp),
         skipped(b.chunks, 0) {
     const int64_t H = weight.size(1);
     if (out.grad_hidden.defined()) {
-      out.weight_t = transpose_chunks(weight, b.vocab);
       parts = at::empty({at::get_num_threads(), H * std::min(b.rows, M)},
                         at::TensorOptions().dtype(at::kFloat));
     }
@@ -706,13 +719,14 @@ static void backward_impl(const Tensor& hidden, const Tensor& weight,
   const Blocks& b = bw.b;
   const T* w = weight.data_ptr<T>();
   const bool need_hb = bw.out.grad_weight.defined();
+  if (bw.out.grad_hidden.defined()) bw.out.weight_b = pack_weight<T>(weight, b.vocab);
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), need_hb);
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> tile(b.vocab * n);
-      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum());
+      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined());
       float* part = bw.part_of_thread(n);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
@@ -762,6 +776,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
   const Blocks& b = bw.b;
   const T* w = weight.data_ptr<T>();
   const bool need_hb = bw.out.grad_weight.defined();
+  if (bw.out.grad_hidden.defined()) bw.out.weight_b = pack_weight<T>(weight, b.vocab);
   const int64_t bm = std::min(b.rows, M);
   // One row block's logits, chunk-major so that each tile is contiguous.
   Tensor slab = at::empty({b.chunks, b.vocab * std::max<int64_t>(bm, 1)},
@@ -785,7 +800,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
     out.write(P, r0, n);
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
-      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum());
+      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined());
       float* part = bw.part_of_thread(n);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t width = std::min(b.vocab, V - c * b.vocab);
@@ -829,11 +844,13 @@ template <typename T>
 static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tensor& rows,
                          bool backward, const Blocks& b) {
   const int64_t M = rows.numel(), V = weight.size(0), H = weight.size(1);
-  GradOutputs out;
+  GradOutputs out{};
   Tensor parts;
   if (backward) {
     out.grad_weight = at::zeros({V, H}, at::TensorOptions().dtype(at::kFloat));
-    out.weight_t = transpose_chunks(weight, b.vocab);
+    out.weight = weight.data_ptr();
+    out.block_vocab = b.vocab;
+    out.weight_b = pack_weight<T>(weight, b.vocab);
     parts = at::zeros({at::get_num_threads(), H * std::min(b.rows, M)},
                       at::TensorOptions().dtype(at::kFloat));
   }
@@ -844,7 +861,7 @@ static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tenso
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), backward);
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> tile(b.vocab * n);
-      GradScratch<T> scratch(b.vocab, n, H, false);
+      GradScratch<T> scratch(b.vocab, n, H, false, backward);
       float* part = backward ? parts[at::get_thread_num()].data_ptr<float>() : nullptr;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);

@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from . import prepare
 from .backends import get_backend
@@ -213,6 +214,9 @@ def _(hidden, weight, bias, targets, loss_mask, grad_scale, ignore_index, label_
 
 
 def _setup_fb_context(ctx, inputs, output):
+    # No zeros for the outputs that get no gradient (lse, statistics, the saved gradients
+    # themselves: [V, H] of zeros otherwise)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])  # lse, statistics and gradients
 
@@ -221,12 +225,26 @@ def _fb_backward(ctx, grad_loss, *_other_grads):
     """The gradients were computed in the forward: scale them by d out / d loss.
 
     Out of place, so that a retained graph's next backward (per-group gradients,
-    ``retain_graph=True``) scales the same saved gradients again.
+    ``retain_graph=True``) scales the same saved gradients again. A unit grad_loss on
+    the CPU (``loss.backward()``) hands the saved gradients over as they are: no
+    [V, H] copy. Autograd then takes them over as ``.grad`` when nothing else holds
+    them, and copies them when a retained graph still does.
     """
     saved = ctx.saved_tensors
-    grads = tuple(None if not (need and grad_loss is not None) else g * grad_loss
+    unit = _is_unit(grad_loss)
+    grads = tuple(None if not (need and grad_loss is not None) else (g if unit else g * grad_loss)
                   for g, need in zip(saved, ctx.needs_input_grad[:3]))
     return grads + (None,) * 15
+
+
+def _is_unit(grad: Optional[Tensor]) -> bool:
+    """Whether grad is a CPU scalar equal to 1 (read without a device sync; never while
+    tracing or under a dispatch mode, where its value is unknown)."""
+    if grad is None or grad.device.type != "cpu" or grad.numel() != 1:
+        return False
+    if torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode():
+        return False
+    return bool(grad.detach().reshape(()) == 1)
 
 
 linear_ce_forward_backward.register_autograd(_fb_backward, setup_context=_setup_fb_context)

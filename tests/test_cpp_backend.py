@@ -483,3 +483,31 @@ def test_dispatch_choice_is_logged(dtype, expected, how, caplog):
     assert any(f"backend '{expected}' for cpu" in line for line in lines), lines
     if how is not None:
         assert any(how in line for line in lines), lines
+
+
+@needs_cpp
+def test_a_unit_backward_hands_over_the_saved_gradients_safely():
+    """loss.backward() (grad_output 1 on the CPU) gives the saved gradients to .grad without
+    a copy; a retained graph still backpropagates the same gradients again, accumulation
+    into an existing .grad adds, and a scaled backward scales."""
+    hidden, weight, targets, bias = make_case(N, H, V, torch.float32, CPU, bias=True)
+    mask = torch.rand(N) > 0.3
+
+    def loss_fn():
+        return linear_cross_entropy(hidden, weight, targets, bias=bias, loss_mask=mask,
+                                    backend="cpp")
+
+    ref = torch.autograd.grad(loss_fn(), [hidden, weight, bias])
+    loss = loss_fn()
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, weight, bias)]
+    loss.backward()  # the retained graph again: accumulates the same gradients
+    for t, g, r in zip((hidden, weight, bias), first, ref):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(t.grad, 2 * r, rtol=1e-6, atol=1e-7)
+    for t in (hidden, weight, bias):
+        t.grad = None
+    (loss_fn() * 0.5).backward()
+    loss_fn().backward()  # into the existing .grad
+    for t, r in zip((hidden, weight, bias), ref):
+        torch.testing.assert_close(t.grad, 1.5 * r, rtol=1e-6, atol=1e-7)

@@ -195,7 +195,8 @@ def resolve_backend(backend: Optional[str], hidden: torch.Tensor) -> str:
             except (TypeError, ValueError) as exc:
                 reason = str(exc)
         if reason is None:
-            if LOG.isEnabledFor(logging.DEBUG):
+            # not while tracing: dynamo cannot trace a logger (nothing runs then anyway)
+            if not torch.compiler.is_compiling() and LOG.isEnabledFor(logging.DEBUG):
                 how = impl.describe(hidden)
                 LOG.debug("t3s_kernels: backend %r for %s %s inputs%s", impl.name, device,
                           str(hidden.dtype).replace("torch.", ""), f" ({how})" if how else "")
