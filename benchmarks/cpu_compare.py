@@ -4,6 +4,7 @@
     python benchmarks/cpu_compare.py --preset large --dtypes bf16   # N=8192, H=2048, V=128256
     python benchmarks/cpu_compare.py --results benchmarks/RESULTS.md
     python benchmarks/cpu_compare.py --n 64 --h 32 --v 512 --rounds 1 --reps 1   # smoke run
+    python benchmarks/cpu_compare.py --sweep n=1024,4096,16384 --dtypes bf16   # scaling
 
 Every implementation runs in its own subprocess, so that its peak RSS is its own, on
 the same inputs (seed 0), with a warm-up call first (compilation, the C++ build, the
@@ -37,6 +38,10 @@ Rows (``--impls`` picks a subset):
 
 Every figure is reported as a ratio to the fastest / leanest *peer* of the same run
 (torch_eager, torch_linear_ce, cce_compile, trl_head) and to the dense GEMMs.
+
+``--sweep KEY=A,B,...`` (KEY: n, h, v or mask_frac; repeatable, the grid is their
+product) measures how t3s grows instead: per point, t3s, its GEMM share and the dense
+GEMMs (``--impls`` overrides), in one summary table per task and dtype.
 """
 
 from __future__ import annotations
@@ -317,6 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--results", help="append the tables to this markdown file")
     p.add_argument("--json", help="write every measurement to this JSON file")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=A,B,...",
+                   help="scaling grid over n, h, v or mask_frac (repeatable)")
     p.add_argument("--one", nargs=2, metavar=("TASK", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -329,44 +336,110 @@ def main(argv=None) -> int:
     import torch
 
     tasks = args.tasks.split(",")
+    if args.sweep and args.impls is None:
+        args.impls = "dense_gemms,t3s_gemms,t3s"
     wanted = None if args.impls is None else set(args.impls.split(","))
     for task in tasks:
         if task not in IMPLS:
             p.error(f"unknown task {task!r}; choose from {', '.join(IMPLS)}")
+    for dtype in args.dtypes.split(","):
+        if dtype not in DTYPES:
+            p.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if min(args.n, args.h, args.v, args.rounds, args.reps, args.threads) < 1 or not (
+            0.0 <= args.mask_frac < 1.0):
+        p.error("--n, --h, --v, --rounds, --reps and --threads must be >= 1, and --mask-frac "
+                "in [0, 1)")
     if wanted is not None and wanted - set(IMPLS["loss"] + IMPLS["logprobs"]):
         p.error(f"unknown rows: {', '.join(sorted(wanted - set(IMPLS['loss'] + IMPLS['logprobs'])))}")
+    grid = sweep_grid(p, args.sweep)
+    shape = ("N=varied" if "n" in grid[0] else f"N={args.n}") + " " + (
+        f"({args.mask_frac:.0%} masked for the loss)" if "mask_frac" not in grid[0] else
+        "(masked fraction varied)")
     head = (f"CPU: {cpu_description()}; {args.threads} threads, torch {torch.__version__}; "
-            f"N={args.n} ({args.mask_frac:.0%} masked for the loss), H={args.h}, V={args.v}; "
-            f"best of {args.rounds} interleaved rounds x {args.reps} calls; load average "
-            f"before: {os.getloadavg()[0]:.1f}")
+            f"{shape}, H={'varied' if 'h' in grid[0] else args.h}, "
+            f"V={'varied' if 'v' in grid[0] else args.v}; best of {args.rounds} interleaved "
+            f"rounds x {args.reps} calls; load average before: {os.getloadavg()[0]:.1f}")
     print(head, flush=True)
     tables, records = [], []
     for dtype in args.dtypes.split(","):
         args.dtype = dtype
         for task in tasks:
             impls = [i for i in IMPLS[task] if wanted is None or i in wanted]
-            runs = {impl: [] for impl in impls}
-            for rnd in range(args.rounds):
-                for impl in impls:
-                    r = run_in_subprocess(task, impl, args)
-                    runs[impl].append(r)
-                    print(f"  round {rnd + 1} {dtype} {task} {impl}: "
-                          + (f"{r['seconds']:.3f} s, {r['extra_mib']:.0f} MiB" if "seconds" in r
-                             else r["skipped"]), flush=True)
-            rows = [best(runs[impl]) for impl in impls]
-            records += [{**r, "dtype": dtype} for r in rows]
-            tables.append(table(rows, dtype, task))
-            print(tables[-1], flush=True)
+            points = []
+            for point in grid:
+                vars(args).update(point)
+                rows = measure_interleaved(task, impls, args)
+                records += [{**r, "dtype": dtype, **point} for r in rows]
+                points.append((point, rows))
+                if not args.sweep:
+                    tables.append(table(rows, dtype, task))
+                    print(tables[-1], flush=True)
+            if args.sweep:
+                tables.append(sweep_table(points, dtype, task))
+                print(tables[-1], flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"head": head, "rows": records}, f, indent=1)
     if args.results:
         with open(args.results, "a", encoding="utf-8") as f:
-            f.write(f"\n## CPU: fused loss and log-probs against the peers "
+            f.write(f"\n## CPU: fused loss and log-probs {'scaling' if args.sweep else 'against the peers'} "
                     f"({time.strftime('%Y-%m-%d')})\n\n"
                     f"`python benchmarks/cpu_compare.py {' '.join(argv or sys.argv[1:])}`. "
                     f"{head}.\n\n" + "\n\n".join(tables) + "\n")
     return 0
+
+
+def measure_interleaved(task: str, impls, args):
+    """``args.rounds`` passes over the rows, one subprocess each; the best of each row."""
+    runs = {impl: [] for impl in impls}
+    for rnd in range(args.rounds):
+        for impl in impls:
+            r = run_in_subprocess(task, impl, args)
+            runs[impl].append(r)
+            print(f"  round {rnd + 1} {args.dtype} {task} N={args.n} H={args.h} V={args.v} "
+                  f"masked={args.mask_frac} {impl}: "
+                  + (f"{r['seconds']:.3f} s, {r['extra_mib']:.0f} MiB" if "seconds" in r
+                     else r["skipped"]), flush=True)
+    return [best(runs[impl]) for impl in impls]
+
+
+SWEEP_KEYS = {"n": int, "h": int, "v": int, "mask_frac": float}
+
+
+def sweep_grid(parser, sweeps):
+    """[{key: value}] for every point of the product of the --sweep axes ([{}] without)."""
+    grid = [{}]
+    for spec in sweeps:
+        key, _, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in SWEEP_KEYS or not values:
+            parser.error(f"--sweep takes KEY=A,B,... with KEY in {', '.join(SWEEP_KEYS)}; "
+                         f"got {spec!r}")
+        try:
+            vals = [SWEEP_KEYS[key](v) for v in values.split(",")]
+        except ValueError:
+            parser.error(f"--sweep {spec!r}: values must be {SWEEP_KEYS[key].__name__}s")
+        grid = [{**g, key: v} for g in grid for v in vals]
+    return grid
+
+
+def sweep_table(points, dtype: str, task: str) -> str:
+    """One line per grid point: t3s time and memory, its GEMM share, the dense GEMMs."""
+    keys = list(points[0][0])
+    lines = ["| " + " | ".join(keys) + f" | t3s s ({task}, {dtype}) | t3s GEMMs s | "
+             "GEMM share | dense GEMMs s | t3s / dense | t3s extra MiB |",
+             "|" + "---:|" * (len(keys) + 6)]
+    for point, rows in points:
+        by = {r["impl"]: r for r in rows if "seconds" in r}
+        t3s, gem, dense = by.get("t3s"), by.get("t3s_gemms"), by.get("dense_gemms")
+
+        def f(r, key="seconds", spec=".3f"):
+            return format(r[key], spec) if r else "-"
+        share = f"{gem['seconds'] / t3s['seconds']:.0%}" if t3s and gem else "-"
+        ratio = f"{t3s['seconds'] / dense['seconds']:.2f}" if t3s and dense else "-"
+        lines.append("| " + " | ".join(str(point[k]) for k in keys) + f" | {f(t3s)} | {f(gem)} "
+                     f"| {share} | {f(dense)} | {ratio} | {f(t3s, 'extra_mib', '.0f')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

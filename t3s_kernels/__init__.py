@@ -10,6 +10,8 @@ Layout, top-down:
 - `backends`: the registry and the built-in backends ('triton', 'cpp', 'torch');
 - `triton`: the Triton kernels (`forward`, `backward`, launch `config`);
 - `reference`: the pure-PyTorch specification, also the 'torch' backend;
+- `dense`: small CPU problems on materialised logits (the streaming path's fixed
+  cost would dominate them);
 - `vocab_parallel`: the loss and log-probs of a head sharded by vocabulary rows;
 - `prepare`: validation and compaction shared by every backend;
 - `debug`: test hooks (forced blocks, splits, NaN-poisoned outputs).

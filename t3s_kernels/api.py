@@ -1,8 +1,11 @@
 """Public functional API: `linear_cross_entropy` and `target_logprobs`.
 
 Both pick a backend themselves from the registry (`t3s_kernels.backends`:
-Triton on CUDA, the PyTorch reference elsewhere) and accept ``backend=`` with
-a registered name (`available_backends()`) to force one. ``backend="triton"``
+Triton on CUDA, the C++ kernels on CPU, the PyTorch reference elsewhere) and
+accept ``backend=`` with a registered name (`available_backends()`) to force
+one. A small CPU problem (N x V x H up to `dense.DENSE_MACS`) with the backend
+left automatic runs on materialised logits instead (`t3s_kernels.dense`), where
+the streaming path's fixed cost per call would make it slower than torch eager. ``backend="triton"``
 also runs on CPU tensors when TRITON_INTERPRET=1 was set before this package
 was imported (that is how CI tests the real kernels).
 
@@ -23,7 +26,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import ops, reference
+from . import dense, ops, reference
 from .backends import available_backends, resolve_backend
 from .debug import OVERRIDES
 from .prepare import (
@@ -128,20 +131,29 @@ def linear_cross_entropy(
     check_options(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                   z_loss=z_loss, normalizer=normalizer, filter_eps=filter_eps,
                   accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes)
-    backend = resolve_backend(backend, hidden)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    small = backend is None and dense.preferred(hidden2d, weight)
+    if small:
+        dense.log_choice(hidden2d, weight)
+    else:
+        backend = resolve_backend(backend, hidden)
     if weight.dtype == torch.float64:
         accum_dtype = torch.float64  # never sum below the weight's own precision
     lead_shape = targets.shape
     targets1d = targets.reshape(-1).long()
     mask1d = None if loss_mask is None else loss_mask.reshape(-1)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     bias = None if bias is None else bias.contiguous()
     options = (float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes,
                return_stats)
     token_weight = token_weights(targets1d, mask1d, ignore_index)
     need = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if _gradient_in_forward(reduction, normalizer, need):
+    if small:
+        loss, stats = dense.linear_cross_entropy(
+            hidden2d, weight, bias, targets1d, mask1d, token_weight, ignore_index, reduction,
+            normalizer, *options[:3], return_stats)
+        lse, logprob, entropy, correct = stats if return_stats else (None,) * 4
+    elif _gradient_in_forward(reduction, normalizer, need):
         grad_scale = _grad_scale(token_weight, reduction, normalizer,
                                  reference.compute_dtype_for(hidden.dtype))
         loss, lse, logprob, entropy, correct, *_grads = ops.linear_ce_forward_backward(
@@ -220,13 +232,17 @@ def target_logprobs(
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_softcap(softcap)
-    backend = resolve_backend(backend, hidden)
+    hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
+    args = (hidden2d, weight.detach(), None if bias is None else bias.detach().contiguous(),
+            targets.reshape(-1).long(), ignore_index, None if softcap is None else float(softcap),
+            return_entropy, return_argmax)
+    if backend is None and dense.preferred(hidden2d, weight):
+        dense.log_choice(hidden2d, weight)
+        logprob, entropy, argmax = dense.target_logprobs(*args)
+    else:
+        backend = resolve_backend(backend, hidden)
+        logprob, entropy, argmax = ops.target_logprobs_op(*args, buffer_bytes, backend)
     lead_shape = targets.shape
-    logprob, entropy, argmax = ops.target_logprobs_op(
-        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
-        None if bias is None else bias.detach().contiguous(), targets.reshape(-1).long(),
-        ignore_index, None if softcap is None else float(softcap), return_entropy,
-        return_argmax, buffer_bytes, backend)
     logprob = logprob.view(lead_shape)
     if not (return_entropy or return_argmax):
         return logprob

@@ -313,7 +313,8 @@ def test_failed_build_falls_back_with_one_warning(fresh_load_state):
     assert cpp.load_extension(loader=failing_build) is None
     assert cpp.load_problem() == (f"building the C++ extension failed: Error building extension "
                                   f"({token}) (linear_ce.cpp:7:1: error: boom)")
-    hidden, weight, targets, _ = make_case(N, H, V, torch.float32, CPU)
+    # above dense.DENSE_MACS: the automatic choice streams, through dispatch
+    hidden, weight, targets, _ = make_case(400, H, V, torch.float32, CPU)
     with pytest.warns(UserWarning, match=f"not using the 'cpp' backend .*{token}") as record:
         loss = linear_cross_entropy(hidden, weight, targets)
     assert len([w for w in record if token in str(w.message)]) == 1
@@ -475,7 +476,8 @@ def test_dispatch_choice_is_logged(dtype, expected, how, caplog):
     import logging
     import warnings
 
-    hidden, weight, targets, _ = make_case(5, 8, 11, dtype, CPU, requires_grad=False)
+    # above dense.DENSE_MACS: small problems take the dense path (test_dense_path.py)
+    hidden, weight, targets, _ = make_case(64, 512, 1024, dtype, CPU, requires_grad=False)
     with caplog.at_level(logging.DEBUG, logger="t3s_kernels"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         target_logprobs(hidden, weight, targets)

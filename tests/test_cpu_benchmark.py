@@ -38,3 +38,21 @@ def test_cpu_compare_runs_at_a_tiny_shape(tmp_path):
         assert t3s["extra_mib"] >= 0 and t3s["peak_gib"] > 0
     text = md.read_text()
     assert "time / fastest peer" in text and "| t3s |" in text and "Fastest peer:" in text
+
+
+def test_cpu_compare_sweep_and_bad_arguments(tmp_path):
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, SCRIPT, "--sweep", "n=16,40", "--sweep", "mask_frac=0.25,0.75",
+           "--h", "8", "--v", "33", "--dtypes", "fp32", "--tasks", "loss", "--rounds", "1",
+           "--reps", "1", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    points = {(r["n"], r["mask_frac"]) for r in rows if r["impl"] == "t3s" and "seconds" in r}
+    assert points == {(16, 0.25), (16, 0.75), (40, 0.25), (40, 0.75)}
+    assert "| n | mask_frac | t3s s (loss, fp32) |" in proc.stdout
+    for bad in (["--sweep", "q=1,2"], ["--dtypes", "fp64"], ["--tasks", "train"],
+                ["--mask-frac", "1.0"], ["--impls", "nope"]):
+        proc = subprocess.run([sys.executable, SCRIPT, *bad], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-500:])

@@ -45,10 +45,9 @@ SOURCES = ("linear_ce.cpp",)
 # -march=native: the build is local to this machine (the cache key names its CPU).
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
-# Tile shape: vocabulary columns per tile (by operand bytes: measured best on a 2-core
-# Zen 5 at H=512, where a float32 [256, 512] grad_weight tile no longer stays in L2), and
-# the cap on kept rows per block.
-BLOCK_VOCAB = {2: 512, 4: 256}
+# Tile shape: vocabulary columns per tile, and the cap on kept rows per block (measured
+# best on a 2-core Zen 5 among 128-512 of each, at H=512 and H=2048, bf16 and fp32).
+BLOCK_VOCAB = 256
 MAX_BLOCK_ROWS = 256
 
 
@@ -163,8 +162,7 @@ def _blocks(M: int, weight: torch.Tensor, buffer_bytes: int, slab: bool) -> Tupl
         rows, vocab = OVERRIDES["cpu_block"]
         return int(rows), int(vocab)
     (V, H), threads = weight.shape, torch.get_num_threads()
-    operand_bytes = 2 if weight.dtype == torch.bfloat16 and bf16_operands() else 4
-    vocab = min(V, BLOCK_VOCAB[operand_bytes])
+    vocab = min(V, BLOCK_VOCAB)
     per_row = 4 * ((V if slab else vocab * threads) + H * threads)
     rows = max(1, min(MAX_BLOCK_ROWS, (buffer_bytes // 2) // per_row, max(M, 1)))
     return rows, vocab
@@ -196,8 +194,9 @@ def _operand(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_buffers(hidden, weight, bias, rows, opts, need):
-    """Zeroed accumulators (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] in
-    accum_dtype, grad_bias [V] float32); None where not needed."""
+    """Accumulators: grad_hidden [N, H] in hidden's dtype (zeros on the rows not kept),
+    grad_weight [V, H] in accum_dtype and grad_bias [V] float32, both uninitialised (the
+    kernels write every row); None where not needed."""
     need_h, need_w, need_b = need
     grad_h = None
     if need_h:
@@ -208,8 +207,9 @@ def _grad_buffers(hidden, weight, bias, rows, opts, need):
             grad_h[dropped] = 0
         else:
             grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype)
-    grad_w = torch.zeros(weight.shape, dtype=opts.accum_dtype) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32) if need_b and bias is not None else None
+    grad_w = empty(*weight.shape, dtype=opts.accum_dtype, device=weight.device) if need_w else None
+    grad_b = (empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+              if need_b and bias is not None else None)
     return grad_h, grad_w, grad_b
 
 
