@@ -333,8 +333,6 @@ def main(argv=None) -> int:
         args.dtype = args.dtypes
         print(json.dumps(measure(*args.one, args)))
         return 0
-    import torch
-
     tasks = args.tasks.split(",")
     if args.sweep and args.impls is None:
         args.impls = "dense_gemms,t3s_gemms,t3s"
@@ -352,6 +350,8 @@ def main(argv=None) -> int:
     if wanted is not None and wanted - set(IMPLS["loss"] + IMPLS["logprobs"]):
         p.error(f"unknown rows: {', '.join(sorted(wanted - set(IMPLS['loss'] + IMPLS['logprobs'])))}")
     grid = sweep_grid(p, args.sweep)
+    import torch
+
     shape = ("N=varied" if "n" in grid[0] else f"N={args.n}") + " " + (
         f"({args.mask_frac:.0%} masked for the loss)" if "mask_frac" not in grid[0] else
         "(masked fraction varied)")

@@ -2,9 +2,9 @@
 
 Below `DENSE_MACS` multiply-adds (N x V x H) a call is dominated by the fixed cost of the
 streaming path (validation and compaction, the custom ops, the kernels' tiling: about
-0.3-0.4 ms measured on a 2-core CPU), and torch eager on materialised logits is faster
-than any streaming kernel: at N=64, H=32, V=512 the C++ kernels took 0.40 ms for the
-loss forward + backward where eager took 0.09 ms. So `t3s_kernels.api` sends such calls
+0.3 ms measured on a 2-core CPU): at N=64, H=32, V=512 the C++ kernels took 0.38 ms for
+the loss forward + backward, this path 0.18 ms and torch eager 0.12 ms (which checks
+nothing and takes no mask). So `t3s_kernels.api` sends such calls
 here when the backend is automatic, the tensors are on the CPU and nothing is being
 traced, and says so in its debug log.
 
@@ -25,8 +25,9 @@ from . import prepare, reference
 from .prepare import scatter_rows
 
 # Multiply-adds (N x V x H) up to which the dense path is faster than the streaming
-# kernels on the CPU (crossover measured between 64 x 512 x 32 and 256 x 2048 x 128).
-DENSE_MACS = 2**24
+# kernels on the CPU: measured on 2 cores, fp32 and bf16, it wins up to ~1e6 (by 1.3-2.5x)
+# and loses from ~8e6 on (log-probs) or ~1.7e7 (the loss).
+DENSE_MACS = 2**22
 LOG = logging.getLogger("t3s_kernels")
 
 

@@ -314,7 +314,7 @@ def test_failed_build_falls_back_with_one_warning(fresh_load_state):
     assert cpp.load_problem() == (f"building the C++ extension failed: Error building extension "
                                   f"({token}) (linear_ce.cpp:7:1: error: boom)")
     # above dense.DENSE_MACS: the automatic choice streams, through dispatch
-    hidden, weight, targets, _ = make_case(400, H, V, torch.float32, CPU)
+    hidden, weight, targets, _ = make_case(100, H, V, torch.float32, CPU)
     with pytest.warns(UserWarning, match=f"not using the 'cpp' backend .*{token}") as record:
         loss = linear_cross_entropy(hidden, weight, targets)
     assert len([w for w in record if token in str(w.message)]) == 1

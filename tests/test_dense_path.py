@@ -125,8 +125,8 @@ def test_the_choice_is_logged_and_large_problems_stream(caplog):
         target_logprobs(hidden, weight, targets)
     assert any("dense PyTorch path" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    big_h = torch.randn(64, 512)
-    big_w = torch.randn(dense.DENSE_MACS // (64 * 512) + 1, 512)
+    big_h = torch.randn(64, 128)
+    big_w = torch.randn(dense.DENSE_MACS // (64 * 128) + 1, 128)
     assert not dense.preferred(big_h, big_w)
     with caplog.at_level(logging.DEBUG, logger="t3s_kernels"):
         target_logprobs(big_h, big_w, torch.zeros(64, dtype=torch.long))
