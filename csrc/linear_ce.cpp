@@ -217,6 +217,30 @@ static void pack_bt(const T* src_t, int64_t lds, int64_t N, int64_t K, T* dst_t)
   }
 }
 
+// W [V, H] as the B operand of grad_hidden = G @ W_c, chunk by chunk: float32 W is used as
+// stored (undefined here); bf16 W is VNNI-packed once per call, chunk c (rows v0 .. v0 + w)
+// at c * packed_size(bv, H), when the caller's memory budget holds that copy (else each
+// tile packs its chunk: M / block_rows passes over W). In parallel over chunks.
+template <typename T>
+static Tensor pack_weight(const Tensor& weight, int64_t bv) {
+  if constexpr (!kVnni<T>) {
+    return Tensor();
+  } else {
+    const int64_t V = weight.size(0), H = weight.size(1), chunks = (V + bv - 1) / bv;
+    const int64_t stride = packed_size<T>(bv, H);
+    Tensor out = at::empty({chunks * stride}, weight.options());
+    const T* src = weight.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t v0 = c * bv, w = std::min(bv, V - v0);
+        pack_b<T>(src + v0 * H, H, w, H, dst + c * stride);
+      }
+    });
+    return out;
+  }
+}
+
 // G [n, w] = (G^T [w, n])^T in the operand dtype (bf16: rounded), blocked for the caches.
 template <typename T>
 static void transpose_tile(const float* gt, int64_t w, int64_t n, T* g_t) {
@@ -490,6 +514,8 @@ struct GradOutputs {
   Tensor grad_weight;  // [V, H] accumulator (float32 or the accum dtype), or undefined
   Tensor grad_bias;    // [V] float32 accumulator, or undefined
   const void* weight;  // W [V, H] in the operand dtype
+  Tensor weight_b;     // bf16 with `pack_weight`: W VNNI-packed by chunks; else per tile
+  int64_t block_vocab;
 };
 
 // Per-thread scratch of the gradient products.
@@ -499,11 +525,12 @@ struct GradScratch {
   Tensor g;      // G [n, w] in the operand dtype, the A operand of grad_hidden
   Tensor wb;     // bf16: W_c VNNI-packed, the B operand of grad_hidden
   Tensor dw;     // float32 [w, H] product when the accumulator is not float32
-  GradScratch(int64_t bv, int64_t bm, int64_t H, bool lp_accum, bool need_hidden) {
+  GradScratch(int64_t bv, int64_t bm, int64_t H, bool lp_accum, bool need_hidden,
+              bool packed_weight) {
     auto o = at::TensorOptions().dtype(kVnni<T> ? at::kBFloat16 : at::kFloat);
     if constexpr (kVnni<T>) gt_lp = at::empty({bv * bm}, o);
     if (need_hidden) g = at::empty({bv * bm}, o);
-    if (kVnni<T> && need_hidden) wb = at::empty({packed_size<T>(bv, H)}, o);
+    if (kVnni<T> && need_hidden && !packed_weight) wb = at::empty({packed_size<T>(bv, H)}, o);
     if (lp_accum) dw = at::empty({bv, H}, at::TensorOptions().dtype(at::kFloat));
   }
 };
@@ -548,8 +575,13 @@ static void grad_gemms(const float* gt, int64_t w, int64_t n, int64_t v0, int64_
     // (M / block_rows) passes over W but no [V, H] copy of it
     const T* wb = static_cast<const T*>(out.weight) + v0 * H;
     if constexpr (kVnni<T>) {
-      pack_b<T>(wb, H, w, H, scratch.wb.template data_ptr<T>());
-      wb = scratch.wb.template data_ptr<T>();
+      if (out.weight_b.defined()) {
+        wb = out.weight_b.template data_ptr<T>() +
+             (v0 / out.block_vocab) * packed_size<T>(out.block_vocab, H);
+      } else {
+        pack_b<T>(wb, H, w, H, scratch.wb.template data_ptr<T>());
+        wb = scratch.wb.template data_ptr<T>();
+      }
     }
     gemm_by_columns<T>(n, H, w, w, true, g, wb, dh_part);
   }
@@ -677,6 +709,7 @@ struct Backward {
   Blocks b;
   LossParams p;
   Tensor parts;  // float32 [threads, block_rows * H] grad_hidden parts, or undefined
+  bool pack_w = false;  // bf16: VNNI-pack W once (`pack_weight`) instead of per tile
   std::vector<int64_t> skipped;
   std::vector<uint8_t> written;  // per chunk: its grad_weight / grad_bias rows hold a value
   int64_t tiles = 0;
@@ -685,7 +718,8 @@ struct Backward {
            int64_t block_vocab, c10::optional<Tensor> grad_hidden,
            c10::optional<Tensor> grad_weight, c10::optional<Tensor> grad_bias)
       : out{grad_hidden.value_or(Tensor()), grad_weight.value_or(Tensor()),
-            grad_bias.value_or(Tensor()), weight.data_ptr()},
+            grad_bias.value_or(Tensor()), weight.data_ptr(), Tensor(),
+            std::min(block_vocab, weight.size(0))},
         b(blocks_for(weight.size(0), block_rows, block_vocab)),
         p(lp),
         skipped(b.chunks, 0),
@@ -755,13 +789,15 @@ static void backward_impl(const Tensor& hidden, const Tensor& weight,
   const Blocks& b = bw.b;
   const T* w = weight.data_ptr<T>();
   const bool need_hb = bw.out.grad_weight.defined();
+  if (bw.pack_w && bw.out.grad_hidden.defined()) bw.out.weight_b = pack_weight<T>(weight, b.vocab);
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), need_hb);
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> tile(b.vocab * n);
-      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined());
+      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined(),
+                             bw.out.weight_b.defined());
       float* part = bw.part_of_thread(n);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
@@ -786,7 +822,7 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
                                   c10::optional<double> softcap, double label_smoothing,
                                   double z_loss, double filter_eps, c10::optional<Tensor> grad_hidden,
                                   c10::optional<Tensor> grad_weight, c10::optional<Tensor> grad_bias,
-                                  int64_t block_rows, int64_t block_vocab) {
+                                  bool pack_w, int64_t block_rows, int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && gcoef.scalar_type() == at::kFloat &&
                   lse.is_contiguous() && gcoef.is_contiguous(),
@@ -794,6 +830,7 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
   const int64_t V = weight.size(0);
   Backward bw(weight, rows.numel(), params(V, softcap, label_smoothing, z_loss, filter_eps),
               block_rows, block_vocab, grad_hidden, grad_weight, grad_bias);
+  bw.pack_w = pack_w;
   if (weight.scalar_type() == at::kBFloat16) {
     backward_impl<BFloat16>(hidden, weight, bias, rows, targets, lse, gcoef, bw);
   } else {
@@ -812,6 +849,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
   const Blocks& b = bw.b;
   const T* w = weight.data_ptr<T>();
   const bool need_hb = bw.out.grad_weight.defined();
+  if (bw.pack_w && bw.out.grad_hidden.defined()) bw.out.weight_b = pack_weight<T>(weight, b.vocab);
   const int64_t bm = std::min(b.rows, M);
   // One row block's logits, chunk-major so that each tile is contiguous.
   Tensor slab = at::empty({b.chunks, b.vocab * std::max<int64_t>(bm, 1)},
@@ -835,7 +873,8 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
     out.write(P, r0, n);
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
-      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined());
+      GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined(),
+                             bw.out.weight_b.defined());
       float* part = bw.part_of_thread(n);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t width = std::min(b.vocab, V - c * b.vocab);
@@ -859,13 +898,14 @@ std::vector<Tensor> lce_forward_backward(
     const Tensor& rows, const Tensor& targets, const Tensor& gcoef, c10::optional<double> softcap,
     double label_smoothing, double z_loss, double filter_eps, bool want_entropy, bool want_argmax,
     c10::optional<Tensor> grad_hidden, c10::optional<Tensor> grad_weight,
-    c10::optional<Tensor> grad_bias, int64_t block_rows, int64_t block_vocab) {
+    c10::optional<Tensor> grad_bias, bool pack_w, int64_t block_rows, int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(gcoef.scalar_type() == at::kFloat && gcoef.is_contiguous(),
               "grad_scale must be contiguous float32 [M]");
   const int64_t V = weight.size(0);
   Backward bw(weight, rows.numel(), params(V, softcap, label_smoothing, z_loss, filter_eps),
               block_rows, block_vocab, grad_hidden, grad_weight, grad_bias);
+  bw.pack_w = pack_w;
   if (weight.scalar_type() == at::kBFloat16)
     return forward_backward_impl<BFloat16>(hidden, weight, bias, rows, targets, gcoef,
                                            want_entropy, want_argmax, bw);
@@ -878,13 +918,15 @@ std::vector<Tensor> lce_forward_backward(
 // benchmark's breakdown of where the time goes; returns one checksum.
 template <typename T>
 static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tensor& rows,
-                         bool backward, const Blocks& b) {
+                         bool backward, bool pack_w, const Blocks& b) {
   const int64_t M = rows.numel(), V = weight.size(0), H = weight.size(1);
   GradOutputs out{};
   Tensor parts;
   if (backward) {
     out.grad_weight = at::zeros({V, H}, at::TensorOptions().dtype(at::kFloat));
     out.weight = weight.data_ptr();
+    out.block_vocab = b.vocab;
+    if (pack_w) out.weight_b = pack_weight<T>(weight, b.vocab);
     parts = at::zeros({at::get_num_threads(), H * std::min(b.rows, M)},
                       at::TensorOptions().dtype(at::kFloat));
   }
@@ -895,7 +937,7 @@ static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tenso
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), backward);
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> tile(b.vocab * n);
-      GradScratch<T> scratch(b.vocab, n, H, false, backward);
+      GradScratch<T> scratch(b.vocab, n, H, false, backward, out.weight_b.defined());
       float* part = backward ? parts[at::get_thread_num()].data_ptr<float>() : nullptr;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
@@ -911,12 +953,12 @@ static double gemms_impl(const Tensor& hidden, const Tensor& weight, const Tenso
 }
 
 double lce_gemms(const Tensor& hidden, const Tensor& weight, const Tensor& rows, bool backward,
-                 int64_t block_rows, int64_t block_vocab) {
+                 bool pack_w, int64_t block_rows, int64_t block_vocab) {
   check_common(hidden, weight, c10::nullopt, rows, rows);
   const Blocks b = blocks_for(weight.size(0), block_rows, block_vocab);
   if (weight.scalar_type() == at::kBFloat16)
-    return gemms_impl<BFloat16>(hidden, weight, rows, backward, b);
-  return gemms_impl<float>(hidden, weight, rows, backward, b);
+    return gemms_impl<BFloat16>(hidden, weight, rows, backward, pack_w, b);
+  return gemms_impl<float>(hidden, weight, rows, backward, pack_w, b);
 }
 
 // Whether this CPU (and this process's oneDNN settings) runs the bf16 micro-kernel; where

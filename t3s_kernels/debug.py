@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 OVERRIDES: dict = {"block": None, "splits": None, "poison": False, "backward": None,
-                   "cpu_block": None}
+                   "cpu_block": None, "cpu_pack_weight": None}
 
 
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:

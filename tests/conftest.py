@@ -29,7 +29,8 @@ def _poison_kernel_outputs():
     """Every kernel output buffer starts as NaN; unwritten elements fail the comparisons."""
     debug.OVERRIDES["poison"] = True
     yield
-    debug.OVERRIDES.update(poison=False, block=None, splits=None, backward=None, cpu_block=None)
+    debug.OVERRIDES.update(poison=False, block=None, splits=None, backward=None, cpu_block=None,
+                           cpu_pack_weight=None)
 
 
 @pytest.fixture

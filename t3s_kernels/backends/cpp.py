@@ -168,6 +168,14 @@ def _blocks(M: int, weight: torch.Tensor, buffer_bytes: int, slab: bool) -> Tupl
     return rows, vocab
 
 
+def _pack_weight(weight: torch.Tensor, buffer_bytes: int) -> bool:
+    """Whether the bf16 kernels VNNI-pack W once (a [V, H] bf16 copy) rather than tile by
+    tile ((M / block_rows) passes over W): when the copy fits half of buffer_bytes."""
+    if OVERRIDES.get("cpu_pack_weight") is not None:
+        return bool(OVERRIDES["cpu_pack_weight"])
+    return weight.numel() * 2 <= buffer_bytes // 2
+
+
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().float().contiguous()
 
@@ -272,7 +280,7 @@ class CppBackend(Backend):
         self.last_tiles = tuple(load_extension().lce_backward(
             hidden.detach(), _operand(weight), _f32(bias), rows, targets, lse.float().contiguous(),
             grad_loss.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss, eps,
-            *grads, bm, bv))
+            *grads, _pack_weight(weight, opts.buffer_bytes), bm, bv))
         return _finish_grads(grads, weight, bias)
 
     def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
@@ -290,7 +298,7 @@ class CppBackend(Backend):
         *stats, counts = load_extension().lce_forward_backward(
             hidden.detach(), _operand(weight), _f32(bias), rows, targets,
             grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
-            eps, want_stats, want_stats, *grads, bm, bv)
+            eps, want_stats, want_stats, *grads, _pack_weight(weight, opts.buffer_bytes), bm, bv)
         self.last_tiles = tuple(counts.tolist())
         losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
         return losses, _finish_grads(grads, weight, bias)
@@ -301,7 +309,7 @@ class CppBackend(Backend):
         elementwise work: the GEMM share of a call, for benchmarks. Returns a checksum."""
         bm, bv = _blocks(rows.numel(), weight, DEFAULT_BUFFER_BYTES, slab=slab)
         return load_extension().lce_gemms(hidden.detach(), _operand(weight), rows, backward,
-                                          bm, bv)
+                                          _pack_weight(weight, DEFAULT_BUFFER_BYTES), bm, bv)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
                         want_argmax, buffer_bytes):
