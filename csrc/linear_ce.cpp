@@ -660,6 +660,23 @@ struct Stats {
 // Entry points
 // ---------------------------------------------------------------------------------------
 
+// The logits and statistics of one row block, chunks split between threads: chunk c's
+// tile [width, n] goes to tile_of(c) (a per-thread buffer, or the slab).
+template <typename T, typename TileOf>
+static void block_forward(const T* w, int64_t V, int64_t H, const RowBlock<T>& blk,
+                          const float* bias, const LossParams& p, const Blocks& b,
+                          const int64_t* tgt, Partials& P, TileOf tile_of) {
+  at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
+      float* z = tile_of(c);
+      logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), blk.n, bias, v0, width, p, z);
+      tile_stats(z, width, blk.n, c, v0, tgt, P);
+    }
+    cpublas::brgemm_release(kVnni<T>);
+  });
+}
+
 template <typename T>
 static std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight,
                                         const c10::optional<Tensor>& bias, const Tensor& rows,
@@ -673,15 +690,12 @@ static std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weig
     const int64_t n = std::min(b.rows, M - r0);
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), false);
     Partials P(b.chunks, n, want_entropy, want_argmax);
-    at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> tile(b.vocab * n);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
-        logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), n, bias_ptr(bias), v0, width, p,
-                       tile.data());
-        tile_stats(tile.data(), width, n, c, v0, tgt_all + r0, P);
-      }
-      cpublas::brgemm_release(kVnni<T>);
+    // each thread's chunks in turn through its own tile buffer
+    std::vector<std::vector<float>> tiles(at::get_num_threads());
+    block_forward<T>(w, V, H, blk, bias_ptr(bias), p, b, tgt_all + r0, P, [&](int64_t) {
+      std::vector<float>& tile = tiles[at::get_thread_num()];
+      tile.resize(b.vocab * n);
+      return tile.data();
     });
     out.write(P, r0, n);
   }
@@ -860,16 +874,8 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
     const int64_t n = std::min(b.rows, M - r0);
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), need_hb);
     Partials P(b.chunks, n, want_entropy, want_argmax);
-    at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
-        float* z = slab[c].data_ptr<float>();
-        logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), n, bias_ptr(bias), v0, width,
-                       bw.p, z);
-        tile_stats(z, width, n, c, v0, tgt_all + r0, P);
-      }
-      cpublas::brgemm_release(kVnni<T>);
-    });
+    block_forward<T>(w, V, H, blk, bias_ptr(bias), bw.p, b, tgt_all + r0, P,
+                     [&](int64_t c) { return slab[c].data_ptr<float>(); });
     out.write(P, r0, n);
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
