@@ -120,45 +120,41 @@ def build(task: str, impl: str, args):
         hidden.grad = weight.grad = None
         out.clear()
 
-    def finish(value, grads=False):
-        if logprobs:
-            out["v"] = value.float().nansum()
-        else:
-            value.backward()
-            out["v"] = value.detach()
+    def measured(logprob_of, loss_of):
+        """The call to time: log-probs without gradient (summed, NaN rows skipped), or
+        the loss with its backward."""
+        def run():
+            if logprobs:
+                with torch.no_grad():
+                    out["v"] = logprob_of().float().nansum()
+            else:
+                loss = loss_of()
+                loss.backward()
+                out["v"] = loss.detach()
+        return run
 
     if impl == "torch_eager":
-        def run():
-            with torch.set_grad_enabled(not logprobs):
-                logits = F.linear(hidden, weight).float()
-                if logprobs:
-                    finish(torch.log_softmax(logits, -1).gather(1, labels[:, None]))
-                else:
-                    finish(F.cross_entropy(logits, masked_labels))
+        run = measured(
+            lambda: torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(
+                1, labels[:, None]),
+            lambda: F.cross_entropy(F.linear(hidden, weight).float(), masked_labels))
     elif impl == "torch_linear_ce":
         if not hasattr(F, "linear_cross_entropy"):
             return None, None, "this torch has no F.linear_cross_entropy"
-
-        def run():
-            with torch.set_grad_enabled(not logprobs):
-                if logprobs:
-                    finish(-F.linear_cross_entropy(hidden, weight, labels, reduction="none",
-                                                   options=torch.nn.LinearCrossEntropyOptions()))
-                else:
-                    finish(F.linear_cross_entropy(hidden, weight, masked_labels, ignore_index=-100,
-                                                  options=torch.nn.LinearCrossEntropyOptions()))
+        options = torch.nn.LinearCrossEntropyOptions()
+        run = measured(
+            lambda: -F.linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                            options=options),
+            lambda: F.linear_cross_entropy(hidden, weight, masked_labels, ignore_index=-100,
+                                           options=options))
     elif impl == "cce_compile":
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
         except ImportError as exc:
             return None, None, f"cut-cross-entropy is not installed ({exc}; extra 'bench')"
-
-        def run():
-            with torch.set_grad_enabled(not logprobs):
-                if logprobs:
-                    finish(-cce(hidden, weight, labels, impl="torch_compile", reduction="none"))
-                else:
-                    finish(cce(hidden, weight, masked_labels, impl="torch_compile"))
+        run = measured(
+            lambda: -cce(hidden, weight, labels, impl="torch_compile", reduction="none"),
+            lambda: cce(hidden, weight, masked_labels, impl="torch_compile"))
     elif impl == "trl_head":
         try:
             from trl.kernels import ChunkedLogProbFunction
@@ -166,12 +162,11 @@ def build(task: str, impl: str, args):
         except ImportError as exc:
             return None, None, f"TRL's fused head is not importable ({exc})"
 
-        def run():
-            with torch.set_grad_enabled(not logprobs):
-                h, y = (hidden, labels) if logprobs else (hidden[rows], labels[rows])
-                logp = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, None, 1.0,
-                                                    ())[0]
-                finish(logp if logprobs else -logp.sum() / max(rows.numel(), 1))
+        def trl_logprobs(h, y):
+            return ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, None, 1.0, ())[0]
+        run = measured(lambda: trl_logprobs(hidden, labels),
+                       lambda: -trl_logprobs(hidden[rows], labels[rows]).sum()
+                       / max(rows.numel(), 1))
     elif impl == "dense_gemms":
         def run():
             with torch.no_grad():
@@ -195,14 +190,14 @@ def build(task: str, impl: str, args):
             out["v"] = torch.tensor(cpp.gemms_only(hidden, weight, all_rows if logprobs else rows,
                                                    backward=not logprobs, slab=not logprobs))
     elif impl in ("t3s", "t3s_stats"):
-        def run():
-            if logprobs:
-                stats = impl == "t3s_stats"
-                r = t3s_kernels.target_logprobs(hidden, weight, labels, return_entropy=stats,
-                                                return_argmax=stats)
-                finish(r.logprobs if stats else r)
-            else:
-                finish(t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep))
+        def t3s_logprobs():
+            if impl == "t3s":
+                return t3s_kernels.target_logprobs(hidden, weight, labels)
+            return t3s_kernels.target_logprobs(hidden, weight, labels, return_entropy=True,
+                                               return_argmax=True).logprobs
+        run = measured(
+            t3s_logprobs,
+            lambda: t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep))
     else:
         raise ValueError(impl)
     return run, clear, lambda: float(out["v"])
