@@ -132,14 +132,13 @@ static void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
 // 256-column chunks): at H=2048 the backward products went from 540 to 660 GF/s (bf16)
 // and 250 to 370 GF/s (fp32); at H=512 it changes nothing.
 constexpr int64_t kHiddenBlock = 256;
-static int64_t g_hidden_block = kHiddenBlock;  // 0: uncut (tuning, `set_hidden_block`)
 
 // C [M, N] (+)= A [M, K] @ B [K, N] with N (= ldb = ldc, the hidden size) cut into
 // column blocks.
 template <typename T>
 static void gemm_by_columns(int64_t M, int64_t N, int64_t K, int64_t lda, bool accumulate,
                             const T* A, const T* B, float* C) {
-  const int64_t nb = g_hidden_block > 0 ? std::min(g_hidden_block, N) : N;
+  const int64_t nb = std::min(kHiddenBlock, N);
   for (int64_t c0 = 0; c0 < N; c0 += nb) {
     const int64_t width = std::min(nb, N - c0);
     gemm<T>(M, width, K, lda, N, N, accumulate, A, B + (kVnni<T> ? 2 * c0 : c0), C + c0);
@@ -151,7 +150,7 @@ static void gemm_by_columns(int64_t M, int64_t N, int64_t K, int64_t lda, bool a
 template <typename T>
 static void gemm_by_depth(int64_t M, int64_t N, int64_t K, int64_t lda, const T* A,
                           const T* B, float* C) {
-  const int64_t kb = g_hidden_block > 0 ? std::min(2 * g_hidden_block, K) : K;
+  const int64_t kb = std::min(2 * kHiddenBlock, K);
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     gemm<T>(M, N, std::min(kb, K - k0), lda, N, N, k0 > 0, A + k0, B + k0 * N, C);
   }
@@ -765,7 +764,7 @@ struct Backward {
     grad_gemms<T>(z, width, blk.n, v0, H, V, blk, out, scratch, part, first);
   }
 
-  float* part_of_thread(int64_t n) {
+  float* part_of_thread() {
     if (!parts.defined()) return nullptr;
     Tensor part = parts[at::get_thread_num()];
     return part.data_ptr<float>();
@@ -812,7 +811,7 @@ static void backward_impl(const Tensor& hidden, const Tensor& weight,
       std::vector<float> tile(b.vocab * n);
       GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined(),
                              bw.out.weight_b.defined());
-      float* part = bw.part_of_thread(n);
+      float* part = bw.part_of_thread();
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
         logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), n, bias_ptr(bias), v0, width,
@@ -881,7 +880,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined(),
                              bw.out.weight_b.defined());
-      float* part = bw.part_of_thread(n);
+      float* part = bw.part_of_thread();
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t width = std::min(b.vocab, V - c * b.vocab);
         bw.tile<T>(slab[c].data_ptr<float>(), c, width, blk, tgt_all + r0,
@@ -992,7 +991,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lce_backward", &lce_backward, "gradients from a saved lse");
   m.def("lce_forward_backward", &lce_forward_backward, "forward and gradients in one pass");
   m.def("lce_gemms", &lce_gemms, "the products alone (benchmark breakdown)");
-  m.def("set_hidden_block", [](int64_t nb) { g_hidden_block = nb; },
-        "columns per backward product (0: one product; tuning)");
   m.def("bf16_supported", &bf16_supported, "whether the bf16 GEMM micro-kernel runs here");
 }

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from . import prepare, reference
+from .backends.registry import LOG
 from .prepare import scatter_rows
 
 # Multiply-adds (N x V x H) up to which the dense path is faster than the streaming
 # kernels on the CPU: measured on 2 cores, fp32 and bf16, it wins up to ~1e6 (by 1.3-2.5x)
 # and loses from ~8e6 on (log-probs) or ~1.7e7 (the loss).
 DENSE_MACS = 2**22
-LOG = logging.getLogger("t3s_kernels")
 
 
 def preferred(hidden2d: torch.Tensor, weight: torch.Tensor) -> bool:

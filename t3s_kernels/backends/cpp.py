@@ -193,12 +193,15 @@ def bf16_operands() -> bool:
     return _BF16[key]
 
 
+def _bf16_path(dtype: torch.dtype) -> bool:
+    """Whether inputs of this dtype run as bfloat16 GEMM operands (else float32 ones)."""
+    return dtype == torch.bfloat16 and bf16_operands()
+
+
 def _operand(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in the GEMM operand dtype (contiguous): bfloat16 where `bf16_operands`
-    holds for bfloat16 inputs, float32 otherwise."""
-    if weight.dtype == torch.bfloat16 and bf16_operands():
-        return weight.detach().contiguous()
-    return _f32(weight)
+    """The weight in the GEMM operand dtype (contiguous): bfloat16 on the `_bf16_path`,
+    float32 otherwise."""
+    return weight.detach().contiguous() if _bf16_path(weight.dtype) else _f32(weight)
 
 
 def _grad_buffers(hidden, weight, bias, rows, opts, need):
@@ -259,7 +262,7 @@ class CppBackend(Backend):
                             f"dtype {hidden.dtype} (the 'torch' reference takes it)")
 
     def describe(self, hidden):
-        if hidden.dtype == torch.bfloat16 and bf16_operands():
+        if _bf16_path(hidden.dtype):
             return "bfloat16 GEMM operands, float32 accumulation (oneDNN micro-kernel)"
         if hidden.dtype == torch.float32:
             return "float32 GEMM operands (oneDNN micro-kernel)"
