@@ -82,12 +82,29 @@ class BypassGuard:
         current = model.__dict__.get("forward")
         if current is info.patched_forward:
             return None  # the user called the backbone directly: not a replaced forward
+        if info.trl_fallback is not None and _chain_is_trl(current):
+            return None  # TRL's own head serves a call t3s cannot (said once, see trl_head)
         raise RuntimeError(
             f"t3s.patch's loss was bypassed: {type(model).__name__}.forward was replaced after "
             f"t3s.patch by {describe_forward(current)}, which ran the backbone itself, so the "
-            "loss would ignore loss_mask and t3s's normalisation. With TRL, train with "
-            "t3s.trainer.T3SSFTTrainer (SFTTrainer with t3s's loss) instead of trl.SFTTrainer; "
-            "otherwise remove that wrapper or call t3s.unpatch first")
+            "loss would ignore loss_mask and t3s's normalisation. Remove that wrapper, call "
+            "t3s.unpatch first, or patch after it (TRL's fused LM head is served by t3s in "
+            "either order)")
+
+
+def _chain(fn) -> list:
+    """``fn`` and what it wraps, following ``__func__`` and ``__wrapped__``."""
+    seen, chain = set(), []
+    while fn is not None and id(fn) not in seen and len(chain) < 16:
+        seen.add(id(fn))
+        chain.append(fn)
+        fn = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
+    return chain
+
+
+def _chain_is_trl(fn) -> bool:
+    files = [getattr(getattr(f, "__code__", None), "co_filename", "") or "" for f in _chain(fn)]
+    return any(f"{os.sep}trl{os.sep}" in where for where in files)
 
 
 def describe_forward(fn) -> str:
@@ -96,13 +113,8 @@ def describe_forward(fn) -> str:
     Follows ``__func__`` and ``__wrapped__`` (``functools.wraps``), so a wrapper of a
     wrapper (accelerate's around TRL's) is described by what it wraps.
     """
-    seen, chain = set(), []
-    while fn is not None and id(fn) not in seen and len(chain) < 16:
-        seen.add(id(fn))
-        chain.append(fn)
-        fn = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
-    files = [getattr(getattr(f, "__code__", None), "co_filename", "") or "" for f in chain]
-    if any(f"{os.sep}trl{os.sep}" in where for where in files):
+    chain = _chain(fn)
+    if _chain_is_trl(fn):
         return "TRL's fused LM head (trl add_fused_lm_head, installed by trl.SFTTrainer)"
     code = next((f.__code__ for f in chain if hasattr(f, "__code__")), None)
     if code is None:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -74,13 +75,19 @@ from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek
                     single_hidden)
 from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
+from .trl_head import (TRL_HEAD_KWARG, fused_outputs, install_trl_hook, output_class,
+                       remove_trl_hooks, resolve, trl_forward)
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
+
+LOG = logging.getLogger("t3s")
 
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes")
 _EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss", "example_id")
+# Loss options that reach TRL's fused head (the others belong to t3s's own loss).
+_KERNEL_OPTIONS = ("filter_eps", "accum_dtype", "buffer_bytes")
 
 
 @dataclass
@@ -105,6 +112,9 @@ class PatchInfo:
     head: LMHead
     liger_applied: bool = False
     param_names: List[str] = field(default_factory=list)
+    # Why TRL's own head serves ``fused_lm_head=True`` calls (`t3s.hf.trl_head.resolve`).
+    trl_fallback: Optional[str] = None
+    trl_options_warned: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -222,6 +232,7 @@ def patch(
     # head's attributes unchanged.
     HeadTap.install(head.module)
     install_guard(model)
+    install_trl_hook(model)
     return model
 
 
@@ -246,6 +257,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         model.forward = info.previous_forward
     del model.__dict__[PATCH_ATTR]
     remove_guards(model)
+    remove_trl_hooks(model)
     for module in {id(m): m for m in (info.head.module, _current_head(model))}.values():
         if module is not None:
             HeadTap.uninstall(module)
@@ -298,13 +310,23 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     # Named in the signature so that HF's Trainer keeps the column (t3s's collators key
     # masks and recorded tokens by it); the model itself never sees it.
     kwargs.pop("example_id", None)
+    trl = kwargs.pop(TRL_HEAD_KWARG, None)
+    if kwargs.pop("fused_lm_head", False):
+        # Reached here when the model's forward was called past its hooks, or when TRL's own
+        # head must serve the call (`t3s.hf.trl_head.resolve` said why, once).
+        trl = resolve(model)
+        if trl is None:
+            if trl_forward(model) is None:
+                raise ValueError("fused_lm_head=True cannot be served: "
+                                 f"{info.trl_fallback}, and TRL's fused head is not installed")
+            return _original_forward(model, info)(*args, fused_lm_head=True, **kwargs)
     if args and info.param_names:
         kwargs, args = _positional_to_keywords(info.param_names, args, kwargs), ()
     labels = kwargs.pop("labels", None)
     shift_labels = kwargs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
-        if loss_mask is not None or return_token_stats:
-            raise ValueError("loss_mask and return_token_stats need labels")
+        if loss_mask is not None or return_token_stats or trl is not None:
+            raise ValueError("loss_mask, return_token_stats and fused_lm_head need labels")
         return _original_forward(model, info)(*args, **kwargs)
 
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -322,7 +344,15 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     skip_logits = model.training if fused is None else bool(fused)
     ignore_index = info.loss_options.get("ignore_index", -100)
 
-    if shift_labels is not None:
+    if trl is not None:
+        if loss_mask is not None or return_token_stats:
+            raise ValueError("fused_lm_head=True returns TRL's per-token outputs; loss_mask and "
+                             "return_token_stats belong to t3s's own loss (call without "
+                             "fused_lm_head, or fold the mask into labels as -100)")
+        _warn_loss_options_unused(info)
+        kwargs["use_cache"] = False  # as TRL's head does
+        skip_logits = True
+    elif shift_labels is not None:
         targets = shift_labels
         if loss_mask is not None:
             check_mask_shape(loss_mask, targets, "shift_labels")
@@ -346,10 +376,14 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
                            None if mask is None else _mask_dtype(mask).to(hidden.device),
                            num_items, return_token_stats)
 
+    def trl_of(hidden: torch.Tensor):
+        return _trl_fields(info, head, hidden, labels, shift_labels, num_items, trl)
+
+    compute = loss_of if trl is None else trl_of
     # A head whose weight is whole only during its own call (FSDP1 / ZeRO-3 gather it in
     # module hooks) gets its loss computed inside that call; otherwise after the forward.
     inside = not _whole_outside_call(peek_parameter(tapped, "weight"))
-    tap.begin(compute_logits=not skip_logits, loss_fn=loss_of if inside else None)
+    tap.begin(compute_logits=not skip_logits, loss_fn=compute if inside else None)
     try:
         out = _original_forward(model, info)(*args, **kwargs)
         inner = tap.loss_result
@@ -359,17 +393,23 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     if not isinstance(out, Mapping) or not hasattr(out, "to_tuple"):
         raise TypeError(f"{type(model).__name__}.forward returned {type(out).__name__}, not a "
                         "ModelOutput; t3s.patch needs return_dict=True outputs")
-    if inside:
-        result = inner
-        carrier = out.get("logits")
-        if isinstance(carrier, torch.Tensor) and carrier.requires_grad:
-            # The head's (empty) output leads to the loss, so the engine's backward hooks
-            # on that output (re-gathering the weight) run before the loss's backward.
-            first = result[0] if return_token_stats else result
-            first = first + carrier.sum().to(first.dtype)
-            result = (first, result[1]) if return_token_stats else first
-    else:
-        result = loss_of(hidden)
+    result = inner if inside else compute(hidden)
+    carrier = out.get("logits") if inside else None
+    if isinstance(carrier, torch.Tensor) and carrier.requires_grad:
+        # The head's (empty) output leads to what is differentiated, so the engine's backward
+        # hooks on that output (re-gathering the weight) run before the kernels' backward.
+        zero = carrier.sum()
+        if trl is not None:
+            result = dict(result, log_probs=result["log_probs"] + zero.to(torch.float32))
+        elif return_token_stats:
+            result = (result[0] + zero.to(result[0].dtype), result[1])
+        else:
+            result = result + zero.to(result.dtype)
+
+    if trl is not None:
+        result["loss"] = _add_router_aux_loss(model, out, result["loss"])
+        new = output_class()(**result, aux_loss=out.get("aux_loss"))
+        return new if return_dict else new.to_tuple()
     loss, stats = result if return_token_stats else (result, None)
     loss = _add_router_aux_loss(model, out, loss)
 
@@ -383,6 +423,35 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
         # find_unused_parameters) call the output class with every key
         new = _with_token_stats(type(out))(**fields, token_stats=stats)
     return new if return_dict else new.to_tuple()
+
+
+def _trl_fields(info: PatchInfo, head: LMHead, hidden: torch.Tensor, labels, shift_labels,
+                num_items, settings) -> dict:
+    """TRL's ``FusedCausalLMOutput`` fields from the captured hidden states [B, T, H]:
+    positions 0..T-2 score ``labels[:, 1:]``, or every position scores ``shift_labels``."""
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
+                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
+    weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
+    options = {k: v for k, v in info.loss_options.items() if k in _KERNEL_OPTIONS}
+    return fused_outputs(hidden.to(weight.device), targets.to(weight.device), weight, bias,
+                         logit_scale=head.logit_scale, softcap=head.softcap, settings=settings,
+                         num_items_in_batch=num_items, backend=info.backend,
+                         kernel_options=options)
+
+
+def _warn_loss_options_unused(info: PatchInfo) -> None:
+    """t3s.patch's loss options that change the loss do not reach TRL's head: say so once."""
+    unused = sorted(k for k in ("label_smoothing", "z_loss") if info.loss_options.get(k))
+    if unused and not info.trl_options_warned:
+        info.trl_options_warned = True
+        LOG.warning("t3s.patch's %s do not apply to TRL's fused LM head: TRL computes its loss "
+                    "from the per-token log-probs (use t3s.trainer.T3SSFTTrainer for them)",
+                    " and ".join(unused))
 
 
 _STATS_OUTPUTS: Dict[type, type] = {}
