@@ -59,7 +59,7 @@ from .weights import rrt, save_rrt
 
 _TRAINER_NAMES = ("T3STrainerMixin", "T3STrainer", "T3SSFTTrainer", "sft_trainer_class",
                   "AccuracyCallback", "TrajectoryCallback", "LossMaskCallback",
-                  "read_accuracy_history")
+                  "read_accuracy_history", "trl_dataset")
 
 __all__ = [
     "Agreement", "BottleneckTracker", "LMHead", "lm_head", "PackedCollator", "PaddedCollator", "SelectionArtifact",

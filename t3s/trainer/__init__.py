@@ -62,13 +62,14 @@ from .accuracy import ACCURACY_FILE, AccuracyCallback, read_accuracy_history
 from .callback import LossMaskCallback, TrajectoryCallback, keep_example_id_column
 from .checkpoints import TRAINER_STATE_FILE, checkpoint_step
 from .mixin import METRICS, T3STrainer, T3STrainerMixin
-from .sft import sft_trainer_class
+from .sft import sft_trainer_class, trl_dataset
 
 __all__ = [
     "T3STrainerMixin",
     "T3STrainer",
     "T3SSFTTrainer",
     "sft_trainer_class",
+    "trl_dataset",
     "AccuracyCallback",
     "TrajectoryCallback",
     "LossMaskCallback",

@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 from ..artifact import dataset_fingerprint, tokenizer_fingerprint
 from ..data.collate import check_mask_reaches_loss, patched_model
 from ..hf import count_loss_items, shift_for_causal_lm
+from ..hf.trl_head import TRL_HEAD_KWARG
 from ..trajectory.recorder import TrajectoryRecorder
 
 __all__ = ["LossMaskCallback", "TrajectoryCallback", "keep_example_id_column"]
@@ -329,16 +330,26 @@ class TrajectoryCallback(LossMaskCallback):
                 "dropped it (a model from model_init), pass "
                 "TrainingArguments(remove_unused_columns=False)")
         asked = bool(kwargs.get("return_token_stats", False))
-        kwargs["return_token_stats"] = True
+        # TRL's fused head (fused_lm_head=True) returns per-token log-probs of its own.
+        trl = bool(kwargs.get("fused_lm_head")) or kwargs.get(TRL_HEAD_KWARG) is not None
+        if not trl:
+            kwargs["return_token_stats"] = True
         self._pending = (labels, example_id, kwargs.get("position_ids"),
-                         kwargs.get("attention_mask"), asked)
+                         kwargs.get("attention_mask"), asked, trl)
         return args, kwargs
 
     def _after(self, module, args, kwargs, output):
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        labels, example_id, position_ids, attention_mask, asked = pending
+        labels, example_id, position_ids, attention_mask, asked, trl = pending
+        if trl:
+            values, extras = self._trl_values(output)
+            self.recorder.record(int(self._state.global_step), values, labels, example_id,
+                                 position_ids=position_ids, attention_mask=attention_mask,
+                                 extras=extras)
+            self._seen_in_step += 1
+            return None
         stats = output.get("token_stats") if isinstance(output, Mapping) else None
         if stats is None:
             raise RuntimeError("the patched model returned no token_stats (TrajectoryCallback "
@@ -350,6 +361,26 @@ class TrajectoryCallback(LossMaskCallback):
             return None
         # Not asked for by the caller: keep the output as the model would give it.
         return type(output)(**{k: v for k, v in output.items() if k != "token_stats"})
+
+
+    def _trl_values(self, output):
+        """(values [B, T-1], extras) from TRL's ``FusedCausalLMOutput``: its ``log_probs``,
+        NaN where ``label_mask`` is False (not trained), and its fields named like the
+        store's extra columns."""
+        log_probs = output.get("log_probs") if isinstance(output, Mapping) else None
+        mask = output.get("label_mask") if isinstance(output, Mapping) else None
+        if log_probs is None or mask is None:
+            raise RuntimeError("TRL's fused LM head returned no log_probs / label_mask")
+        nan = float("nan")
+        values = torch.where(mask, log_probs.detach().float(), nan)
+        extras = {}
+        for name in self.recorder.extra_columns:
+            field = output.get(name)
+            if field is None:
+                raise ValueError(f"the trajectory store records {name!r}, which TRL's fused "
+                                 "head of this trainer does not compute (its outputs=)")
+            extras[name] = torch.where(mask, field.detach().float(), nan)
+        return values, extras
 
 
 _RECORDER_OPTIONS = frozenset(

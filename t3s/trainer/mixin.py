@@ -44,9 +44,14 @@ METRICS = {
     "t3s/entropy": "mean entropy of the predictive distribution at the kept tokens (nats)",
     "t3s/token_accuracy": "fraction of kept tokens whose argmax is the target (teacher-forced; "
                           "not the generated training accuracy of AccuracyCallback)",
+    # TRL's SFTTrainer names, so that dashboards built on TRL keep working.
+    "entropy": "TRL's name: t3s/entropy",
+    "mean_token_accuracy": "TRL's name: t3s/token_accuracy",
+    "num_tokens": "TRL's name: input tokens trained on so far (attention mask, or packed length), "
+                  "all ranks",
 }
 # Accumulated sums, in this order, per mode ("train" / "eval").
-_SUMS = ("kept", "labelled", "stat_tokens", "logprob", "entropy", "correct")
+_SUMS = ("kept", "labelled", "stat_tokens", "logprob", "entropy", "correct", "input_tokens")
 # Columns of TraceDataset examples that are not model inputs; kept out of the
 # model call whatever remove_unused_columns says.
 _NON_MODEL_KEYS = ("example_id",)
@@ -125,6 +130,7 @@ class T3STrainerMixin:
         self._t3s_sums: Dict[str, Dict[str, List[torch.Tensor]]] = {
             "train": defaultdict(list), "eval": defaultdict(list)}
         self._t3s_steps_seen: set = set()
+        self._t3s_num_tokens = 0.0  # TRL's num_tokens: input tokens trained on so far
 
         given_model = kwargs.get("model", args[0] if args else None)
         if isinstance(given_model, torch.nn.Module):
@@ -357,7 +363,7 @@ class T3STrainerMixin:
                                  position_ids=inputs.get("position_ids"),
                                  attention_mask=inputs.get("attention_mask"))
         if self._t3s_log_token_metrics:
-            self._t3s_collect(mode, kept, labelled, stats)
+            self._t3s_collect(mode, kept, labelled, stats, _input_tokens(inputs))
         args = self.args
         if (getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None
                 and self.model_accepts_loss_kwargs):
@@ -373,9 +379,11 @@ class T3STrainerMixin:
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _t3s_collect(self, mode: str, kept: torch.Tensor, labelled: torch.Tensor, stats) -> None:
+    def _t3s_collect(self, mode: str, kept: torch.Tensor, labelled: torch.Tensor, stats,
+                     input_tokens: torch.Tensor) -> None:
         sums = self._t3s_sums[mode]
         sums["kept"].append(kept.detach().float())
+        sums["input_tokens"].append(input_tokens.to(kept.device).float())
         sums["labelled"].append(labelled.detach().float())
         if stats is not None:
             lp = stats.target_logprob
@@ -406,10 +414,13 @@ class T3STrainerMixin:
         out = {"t3s/kept_fraction": t["kept"] / t["labelled"] if t["labelled"] else nan}
         if mode == "train":
             out["t3s/kept_tokens"] = t["kept"] / steps
+            self._t3s_num_tokens += t["input_tokens"]
+            out["num_tokens"] = self._t3s_num_tokens
         if t["stat_tokens"]:
             out["t3s/target_logprob"] = t["logprob"] / t["stat_tokens"]
-            out["t3s/entropy"] = t["entropy"] / t["stat_tokens"]
-            out["t3s/token_accuracy"] = t["correct"] / t["stat_tokens"]
+            out["t3s/entropy"] = out["entropy"] = t["entropy"] / t["stat_tokens"]
+            out["t3s/token_accuracy"] = out["mean_token_accuracy"] = \
+                t["correct"] / t["stat_tokens"]
         return out
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
@@ -450,6 +461,16 @@ def _unfolded(collator):
         collator = copy.copy(collator)
         collator.fold_mask_into_labels = False
     return collator
+
+
+def _input_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's input tokens as TRL counts them: the attention mask's sum, else the
+    packed row's length (padding-free batches carry ``position_ids`` [1, L])."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.sum()
+    ids = batch.get("position_ids", batch.get("input_ids"))
+    return torch.tensor(float(ids.numel()) if isinstance(ids, torch.Tensor) else 0.0)
 
 
 def _kept_weight(batch: Mapping[str, Any]):

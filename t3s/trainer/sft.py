@@ -1,4 +1,5 @@
-"""TRL: `T3STrainerMixin` on ``trl.SFTTrainer`` (`sft_trainer_class`, ``T3SSFTTrainer``).
+"""TRL: `T3STrainerMixin` on ``trl.SFTTrainer`` (`sft_trainer_class`, ``T3SSFTTrainer``), and
+`trl_dataset`, which carries a selection into a plain ``trl.SFTTrainer``.
 
 The class is built on first use, so that importing `t3s.trainer` does not
 import TRL (an optional dependency).
@@ -6,13 +7,16 @@ import TRL (an optional dependency).
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from ..artifact import SelectionArtifact
+from ..data.table import IGNORE_INDEX
 from .mixin import T3STrainerMixin
 
-__all__ = ["sft_trainer_class"]
+__all__ = ["sft_trainer_class", "trl_dataset"]
 
 # The class, once built: every call returns the same class object (isinstance checks,
 # pickling by qualified name).
@@ -107,3 +111,68 @@ def _is_tokenized(dataset) -> bool:
     except Exception:  # iterable datasets, custom containers
         return False
     return isinstance(first, Mapping) and "input_ids" in first
+
+
+def trl_dataset(examples: Iterable[Mapping[str, Any]],
+                selection: Union[SelectionArtifact, str, os.PathLike, Mapping[int, torch.Tensor],
+                                 None] = None, *, tokenizer=None):
+    """A tokenized ``datasets.Dataset`` on which a plain ``trl.SFTTrainer`` trains T3S's objective.
+
+    The selection's dropped tokens (the anchors) become -100 labels, so TRL's
+    own loss (on t3s's kernels after ``t3s.patch(model)``) leaves them out,
+    exactly as ``T3SSFTTrainer`` with the same loss masks does: same tokens,
+    same normaliser (the count of kept labelled tokens).
+
+    Args:
+        examples: t3s examples (`t3s.TraceDataset`, or dicts with ``input_ids`` [L],
+            ``labels`` [L] and ``example_id``).
+        selection: a `t3s.SelectionArtifact`, the path of its Parquet file, or
+            example_id -> loss mask [L] aligned with
+            ``labels``. None keeps every labelled token. Only 0/1 masks fold into
+            labels; float weights need ``T3SSFTTrainer`` (ValueError).
+        tokenizer: checked against the artifact's tokenizer signature when given.
+
+    Returns:
+        ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``example_id``
+        (for `t3s.TrajectoryCallback`; TRL's collator ignores it). TRL uses the
+        labels as they are, so the prompt stays masked as in the examples.
+    """
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - trl depends on datasets
+        raise ImportError("trl_dataset needs datasets: pip install datasets") from exc
+    examples = list(examples)
+    masks = _selection_masks(selection, examples, tokenizer)
+    rows = []
+    for ex in examples:
+        ids = torch.as_tensor(ex["input_ids"]).long()
+        labels = torch.as_tensor(ex["labels"]).long().clone()
+        eid = int(ex["example_id"])
+        mask = masks.get(eid) if masks is not None else None
+        if masks is not None and mask is None:
+            raise ValueError(f"the selection has no mask for example_id {eid}")
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.shape != labels.shape:
+                raise ValueError(f"the mask of example {eid} has shape {tuple(mask.shape)} but its "
+                                 f"labels have shape {tuple(labels.shape)}")
+            if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    f"the mask of example {eid} holds weights other than 0 and 1, which labels "
+                    "cannot carry; train with t3s.trainer.T3SSFTTrainer and the masks as "
+                    "loss_masks of t3s.PaddedCollator")
+            labels[~mask.bool()] = IGNORE_INDEX
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "example_id": eid})
+    return datasets.Dataset.from_list(rows)
+
+
+def _selection_masks(selection, examples, tokenizer) -> Optional[Mapping[int, torch.Tensor]]:
+    if selection is None:
+        return None
+    if isinstance(selection, Mapping):
+        return selection
+    if not isinstance(selection, SelectionArtifact):
+        selection = SelectionArtifact.load(os.fspath(selection))
+    if tokenizer is not None:
+        selection.check(tokenizer=tokenizer)
+    return selection.loss_masks(examples)
