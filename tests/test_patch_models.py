@@ -39,10 +39,10 @@ def test_subclasses_and_lm_head_models_are_causal():
         t3s.unpatch(model)
 
 
-def test_plain_trl_sft_trainer_on_a_patched_model_is_refused_before_the_first_step(tmp_path):
-    """TRL's SFTTrainer replaces model.forward with its fused LM head and runs the backbone
-    itself: t3s's loss (and loss_mask) would be skipped silently. The first training
-    forward raises instead, before any optimizer step."""
+def test_plain_trl_sft_trainer_on_a_patched_model_trains_on_t3s(tmp_path):
+    """TRL's SFTTrainer installs its fused LM head over t3s's forward; the head's calls run
+    on t3s's kernels (tests/test_trl_head.py compares them with TRL's own). Afterwards
+    t3s.unpatch refuses (TRL's forward is the outer one) and generation still works."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     import sys
@@ -58,12 +58,9 @@ def test_plain_trl_sft_trainer_on_a_patched_model_is_refused_before_the_first_st
                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = trl.SFTTrainer(model=model, args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_list(records))
-    with pytest.raises(RuntimeError, match="TRL's fused LM head.*T3SSFTTrainer"):
-        trainer.train()
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), f"{name} changed before the error"
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     with pytest.raises(RuntimeError, match="replaced after t3s.patch, by TRL's fused LM head"):
         t3s.unpatch(model)
-    # generation still works (no gradients: the guard stays out of the way)
     model.eval()
     model.generate(torch.tensor([[1, 10, 11]]), max_new_tokens=2, do_sample=False)

@@ -469,3 +469,72 @@ def test_trajectory_callback_records_from_trls_head(tmp_path):
         torch.testing.assert_close(torch.tensor(frames[0][column].values),
                                    torch.tensor(frames[1][column].values),
                                    rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------
+# Sharded heads: ZeRO-3 (weight whole only inside the head's call) and FSDP2 (DTensor)
+# -------------------------------------------------------------------------------------
+
+
+def test_zero3_tagged_head_is_served_inside_its_call():
+    """A head weight tagged as a ZeRO-3 partition (``ds_id``) is whole only during the head's
+    own call: TRL's fields are computed there, and the head's output leads to log_probs so
+    that the engine's backward hooks re-gather the weight before t3s's backward."""
+    base = make_model("llama")
+    ref = with_heads(copy.deepcopy(base), "trl", outputs=("log_probs", "entropy"))
+    ours = with_heads(copy.deepcopy(base), "t3s-then-trl", outputs=("log_probs", "entropy"))
+    head = ours.lm_head
+    head.weight.ds_id = 0
+    events = []
+    head.register_forward_pre_hook(lambda module, args: events.append("call"))
+
+    def returned(module, args, output):
+        events.append("return")
+        output.register_hook(lambda grad: events.append("backward"))
+
+    head.register_forward_hook(returned)
+    upstream = {"log_probs": torch.randn(3, 11)}
+    out_ref, g_ref = run(ref, batch(8), upstream)
+    out, g = run(ours, batch(8), upstream)
+    assert events == ["call", "return", "backward"]
+    assert_same(out, out_ref, g, g_ref)
+
+
+def _fsdp2_worker(rank, port, seed, errors):
+    import os
+    import traceback
+
+    try:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        torch.manual_seed(seed)
+        base = make_model("llama", seed=seed)
+        inputs = batch(seed + 1)
+        upstream = {"log_probs": torch.randn(3, 11), "entropy": torch.randn(3, 11)}
+        ref = with_heads(copy.deepcopy(base), "trl", outputs=("log_probs", "entropy"))
+        out_ref, g_ref = run(ref, inputs, upstream)
+        model = with_heads(copy.deepcopy(base), "t3s-then-trl", outputs=("log_probs", "entropy"))
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model.lm_head)  # its own unit: still a DTensor when the fields are computed
+        fully_shard(model)
+        out, grads = run(model, inputs, upstream)
+        grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+        # both ranks ran the same batch: FSDP2 averaged identical gradients
+        assert_same(out, out_ref, grads, g_ref, atol=5e-5)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_dtensor_head_equals_one_process():
+    from two_ranks import run_two_ranks
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    run_two_ranks(_fsdp2_worker, seed, what=f"seed {seed}")

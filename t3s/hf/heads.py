@@ -246,7 +246,11 @@ class HeadTap:
         self.hidden.append(hidden)
         if self.loss_fn is not None:
             self.loss_result = self.loss_fn(hidden)
-            loss = self.loss_result[0] if isinstance(self.loss_result, tuple) else self.loss_result
+            loss = self.loss_result
+            if isinstance(loss, tuple):  # (loss, token stats)
+                loss = loss[0]
+            elif isinstance(loss, dict):  # TRL's fields (`t3s.hf.trl_head.fused_outputs`)
+                loss = loss["loss"]
             empty = hidden.new_empty(hidden.shape[:-1] + (0,))
             return empty + loss.reshape(()).to(empty.dtype)
         if self.replacement is not None:
