@@ -29,7 +29,9 @@
 //   lce_forward_backward the forward and, in the same pass, the grads of
 //                        sum_m grad_scale[m] * loss[m]: a row block's logits are kept chunk
 //                        by chunk in a [V, block_rows] slab until its lse is known, then
-//                        turned into G^T in place: three GEMMs, none repeated.
+//                        turned into G^T in place: three GEMMs, none repeated. With
+//                        token_scaling (DFT) the coefficient of row m is grad_scale[m] *
+//                        p[m], p = exp(target logit - lse) taken once the block is merged.
 // Gradient tiles whose every |d loss / d z| is below filter_eps (>= 0) are skipped, GEMMs
 // included; a tile holding a non-finite value never is. grad_hidden is summed per thread
 // in float32 [block_rows, H] buffers and written once per row block; grad_weight chunks
@@ -857,7 +859,8 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
                                                  const c10::optional<Tensor>& bias,
                                                  const Tensor& rows, const Tensor& targets,
                                                  const Tensor& gcoef, bool want_entropy,
-                                                 bool want_argmax, Backward& bw) {
+                                                 bool want_argmax, bool token_scaling,
+                                                 Backward& bw) {
   const int64_t M = rows.numel(), V = weight.size(0), H = weight.size(1);
   const Blocks& b = bw.b;
   const T* w = weight.data_ptr<T>();
@@ -869,6 +872,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
                           at::TensorOptions().dtype(at::kFloat));
   Stats out(M, want_entropy, want_argmax);
   const int64_t* tgt_all = targets.data_ptr<int64_t>();
+  std::vector<float> scaled(token_scaling ? bm : 0);  // one row block's scaled coefficients
   for (int64_t r0 = 0; r0 < M; r0 += b.rows) {
     const int64_t n = std::min(b.rows, M - r0);
     RowBlock<T> blk(hidden, rows, r0, n, weight.scalar_type(), need_hb);
@@ -876,6 +880,15 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
     block_forward<T>(w, V, H, blk, bias_ptr(bias), bw.p, b, tgt_all + r0, P,
                      [&](int64_t c) { return slab[c].data_ptr<float>(); });
     out.write(P, r0, n);
+    // Token scaling: the block's lse and target logits are known now, so its
+    // coefficients become gcoef_j * p_j, p_j = exp(tz_j - lse_j) (no gradient through p).
+    const float* coef = gcoef.data_ptr<float>() + r0;
+    if (token_scaling) {
+      const float* lse_b = out.lse.data_ptr<float>() + r0;
+      const float* tz_b = out.tz.data_ptr<float>() + r0;
+      for (int64_t j = 0; j < n; ++j) scaled[j] = coef[j] * std::exp(tz_b[j] - lse_b[j]);
+      coef = scaled.data();
+    }
     bw.begin_block();
     at::parallel_for(0, b.chunks, 1, [&](int64_t c0, int64_t c1) {
       GradScratch<T> scratch(b.vocab, n, H, bw.lp_accum(), bw.out.grad_hidden.defined(),
@@ -884,8 +897,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t width = std::min(b.vocab, V - c * b.vocab);
         bw.tile<T>(slab[c].data_ptr<float>(), c, width, blk, tgt_all + r0,
-                   out.lse.data_ptr<float>() + r0, gcoef.data_ptr<float>() + r0, V, H, scratch,
-                   part);
+                   out.lse.data_ptr<float>() + r0, coef, V, H, scratch, part);
       }
       cpublas::brgemm_release(kVnni<T>);
     });
@@ -896,13 +908,14 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
   return {out.lse, out.tz, out.sz, out.ent, out.arg, counts};
 }
 
-// The forward and the gradients of sum_m gcoef[m] * loss[m] in one pass. Returns
-// [lse, target logit, sum logits, entropy?, argmax?, (tiles skipped, tiles)].
+// The forward and the gradients of sum_m gcoef[m] * loss[m] (token_scaling: of
+// sum_m gcoef[m] * p[m] * loss[m], p = exp(target logit - lse) a constant) in one pass.
+// Returns [lse, target logit, sum logits, entropy?, argmax?, (tiles skipped, tiles)].
 std::vector<Tensor> lce_forward_backward(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& rows, const Tensor& targets, const Tensor& gcoef, c10::optional<double> softcap,
     double label_smoothing, double z_loss, double filter_eps, bool want_entropy, bool want_argmax,
-    c10::optional<Tensor> grad_hidden, c10::optional<Tensor> grad_weight,
+    bool token_scaling, c10::optional<Tensor> grad_hidden, c10::optional<Tensor> grad_weight,
     c10::optional<Tensor> grad_bias, bool pack_w, int64_t block_rows, int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(gcoef.scalar_type() == at::kFloat && gcoef.is_contiguous(),
@@ -913,9 +926,9 @@ std::vector<Tensor> lce_forward_backward(
   bw.pack_w = pack_w;
   if (weight.scalar_type() == at::kBFloat16)
     return forward_backward_impl<BFloat16>(hidden, weight, bias, rows, targets, gcoef,
-                                           want_entropy, want_argmax, bw);
+                                           want_entropy, want_argmax, token_scaling, bw);
   return forward_backward_impl<float>(hidden, weight, bias, rows, targets, gcoef, want_entropy,
-                                      want_argmax, bw);
+                                      want_argmax, token_scaling, bw);
 }
 
 // The products alone, with the kernels' blocking and packing and no elementwise work: the

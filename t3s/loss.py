@@ -21,6 +21,7 @@ def masked_ce(
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     normalizer: Union[None, int, float, torch.Tensor] = None,
+    token_scaling: bool = False,
     **kernel_options,
 ):
     """Cross-entropy of ``F.linear(hidden, weight, bias)`` with a per-token loss mask.
@@ -37,6 +38,9 @@ def masked_ce(
     except that a batch with no kept token gives 0 (not NaN) under 'mean'.
     With a mask, 'mean' is sum(w * l) / sum(w) over kept, non-ignored tokens;
     ``normalizer`` (e.g. ``num_items_in_batch``) replaces the denominator.
+    ``token_scaling=True`` is DFT (TRL's ``loss_type="dft"``): each kept token's
+    loss is multiplied by its target probability exp(log p(y_t)), no gradient
+    flowing through that factor; weights and denominators stay as above.
     The logits are never materialised. Further keyword arguments
     (``z_loss``, ``filter_eps``, ``accum_dtype``, ``return_stats``,
     ``buffer_bytes``, ``backend``) go to `t3s_kernels.linear_cross_entropy`.
@@ -44,4 +48,4 @@ def masked_ce(
     return linear_cross_entropy(
         hidden, weight, labels, bias=bias, loss_mask=loss_mask, ignore_index=ignore_index,
         reduction=reduction, normalizer=normalizer, label_smoothing=label_smoothing,
-        softcap=softcap, **kernel_options)
+        softcap=softcap, token_scaling=token_scaling, **kernel_options)

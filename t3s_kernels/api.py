@@ -15,7 +15,10 @@ compaction of kept rows and its host sync happen inside them).
 
 For reduction 'mean' or 'sum' with a gradient wanted, the loss op computes the
 gradients in its forward (`ops.linear_ce_forward_backward`); the backward then
-only scales them by grad_output. 'none' keeps the deferred backward.
+only scales them by grad_output. 'none' keeps the deferred backward. Token
+scaling (DFT) rides along on both: the one-pass op scales each token's gradient
+coefficient by its p inside the pass; the deferred path multiplies the per-token
+losses by the stop-gradient p the forward op returns.
 
 Semantics are specified in `t3s_kernels.reference`.
 """
@@ -82,6 +85,7 @@ def linear_cross_entropy(
     return_stats: bool = False,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     backend: Optional[str] = None,
+    token_scaling: bool = False,
 ):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -110,6 +114,14 @@ def linear_cross_entropy(
         buffer_bytes: bound on any temporary buffer (default 256 MiB).
         backend: None (automatic) or a registered name ('triton', 'torch'; see
             `available_backends`).
+        token_scaling: DFT (TRL's ``loss_type="dft"``, Liger's ``use_token_scaling``):
+            each kept token's loss l_t is multiplied by its target probability
+            p_t = exp(target log-prob) of the (softcapped) logits, with no gradient
+            through p_t. It composes with the token weights and every option above
+            (label smoothing, z_loss: the multiplier is still the plain p_t); the
+            reductions keep their denominators ('mean' = sum w p l / sum w, 'none'
+            gives w p l). The returned statistics are unscaled. Computed in the
+            same pass: no extra pass over the vocabulary.
 
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, TokenStats)``
@@ -130,7 +142,8 @@ def linear_cross_entropy(
     check_loss_mask(loss_mask, targets)
     check_options(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                   z_loss=z_loss, normalizer=normalizer, filter_eps=filter_eps,
-                  accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes)
+                  accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes,
+                  token_scaling=token_scaling)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     small = backend is None and dense.preferred(hidden2d, weight)
     if small:
@@ -151,24 +164,28 @@ def linear_cross_entropy(
     if small:
         loss, stats = dense.linear_cross_entropy(
             hidden2d, weight, bias, targets1d, mask1d, token_weight, ignore_index, reduction,
-            normalizer, *options[:3], return_stats)
+            normalizer, *options[:3], return_stats, token_scaling)
         lse, logprob, entropy, correct = stats if return_stats else (None,) * 4
     elif _gradient_in_forward(reduction, normalizer, need):
         grad_scale = _grad_scale(token_weight, reduction, normalizer,
                                  reference.compute_dtype_for(hidden.dtype))
         loss, lse, logprob, entropy, correct, *_grads = ops.linear_ce_forward_backward(
             hidden2d, weight, bias, targets1d, mask1d, grad_scale, ignore_index, *options,
-            *need, backend)
+            *need, backend, token_scaling)
     else:
         token_loss, lse, logprob, entropy, correct = ops.linear_ce_forward(
-            hidden2d, weight, bias, targets1d, mask1d, ignore_index, *options, backend)
+            hidden2d, weight, bias, targets1d, mask1d, ignore_index, *options, backend,
+            token_scaling)
+        if token_scaling:  # the op returned log p_t [N] for this (NaN on dropped rows)
+            token_loss = token_loss * reference.token_scale(logprob, token_weight,
+                                                            token_loss.dtype)
         loss = reference.reduce_token_losses(token_loss, token_weight, reduction, normalizer)
     if reduction == "none":
         loss = loss.view(lead_shape)
     if not return_stats:
         return loss
     token_stats = TokenStats(
-        target_logprob=logprob.view(lead_shape),
+        target_logprob=logprob.float().view(lead_shape),
         entropy=entropy.view(lead_shape),
         argmax_correct=correct.view(lead_shape),
         lse=lse.float().view(lead_shape),

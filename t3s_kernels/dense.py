@@ -58,7 +58,8 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], targets1d: torch.Tensor,
                          mask1d: Optional[torch.Tensor], token_weight: torch.Tensor,
                          ignore_index: int, reduction: str, normalizer, label_smoothing: float,
-                         z_loss: float, softcap: Optional[float], want_stats: bool
+                         z_loss: float, softcap: Optional[float], want_stats: bool,
+                         token_scaling: bool = False
                          ) -> Tuple[torch.Tensor, Optional[tuple]]:
     """The loss of `api.linear_cross_entropy` (hidden2d [N, H], targets1d / mask1d /
     token_weight [N]): (loss [] or [N], (lse, target_logprob, entropy, argmax_correct)
@@ -66,16 +67,19 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
 
     The kept rows only enter the matmul (a dropped row may hold anything, NaN included);
     their per-token loss is torch's fused ``F.cross_entropy``, whose label smoothing is
-    the specification's: lse - (1 - eps) z_y - eps / V sum_j z_j.
+    the specification's: lse - (1 - eps) z_y - eps / V sum_j z_j. ``token_scaling``
+    multiplies it by the detached p_y = exp(z_y - lse) of the same logits.
     """
     n, vocab = targets1d.shape[0], weight.shape[0]
     rows = prepare.validate_and_compact(targets1d, mask1d, token_weight, vocab, ignore_index)
     t = targets1d.index_select(0, rows)
     z = _logits(hidden2d, weight, bias, rows, softcap)
     kept_loss = F.cross_entropy(z, t, reduction="none", label_smoothing=label_smoothing)
-    lse = reference.row_lse(z) if (z_loss or want_stats) else None
+    lse = reference.row_lse(z) if (z_loss or want_stats or token_scaling) else None
     if z_loss:
         kept_loss = kept_loss + z_loss * lse * lse
+    if token_scaling:  # DFT: times the stop-gradient target probability
+        kept_loss = kept_loss * torch.exp(z.gather(1, t[:, None]).squeeze(1) - lse).detach()
     kept_weight = token_weight.index_select(0, rows)
     if reduction == "none":
         token_loss = kept_loss.new_zeros(n).index_copy(0, rows, kept_loss)

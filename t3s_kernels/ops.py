@@ -22,9 +22,19 @@ scales them by grad_output.
 
 N' is N when the statistic is asked for and 0 otherwise; a gradient that is
 not needed comes back as an empty tensor. token_loss and lse are float32
-(float64 for float64 inputs); the statistics are float32 (argmax int64).
+(float64 for float64 inputs); the statistics are float32 (argmax int64),
+except linear_ce_forward's target_logprob, in the token_loss dtype.
 Rows that leave the loss (``targets == ignore_index`` or weight 0) hold
 token_loss 0, lse / log-probs NaN, argmax_correct False, argmax -1.
+
+Token scaling (``token_scaling=True``, the last argument of both loss ops; see
+`t3s_kernels.reference`): the backends then return target_logprob for every kept
+row (`prepare.LossOptions.token_scaling`), which is how p_t = exp(target_logprob_t)
+reaches the ops without another pass. `linear_ce_forward_backward` folds p into its
+loss and gradients (the backend scales grad_scale by p inside its pass);
+`linear_ce_forward` returns target_logprob [N] even without stats and leaves
+token_loss unscaled: its caller multiplies by the stop-gradient p (`api`), so that
+autograd hands the deferred backward grad_output * p.
 
 Inside each op: the value checks (label range, mask weights), the compaction
 of the kept rows and its one host synchronisation (`prepare.validate_and_compact`),
@@ -49,10 +59,20 @@ __all__ = ["linear_ce_forward", "linear_ce_backward", "linear_ce_forward_backwar
            "target_logprobs_op"]
 
 
-def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes):
+def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
+             token_scaling=False):
     return LossOptions(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                        filter_eps=filter_eps, accum_dtype=accum_dtype,
-                       buffer_bytes=buffer_bytes)
+                       buffer_bytes=buffer_bytes, token_scaling=token_scaling)
+
+
+def _target_logprob(out, num_rows: int, backend: str) -> Tensor:
+    """The kept rows' target log-prob [M] that a backend returns under token_scaling."""
+    if out.target_logprob.numel() != num_rows:
+        raise RuntimeError(
+            f"backend {backend!r} returned no target_logprob with token_scaling=True (a "
+            "backend must fill RowLosses.target_logprob when LossOptions.token_scaling is set)")
+    return out.target_logprob
 
 
 # --------------------------------------------------------------------------------------
@@ -65,33 +85,38 @@ def linear_ce_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     loss_mask: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: Optional[float], filter_eps: Optional[float], accum_dtype: torch.dtype,
-    buffer_bytes: int, want_stats: bool, backend: str,
+    buffer_bytes: int, want_stats: bool, backend: str, token_scaling: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token loss of the flattened inputs (module docstring for the contract)."""
     n = targets.shape[0]
     token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
     rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
                                         ignore_index)
-    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
+                    token_scaling)
     out = get_backend(backend).loss_forward(hidden, weight, bias, rows,
                                             targets[rows].contiguous(), opts, want_stats)
     nan = float("nan")
-    stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
+    logprob = (_target_logprob(out, rows.numel(), backend) if token_scaling
+               else out.target_logprob)
+    stats = (logprob.to(out.loss.dtype), out.entropy.float(), out.argmax_correct)
     if want_stats:
         stats = tuple(scatter_rows(s, rows, n, fill) for s, fill in zip(stats, (nan, nan, False)))
     else:  # fresh empty outputs: a custom op may not return views of its own buffers
         stats = tuple(s.new_empty(0) for s in stats)
+        if token_scaling:  # the log-probs, whose exp scales the loss (`api`)
+            stats = (scatter_rows(logprob.to(out.loss.dtype), rows, n, nan), *stats[1:])
     return (scatter_rows(out.loss, rows, n, 0.0), scatter_rows(out.lse, rows, n, nan), *stats)
 
 
 @linear_ce_forward.register_fake
 def _(hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
-      filter_eps, accum_dtype, buffer_bytes, want_stats, backend):
+      filter_eps, accum_dtype, buffer_bytes, want_stats, backend, token_scaling=False):
     n = targets.shape[0]
     cd = compute_dtype_for(hidden.dtype)
     stats_n = n if want_stats else 0
     return (hidden.new_empty(n, dtype=cd), hidden.new_empty(n, dtype=cd),
-            hidden.new_empty(stats_n, dtype=torch.float32),
+            hidden.new_empty(n if (want_stats or token_scaling) else 0, dtype=cd),
             hidden.new_empty(stats_n, dtype=torch.float32),
             hidden.new_empty(stats_n, dtype=torch.bool))
 
@@ -135,7 +160,7 @@ _SAVED_OPTIONS = ("ignore_index", "label_smoothing", "z_loss", "softcap", "filte
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
-     filter_eps, accum_dtype, buffer_bytes, _want_stats, backend) = inputs
+     filter_eps, accum_dtype, buffer_bytes, _want_stats, backend, _token_scaling) = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, loss_mask, output[1])
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, filter_eps, accum_dtype,
                    buffer_bytes)
@@ -146,7 +171,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_token_loss, *_stat_grads):
     hidden, weight, bias, targets, loss_mask, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    none = (None,) * 11
+    none = (None,) * 12
     if grad_token_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none
     grad_h, grad_w, grad_b = linear_ce_backward(
@@ -170,20 +195,24 @@ def linear_ce_forward_backward(
     loss_mask: Optional[Tensor], grad_scale: Tensor, ignore_index: int, label_smoothing: float,
     z_loss: float, softcap: Optional[float], filter_eps: Optional[float],
     accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool, need_hidden: bool,
-    need_weight: bool, need_bias: bool, backend: str,
+    need_weight: bool, need_bias: bool, backend: str, token_scaling: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t grad_scale_t * token_loss_t (grad_scale [N] in the loss dtype: token
-    weight / denominator, 0 on dropped tokens), lse, the statistics, and the gradients
+    weight / denominator, 0 on dropped tokens; with token_scaling, times the stop-gradient
+    p_t = exp(target_logprob_t) of this pass), lse, the statistics, and the gradients
     of loss (empty where not needed)."""
     n = targets.shape[0]
     token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
     rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
                                         ignore_index)
-    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
+                    token_scaling)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     scale = grad_scale[rows].contiguous()
     out, grads = get_backend(backend).loss_forward_backward(
         hidden, weight, bias, rows, targets[rows].contiguous(), scale, opts, want_stats, need)
+    if token_scaling:  # the backend scaled its gradients by the same p
+        scale = scale * torch.exp(_target_logprob(out, rows.numel(), backend).to(scale.dtype))
     loss = (out.loss.to(scale.dtype) * scale).sum()
     nan = float("nan")
     stats = (out.target_logprob.float(), out.entropy.float(), out.argmax_correct)
@@ -199,7 +228,7 @@ def linear_ce_forward_backward(
 @linear_ce_forward_backward.register_fake
 def _(hidden, weight, bias, targets, loss_mask, grad_scale, ignore_index, label_smoothing,
       z_loss, softcap, filter_eps, accum_dtype, buffer_bytes, want_stats, need_hidden,
-      need_weight, need_bias, backend):
+      need_weight, need_bias, backend, token_scaling=False):
     n = targets.shape[0]
     cd = compute_dtype_for(hidden.dtype)
     stats_n = n if want_stats else 0
@@ -234,7 +263,7 @@ def _fb_backward(ctx, grad_loss, *_other_grads):
     unit = _is_unit(grad_loss)
     grads = tuple(None if not (need and grad_loss is not None) else (g if unit else g * grad_loss)
                   for g, need in zip(saved, ctx.needs_input_grad[:3]))
-    return grads + (None,) * 15
+    return grads + (None,) * 16
 
 
 def _is_unit(grad: Optional[Tensor]) -> bool:

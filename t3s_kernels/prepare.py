@@ -37,6 +37,12 @@ class LossOptions:
 
     filter_eps: None (exact) or the tile-skipping threshold of the kernels;
     the reference is always exact and ignores it.
+    token_scaling: the loss of each kept token is weighted by the stop-gradient
+    p_t = exp(target_logprob_t) (DFT; `t3s_kernels.reference`). A backend then fills
+    `RowLosses.target_logprob` even without stats (that is how the ops get p), and its
+    `loss_forward_backward` takes the gradients of sum_m grad_scale[m] p[m] loss[m];
+    `loss_forward` and `loss_backward` are unchanged (the deferred path scales the
+    losses, and so their grad_output, outside the backend).
     """
 
     label_smoothing: float = 0.0
@@ -45,6 +51,7 @@ class LossOptions:
     filter_eps: Optional[float] = None
     accum_dtype: torch.dtype = torch.float32
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    token_scaling: bool = False
 
 
 class RowLosses(NamedTuple):
@@ -53,7 +60,9 @@ class RowLosses(NamedTuple):
     loss: [M] per-token loss (float32; float64 for float64 inputs), unweighted;
     lse: [M] log-sum-exp (same dtype), saved for the backward;
     target_logprob, entropy: [M] float32 and argmax_correct: [M] bool when
-    stats are asked for, else empty tensors.
+    stats are asked for, else empty tensors. Under `LossOptions.token_scaling`
+    target_logprob is [M] whether or not stats are asked for (the token scale is
+    its exp); it may be in the loss dtype (the reference: float64 for float64 inputs).
     """
 
     loss: torch.Tensor
@@ -162,7 +171,11 @@ def check_options(
     accum_dtype: torch.dtype,
     weight_dtype: torch.dtype,
     buffer_bytes: int,
+    token_scaling: bool = False,
 ) -> None:
+    if not isinstance(token_scaling, bool):
+        raise TypeError(f"token_scaling must be a bool (True scales each token's loss by its "
+                        f"target probability), got {token_scaling!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (0.0 <= float(label_smoothing) <= 1.0):

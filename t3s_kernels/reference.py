@@ -20,6 +20,17 @@ and the reductions are
     'mean':  sum_t w_t loss_t / sum_t w_t (normalizer replaces the denominator);
              0 when every token is dropped, never NaN.
 
+Token scaling (``token_scaling=True``; DFT, as TRL's ``loss_type="dft"`` and Liger's
+``use_token_scaling``) weights each kept token's loss by its own target probability,
+through which no gradient flows:
+
+    loss_t <- sg(p_ty) * loss_t,    p_ty = exp(z_ty - lse_t)
+
+(the plain target probability of the softcapped logits, also under label smoothing and
+z-loss; sg = stop-gradient). The token weights and the reductions stay as above, same
+denominators: 'mean' = sum_t w_t p_ty loss_t / sum_t w_t, 'none' gives w_t p_ty loss_t,
+and the gradient of loss_t below is multiplied by p_ty. The statistics are unchanged.
+
 Tokens with w_t == 0 are removed before any matmul. The gradient of loss_t
 with respect to z_t is
 
@@ -156,6 +167,8 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
     hidden: [N, H]; weight: [V, H]; bias: [V] or None; rows: [M] int64 indices
     into hidden; targets: [M] int64 (the kept rows' labels). `opts.filter_eps`
     (a speed option of the kernels) is ignored: the reference is always exact.
+    loss_t is unscaled; under `opts.token_scaling` target_logprob (log p_ty, in the
+    loss dtype) comes back even without ``want_stats``: the caller scales by its exp.
     """
     V = weight.shape[0]
     cd = compute_dtype_for(hidden.dtype)
@@ -163,9 +176,10 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
     b = bias.to(cd) if bias is not None else None
     M = rows.numel()
     n_stats = M if want_stats else 0  # entropy and argmax cost extra passes over [C, V]
+    want_logprob = want_stats or opts.token_scaling
     loss = empty(M, dtype=cd, device=hidden.device)
     lse_all = empty(M, dtype=cd, device=hidden.device)
-    logprob = empty(n_stats, dtype=torch.float32, device=hidden.device)
+    logprob = empty(M if want_logprob else 0, dtype=cd, device=hidden.device)
     entropy = empty(n_stats, dtype=torch.float32, device=hidden.device)
     correct = empty(n_stats, dtype=torch.bool, device=hidden.device)
     step = rows_per_chunk(V, opts.buffer_bytes)
@@ -177,8 +191,9 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
         sum_z = z.sum(1) if opts.label_smoothing else None
         loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss)
         lse_all[sl] = lse
-        if want_stats:
+        if want_logprob:
             logprob[sl] = tz - lse
+        if want_stats:
             entropy[sl] = row_entropy(z, lse)
             correct[sl] = z.argmax(1) == targets[sl]
     return RowLosses(loss, lse_all, logprob, entropy, correct)
@@ -193,7 +208,8 @@ def token_losses_backward_ref(hidden: torch.Tensor, weight: torch.Tensor,
 
     rows, targets, lse, grad_loss: [M] for the kept rows (`lse` from the
     forward). Entries of ``need`` that are False give None. Rows of hidden that
-    are not kept get a zero gradient.
+    are not kept get a zero gradient. Token scaling is in grad_loss already (the
+    caller's d out / d loss_t includes p_ty).
     """
     need_h, need_w, need_b = need
     V = weight.shape[0]
@@ -253,6 +269,14 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         if want_argmax:
             argmax[sl] = z.argmax(1)
     return logprob, entropy, argmax
+
+
+def token_scale(target_logprob: torch.Tensor, token_weight: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The stop-gradient DFT scale p_ty = exp(target_logprob_t) [N] in ``dtype``; 0 where
+    ``token_weight`` is 0 (there target_logprob is NaN; the token leaves the loss)."""
+    p = torch.exp(target_logprob.detach().to(dtype))
+    return torch.where(token_weight != 0, p, torch.zeros((), dtype=dtype, device=p.device))
 
 
 def reduce_token_losses(token_loss: torch.Tensor, token_weight: torch.Tensor, reduction: str,

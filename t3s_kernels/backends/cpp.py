@@ -234,11 +234,14 @@ def _finish_grads(grads, weight, bias):
 
 
 def _row_losses(stats, targets, V, opts, want_stats) -> RowLosses:
+    """`RowLosses` from the kernels' (lse, target logit, sum logits, entropy, argmax); the
+    target log-prob also without stats under token_scaling (the ops' token scale)."""
     lse, tz, sz, entropy, argmax = stats
     loss = reference.per_token_loss(lse, tz, sz, V, opts.label_smoothing, opts.z_loss)
     if not want_stats:
         none = lse.new_empty(0)
-        return RowLosses(loss, lse, none, none, torch.empty(0, dtype=torch.bool))
+        logprob = tz - lse if opts.token_scaling else none
+        return RowLosses(loss, lse, logprob, none, torch.empty(0, dtype=torch.bool))
     return RowLosses(loss, lse, tz - lse, entropy, argmax == targets)
 
 
@@ -289,8 +292,11 @@ class CppBackend(Backend):
     def loss_forward_backward(self, hidden, weight, bias, rows, targets, grad_scale, opts,
                               want_stats, need):
         """The forward on the M kept rows and, in the same pass, the gradients of
-        sum_m grad_scale[m] * loss[m] (grad_scale [M]): (`RowLosses`, (grad_hidden [N, H],
-        grad_weight [V, H], grad_bias [V])), None where ``need`` is False."""
+        sum_m grad_scale[m] * loss[m] (grad_scale [M]; under ``opts.token_scaling``
+        grad_scale[m] * p[m], the kernel scaling each row block's coefficients by
+        p = exp(target logit - lse) once the block's lse is known): (`RowLosses`,
+        (grad_hidden [N, H], grad_weight [V, H], grad_bias [V])), None where ``need`` is
+        False."""
         need = (need[0], need[1], need[2] and bias is not None)
         if not any(need):
             return (self.loss_forward(hidden, weight, bias, rows, targets, opts, want_stats),
@@ -301,7 +307,8 @@ class CppBackend(Backend):
         *stats, counts = load_extension().lce_forward_backward(
             hidden.detach(), _operand(weight), _f32(bias), rows, targets,
             grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
-            eps, want_stats, want_stats, *grads, _pack_weight(weight, opts.buffer_bytes), bm, bv)
+            eps, want_stats, want_stats, opts.token_scaling, *grads,
+            _pack_weight(weight, opts.buffer_bytes), bm, bv)
         self.last_tiles = tuple(counts.tolist())
         losses = _row_losses(stats, targets, weight.shape[0], opts, want_stats)
         return losses, _finish_grads(grads, weight, bias)

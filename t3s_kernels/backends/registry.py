@@ -74,7 +74,8 @@ class Backend:
                      bias: Optional[torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
                      opts: LossOptions, want_stats: bool) -> RowLosses:
         """Per-kept-row loss and lse (+ stats): hidden [N, H], weight [V, H], bias [V] or
-        None, rows / targets [M] -> `RowLosses` of [M] tensors."""
+        None, rows / targets [M] -> `RowLosses` of [M] tensors. The loss is unscaled;
+        under ``opts.token_scaling`` target_logprob is filled without ``want_stats`` too."""
         raise NotImplementedError
 
     def loss_backward(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -95,14 +96,20 @@ class Backend:
 
         grad_scale: [M] in the loss dtype (token weight / denominator). Returns
         (`RowLosses` of [M] tensors, (grad_hidden [N, H] with zeros on rows not kept,
-        grad_weight [V, H], grad_bias [V])), None where ``need`` is False.
+        grad_weight [V, H], grad_bias [V])), None where ``need`` is False. Under
+        ``opts.token_scaling`` the gradients are those of sum_m grad_scale[m] p[m]
+        loss[m] with the stop-gradient p = exp(target_logprob) of the same forward,
+        and target_logprob is returned ([M]) with or without ``want_stats``.
 
-        The default runs `loss_forward` then `loss_backward`, so every backend has
-        it; a backend overrides it to share work between the two (e.g. the logits).
+        The default runs `loss_forward` then `loss_backward` (grad_scale times p from
+        the forward's target_logprob), so every backend has it; a backend overrides it
+        to share work between the two (e.g. the logits).
         """
         out = self.loss_forward(hidden, weight, bias, rows, targets, opts, want_stats)
         if not any(need):
             return out, (None, None, None)
+        if opts.token_scaling:
+            grad_scale = grad_scale * torch.exp(out.target_logprob.to(grad_scale.dtype))
         return out, self.loss_backward(hidden, weight, bias, rows, targets, out.lse,
                                        grad_scale, opts, need)
 

@@ -161,7 +161,9 @@ def loss_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return RowLosses(loss, st.lse, st.target_logit - st.lse, st.entropy,
                          st.argmax == targets)
     none = st.lse.new_empty(0)
-    return RowLosses(loss, st.lse, none, none.clone(),
+    # token_scaling: the ops take the token scale p = exp(target log-prob) from here
+    logprob = st.target_logit - st.lse if opts.token_scaling else none.clone()
+    return RowLosses(loss, st.lse, logprob, none.clone(),
                      torch.empty(0, dtype=torch.bool, device=hidden.device))
 
 

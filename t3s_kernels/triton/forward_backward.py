@@ -8,7 +8,8 @@ gradient needs no second pass over the logits. For bounded chunks of C kept rows
    once, folds them into the row statistics (lse, target logit, ...) and also
    stores them: Z [C, V] float32;
 2. `grad_tile_kernel` forms G = grad_scale_t * d loss_t / d r_tj from Z (input
-   dtype, the operand of the two GEMMs), flags the tiles whose every
+   dtype, the operand of the two GEMMs; with token_scaling, grad_scale_t times the
+   chunk's p_t = exp(target logit - lse) from step 1), flags the tiles whose every
    |d loss / d r| is below filter_eps (gradient filtering), and adds the column
    sums of G to grad_bias;
 3. grad_hidden[chunk] = G W and grad_weight += Gᵀ h_chunk. Exact
@@ -231,7 +232,9 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
                           targets: torch.Tensor, grad_scale: torch.Tensor, opts: LossOptions,
                           want_stats: bool, need: Tuple[bool, bool, bool],
                           plan: Plan) -> Tuple[RowLosses, Grads]:
-    """Loss of the M kept rows and the gradients of sum_m grad_scale[m] * loss[m].
+    """Loss of the M kept rows and the gradients of sum_m grad_scale[m] * loss[m]
+    (under ``opts.token_scaling``, of sum_m grad_scale[m] * p[m] * loss[m] with the
+    constant p = exp(target logit - lse) of the same chunk's forward).
 
     hidden: [N, H]; weight: [V, H]; bias: [V] or None; rows, targets: [M] int64;
     grad_scale: [M] float32. Returns (`RowLosses` of [M] tensors, (grad_hidden
@@ -248,7 +251,8 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
     loss = empty(M, dtype=torch.float32, device=dev)
     lse_all = empty(M, dtype=torch.float32, device=dev)
     n_stats = M if want_stats else 0
-    logprob = empty(n_stats, dtype=torch.float32, device=dev)
+    want_logprob = want_stats or opts.token_scaling  # the ops' token scale is its exp
+    logprob = empty(M if want_logprob else 0, dtype=torch.float32, device=dev)
     entropy = empty(n_stats, dtype=torch.float32, device=dev)
     correct = empty(n_stats, dtype=torch.bool, device=dev)
     # Contiguous gradients (the kernels write rows with a unit column stride), also for
@@ -284,12 +288,15 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
         loss[r0:r1] = per_token_loss(st.lse, st.target_logit, st.sum_logits, V,
                                      opts.label_smoothing, opts.z_loss)
         lse_all[r0:r1] = st.lse
-        if want_stats:
+        if want_logprob:
             logprob[r0:r1] = st.target_logit - st.lse
+        if want_stats:
             entropy[r0:r1] = st.entropy
             correct[r0:r1] = st.argmax == tgt_c
         if not any(need):
             continue
+        if opts.token_scaling:  # the stop-gradient p_t of this chunk's rows, now known
+            scale_c = scale_c * torch.exp(st.target_logit - st.lse)
         n_mtiles = triton.cdiv(c, bm)
         keep = torch.empty(n_mtiles, n_vtiles, dtype=torch.int8, device=dev)
         grad_tile_kernel[(n_mtiles, n_vtiles)](
@@ -334,6 +341,6 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
         grad_w.copy_(dw)
     grad_b = db.to(bias.dtype) if need_b else None
     if not want_stats:
-        logprob, entropy = lse_all.new_empty(0), lse_all.new_empty(0)
+        entropy = lse_all.new_empty(0)
         correct = torch.empty(0, dtype=torch.bool, device=dev)
     return RowLosses(loss, lse_all, logprob, entropy, correct), (grad_h, grad_w, grad_b)
