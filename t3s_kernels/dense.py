@@ -48,6 +48,12 @@ def log_choice(hidden2d: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _logits(hidden2d, weight, bias, rows, softcap):
+    # Named in profiler traces (the streaming path shows its custom ops there).
+    with torch.profiler.record_function("t3s_kernels::dense_logits"):
+        return _dense_logits(hidden2d, weight, bias, rows, softcap)
+
+
+def _dense_logits(hidden2d, weight, bias, rows, softcap):
     """z [M, V] of the kept rows in the compute dtype, differentiable."""
     cd = reference.compute_dtype_for(hidden2d.dtype)
     b = None if bias is None else bias.to(cd)

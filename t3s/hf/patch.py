@@ -84,8 +84,9 @@ LOG = logging.getLogger("t3s")
 
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
-                 "accum_dtype", "buffer_bytes")
-_EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss", "example_id")
+                 "accum_dtype", "buffer_bytes", "token_scaling")
+_EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss", "example_id",
+                 "token_scaling")
 # Loss options that reach TRL's fused head (the others belong to t3s's own loss).
 _KERNEL_OPTIONS = ("filter_eps", "accum_dtype", "buffer_bytes")
 
@@ -150,6 +151,8 @@ def patch(
       The last position and dropped or ignored tokens hold NaN.
     * ``example_id`` [B]: accepted and dropped, so that HF's Trainer keeps the
       dataset column that t3s's collators and callbacks key tokens by.
+    * ``token_scaling``: None (default: the patch's option) or a bool for this
+      call: DFT, each token's loss times stopgrad p(y_t) (`t3s.masked_ce`).
     * ``t3s_fused_loss``: None (default) returns ``logits=None`` while
       ``model.training`` and the logits otherwise; True never returns logits
       when labels are given; False always returns them.
@@ -307,6 +310,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     loss_mask = kwargs.pop("loss_mask", None)
     return_token_stats = bool(kwargs.pop("return_token_stats", False))
     fused = kwargs.pop("t3s_fused_loss", None)
+    token_scaling = kwargs.pop("token_scaling", None)
     # Named in the signature so that HF's Trainer keeps the column (t3s's collators key
     # masks and recorded tokens by it); the model itself never sees it.
     kwargs.pop("example_id", None)
@@ -345,10 +349,10 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     ignore_index = info.loss_options.get("ignore_index", -100)
 
     if trl is not None:
-        if loss_mask is not None or return_token_stats:
-            raise ValueError("fused_lm_head=True returns TRL's per-token outputs; loss_mask and "
-                             "return_token_stats belong to t3s's own loss (call without "
-                             "fused_lm_head, or fold the mask into labels as -100)")
+        if loss_mask is not None or return_token_stats or token_scaling is not None:
+            raise ValueError("fused_lm_head=True returns TRL's per-token outputs; loss_mask, "
+                             "return_token_stats and token_scaling belong to t3s's own loss "
+                             "(call without fused_lm_head, or fold the mask into labels as -100)")
         _warn_loss_options_unused(info)
         kwargs["use_cache"] = False  # as TRL's head does
         skip_logits = True
@@ -374,7 +378,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
                              f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
         return _fused_loss(info, head, hidden, targets.to(hidden.device),
                            None if mask is None else _mask_dtype(mask).to(hidden.device),
-                           num_items, return_token_stats)
+                           num_items, return_token_stats, token_scaling)
 
     def trl_of(hidden: torch.Tensor):
         return _trl_fields(info, head, hidden, labels, shift_labels, num_items, trl)
@@ -446,7 +450,8 @@ def _trl_fields(info: PatchInfo, head: LMHead, hidden: torch.Tensor, labels, shi
 
 def _warn_loss_options_unused(info: PatchInfo) -> None:
     """t3s.patch's loss options that change the loss do not reach TRL's head: say so once."""
-    unused = sorted(k for k in ("label_smoothing", "z_loss") if info.loss_options.get(k))
+    unused = sorted(k for k in ("label_smoothing", "z_loss", "token_scaling")
+                    if info.loss_options.get(k))
     if unused and not info.trl_options_warned:
         info.trl_options_warned = True
         LOG.warning("t3s.patch's %s do not apply to TRL's fused LM head: TRL computes its loss "
@@ -514,7 +519,8 @@ def _add_router_aux_loss(model: nn.Module, out, loss: torch.Tensor) -> torch.Ten
 
 
 def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor], num_items, return_stats: bool):
+                mask: Optional[torch.Tensor], num_items, return_stats: bool,
+                token_scaling: Optional[bool] = None):
     """masked_ce on the captured hidden states [B, T, H] with the head's weight [V, H]."""
     weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
     if hidden.device != weight.device:  # e.g. a head on another GPU under device_map
@@ -537,10 +543,13 @@ def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: to
         num_items = num_items.to(hidden.device, torch.float32).clamp_min(tiny)
     elif num_items is not None and num_items == 0:
         num_items = tiny
+    options = dict(info.loss_options)
+    if token_scaling is not None:
+        options["token_scaling"] = token_scaling
     with torch.autocast(device_type, enabled=False):
         return masked_ce(hidden, weight, targets, mask, bias=bias, softcap=head.softcap,
                          normalizer=num_items, return_stats=return_stats, backend=info.backend,
-                         **info.loss_options)
+                         **options)
 
 
 def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
@@ -560,7 +569,8 @@ def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
     params += [P("loss_mask", P.KEYWORD_ONLY, default=None),
                P("return_token_stats", P.KEYWORD_ONLY, default=False),
                P("t3s_fused_loss", P.KEYWORD_ONLY, default=None),
-               P("example_id", P.KEYWORD_ONLY, default=None)]
+               P("example_id", P.KEYWORD_ONLY, default=None),
+               P("token_scaling", P.KEYWORD_ONLY, default=None)]
     params.append(var_kw or P("kwargs", P.VAR_KEYWORD))
     return sig.replace(parameters=params)
 

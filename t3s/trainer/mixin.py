@@ -349,6 +349,8 @@ class T3STrainerMixin:
             inputs["return_token_stats"] = True
         if training:
             inputs.setdefault("use_cache", False)
+        if getattr(self.args, "loss_type", "nll") == "dft":  # TRL's SFTConfig: DFT in the kernel
+            inputs["token_scaling"] = True
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
         if self._t3s_callbacks_record and example_ids is not None:

@@ -27,8 +27,10 @@ def sft_trainer_class():
     """``T3SSFTTrainer``: `T3STrainerMixin` on ``trl.SFTTrainer`` (built on first use).
 
     The t3s mixin's `compute_loss` replaces SFTTrainer's (TRL's own fused head
-    stays installed but unused for the loss; its ``entropy`` /
-    ``mean_token_accuracy`` metrics are replaced by `METRICS`). Datasets that
+    stays installed but unused for the loss); it logs `METRICS`, which include
+    TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens``. ``loss_type``
+    'nll' or 'dft' (DFT: the kernels' ``token_scaling``, composed with the loss
+    masks). Datasets that
     are not ``datasets.Dataset`` (a `t3s.TraceDataset`, a list of example
     dicts) are converted with ``datasets.Dataset.from_list``, as TRL requires.
     When the training data is already tokenized (examples carry
@@ -67,9 +69,9 @@ def sft_trainer_class():
             super().__init__(model=model, args=args, data_collator=data_collator,
                              train_dataset=train_dataset, eval_dataset=eval_dataset,
                              processing_class=processing_class, **kwargs)
-            if getattr(self.args, "loss_type", "nll") != "nll":
+            if getattr(self.args, "loss_type", "nll") not in ("nll", "dft"):
                 raise ValueError(f"loss_type={self.args.loss_type!r} is not supported by t3s's "
-                                 "fused loss; use loss_type='nll'")
+                                 "fused loss; use 'nll' or 'dft' (token_scaling in the kernel)")
 
     T3SSFTTrainer.__module__ = __name__.rpartition(".")[0]  # t3s.trainer, where users import it
     T3SSFTTrainer.__qualname__ = "T3SSFTTrainer"
