@@ -56,3 +56,47 @@ def test_cpu_compare_sweep_and_bad_arguments(tmp_path):
         proc = subprocess.run([sys.executable, SCRIPT, *bad], capture_output=True, text=True,
                               timeout=120, cwd=REPO)
         assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-500:])
+
+
+TRL_SFT = os.path.join(REPO, "benchmarks", "trl_sft.py")
+
+
+def test_trl_sft_benchmark_runs_at_a_tiny_size(tmp_path):
+    """`benchmarks/trl_sft.py`: a plain trl.SFTTrainer, patched and unpatched, one
+    subprocess each; the table has both rows, the same training loss, and says which head
+    ran (the script itself fails when t3s's kernels did not run in the patched row)."""
+    md = tmp_path / "RESULTS.md"
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, TRL_SFT, "--layers", "1", "--vocab", "512", "--steps", "1",
+           "--warmup", "1", "--rounds", "1", "--batch", "2", "--max-length", "64",
+           "--prompt-len", "8,24", "--completion-len", "8,40", "--threads", "1",
+           "--results", str(md), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = "| trl.SFTTrainer (fp32) | steps/s | tokens/s | extra peak MiB |"
+    text = md.read_text()
+    assert "## CPU: trl.SFTTrainer with and without t3s.patch" in text and "trl 1." in text
+    for source in (proc.stdout, text):
+        lines = source[source.index(head):].splitlines()
+        rows = {}
+        for line in lines[2:5]:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+        assert set(rows) == {"SFTTrainer", "SFTTrainer + t3s.patch", "patched / unpatched"}
+        plain, patched = rows["SFTTrainer"], rows["SFTTrainer + t3s.patch"]
+        for cells in (plain, patched):
+            steps, tokens, extra, step, peak, loss = map(float, cells[1:7])
+            assert steps > 0 and tokens > 0 and peak > 0 and loss > 0
+        assert float(patched[6]) == pytest.approx(float(plain[6]), rel=1e-3)  # same training
+        # 'cpp' where the C++ kernels build (the torch reference without a compiler)
+        assert patched[7].startswith("t3s (") and patched[7].endswith(") x2"), patched[7]
+        assert plain[7] == "TRL chunked x2"
+        assert float(rows["patched / unpatched"][1]) > 0
+    records = json.loads(out.read_text())["rows"]
+    assert sorted(r["impl"] for r in records) == ["patched", "unpatched"]
+    assert all(r["tokens"] > 0 and len(r["step_seconds"]) == 1 for r in records)
+    for bad in (["--dtype", "fp64"], ["--prompt-len", "8,600"], ["--steps", "0"],
+                ["--completion-len", "9,3"]):
+        proc = subprocess.run([sys.executable, TRL_SFT, *bad], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-500:])
