@@ -71,7 +71,7 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx51
 # One measurement (runs in a subprocess)
 # ---------------------------------------------------------------------------------------
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -79,7 +79,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
@@ -215,12 +215,12 @@ def measure(task: str, impl: str, args) -> dict:
     for _ in range(args.reps):
         clear()
         gc.collect()
-        reset = _reset_peak()
-        before = _rss_kib("VmRSS")
+        reset = reset_peak()
+        before = rss_kib("VmRSS")
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-        peak = _rss_kib("VmHWM")
+        peak = rss_kib("VmHWM")
         extra.append((peak - before) / 1024 if reset else float("nan"))
         peaks.append(peak / 2**20 if reset else float("nan"))
     return {"task": task, "impl": impl, "seconds": min(times), "extra_mib": min(extra),

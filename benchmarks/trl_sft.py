@@ -71,7 +71,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # `python benchmarks/trl_sft.py` imports the `benchmarks` package
     sys.path.insert(0, REPO)
 
-from benchmarks.cpu_compare import _reset_peak, _rss_kib, cpu_description  # noqa: E402
+from benchmarks.cpu_compare import reset_peak, rss_kib, cpu_description  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 IMPLS = ("patched", "unpatched")  # the interleaving order
@@ -208,8 +208,8 @@ def measure(impl: str, args) -> dict:
                 return
             if timed["start_rss"] is None:  # the first measured step
                 gc.collect()
-                reset_ok.append(_reset_peak())
-                timed["start_rss"] = _rss_kib("VmRSS")
+                reset_ok.append(reset_peak())
+                timed["start_rss"] = rss_kib("VmRSS")
             timed["tokens0"] = state.num_input_tokens_seen
             timed["t0"] = time.perf_counter()
 
@@ -219,12 +219,12 @@ def measure(impl: str, args) -> dict:
             timed["each"].append(time.perf_counter() - timed.pop("t0"))
             timed["seconds"] += timed["each"][-1]
             timed["tokens"] += int(state.num_input_tokens_seen - timed.pop("tokens0"))
-            timed["peak"] = max(timed["peak"], _rss_kib("VmHWM"))
+            timed["peak"] = max(timed["peak"], rss_kib("VmHWM"))
 
     trainer.add_callback(StepClock())
     heads = HeadCounter()
     gc.collect()
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     result = trainer.train()
     shutil.rmtree(out, ignore_errors=True)
     reset = bool(reset_ok and reset_ok[0])

@@ -52,8 +52,10 @@ def make_case(N, H, V, dtype, device, *, lead=None, peaked=False, bias=False,
 
 def naive_lce64(hidden, weight, targets, *, bias=None, loss_mask=None, ignore_index=-100,
                 reduction="mean", normalizer=None, label_smoothing=0.0, softcap=None,
-                z_loss=0.0, keep_logits=False):
+                z_loss=0.0, keep_logits=False, token_scaling=False):
     """float64 loss and the float64 leaf tensors (h, w, b) to take gradients from.
+
+    ``token_scaling`` (DFT): each token's loss times its stop-gradient p(y_t).
 
     With `keep_logits`, also returns the pre-softcap logits [N, V], whose `.grad`
     (after backward) is G, the operand of both backward GEMMs.
@@ -78,6 +80,8 @@ def naive_lce64(hidden, weight, targets, *, bias=None, loss_mask=None, ignore_in
     lse = torch.logsumexp(z, dim=1)
     nll = -logp.gather(1, y_safe[:, None]).squeeze(1)
     per_token = (1 - label_smoothing) * nll - label_smoothing * logp.mean(1) + z_loss * lse**2
+    if token_scaling:
+        per_token = per_token * torch.exp(-nll).detach()
     contrib = torch.where(wt != 0, wt * per_token, torch.zeros_like(per_token))
     if reduction == "none":
         loss = contrib.view(targets.shape)

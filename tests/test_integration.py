@@ -355,9 +355,15 @@ def test_example_id_is_named_while_attached(tok):
     cb = LossMaskCallback()
     cb.attach(model)
     assert "example_id" in inspect.signature(model.forward).parameters
-    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    from t3s.hf.trl_head import TRLHeadHook
+
+    def callback_pre_hooks():  # t3s.patch's own pre-hook (TRL's fused head) stays
+        return [h for h in model._forward_pre_hooks.values() if not isinstance(h, TRLHeadHook)]
+
+    assert len(callback_pre_hooks()) == 1 and len(model._forward_hooks) == 1
     cb.detach()
     # t3s.patch names example_id itself (the Trainer keeps the column); detach removes
     # only what attach added: its hooks
     assert "example_id" in inspect.signature(model.forward).parameters
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not callback_pre_hooks() and not model._forward_hooks
+    assert len(model._forward_pre_hooks) == 1

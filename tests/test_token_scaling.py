@@ -10,9 +10,8 @@ problems (backend=None). Kernel outputs start NaN-poisoned (conftest).
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import BACKENDS, DEVICE
-from kernel_helpers import assert_close64, gemm_term_scales, make_case
+from kernel_helpers import assert_close64, gemm_term_scales, make_case, naive_lce64
 
 import t3s
 import t3s_kernels
@@ -37,35 +36,6 @@ CASES = {
                              "normalizer": 23.0},
     "none_everything": {**EVERYTHING, "reduction": "none"},
 }
-
-
-def dft_ref64(hidden, weight, targets, *, bias, loss_mask, ignore_index, reduction, normalizer,
-              label_smoothing, softcap, z_loss):
-    """The float64 DFT loss on materialised logits, and the leaves (h, w, b) and the
-    pre-softcap logits (with .grad after backward, for `gemm_term_scales`)."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = bias.detach().double().requires_grad_() if bias is not None else None
-    logits = F.linear(h.reshape(-1, h.shape[-1]), w, b)
-    logits.retain_grad()
-    z = softcap * torch.tanh(logits / softcap) if softcap is not None else logits
-    y = targets.reshape(-1)
-    keep = y != ignore_index
-    wt = keep.double() * (loss_mask.reshape(-1).double() if loss_mask is not None else 1.0)
-    y_safe = torch.where(keep, y, torch.zeros_like(y))
-    ce = F.cross_entropy(z, y_safe, reduction="none", label_smoothing=label_smoothing)
-    ce = ce + z_loss * torch.logsumexp(z, 1) ** 2
-    p = torch.log_softmax(z, 1).gather(1, y_safe[:, None]).squeeze(1).exp()
-    per_token = torch.where(wt != 0, wt * p.detach() * ce, torch.zeros_like(ce))
-    if reduction == "none":
-        loss = per_token.view(targets.shape)
-    elif normalizer is not None:
-        loss = per_token.sum() / float(normalizer)
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / wt.sum()
-    return loss, (h, w, b), logits
 
 
 def _inputs(dtype, opts, n=N, h=H, v=V):
@@ -99,7 +69,8 @@ def _set_mode(backend, mode, reduction, monkeypatch):
 def _check(backend, dtype, hidden, weight, targets, kw, **extra):
     loss = linear_cross_entropy(hidden, weight, targets, backend=backend, token_scaling=True,
                                 filter_eps=None, **kw, **extra)
-    ref, (h64, w64, b64), logits64 = dft_ref64(hidden, weight, targets, **kw)
+    ref, (h64, w64, b64), logits64 = naive_lce64(hidden, weight, targets, keep_logits=True,
+                                                 token_scaling=True, **kw)
     # A random per-token grad_output for 'none' checks that it is honoured token by token.
     grad_out = torch.randn_like(ref) if kw["reduction"] == "none" else torch.ones_like(ref)
     loss.backward(grad_out.to(loss.dtype).to(loss.device))

@@ -603,3 +603,16 @@ def test_t3s_sft_trainer_dft_runs_token_scaling_in_the_kernel(tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     for (name, p), q in zip(plain.model.named_parameters(), ours.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_wrapper_that_runs_the_backbone_itself_is_still_refused():
+    """Only TRL's head is served; any other forward installed after t3s.patch that runs the
+    backbone itself (and would drop loss_mask) stops at its first training forward."""
+    model = t3s.patch(make_model("llama"))
+
+    def bypass(input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return model.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    model.forward = bypass
+    with pytest.raises(RuntimeError, match="bypassed.*bypass"):
+        model(**batch(9))

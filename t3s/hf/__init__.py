@@ -7,7 +7,8 @@
 - `shift_for_causal_lm`, `count_loss_items` (`t3s.hf.labels`): label conventions;
 - `apply_liger` (`t3s.hf.liger`): composition with liger-kernel's other kernels;
 - `check_causal_lm`, `BypassGuard` (`t3s.hf.guards`): which models the patch takes,
-  and the refusal of a training forward that would skip t3s's loss.
+  and the refusal of a training forward that would skip t3s's loss;
+- `t3s.hf.trl_head`: TRL's fused LM head (``fused_lm_head=True``) on t3s's kernels.
 """
 
 from .guards import BypassGuard, check_causal_lm

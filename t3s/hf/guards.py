@@ -3,7 +3,8 @@
 - `check_causal_lm`: only causal (decoder-only) LMs; a masked LM or a seq2seq model
   has another loss, which a patch would replace silently;
 - `BypassGuard`: a forward pre-hook on the backbone that refuses a training forward
-  that skips t3s's loss (TRL's fused LM head does that);
+  that skips t3s's loss (a wrapper that runs the backbone itself; TRL's fused LM head
+  is served by t3s instead, `t3s.hf.trl_head`);
 - `describe_forward`: who installed a forward, for error messages.
 """
 
@@ -63,10 +64,12 @@ class BypassGuard:
 
     Something that replaces ``model.forward`` after `patch` and then runs the
     backbone itself would train on its own loss and drop ``loss_mask``
-    silently; TRL's ``SFTTrainer`` does exactly that with its fused LM head.
-    The guard raises when the backbone runs with gradients in training mode,
-    outside a t3s forward, while ``model.forward`` is no longer t3s's. A
-    wrapper that calls through to t3s's forward (accelerate's) is not affected.
+    silently. The guard raises when the backbone runs with gradients in
+    training mode, outside a t3s forward, while ``model.forward`` is no longer
+    t3s's. A wrapper that calls through to t3s's forward (accelerate's, TRL's
+    fused head, whose calls `t3s.hf.trl_head` turns into t3s's) is not affected;
+    neither is TRL's head where t3s said it leaves a call to it
+    (``PatchInfo.trl_fallback``).
     """
 
     def __init__(self, model: nn.Module):
@@ -87,9 +90,8 @@ class BypassGuard:
         raise RuntimeError(
             f"t3s.patch's loss was bypassed: {type(model).__name__}.forward was replaced after "
             f"t3s.patch by {describe_forward(current)}, which ran the backbone itself, so the "
-            "loss would ignore loss_mask and t3s's normalisation. Remove that wrapper, call "
-            "t3s.unpatch first, or patch after it (TRL's fused LM head is served by t3s in "
-            "either order)")
+            "loss would ignore loss_mask and t3s's normalisation. Remove that wrapper, or call "
+            "t3s.unpatch first")
 
 
 def _chain(fn) -> list:

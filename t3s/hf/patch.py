@@ -74,9 +74,10 @@ from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard
 from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek_parameter,
                     single_hidden)
 from .labels import check_mask_shape, shift_for_causal_lm
+from .arguments import mask_dtype, patched_signature, positional_to_keywords
 from .liger import apply_liger
-from .trl_head import (TRL_HEAD_KWARG, fused_outputs, install_trl_hook, output_class,
-                       remove_trl_hooks, resolve, trl_forward)
+from .trl_head import (TRL_HEAD_KWARG, install_trl_hook, output_class, remove_trl_hooks,
+                       resolve, trl_fields, trl_forward, warn_loss_options_unused)
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
 
@@ -85,10 +86,7 @@ LOG = logging.getLogger("t3s")
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes", "token_scaling")
-_EXTRA_KWARGS = ("loss_mask", "return_token_stats", "t3s_fused_loss", "example_id",
-                 "token_scaling")
-# Loss options that reach TRL's fused head (the others belong to t3s's own loss).
-_KERNEL_OPTIONS = ("filter_eps", "accum_dtype", "buffer_bytes")
+
 
 
 @dataclass
@@ -223,7 +221,7 @@ def patch(
     sig = inspect.signature(forward)
     param_names = [p.name for p in sig.parameters.values()
                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    patched = PatchedForward(model, _patched_signature(sig),
+    patched = PatchedForward(model, patched_signature(sig),
                              f"{type(model).__name__}.forward patched by t3s (fused masked "
                              f"loss; see t3s.hf.patch).\n\n{forward.__doc__ or ''}")
     info = PatchInfo(previous_forward=previous, patched_forward=patched, backend=backend,
@@ -325,7 +323,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
                                  f"{info.trl_fallback}, and TRL's fused head is not installed")
             return _original_forward(model, info)(*args, fused_lm_head=True, **kwargs)
     if args and info.param_names:
-        kwargs, args = _positional_to_keywords(info.param_names, args, kwargs), ()
+        kwargs, args = positional_to_keywords(info.param_names, args, kwargs), ()
     labels = kwargs.pop("labels", None)
     shift_labels = kwargs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
@@ -353,7 +351,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
             raise ValueError("fused_lm_head=True returns TRL's per-token outputs; loss_mask, "
                              "return_token_stats and token_scaling belong to t3s's own loss "
                              "(call without fused_lm_head, or fold the mask into labels as -100)")
-        _warn_loss_options_unused(info)
+        warn_loss_options_unused(info)
         kwargs["use_cache"] = False  # as TRL's head does
         skip_logits = True
     elif shift_labels is not None:
@@ -377,11 +375,11 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
             raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
                              f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
         return _fused_loss(info, head, hidden, targets.to(hidden.device),
-                           None if mask is None else _mask_dtype(mask).to(hidden.device),
+                           None if mask is None else mask_dtype(mask).to(hidden.device),
                            num_items, return_token_stats, token_scaling)
 
     def trl_of(hidden: torch.Tensor):
-        return _trl_fields(info, head, hidden, labels, shift_labels, num_items, trl)
+        return trl_fields(info, head, hidden, labels, shift_labels, num_items, trl)
 
     compute = loss_of if trl is None else trl_of
     # A head whose weight is whole only during its own call (FSDP1 / ZeRO-3 gather it in
@@ -427,36 +425,6 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
         # find_unused_parameters) call the output class with every key
         new = _with_token_stats(type(out))(**fields, token_stats=stats)
     return new if return_dict else new.to_tuple()
-
-
-def _trl_fields(info: PatchInfo, head: LMHead, hidden: torch.Tensor, labels, shift_labels,
-                num_items, settings) -> dict:
-    """TRL's ``FusedCausalLMOutput`` fields from the captured hidden states [B, T, H]:
-    positions 0..T-2 score ``labels[:, 1:]``, or every position scores ``shift_labels``."""
-    if shift_labels is None:
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
-    else:
-        targets = shift_labels
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
-                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
-    weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
-    options = {k: v for k, v in info.loss_options.items() if k in _KERNEL_OPTIONS}
-    return fused_outputs(hidden.to(weight.device), targets.to(weight.device), weight, bias,
-                         logit_scale=head.logit_scale, softcap=head.softcap, settings=settings,
-                         num_items_in_batch=num_items, backend=info.backend,
-                         kernel_options=options)
-
-
-def _warn_loss_options_unused(info: PatchInfo) -> None:
-    """t3s.patch's loss options that change the loss do not reach TRL's head: say so once."""
-    unused = sorted(k for k in ("label_smoothing", "z_loss", "token_scaling")
-                    if info.loss_options.get(k))
-    if unused and not info.trl_options_warned:
-        info.trl_options_warned = True
-        LOG.warning("t3s.patch's %s do not apply to TRL's fused LM head: TRL computes its loss "
-                    "from the per-token log-probs (use t3s.trainer.T3SSFTTrainer for them)",
-                    " and ".join(unused))
 
 
 _STATS_OUTPUTS: Dict[type, type] = {}
@@ -550,45 +518,3 @@ def _fused_loss(info: PatchInfo, head: LMHead, hidden: torch.Tensor, targets: to
         return masked_ce(hidden, weight, targets, mask, bias=bias, softcap=head.softcap,
                          normalizer=num_items, return_stats=return_stats, backend=info.backend,
                          **options)
-
-
-def _patched_signature(sig: inspect.Signature) -> inspect.Signature:
-    """The original signature plus t3s's keyword-only arguments.
-
-    HF's Trainer reads it: ``loss_mask`` must be listed so dataset columns of
-    that name are kept, and ``**kwargs`` so ``num_items_in_batch`` is passed.
-    """
-    P = inspect.Parameter
-    params = []
-    var_kw = None
-    for p in sig.parameters.values():
-        if p.kind == P.VAR_KEYWORD:
-            var_kw = p
-        elif p.name not in _EXTRA_KWARGS:
-            params.append(p)
-    params += [P("loss_mask", P.KEYWORD_ONLY, default=None),
-               P("return_token_stats", P.KEYWORD_ONLY, default=False),
-               P("t3s_fused_loss", P.KEYWORD_ONLY, default=None),
-               P("example_id", P.KEYWORD_ONLY, default=None),
-               P("token_scaling", P.KEYWORD_ONLY, default=None)]
-    params.append(var_kw or P("kwargs", P.VAR_KEYWORD))
-    return sig.replace(parameters=params)
-
-
-def _positional_to_keywords(names: List[str], args: tuple, kwargs: dict) -> dict:
-    if len(args) > len(names):
-        raise TypeError(f"forward takes at most {len(names)} positional arguments, got {len(args)}")
-    out = dict(kwargs)
-    for name, value in zip(names, args):
-        if name in out:
-            raise TypeError(f"forward got multiple values for argument {name!r}")
-        out[name] = value
-    return out
-
-
-def _mask_dtype(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool or mask.is_floating_point():
-        return mask
-    if mask.is_complex():
-        raise TypeError(f"loss_mask must be bool, float or 0/1 integers, got {mask.dtype}")
-    return mask.float()

@@ -53,8 +53,8 @@ from t3s_kernels import linear_cross_entropy, target_logprobs
 from .guards import PATCH_ATTR
 
 __all__ = ["TRLHeadSettings", "TRLHeadHook", "TRL_HEAD_KWARG", "fused_outputs",
-           "install_trl_hook", "output_class", "trl_forward", "remove_trl_hooks", "resolve", "trl_settings",
-           "unsupported"]
+           "install_trl_hook", "output_class", "remove_trl_hooks", "resolve", "trl_fields",
+           "trl_forward", "trl_settings", "unsupported", "warn_loss_options_unused"]
 
 LOG = logging.getLogger("t3s")
 
@@ -62,6 +62,8 @@ LOG = logging.getLogger("t3s")
 TRL_HEAD_KWARG = "t3s_trl_head"
 IGNORE_INDEX = -100  # TRL's, fixed
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# Loss options of `t3s.patch` that reach TRL's head (the others change t3s's own loss).
+KERNEL_OPTIONS = ("filter_eps", "accum_dtype", "buffer_bytes")
 # Rows of the [rows, V] float32 logits that the entropy gradient materialises at once.
 ENTROPY_GRAD_BYTES = 64 << 20
 
@@ -203,6 +205,37 @@ def remove_trl_hooks(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------
 # The fields
 # --------------------------------------------------------------------------------------
+
+
+def trl_fields(info, head, hidden: torch.Tensor, labels, shift_labels, num_items,
+               settings: TRLHeadSettings) -> dict:
+    """`fused_outputs` from a patched forward's captured hidden states [B, T, H]: positions
+    0..T-2 score ``labels[:, 1:]``, or every position scores ``shift_labels`` [B, T].
+    ``info`` is the model's `t3s.hf.patch.PatchInfo`, ``head`` its `t3s.hf.heads.LMHead`."""
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
+                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
+    weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
+    options = {k: v for k, v in info.loss_options.items() if k in KERNEL_OPTIONS}
+    return fused_outputs(hidden.to(weight.device), targets.to(weight.device), weight, bias,
+                         logit_scale=head.logit_scale, softcap=head.softcap, settings=settings,
+                         num_items_in_batch=num_items, backend=info.backend,
+                         kernel_options=options)
+
+
+def warn_loss_options_unused(info) -> None:
+    """`t3s.patch`'s options that change the loss do not reach TRL's head: say so once."""
+    unused = sorted(k for k in ("label_smoothing", "z_loss", "token_scaling")
+                    if info.loss_options.get(k))
+    if unused and not info.trl_options_warned:
+        info.trl_options_warned = True
+        LOG.warning("t3s.patch's %s do not apply to TRL's fused LM head: TRL computes its loss "
+                    "from the per-token log-probs (use t3s.trainer.T3SSFTTrainer for them)",
+                    " and ".join(unused))
 
 
 def fused_outputs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
