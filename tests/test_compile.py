@@ -91,7 +91,11 @@ def test_masked_ce_inductor_matches_eager():
     loss, _, grads = _loss_and_grads(compiled, h, w, b, y, m)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.float(), r.float(), rtol=1e-2, atol=1e-3)
+        # bf16 gradients: the compiled and eager runs differ by a few bf16 roundings at the
+        # scale of the largest entry (T3S_TEST_SEED=1: 0.0017 on an entry of 0.058), so the
+        # tolerance follows that scale; a fixed atol of 1e-3 failed about one seed in eight
+        scale = r.float().abs().max().item()
+        torch.testing.assert_close(g.float(), r.float(), rtol=1e-2, atol=2**-7 * scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -616,3 +616,25 @@ def test_a_wrapper_that_runs_the_backbone_itself_is_still_refused():
     model.forward = bypass
     with pytest.raises(RuntimeError, match="bypassed.*bypass"):
         model(**batch(9))
+
+
+def test_calls_past_the_hooks():
+    """A wrapper that calls ``model.forward`` directly skips the model's hooks. With t3s's
+    forward outermost (patched after TRL) the call is still served by t3s; with TRL's
+    outermost it reaches TRL's head, and the first training forward stops with the
+    bypass error instead of training on TRL's head unseen."""
+    base = make_model("llama")
+    ref = with_heads(copy.deepcopy(base), "trl", outputs=("log_probs", "entropy"))
+    upstream = {"log_probs": torch.randn(3, 11)}
+    out_ref, g_ref = run(ref, batch(10), upstream)
+    ours = with_heads(copy.deepcopy(base), "trl-then-t3s", outputs=("log_probs", "entropy"))
+    with counting_kernel_calls() as calls:
+        ours.zero_grad(set_to_none=True)
+        out = ours.forward(**batch(10), fused_lm_head=True)
+        ((out.log_probs * upstream["log_probs"]).sum() + out.loss).backward()
+    assert calls
+    grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+    assert_same(out, out_ref, grads, g_ref, fields=("log_probs", "entropy", "loss"))
+    outer_trl = with_heads(copy.deepcopy(base), "t3s-then-trl")
+    with pytest.raises(RuntimeError, match="bypassed.*TRL's fused LM head"):
+        outer_trl.forward(**batch(10), fused_lm_head=True)
