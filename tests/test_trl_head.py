@@ -638,3 +638,28 @@ def test_calls_past_the_hooks():
     outer_trl = with_heads(copy.deepcopy(base), "t3s-then-trl")
     with pytest.raises(RuntimeError, match="bypassed.*TRL's fused LM head"):
         outer_trl.forward(**batch(10), fused_lm_head=True)
+
+
+def test_unreadable_trl_settings_leave_the_call_to_trls_head(monkeypatch, caplog):
+    """Another TRL version whose head keeps its settings elsewhere: t3s cannot know the
+    temperature or the requested fields, says so once, and TRL's own head serves."""
+    from t3s.hf import trl_head
+
+    base = make_model("llama")
+    ref = with_heads(copy.deepcopy(base), "trl", outputs=("log_probs", "entropy"))
+    ours = with_heads(copy.deepcopy(base), "trl-then-t3s", outputs=("log_probs", "entropy"))
+
+    def _fused_forward(self, *args, **kwargs):  # no closure: nothing to read
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(trl_head, "trl_forward", lambda model: _fused_forward)
+    upstream = {"log_probs": torch.randn(3, 11)}
+    out_ref, g_ref = run(ref, batch(11), upstream)
+    with caplog.at_level(logging.WARNING, logger="t3s"):
+        with counting_kernel_calls() as calls:
+            out, g = run(ours, batch(11), upstream)
+            run(ours, batch(11), upstream)
+    assert not calls
+    said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(said) == 1
+    assert_same(out, out_ref, g, g_ref)
