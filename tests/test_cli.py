@@ -698,3 +698,40 @@ def test_old_module_paths_reexport_the_pipeline():
 # --------------------------------------------------------------------------------------
 # Layout: imports point one way (library <- pipeline <- cli / demo), no cycles
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# The DFT baseline
+# --------------------------------------------------------------------------------------
+
+def test_dft_baseline_trains_every_token_with_token_scaling(assets, tmp_path, monkeypatch,
+                                                           capsys):
+    """`--baseline dft`: the baseline arm retrains from θ0 on every trace token with the
+    kernels' token_scaling (DFT), and the report names it; diffusion refuses it."""
+    import t3s.loss as t3s_loss
+
+    seen = []
+    original = t3s_loss.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("token_scaling"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(t3s_loss, "linear_cross_entropy", spy)
+    args = [a for a in settings(assets)]
+    args[args.index("--baseline") + 1] = "dft"
+    run_dir = tmp_path / "run"
+    assert main(["run", *args, "--steps", "2", "--eval-steps", "2", "--run-dir",
+                 str(run_dir)]) == 0
+    summary = json.loads((run_dir / "baseline" / "stage.json").read_text())["summary"]
+    assert summary["loss_options"] == {"token_scaling": True}
+    assert summary["kept_fraction"] == 1.0
+    assert True in seen and False in seen  # the baseline scaled, the other arms did not
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert metrics["baseline_rule"] == "dft"
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "DFT" in report and "stop-gradient probability" in report
+    capsys.readouterr()
+    assert main(["run", *args, "--objective", "diffusion", "--rule", "forced", "--run-dir",
+                 str(tmp_path / "diffusion")]) != 0
+    assert "baseline 'random'" in error_line(capsys)

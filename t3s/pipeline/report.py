@@ -395,7 +395,11 @@ def _introduction(m: Mapping[str, Any], cfg: Mapping[str, Any],
                                         if rule == "anchor" else "") + f"{left}."
                     if rule != "none" else f"retrained from θ0 for {steps} steps on every "
                     "trace token (`--rule none`: a second plain SFT)."),
-            "baseline": (f"retrained from θ0 the same way with the `{m.get('baseline_rule')}` "
+            "baseline": ("retrained from θ0 the same way with DFT: every trace token, each "
+                         "token's loss times its own stop-gradient probability (TRL's "
+                         "`loss_type=\"dft\"`), a reweighting that needs no pilot."
+                         if m.get("baseline_rule") == "dft" else
+                         f"retrained from θ0 the same way with the `{m.get('baseline_rule')}` "
                          "rule's mask" + (", which leaves out as many randomly chosen tokens "
                                           "as T3S" if m.get("baseline_rule") == "random" else "")
                          + ". It tells a good choice of tokens from merely fewer tokens.")}

@@ -25,6 +25,9 @@ __all__ = [
     "OPTIONS",
     "DEFAULTS",
     "RULE_ALIASES",
+    "BASELINE_OBJECTIVES",
+    "baseline_loss_options",
+    "mask_rule",
     "PATH_KEYS",
     "canonical_rule",
     "check_keys",
@@ -76,6 +79,9 @@ class Option:
 
 
 RULE_ALIASES = {"inverse": "inverse_anchor", "prob": "prob_threshold"}
+# Baselines that are an objective rather than a mask: (the mask rule they train with, the
+# `t3s.patch` loss options). dft: every trace token, each loss times stopgrad p(y_t).
+BASELINE_OBJECTIVES = {"dft": ("sft", {"token_scaling": True})}
 
 OPTIONS: Tuple[Option, ...] = (
     # model and data
@@ -134,7 +140,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("rule_params", "params", None, "a rule parameter, KEY=VALUE (repeatable)",
            metavar="KEY=VALUE"),
     Option("baseline", "str", "none",
-           "baseline rule retrained for comparison ('random' keeps the rule's budget; 'none')"),
+           "baseline rule retrained for comparison ('random' keeps the rule's budget; 'dft': "
+           "every token, its loss times its stop-gradient probability; 'none')"),
     Option("baseline_params", "params", None, "a baseline parameter, KEY=VALUE (repeatable)",
            metavar="KEY=VALUE"),
     # diffusion LMs (`t3s.pipeline.diffusion`): `model` is then the AR selector
@@ -309,7 +316,9 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
     if cfg["weight_decay"] < 0:
         raise UsageError(f"{where}weight_decay must be >= 0, got {cfg['weight_decay']}")
     cfg["rule"] = canonical_rule(cfg["rule"]) or "none"
-    cfg["baseline"] = canonical_rule(cfg["baseline"], "baseline rule") or "none"
+    baseline = str(cfg["baseline"]).strip().lower() if cfg["baseline"] is not None else None
+    cfg["baseline"] = (baseline if baseline in BASELINE_OBJECTIVES
+                       else canonical_rule(cfg["baseline"], "baseline rule") or "none")
     if cfg["baseline"] == "forced":
         raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
                          "loss mask; choose a loss-mask rule")
@@ -338,6 +347,16 @@ def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
     if cfg["baseline"] == "random" and cfg["rule"] != "forced":
         raise UsageError(f"{where}baseline 'random' draws as many forced tokens as rule 'forced' "
                          "has; set rule: forced")
+
+
+def mask_rule(rule: str) -> str:
+    """The mask rule a baseline trains with (`BASELINE_OBJECTIVES`; else the rule itself)."""
+    return BASELINE_OBJECTIVES[rule][0] if rule in BASELINE_OBJECTIVES else rule
+
+
+def baseline_loss_options(rule: str) -> Dict[str, Any]:
+    """The `t3s.patch` loss options of a baseline ({} for a mask rule)."""
+    return dict(BASELINE_OBJECTIVES[rule][1]) if rule in BASELINE_OBJECTIVES else {}
 
 
 def rule_params(cfg: Mapping[str, Any], which: str = "rule",
@@ -386,7 +405,7 @@ def check_rule_params(cfg: Mapping[str, Any]) -> None:
             continue
         params = rule_params(cfg, which, budget=n // 2)
         try:
-            apply_rule(rule, t, **params)
+            apply_rule(mask_rule(rule), t, **params)
         except UsageError:
             raise
         except (ValueError, TypeError, KeyError) as e:

@@ -67,7 +67,7 @@ from .analysis import check_analyze, stage_analyze
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
-from .settings import UsageError, rule_params
+from .settings import UsageError, baseline_loss_options, mask_rule, rule_params
 from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
                        continue_from, finals, progress_bar, resume_state_retention, save_log,
                        strip_resume_state, training_args)
@@ -287,19 +287,22 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     if cfg["baseline"] != "none" and not is_diffusion(cfg):  # diffusion: drawn by its stage
         bparams = rule_params(cfg, "baseline", budget=kept)
         try:
-            base_art = art.reapply(cfg["baseline"], **bparams)
+            base_art = art.reapply(mask_rule(cfg["baseline"]), **bparams)
         except ValueError as e:
             raise UsageError(f"baseline {cfg['baseline']!r}: {one_line(e)}") from None
         base_art.save(work / rundir.BASELINE_FILE)
         bs = base_art.summary()
         out.update(baseline_params=base_art.params, baseline_masked_fraction=bs.fraction_masked)
+        objective = baseline_loss_options(cfg["baseline"])
         ctx.say(f"[select] baseline {cfg['baseline']}: {bs.n_masked} of {bs.n_tokens} tokens "
-                f"left out ({100 * (bs.fraction_masked or 0):.1f}%)")
+                f"left out ({100 * (bs.fraction_masked or 0):.1f}%)"
+                + (f"; loss options {objective}" if objective else ""))
     write_json(work / rundir.SUMMARY_FILE, out)
     return out
 
 
-def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str, Any]:
+def _retrain(ctx: StageContext, artifact: Optional[str], desc: str,
+             loss_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from ..artifact import SelectionArtifact
     from ..data import PaddedCollator
     from ..trainer import T3STrainer, read_accuracy_history
@@ -316,7 +319,8 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
         total = sum(int((ex["labels"] != -100).sum()) for ex in train)
         kept_fraction = sum(float(m.float().sum()) for m in masks.values()) / max(total, 1)
         ctx.say(f"[{desc}] retraining from θ0 with rule {art.rule!r}: "
-                f"{100 * kept_fraction:.1f}% of trace tokens in the loss")
+                f"{100 * kept_fraction:.1f}% of trace tokens in the loss"
+                + (f", loss options {loss_options}" if loss_options else ""))
     else:
         ctx.say(f"[{desc}] plain SFT from θ0 (every trace token in the loss)")
     model = load_model(cfg["model"], cfg)
@@ -325,6 +329,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
     # keep_checkpoints: save at every evaluation and keep them all, as the pilot does
     keep = bool(cfg.get("keep_checkpoints"))
     trainer = T3STrainer(model=model, processing_class=tok, train_dataset=train,
+                         patch_options=loss_options,
                          callbacks=[callback] + ([resume_state_retention()] if keep else []),
                          args=training_args(cfg, work, **checkpoint_args(cfg, pilot=keep)),
                          data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
@@ -343,6 +348,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str) -> Dict[str,
             shutil.rmtree(path)
     history = read_accuracy_history(work / rundir.ACCURACY_FILE)
     return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
+            "loss_options": dict(loss_options or {}),
             "final_step": int(trainer.state.global_step), "parallelism": parallelism(trainer),
             "resumed_from_step": checkpoint_step_of(resume_from), **finals(history)}
 
@@ -360,7 +366,8 @@ def _stage_baseline(ctx: StageContext) -> Dict[str, Any]:
     """Retraining from θ0 with the baseline's loss masks."""
     if is_diffusion(ctx.cfg):
         return diffusion_train_stage(ctx, "baseline")
-    return _retrain(ctx, rundir.BASELINE_FILE, "baseline")
+    return _retrain(ctx, rundir.BASELINE_FILE, "baseline",
+                    baseline_loss_options(ctx.cfg["baseline"]))
 
 
 #: why ``rule: forced`` cannot be trained here
