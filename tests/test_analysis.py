@@ -279,3 +279,52 @@ def test_shock_curves():
     c = shock_curves(acc, log)
     assert c["bottleneck_step"] == 10 and c["train_acc_at_bottleneck"] == 0.0
     assert c["loss"] == {1: 2.0, 2: 1.5}
+
+
+# -------------------------------------------------------------------------------------
+# What anchors are
+# -------------------------------------------------------------------------------------
+
+def test_anchor_profile_by_class_position_and_confidence():
+    """A hand-counted trace: 'a1+b2 ' with Δc (+, -, +, NaN, +, -) and known θ0 confidences."""
+    import math
+
+    from tiny import make_tokenizer
+
+    from t3s.analysis import anchor_profile, token_class
+    from t3s.data import TokenTable
+
+    tok = make_tokenizer()
+    ids = [tok.convert_tokens_to_ids(ch) for ch in "a1+b2 "]
+    ex = {"example_id": 7, "input_ids": [tok.bos_token_id] + ids, "labels": [-100] + ids}
+    p0 = [0.1, 0.3, 0.6, 0.8, 0.95, 0.55]
+    table = TokenTable([7] * 6, list(range(1, 7)),
+                       delta=[0.5, -0.1, 0.2, float("nan"), 0.3, -0.4],
+                       c0=[math.log(p) for p in p0])
+    rows = {(r["by"], r["group"]): (r["tokens"], r["anchors"])
+            for r in anchor_profile(table, [ex], tok)}
+    assert rows[("token class", "words")] == (1, 1)          # a (b's Δc is NaN)
+    assert rows[("token class", "digits")] == (2, 1)         # 1, 2
+    assert rows[("token class", "formatting and punctuation")] == (1, 1)   # +
+    assert rows[("token class", "whitespace")] == (1, 0)
+    # relative positions 0, 1/6, ..., 5/6 in quarters: a 1 | + | (b) 2 | ' '
+    assert [rows[("position in trace", g)] for g in ("0-25%", "25-50%", "50-75%", "75-100%")] \
+        == [(2, 1), (1, 1), (1, 1), (1, 0)]
+    assert [rows[("θ0 confidence", g)] for g in
+            ("p in [0, 0.25)", "p in [0.25, 0.5)", "p in [0.5, 0.75)", "p in [0.75, 0.9)",
+             "p in [0.9, 1]")] == [(1, 1), (1, 0), (2, 1), (0, 0), (1, 1)]
+    empty = [r for r in anchor_profile(table, [ex], tok) if r["tokens"] == 0]
+    assert all(r["anchor_fraction"] is None for r in empty)
+    # without c0: no confidence rows; bad input is refused
+    no_c0 = TokenTable([7] * 6, list(range(1, 7)), delta=table["delta"])
+    assert {r["by"] for r in anchor_profile(no_c0, [ex], tok)} == {"token class",
+                                                                    "position in trace"}
+    with pytest.raises(ValueError, match="example_id 7"):
+        anchor_profile(table, [dict(ex, example_id=8)], tok)
+    with pytest.raises(ValueError, match="'delta'"):
+        anchor_profile(TokenTable([7], [1], c0=[0.0]), [ex], tok)
+    with pytest.raises(ValueError, match="confidence_edges"):
+        anchor_profile(table, [ex], tok, confidence_edges=(0.5, 0.2))
+    assert [token_class(t) for t in ("\u0120the", "\u2581", "12", "\\boxed{", "a1")] == \
+        ["words", "whitespace", "digits", "formatting and punctuation",
+         "formatting and punctuation"]

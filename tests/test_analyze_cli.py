@@ -35,8 +35,16 @@ def test_analyze_writes_every_key_and_figure(analysed):
     assert rc == 0
     res = json.loads((out / "analyze" / "analysis.json").read_text())
     for key in ("grad_norm_ratio", "grad_cosine", "transfer_matrix", "static_auc", "shock",
-                "checkpoints", "parameters", "examples", "groups"):
+                "checkpoints", "parameters", "examples", "groups", "anchor_profile"):
         assert key in res, key
+    # what anchors are: every trace token counted once per cut, with θ0's confidence
+    profile = res["anchor_profile"]
+    cuts = {r["by"] for r in profile}
+    assert cuts == {"token class", "position in trace", "θ0 confidence"}
+    totals = {by: sum(r["tokens"] for r in profile if r["by"] == by) for by in cuts}
+    anchors = {by: sum(r["anchors"] for r in profile if r["by"] == by) for by in cuts}
+    assert len(set(totals.values())) == 1 and len(set(anchors.values())) == 1, (totals, anchors)
+    assert 0 < anchors["token class"] < totals["token class"]
     assert res["groups"]["names"] == ["anchors", "rest"]
     assert res["examples"] == {"analysed": 8, "of": 20, "seed": 0}
     # θ0, the pilot's checkpoint at step 3 and its final model; T3S at 3 and its model
@@ -65,6 +73,7 @@ def test_analyze_writes_every_key_and_figure(analysed):
     section = text.split(SECTION_TITLE)[1]
     assert "Computed on 8 of the 20 training traces" in section
     assert "every parameter" in section and "Gradient-norm ratio" in section
+    assert "What anchors are" in section and "formatting and punctuation" in section
     for fname in ANALYSIS_FIGURES.values():
         assert f"]({fname})" in section
 

@@ -12,11 +12,14 @@
   the loss change of every group).
 * `t3s.analysis.static` / `t3s.analysis.auc`: confidence, entropy and head-gradient
   norm at one model, and their ROC AUC against a token set.
+* `t3s.analysis.anchors`: what anchors are: the anchor fraction by token class,
+  position in the trace and θ0 confidence (`anchor_profile`).
 * `t3s.analysis.figures`: the figures.
 
 `t3s analyze RUN_DIR` (`t3s.pipeline.analysis`) runs all of them on a run directory.
 """
 
+from .anchors import TOKEN_CLASSES, anchor_profile, token_class
 from .auc import roc_auc, roc_curve
 from .gradients import (
     cosine,
@@ -31,7 +34,7 @@ from .shock import below_initial, shock_curves
 from .static import SIGNALS, member_of, static_auc, static_signals
 from .transfer import transfer_matrix
 
-__all__ = ["roc_auc", "roc_curve", "cosine", "describe_subset", "gradient_stats",
+__all__ = ["TOKEN_CLASSES", "anchor_profile", "token_class", "roc_auc", "roc_curve", "cosine", "describe_subset", "gradient_stats",
            "group_gradients", "group_losses", "parameter_subset", "GroupBatch", "Groups",
            "check_groups", "choose_examples", "groups_from_artifact", "make_batches",
            "below_initial", "shock_curves", "SIGNALS", "member_of", "static_auc",

@@ -308,6 +308,28 @@ def check_analyze(ctx: StageContext) -> None:
                          "keep_checkpoints keeps every evaluated step)")
 
 
+def _anchor_profile(ctx: StageContext, art, train, tok, delta_path) -> List[Dict[str, Any]]:
+    """`t3s.analysis.anchor_profile` over every trace token of the run (Δc > 0 are the
+    anchors), with θ0's confidence from the artifact or else the online Δc file."""
+    import pyarrow.parquet as pq
+
+    from ..analysis import anchor_profile
+    from ..data import TokenTable
+    table = art.table.select("delta", *(["c0"] if "c0" in art.table else []))
+    if "c0" not in table:
+        try:
+            c0 = TokenTable.from_arrow(pq.read_table(
+                delta_path, columns=["example_id", "position", "c_0"]).rename_columns(
+                ["example_id", "position", "c0"]))
+            table = table.join(c0, how="inner")
+        except (ValueError, OSError) as e:
+            ctx.say(f"[analyze] anchors by θ0 confidence not computed: {one_line(e)}")
+    try:
+        return anchor_profile(table, train, tok)
+    except ValueError as e:
+        raise UsageError(f"anchor profile: {one_line(e)}") from None
+
+
 def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     """Shock curves, per-checkpoint group losses / gradient ratio / cosine, transfer
     matrices and static-signal AUC; analysis.json, figures and analysis.md."""
@@ -456,6 +478,8 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
                            else curves[k]) for k in curves}
     if below is not None:
         result["shock"]["below_theta0"] = {k: v.tolist() for k, v in below.items()}
+
+    result["anchor_profile"] = _anchor_profile(ctx, art, train, tok, delta_path)
 
     figs = rundir.ANALYSIS_FIGURES
     shown: List[Tuple[str, str]] = []

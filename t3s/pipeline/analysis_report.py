@@ -170,6 +170,13 @@ def render_section(result: Mapping[str, Any], figures: Sequence[Tuple[str, str]]
         lines += _table(["signal", "AUC", "separability max(AUC, 1 − AUC)"],
                         [[k, _f(v), _f(result["static_separability"][k])]
                          for k, v in result["static_auc"].items()])
+    if result.get("anchor_profile"):
+        lines += ["", "What anchors are: the share of trace tokens with Δc > 0 (confidence "
+                      "rose from θ0 to the bottleneck), by token class, position in the trace "
+                      "and θ0 confidence p_θ0(y_t), over every trace token:", ""]
+        lines += _table(["by", "group", "tokens", "anchors", "anchor fraction"],
+                        [[r["by"], r["group"], str(r["tokens"]), str(r["anchors"]),
+                          _f(r["anchor_fraction"])] for r in result["anchor_profile"]])
     lines.append("")
     for title, fname in figures:
         lines += [f"**{title}**", "", f"![{title}]({fname})", ""]
