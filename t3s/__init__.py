@@ -24,7 +24,8 @@ imported on first use), `t3s.hf` (patch, heads, labels, guards) / `t3s.loss` (th
 from t3s_kernels import TokenStats, linear_cross_entropy, target_logprobs
 
 from .artifact import SelectionArtifact, dataset_fingerprint, load_artifact, tokenizer_fingerprint
-from .bottleneck import BottleneckTracker, find_bottleneck, training_accuracy
+from .bottleneck import (BottleneckTracker, answer_agreement, find_bottleneck, training_accuracy,
+                         verifier_free_bottleneck)
 from .data import (
     PackedCollator,
     PaddedCollator,
@@ -72,6 +73,7 @@ __all__ = [
     "prob_threshold_mask", "profile", "random_mask", "read_traces", "rho1_mask", "rrt",
     "save_rrt", "static_confidence_mask", "summarize", "target_logprobs", "token_keys",
     "tokenize_trace", "tokenizer_fingerprint", "training_accuracy", "unpatch",
+    "answer_agreement", "verifier_free_bottleneck",
     *_TRAINER_NAMES,
 ]
 __version__ = "0.1.0"

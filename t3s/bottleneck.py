@@ -22,7 +22,7 @@ from .data.table import IGNORE_INDEX
 from .verify import Verifier, get_verifier
 
 __all__ = ["INITIAL_STEP", "find_bottleneck", "BottleneckTracker", "select_subset",
-           "training_accuracy"]
+           "training_accuracy", "answer_agreement", "verifier_free_bottleneck"]
 
 
 def _check_acc(step: Any, acc: Any) -> float:
@@ -238,6 +238,43 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
+def answer_agreement(answers: Mapping[int, Sequence[str]],
+                     reference_step: Optional[int] = None) -> Dict[int, float]:
+    """step -> the share of prompts whose answer equals the reference step's (θ0's).
+
+    answers: step -> the final answers (`t3s.verify.extract_final_answer`) on the same fixed subset of
+    training prompts, in the same order (what `AccuracyCallback` stores as
+    ``train_answers``). reference_step: default the earliest step (θ0 at step 0).
+    No verifier and no gold answer is involved.
+    """
+    if not answers:
+        raise ValueError("no answers: no checkpoint was evaluated")
+    ref_step = min(answers) if reference_step is None else reference_step
+    if ref_step not in answers:
+        raise ValueError(f"no answers at the reference step {ref_step}")
+    ref = list(answers[ref_step])
+    out = {}
+    for step in sorted(answers):
+        row = list(answers[step])
+        if len(row) != len(ref) or not ref:
+            raise ValueError(f"step {step} has {len(row)} answers but the reference step "
+                             f"{ref_step} has {len(ref)}: the prompts must be the same")
+        out[step] = sum(a == b for a, b in zip(row, ref)) / len(ref)
+    return out
+
+
+def verifier_free_bottleneck(answers: Mapping[int, Sequence[str]]) -> int:
+    """The bottleneck without a verifier: the step whose greedy answers agree least with
+    θ0's own on the training prompts (`answer_agreement`, then `find_bottleneck`'s
+    argmin: the earliest of ties, θ0 excluded).
+
+    The paper's premise is a strong base: θ0 answers most training prompts right, so
+    Imitation Shock shows as answers moving away from θ0's and coming back.
+    """
+    return find_bottleneck(answer_agreement(answers, reference_step=INITIAL_STEP
+                                            if INITIAL_STEP in answers else None))
+
+
 def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *,
                       verifier: Union[str, Verifier, None] = "math", subset_size: Optional[int] = 64,
                       max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,

@@ -277,3 +277,35 @@ def test_select_subset():
     assert len(s) == 3 and s == select_subset(list(reversed(exs)), 3, seed=0)
     with pytest.raises(ValueError):
         select_subset(exs, 0)
+
+
+# -------------------------------------------------------------------------------------
+# The bottleneck without a verifier
+# -------------------------------------------------------------------------------------
+
+def test_verifier_free_bottleneck_finds_the_crash_on_a_constructed_curve():
+    """Answers drift away from θ0's during the shock and come back: the least agreement is
+    the crash, found with no gold answer (the gold answers below are never used)."""
+    from t3s import answer_agreement, find_bottleneck, verifier_free_bottleneck
+    gold = ["4", "6", "9", "12", "15"]
+    answers = {0: ["4", "6", "9", "12", "10"],     # θ0: 4 of 5 right
+               4: ["4", "7", "9", "12", "10"],
+               8: ["3", "7", "8", "11", "10"],     # the crash
+               12: ["4", "7", "9", "12", "15"],
+               16: ["4", "6", "9", "12", "15"]}
+    accuracy = {s: sum(a == g for a, g in zip(row, gold)) / 5 for s, row in answers.items()}
+    assert find_bottleneck(accuracy) == 8
+    agreement = answer_agreement(answers)
+    assert agreement == {0: 1.0, 4: 0.8, 8: 0.2, 12: 0.6, 16: 0.8}
+    assert verifier_free_bottleneck(answers) == 8
+    # ties go to the earliest step; another reference step can be chosen
+    assert verifier_free_bottleneck({0: ["1", "2"], 3: ["1", "9"], 6: ["8", "2"]}) == 3
+    assert answer_agreement(answers, reference_step=16)[16] == 1.0
+    with pytest.raises(ValueError, match="the prompts must be the same"):
+        answer_agreement({0: ["1", "2"], 3: ["1"]})
+    with pytest.raises(ValueError, match="no answers"):
+        answer_agreement({})
+    with pytest.raises(ValueError, match="reference step 5"):
+        answer_agreement({0: ["1"]}, reference_step=5)
+    with pytest.raises(ValueError, match="only step 0"):
+        verifier_free_bottleneck({0: ["1"]})

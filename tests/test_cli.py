@@ -735,3 +735,14 @@ def test_dft_baseline_trains_every_token_with_token_scaling(assets, tmp_path, mo
     assert main(["run", *args, "--objective", "diffusion", "--rule", "forced", "--run-dir",
                  str(tmp_path / "diffusion")]) != 0
     assert "baseline 'random'" in error_line(capsys)
+
+
+def test_report_has_the_verifier_free_bottleneck(finished):
+    """metrics.json: the step whose greedy answers agree least with θ0's, and the curve."""
+    metrics = json.loads((finished / "report" / "metrics.json").read_text())
+    agreement = metrics["pilot_answer_agreement"]
+    assert agreement["0"] == 1.0 and len(agreement) >= 2
+    step = metrics["verifier_free_bottleneck_step"]
+    assert str(step) in agreement and step != 0
+    assert agreement[str(step)] == min(v for k, v in agreement.items() if k != "0")
+    assert "Without a verifier" in (finished / "report" / "report.md").read_text()

@@ -128,6 +128,12 @@ def test_trainer_records_and_evaluates(tmp_path, tok, dataset):
     assert hist["train_acc"] == {0: 0.5, 1: 0.25, 2: 0.75, 3: 1.0}
     assert hist["heldout_acc"] == {0: 0.5, 1: 0.25, 2: 0.75, 3: 1.0}
     assert hist["bottleneck_step"] == t3s.find_bottleneck(hist["train_acc"]) == cb.bottleneck == 1
+    # the final answers on the same 4 training prompts at every evaluation, for the
+    # verifier-free bottleneck
+    assert sorted(hist["train_answers"]) == [0, 1, 2, 3]
+    assert all(len(a) == 4 and all(isinstance(x, str) for x in a)
+               for a in hist["train_answers"].values())
+    assert 0.0 <= min(t3s.answer_agreement(hist["train_answers"]).values()) <= 1.0
     ckpts = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path)
                    if d.startswith("checkpoint-"))
     assert ckpts == [1, 3]                          # θ_b and the latest (for resuming)

@@ -61,6 +61,8 @@ def stage_history(stage_dir: Optional[Path]) -> Dict[str, Any]:
         for key in ("train_acc", "heldout_acc"):
             out[key] = {int(s): float(a) for s, a in (data.get(key) or {}).items()}
         out["bottleneck_step"] = data.get("bottleneck_step")
+        out["train_answers"] = {int(k): list(v) for k, v in
+                                (data.get("train_answers") or {}).items()}
         settings = data.get("settings") or {}
         out["eval_n"] = settings.get("subset_size")
         out["heldout_eval_n"] = settings.get("heldout_subset_size", settings.get("subset_size"))
@@ -155,6 +157,7 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
     else:
         source = None
     m["bottleneck_step"] = pilot_sum.get("bottleneck_step", select_sum.get("bottleneck_step"))
+    m.update(_verifier_free(pilot.get("train_answers") or {}))
     m["masked_fraction"] = select_sum.get("masked_fraction")
     m["mask_agreement"] = select_sum.get("mask_agreement")
     t0 = pilot["train_acc"].get(0)
@@ -425,6 +428,21 @@ def _primary_set(m: Mapping[str, Any]) -> Optional[str]:
     return sets[0] if sets else None
 
 
+def _verifier_free(answers: Mapping[int, Sequence[str]]) -> Dict[str, Any]:
+    """The pilot's bottleneck found without a verifier (`t3s.verifier_free_bottleneck`):
+    the step whose greedy answers agree least with θ0's own on the training prompts."""
+    from ..bottleneck import answer_agreement, verifier_free_bottleneck
+    if len(answers) < 2 or 0 not in answers:
+        return {"verifier_free_bottleneck_step": None, "pilot_answer_agreement": None}
+    try:
+        agreement = answer_agreement(answers, reference_step=0)
+        step = verifier_free_bottleneck(answers)
+    except ValueError:
+        return {"verifier_free_bottleneck_step": None, "pilot_answer_agreement": None}
+    return {"verifier_free_bottleneck_step": step,
+            "pilot_answer_agreement": {str(k): v for k, v in agreement.items()}}
+
+
 def _statements(m: Mapping[str, Any]) -> List[str]:
     out: List[str] = []
     t0, tb, tf = (m.get("pilot_train_acc_start"), m.get("pilot_train_acc_at_bottleneck"),
@@ -442,6 +460,13 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
                        f"fell below its starting value {t0:.3f} (lowest {tb:.3f}, at step {b}; "
                        f"final {_fmt(tf)}). The bottleneck is then only the weakest evaluated "
                        "checkpoint.")
+    vf = m.get("verifier_free_bottleneck_step")
+    if vf is not None:
+        agree = (m.get("pilot_answer_agreement") or {}).get(str(vf))
+        out.append(f"Without a verifier: the pilot's greedy answers agreed least with θ0's own "
+                   f"on the training prompts at step {vf} ({_fmt(agree)} of the prompts); the "
+                   f"verifier's bottleneck is step {b}" + (" (the same step)." if vf == b else
+                                                          "."))
     held = {int(k): v for k, v in (m.get("pilot_heldout_acc") or {}).items()}
     if held and 0 in held:
         low_step = min((s for s in held if s > 0), key=lambda s: (held[s], s), default=None)

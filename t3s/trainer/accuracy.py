@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from transformers import TrainerCallback
 
 from ..bottleneck import BottleneckTracker, training_accuracy
+from ..verify import extract_final_answer
 
 __all__ = ["AccuracyCallback", "read_accuracy_history", "ACCURACY_FILE"]
 
@@ -119,6 +120,8 @@ class AccuracyCallback(TrainerCallback):
         self.progress = bool(progress)
         self.trainer = trainer
         self.heldout_history: Dict[int, float] = {}
+        # step -> the final answers on the training subset (`t3s.verifier_free_bottleneck`)
+        self.train_answers: Dict[int, List[str]] = {}
         self.deleted_checkpoints: List[int] = []
         self._output_dir: Optional[str] = None
 
@@ -157,6 +160,7 @@ class AccuracyCallback(TrainerCallback):
         if step == 0 and self.tracker.history:  # a new run with this callback: start afresh
             self.tracker.reset()  # in place: keeps the settings (and a tracker subclass)
             self.heldout_history, self.deleted_checkpoints = {}, []
+            self.train_answers = {}
         if step > 0 and not self.tracker.history:
             self._resume(step)
         if self.eval_at_start and step not in self.tracker.history and (
@@ -184,11 +188,13 @@ class AccuracyCallback(TrainerCallback):
         return control
 
     # -- internals -----------------------------------------------------------------------
-    def _accuracy(self, model, examples, subset_size) -> float:
-        return float(training_accuracy(
+    def _accuracy(self, model, examples, subset_size, details: bool = False):
+        out = training_accuracy(
             model, self.tokenizer, examples, verifier=self.verifier, subset_size=subset_size,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
-            progress=self.progress, generation_kwargs=self.generation_kwargs))
+            progress=self.progress, generation_kwargs=self.generation_kwargs,
+            return_details=details)
+        return (float(out[0]), out[1]) if details else float(out)
 
     def _evaluate(self, model, args, state, control, at_end: bool = False) -> None:
         if model is None:
@@ -197,7 +203,8 @@ class AccuracyCallback(TrainerCallback):
         if self.tracker.history and step <= max(self.tracker.history):
             return
         was_done = self.tracker.done
-        acc = self._accuracy(model, self.examples, self.subset_size)
+        acc, details = self._accuracy(model, self.examples, self.subset_size, details=True)
+        self.train_answers[step] = [extract_final_answer(d["prediction"]) for d in details]
         self.tracker.update(step, acc)
         metrics = {"t3s/train_acc": acc}
         if self.heldout is not None:
@@ -261,6 +268,7 @@ class AccuracyCallback(TrainerCallback):
             "version": 1,
             "train_acc": {str(s): a for s, a in sorted(t.history.items())},
             "heldout_acc": {str(s): a for s, a in sorted(self.heldout_history.items())},
+            "train_answers": {str(s): a for s, a in sorted(self.train_answers.items())},
             "bottleneck_step": t.bottleneck,
             "running_min": None if math.isinf(t.running_min) else t.running_min,
             "done": t.done,
@@ -291,6 +299,7 @@ class AccuracyCallback(TrainerCallback):
             if s <= step:
                 self.tracker.update(s, a)
         self.heldout_history.update({s: a for s, a in saved["heldout_acc"].items() if s <= step})
+        self.train_answers.update({s: a for s, a in saved["train_answers"].items() if s <= step})
         self.deleted_checkpoints = list(saved.get("deleted_checkpoints", []))
 
 
@@ -298,7 +307,9 @@ def read_accuracy_history(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Read the JSON that `AccuracyCallback` writes (a file, or the ``output_dir`` holding it).
 
     Returns its contents with ``train_acc`` and ``heldout_acc`` as
-    ``{step (int): accuracy}``, ready for `t3s.find_bottleneck`.
+    ``{step (int): accuracy}``, ready for `t3s.find_bottleneck`, and
+    ``train_answers`` as ``{step (int): [final answer]}`` on the training subset,
+    ready for `t3s.verifier_free_bottleneck`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -309,4 +320,6 @@ def read_accuracy_history(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ValueError(f"{path} is not a t3s accuracy history")
     for key in ("train_acc", "heldout_acc"):
         data[key] = {int(s): float(a) for s, a in data.get(key, {}).items()}
+    # final answers per step (histories written before they were stored have none)
+    data["train_answers"] = {int(s): list(a) for s, a in data.get("train_answers", {}).items()}
     return data
