@@ -328,3 +328,57 @@ def test_anchor_profile_by_class_position_and_confidence():
     assert [token_class(t) for t in ("\u0120the", "\u2581", "12", "\\boxed{", "a1")] == \
         ["words", "whitespace", "digits", "formatting and punctuation",
          "formatting and punctuation"]
+
+
+# -------------------------------------------------------------------------------------
+# Trajectory signals besides Δc
+# -------------------------------------------------------------------------------------
+
+def test_trajectory_signals_match_full_logits():
+    """Each signal against its definition on the models' own full logits (float64)."""
+    from t3s.analysis import trajectory_signals
+
+    tok = make_tokenizer()
+    ds = TraceDataset.from_jsonl(jsonl_lines(arithmetic_records(5, seed=2)), tok)
+    model_0, model_b = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    sig = trajectory_signals(model_0, model_b, list(ds), batch_size=2, chunk=7,
+                             pad_token_id=tok.pad_token_id)
+    want = {k: [] for k in ("delta_conf", "delta_entropy", "delta_logit_grad", "kl")}
+    keys = []
+    with torch.no_grad():
+        for ex in ds:
+            ids = torch.as_tensor(ex["input_ids"])[None]
+            lp0 = torch.log_softmax(model_0.eval()(ids).logits[0, :-1].double(), -1)
+            lpb = torch.log_softmax(model_b.eval()(ids).logits[0, :-1].double(), -1)
+            labels = torch.as_tensor(ex["labels"])[1:]
+            for i in torch.nonzero(labels != -100)[:, 0].tolist():
+                y = int(labels[i])
+                p0, pb = lp0[i].exp(), lpb[i].exp()
+                e = F.one_hot(torch.tensor(y), lp0.shape[-1]).double()
+                want["delta_conf"].append(float(lpb[i, y] - lp0[i, y]))
+                want["delta_entropy"].append(float(-(pb * lpb[i]).sum() + (p0 * lp0[i]).sum()))
+                want["delta_logit_grad"].append(float((pb - e).norm() - (p0 - e).norm()))
+                want["kl"].append(float((pb * (lpb[i] - lp0[i])).sum()))
+                keys.append((int(ex["example_id"]), i + 1))
+    assert list(zip(sig["example_id"].tolist(), sig["position"].tolist())) == sorted(keys)
+    order = sorted(range(len(keys)), key=lambda j: keys[j])
+    for name, values in want.items():
+        np.testing.assert_allclose(sig[name], np.asarray(values)[order], rtol=1e-4, atol=2e-5,
+                                   err_msg=name)
+    same = trajectory_signals(model_0, model_0, list(ds), pad_token_id=tok.pad_token_id)
+    for name in want:
+        np.testing.assert_allclose(same[name], 0.0, atol=1e-6, err_msg=name)
+
+
+def test_signal_agreement_hand_counted():
+    from t3s.analysis import signal_agreement
+
+    member = np.array([True, True, False, False, False])
+    sig = {"up": np.array([0.9, 0.3, 0.5, 0.1, 0.2]), "down": -np.array([0.9, 0.8, 0.1, 0.2, 0.3])}
+    res = signal_agreement(sig, member, names=("up", "down"))
+    # up: pairs (member > non-member): 0.9 beats all 3, 0.3 beats 0.1 and 0.2 -> 5 of 6
+    assert res["up"]["auc"] == pytest.approx(5 / 6) and res["up"]["direction"] == "high"
+    # top 2 by 'up' are 0.9 and 0.5: one member of the two -> Jaccard 1 / 3
+    assert res["up"]["overlap"] == pytest.approx(1 / 3)
+    assert res["down"]["auc"] == 0.0 and res["down"]["direction"] == "low"
+    assert res["down"]["separability"] == 1.0 and res["down"]["overlap"] == 1.0

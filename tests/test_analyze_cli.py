@@ -35,8 +35,15 @@ def test_analyze_writes_every_key_and_figure(analysed):
     assert rc == 0
     res = json.loads((out / "analyze" / "analysis.json").read_text())
     for key in ("grad_norm_ratio", "grad_cosine", "transfer_matrix", "static_auc", "shock",
-                "checkpoints", "parameters", "examples", "groups", "anchor_profile"):
+                "checkpoints", "parameters", "examples", "groups", "anchor_profile",
+                "trajectory_signals"):
         assert key in res, key
+    # the signals besides Δc, scored against the anchors (Δc > 0 of the recorded, online
+    # trajectory): the exact Δc at the saved θb agrees closely, not to the token
+    traj = res["trajectory_signals"]
+    assert set(traj) == {"delta_conf", "delta_entropy", "delta_logit_grad", "kl"}
+    assert traj["delta_conf"]["auc"] > 0.75 and traj["delta_conf"]["direction"] == "high"
+    assert all(0.0 <= v["auc"] <= 1.0 for v in traj.values())
     # what anchors are: every trace token counted once per cut, with θ0's confidence
     profile = res["anchor_profile"]
     cuts = {r["by"] for r in profile}
@@ -74,6 +81,7 @@ def test_analyze_writes_every_key_and_figure(analysed):
     assert "Computed on 8 of the 20 training traces" in section
     assert "every parameter" in section and "Gradient-norm ratio" in section
     assert "What anchors are" in section and "formatting and punctuation" in section
+    assert "changed from θ0 to θb" in section and "delta_entropy" in section
     for fname in ANALYSIS_FIGURES.values():
         assert f"]({fname})" in section
 

@@ -14,6 +14,8 @@
   norm at one model, and their ROC AUC against a token set.
 * `t3s.analysis.anchors`: what anchors are: the anchor fraction by token class,
   position in the trace and θ0 confidence (`anchor_profile`).
+* `t3s.analysis.signals`: how each token's prediction changed from θ0 to θb besides
+  Δc (entropy, logit-gradient norm, KL), and their agreement with a token set.
 * `t3s.analysis.figures`: the figures.
 
 `t3s analyze RUN_DIR` (`t3s.pipeline.analysis`) runs all of them on a run directory.
@@ -31,6 +33,7 @@ from .gradients import (
 )
 from .groups import GroupBatch, Groups, check_groups, choose_examples, groups_from_artifact, make_batches
 from .shock import below_initial, shock_curves
+from .signals import TRAJECTORY_SIGNALS, signal_agreement, trajectory_signals
 from .static import SIGNALS, member_of, static_auc, static_signals
 from .transfer import transfer_matrix
 
@@ -38,4 +41,5 @@ __all__ = ["TOKEN_CLASSES", "anchor_profile", "token_class", "roc_auc", "roc_cur
            "group_gradients", "group_losses", "parameter_subset", "GroupBatch", "Groups",
            "check_groups", "choose_examples", "groups_from_artifact", "make_batches",
            "below_initial", "shock_curves", "SIGNALS", "member_of", "static_auc",
-           "static_signals", "transfer_matrix"]
+           "static_signals", "transfer_matrix", "TRAJECTORY_SIGNALS", "signal_agreement",
+           "trajectory_signals"]

@@ -19,7 +19,7 @@ the whole batch. `static_auc` scores each signal against a token set with
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from ..hf.heads import last_hidden_state, lm_head
 from .auc import roc_auc
 from .groups import IGNORE_INDEX
 
-__all__ = ["SIGNALS", "static_signals", "static_auc", "member_of"]
+__all__ = ["SIGNALS", "static_signals", "static_auc", "member_of", "sorted_by_key", "token_logits"]
 
 #: the static signals, in the order of the outputs
 SIGNALS = ("confidence", "entropy", "grad_norm")
@@ -48,6 +48,43 @@ def _pad(chunk, pad_token_id: int):
     return ids, attn, labels
 
 
+def token_logits(model: nn.Module, examples: Sequence[Mapping[str, Any]], *,
+                 batch_size: int = 8, chunk: int = 1024, pad_token_id: int = 0,
+                 head=None) -> Iterator[Dict[str, torch.Tensor]]:
+    """The logits of every trace token of ``examples``, ``chunk`` tokens at a time.
+
+    Yields {"example_id" [n], "position" [n] (index into the labels), "target" [n],
+    "hidden" [n, H] (the head's input times the logit scale, float32), "logits"
+    [n, V] (after the model's logit map, float32), "softcap_grad" [n, V] (the
+    softcap's derivative; ones without one)}. Call under ``torch.no_grad()`` with
+    the model in eval mode. ``head``: the model's `t3s.LMHead` (measured when None).
+    Two models walked with the same arguments yield the same tokens in the same order.
+    """
+    head = lm_head(model) if head is None else head
+    weight, bias = head.tensors()
+    device = weight.device
+    for start in range(0, len(examples), batch_size):
+        batch = list(examples[start:start + batch_size])
+        ids, attn, labels = _pad(batch, pad_token_id)
+        hidden = last_hidden_state(model, ids.to(device), attn.to(device))[:, :-1]
+        targets = labels[:, 1:]
+        rows, cols = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
+        h = hidden[rows.to(device), cols.to(device)].float() * head.logit_scale
+        y = targets[rows, cols].to(device)
+        eids = torch.tensor([int(ex["example_id"]) for ex in batch])[rows]
+        for s in range(0, h.shape[0], chunk):
+            hs = h[s:s + chunk]
+            z = hs @ weight.float().T
+            if bias is not None:
+                z = z + bias.float() * head.logit_scale
+            dcap = torch.ones_like(z)
+            if head.softcap is not None:
+                t = torch.tanh(z / head.softcap)
+                z, dcap = head.softcap * t, 1 - t * t
+            yield {"example_id": eids[s:s + chunk], "position": (cols + 1)[s:s + chunk],
+                   "target": y[s:s + chunk], "hidden": hs, "logits": z, "softcap_grad": dcap}
+
+
 @torch.no_grad()
 def static_signals(model: nn.Module, examples: Sequence[Mapping[str, Any]], *,
                    batch_size: int = 8, chunk: int = 1024, pad_token_id: int = 0,
@@ -57,42 +94,29 @@ def static_signals(model: nn.Module, examples: Sequence[Mapping[str, Any]], *,
     [N]}, sorted by (example_id, position)."""
     if not examples:
         raise ValueError("no examples")
-    head = lm_head(model)
-    weight, bias = head.tensors()
-    device = weight.device
     was_training = model.training
     model.eval()
     out: Dict[str, list] = {k: [] for k in ("example_id", "position", *SIGNALS)}
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = list(examples[start:start + batch_size])
-            ids, attn, labels = _pad(batch, pad_token_id)
-            hidden = last_hidden_state(model, ids.to(device), attn.to(device))[:, :-1]
-            targets = labels[:, 1:]
-            rows, cols = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
-            h = hidden[rows.to(device), cols.to(device)].float() * head.logit_scale
-            y = targets[rows, cols].to(device)
-            for s in range(0, h.shape[0], chunk):
-                hs, ys = h[s:s + chunk], y[s:s + chunk]
-                z = hs @ weight.float().T
-                if bias is not None:
-                    z = z + bias.float() * head.logit_scale
-                dcap = torch.ones_like(z)
-                if head.softcap is not None:
-                    t = torch.tanh(z / head.softcap)
-                    z, dcap = head.softcap * t, 1 - t * t
-                logp = torch.log_softmax(z, dim=-1)
-                p = logp.exp()
-                onehot = torch.nn.functional.one_hot(ys, z.shape[-1]).float()
-                out["confidence"].append(logp.gather(1, ys[:, None])[:, 0].double().cpu())
-                out["entropy"].append((-(p * logp).sum(-1)).double().cpu())
-                gz = ((p - onehot) * dcap).norm(dim=-1)
-                out["grad_norm"].append((gz * hs.norm(dim=-1)).double().cpu())
-            eids = torch.tensor([int(ex["example_id"]) for ex in batch])
-            out["example_id"].append(eids[rows])
-            out["position"].append(cols + 1)   # hidden i predicts labels[i + 1]
+        for tk in token_logits(model, examples, batch_size=batch_size, chunk=chunk,
+                               pad_token_id=pad_token_id):
+            z, ys = tk["logits"], tk["target"]
+            logp = torch.log_softmax(z, dim=-1)
+            p = logp.exp()
+            onehot = torch.nn.functional.one_hot(ys, z.shape[-1]).float()
+            out["confidence"].append(logp.gather(1, ys[:, None])[:, 0].double().cpu())
+            out["entropy"].append((-(p * logp).sum(-1)).double().cpu())
+            gz = ((p - onehot) * tk["softcap_grad"]).norm(dim=-1)
+            out["grad_norm"].append((gz * tk["hidden"].norm(dim=-1)).double().cpu())
+            out["example_id"].append(tk["example_id"])
+            out["position"].append(tk["position"])
     finally:
         model.train(was_training)
+    return sorted_by_key(out)
+
+
+def sorted_by_key(out: Mapping[str, list]) -> Dict[str, np.ndarray]:
+    """Concatenated per-chunk lists, sorted by (example_id, position)."""
     res = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in out.items()}
     order = np.lexsort((res["position"], res["example_id"]))
     return {k: v[order] for k, v in res.items()}

@@ -337,8 +337,9 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
 
     from ..analysis import (below_initial, choose_examples, gradient_stats,
                             group_gradients, groups_from_artifact, make_batches,
-                            member_of, parameter_subset, roc_curve, shock_curves, static_auc,
-                            static_signals, transfer_matrix)
+                            member_of, parameter_subset, roc_curve, shock_curves,
+                            signal_agreement, static_auc, static_signals, trajectory_signals,
+                            transfer_matrix)
     from ..analysis import figures
     from ..artifact import SelectionArtifact, dataset_fingerprint, tokenizer_fingerprint
     from ..hf import lm_head
@@ -390,7 +391,7 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     rows, transfers = [], {}
     ratio: Dict[str, Dict[str, float]] = {}
     cosine: Dict[str, Dict[str, float]] = {}
-    signals = head0 = None
+    signals = head0 = model_0 = None
     seconds: Dict[str, Any] = {"checkpoints": {}, "transfer": {}}
     for pt in points:
         t_point = time.perf_counter()
@@ -430,6 +431,17 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
             signals = static_signals(model, examples, batch_size=p["batch_size"],
                                      pad_token_id=tok.pad_token_id or 0)
             seconds["static"] = time.perf_counter() - t_static
+            # kept until θb: the trajectory signals compare the two token by token
+            model_0 = model if any(q["label"] == "θb" for q in points) else None
+        if pt["label"] == "θb" and model_0 is not None:
+            t_traj = time.perf_counter()
+            traj = trajectory_signals(model_0, model, examples, batch_size=p["batch_size"],
+                                      pad_token_id=tok.pad_token_id or 0)
+            result["trajectory_signals"] = signal_agreement(
+                traj, member_of(traj, groups[names[0]]))
+            result["trajectory_signals_set"] = names[0]
+            seconds["trajectory_signals"] = time.perf_counter() - t_traj
+            model_0 = None
         del model, grads
         seconds["checkpoints"][pt["label"]] = time.perf_counter() - t_point
         ctx.say(f"[analyze] {pt['label']} (step {pt['step']}): ‖∇{names[0]}‖/‖∇{names[1]}‖ "

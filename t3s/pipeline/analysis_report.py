@@ -170,6 +170,14 @@ def render_section(result: Mapping[str, Any], figures: Sequence[Tuple[str, str]]
         lines += _table(["signal", "AUC", "separability max(AUC, 1 − AUC)"],
                         [[k, _f(v), _f(result["static_separability"][k])]
                          for k, v in result["static_auc"].items()])
+    if result.get("trajectory_signals"):
+        lines += ["", f"How each token's prediction changed from θ0 to θb, against the "
+                      f"{result['trajectory_signals_set']} (Δc > 0): ROC AUC, and the overlap "
+                      "(Jaccard) of the set with as many tokens ranked first by the signal "
+                      "in its better direction:", ""]
+        lines += _table(["signal", "AUC", "separability", "overlap", "direction"],
+                        [[k, _f(v["auc"]), _f(v["separability"]), _f(v["overlap"]),
+                          v["direction"]] for k, v in result["trajectory_signals"].items()])
     if result.get("anchor_profile"):
         lines += ["", "What anchors are: the share of trace tokens with Δc > 0 (confidence "
                       "rose from θ0 to the bottleneck), by token class, position in the trace "
