@@ -122,6 +122,7 @@ class AccuracyCallback(TrainerCallback):
         self.heldout_history: Dict[int, float] = {}
         # step -> the final answers on the training subset (`t3s.verifier_free_bottleneck`)
         self.train_answers: Dict[int, List[str]] = {}
+        self._last_details = None
         self.deleted_checkpoints: List[int] = []
         self._output_dir: Optional[str] = None
 
@@ -188,13 +189,15 @@ class AccuracyCallback(TrainerCallback):
         return control
 
     # -- internals -----------------------------------------------------------------------
-    def _accuracy(self, model, examples, subset_size, details: bool = False):
-        out = training_accuracy(
+    def _accuracy(self, model, examples, subset_size) -> float:
+        """The accuracy on ``examples``; keeps the per-prompt details in ``_last_details``
+        (a subclass that scores another way leaves it None: no answers are stored)."""
+        acc, self._last_details = training_accuracy(
             model, self.tokenizer, examples, verifier=self.verifier, subset_size=subset_size,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
             progress=self.progress, generation_kwargs=self.generation_kwargs,
-            return_details=details)
-        return (float(out[0]), out[1]) if details else float(out)
+            return_details=True)
+        return float(acc)
 
     def _evaluate(self, model, args, state, control, at_end: bool = False) -> None:
         if model is None:
@@ -203,8 +206,11 @@ class AccuracyCallback(TrainerCallback):
         if self.tracker.history and step <= max(self.tracker.history):
             return
         was_done = self.tracker.done
-        acc, details = self._accuracy(model, self.examples, self.subset_size, details=True)
-        self.train_answers[step] = [extract_final_answer(d["prediction"]) for d in details]
+        self._last_details = None
+        acc = self._accuracy(model, self.examples, self.subset_size)
+        if self._last_details is not None:
+            self.train_answers[step] = [extract_final_answer(d["prediction"])
+                                        for d in self._last_details]
         self.tracker.update(step, acc)
         metrics = {"t3s/train_acc": acc}
         if self.heldout is not None:
