@@ -326,7 +326,7 @@ def length_reward(completions, **kwargs):
     return [float(c.count("1")) + 0.1 * len(c) for c in completions]
 
 
-def train_grpo(tmp_path, model, tok, **config):
+def train_grpo(tmp_path, model, tok, patch_ref=False, **config):
     recs = arithmetic_records(8, seed=0)
     data = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in recs])
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
@@ -336,6 +336,8 @@ def train_grpo(tmp_path, model, tok, **config):
                           disable_tqdm=True, seed=0, **config)
     trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                               reward_funcs=length_reward)
+    if patch_ref:  # TRL loads the reference model itself (by name) and installs its head
+        t3s.patch(trainer.ref_model)
     seen = []
     compute = trainer._get_per_token_logps_and_entropies
 
@@ -350,20 +352,25 @@ def train_grpo(tmp_path, model, tok, **config):
     return logs, seen, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-def test_plain_grpo_trainer_log_probs_equal_trls(tmp_path):
+def test_plain_grpo_trainer_log_probs_equal_trls(tmp_path, beta):
     """GRPO samples completions, scores them with the policy through the fused head, and
     trains on per-token log-probs weighted by advantages: every log-prob, entropy and
-    update equals plain TRL's."""
-    beta = 0.0
+    update equals plain TRL's. With beta > 0 TRL loads a reference model by name; patched
+    too, it scores the KL term's log-probs on t3s's kernels as well."""
     tok = make_tokenizer()
-    base = tiny_llama(tok)
-    ref = train_grpo(tmp_path / "ref", copy.deepcopy(base), tok, beta=beta)
+    theta0 = tmp_path / "theta0"
+    tiny_llama(tok).save_pretrained(theta0)
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(theta0).train()  # noqa: E731
+    ref = train_grpo(tmp_path / "ref", load(), tok, beta=beta)
     result = []
-    patched = t3s.patch(copy.deepcopy(base))
+    patched = t3s.patch(load())
     with counting_kernel_calls() as calls:
-        result.append(train_grpo(tmp_path / "t3s", patched, tok, beta=beta))
-    assert calls
+        result.append(train_grpo(tmp_path / "t3s", patched, tok, patch_ref=beta > 0,
+                                 beta=beta))
+    # per step (2): the policy's forward, and with beta > 0 the reference model's
+    assert len(calls) == (4 if beta > 0 else 2)
     (logs, seen, params), (ref_logs, ref_seen, ref_params) = result[0], ref
     assert len(seen) == len(ref_seen) >= 2
     for (logps, ent), (ref_logps, ref_ent) in zip(seen, ref_seen):
