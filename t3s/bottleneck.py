@@ -237,13 +237,12 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
 def answer_agreement(answers: Mapping[int, Sequence[str]],
                      reference_step: Optional[int] = None) -> Dict[int, float]:
     """step -> the share of prompts whose answer equals the reference step's (θ0's).
 
-    answers: step -> the final answers (`t3s.verify.extract_final_answer`) on the same fixed subset of
-    training prompts, in the same order (what `AccuracyCallback` stores as
+    answers: step -> the final answers (`t3s.verify.extract_final_answer`) on the same
+    fixed subset of training prompts, in the same order (what `AccuracyCallback` stores as
     ``train_answers``). reference_step: default the earliest step (θ0 at step 0).
     No verifier and no gold answer is involved.
     """
@@ -275,6 +274,7 @@ def verifier_free_bottleneck(answers: Mapping[int, Sequence[str]]) -> int:
                                             if INITIAL_STEP in answers else None))
 
 
+@torch.no_grad()
 def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *,
                       verifier: Union[str, Verifier, None] = "math", subset_size: Optional[int] = 64,
                       max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
