@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import functools
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -73,20 +72,17 @@ from ..loss import masked_ce
 from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard, remove_guards
 from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek_parameter,
                     single_hidden)
-from .labels import check_mask_shape, shift_for_causal_lm
 from .arguments import mask_dtype, patched_signature, positional_to_keywords
+from .labels import check_mask_shape, shift_for_causal_lm
 from .liger import apply_liger
 from .trl_head import (TRL_HEAD_KWARG, install_trl_hook, output_class, remove_trl_hooks,
                        resolve, trl_fields, trl_forward, warn_loss_options_unused)
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchInfo", "PatchedForward"]
 
-LOG = logging.getLogger("t3s")
-
 # Loss options `patch` passes on to `masked_ce`; the others are set per call.
 _LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "filter_eps",
                  "accum_dtype", "buffer_bytes", "token_scaling")
-
 
 
 @dataclass
