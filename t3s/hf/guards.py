@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["PATCH_ATTR", "check_causal_lm", "BypassGuard", "describe_forward",
-           "install_guard", "remove_guards"]
+           "forward_chain", "install_guard", "is_trl_code", "remove_guards"]
 
 # Where `patch` keeps its `PatchInfo` on the model (an instance attribute).
 PATCH_ATTR = "_t3s_patch"
@@ -94,19 +94,26 @@ class BypassGuard:
             "t3s.unpatch first")
 
 
-def _chain(fn) -> list:
-    """``fn`` and what it wraps, following ``__func__`` and ``__wrapped__``."""
+def forward_chain(fn) -> list:
+    """``fn`` and what it wraps: bound methods (``__func__``), ``functools.wraps``
+    (``__wrapped__``) and accelerate's output-conversion wrapper (``model_forward``)."""
     seen, chain = set(), []
     while fn is not None and id(fn) not in seen and len(chain) < 16:
         seen.add(id(fn))
         chain.append(fn)
-        fn = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
+        fn = (getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
+              or getattr(fn, "model_forward", None))
     return chain
 
 
+def is_trl_code(fn) -> bool:
+    """Whether ``fn`` is a function defined in TRL's package."""
+    where = getattr(getattr(fn, "__code__", None), "co_filename", "") or ""
+    return f"{os.sep}trl{os.sep}" in where
+
+
 def _chain_is_trl(fn) -> bool:
-    files = [getattr(getattr(f, "__code__", None), "co_filename", "") or "" for f in _chain(fn)]
-    return any(f"{os.sep}trl{os.sep}" in where for where in files)
+    return any(is_trl_code(f) for f in forward_chain(fn))
 
 
 def describe_forward(fn) -> str:
@@ -115,8 +122,8 @@ def describe_forward(fn) -> str:
     Follows ``__func__`` and ``__wrapped__`` (``functools.wraps``), so a wrapper of a
     wrapper (accelerate's around TRL's) is described by what it wraps.
     """
-    chain = _chain(fn)
-    if _chain_is_trl(fn):
+    chain = forward_chain(fn)
+    if any(is_trl_code(f) for f in chain):
         return "TRL's fused LM head (trl add_fused_lm_head, installed by trl.SFTTrainer)"
     code = next((f.__code__ for f in chain if hasattr(f, "__code__")), None)
     if code is None:

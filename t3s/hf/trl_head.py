@@ -40,7 +40,6 @@ the label is -100):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -50,7 +49,7 @@ from torch import nn
 
 from t3s_kernels import linear_cross_entropy, target_logprobs
 
-from .guards import PATCH_ATTR
+from .guards import PATCH_ATTR, forward_chain, is_trl_code
 
 __all__ = ["TRLHeadSettings", "TRLHeadHook", "TRL_HEAD_KWARG", "fused_outputs",
            "install_trl_hook", "output_class", "remove_trl_hooks", "resolve", "trl_fields",
@@ -82,30 +81,14 @@ class TRLHeadSettings:
     outputs: Tuple[str, ...] = ("log_probs",)
 
 
-def _is_trl_fused_forward(fn) -> bool:
-    code = getattr(fn, "__code__", None)
-    return (code is not None and code.co_name == "_fused_forward"
-            and f"{os.sep}trl{os.sep}" in code.co_filename)
-
-
 def trl_forward(model: nn.Module):
-    """TRL's ``_fused_forward`` function installed on ``model``, or None.
-
-    Looks through the instance forward and t3s's previous forward, following
-    bound methods (``__func__``), ``functools.wraps`` (``__wrapped__``) and
-    accelerate's output-conversion wrapper (``model_forward``).
-    """
+    """TRL's ``_fused_forward`` function installed on ``model``, or None: looked for along
+    the instance forward and t3s's previous forward (`t3s.hf.guards.forward_chain`)."""
     info = model.__dict__.get(PATCH_ATTR)
-    todo = [model.__dict__.get("forward"), getattr(info, "previous_forward", None)]
-    seen = set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or len(seen) > 64:
-            continue
-        seen.add(id(fn))
-        if _is_trl_fused_forward(fn):
-            return fn
-        todo += [getattr(fn, name, None) for name in ("__func__", "__wrapped__", "model_forward")]
+    for root in (model.__dict__.get("forward"), getattr(info, "previous_forward", None)):
+        for fn in forward_chain(root):
+            if is_trl_code(fn) and fn.__code__.co_name == "_fused_forward":
+                return fn
     return None
 
 
