@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["shift_for_causal_lm", "count_loss_items", "check_mask_shape"]
+__all__ = ["shift_for_causal_lm", "count_loss_items", "check_mask_shape", "check_targets"]
 
 
 def shift_for_causal_lm(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None, *,
@@ -63,3 +63,11 @@ def check_mask_shape(loss_mask, labels: torch.Tensor, name: str) -> None:
     if loss_mask.shape != labels.shape:
         raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)} but {name} has shape "
                          f"{tuple(labels.shape)}; it must be aligned with {name}")
+
+
+def check_targets(targets: torch.Tensor, hidden: torch.Tensor) -> None:
+    """`ValueError` unless the targets [...] match the hidden states [..., H] position for
+    position."""
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
+                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")

@@ -73,7 +73,7 @@ from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard
 from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek_parameter,
                     single_hidden)
 from .arguments import mask_dtype, patched_signature, positional_to_keywords
-from .labels import check_mask_shape, shift_for_causal_lm
+from .labels import check_mask_shape, check_targets, shift_for_causal_lm
 from .liger import apply_liger
 from .trl_head import (TRL_HEAD_KWARG, install_trl_hook, output_class, remove_trl_hooks,
                        resolve, trl_fields, trl_forward, warn_loss_options_unused)
@@ -367,9 +367,7 @@ def _patched_forward(model: nn.Module, info: PatchInfo, args: tuple, kwargs: dic
     tap = HeadTap.of(tapped) or HeadTap.install(tapped)
 
     def loss_of(hidden: torch.Tensor):
-        if targets.shape != hidden.shape[:-1]:
-            raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
-                             f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
+        check_targets(targets, hidden)
         return _fused_loss(info, head, hidden, targets.to(hidden.device),
                            None if mask is None else mask_dtype(mask).to(hidden.device),
                            num_items, return_token_stats, token_scaling)

@@ -50,6 +50,7 @@ from torch import nn
 from t3s_kernels import linear_cross_entropy, target_logprobs
 
 from .guards import PATCH_ATTR, forward_chain, is_trl_code
+from .labels import check_targets
 
 __all__ = ["TRLHeadSettings", "TRLHeadHook", "TRL_HEAD_KWARG", "fused_outputs",
            "install_trl_hook", "output_class", "remove_trl_hooks", "resolve", "trl_fields",
@@ -199,9 +200,7 @@ def trl_fields(info, head, hidden: torch.Tensor, labels, shift_labels, num_items
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:
         targets = shift_labels
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model "
-                         f"produced hidden states of shape {tuple(hidden.shape[:-1])}")
+    check_targets(targets, hidden)
     weight, bias = head.tensors(hidden_size=hidden.shape[-1], gather=True)
     options = {k: v for k, v in info.loss_options.items() if k in KERNEL_OPTIONS}
     return fused_outputs(hidden.to(weight.device), targets.to(weight.device), weight, bias,
