@@ -17,7 +17,7 @@ from ..hf import is_patched
 from .table import IGNORE_INDEX
 
 __all__ = ["PaddedCollator", "PackedCollator", "pack_indices", "pad_token_id",
-           "patched_model", "check_mask_reaches_loss"]
+           "patched_model", "check_mask_reaches_loss", "mask_is_01"]
 
 
 def patched_model(model) -> Optional[torch.nn.Module]:
@@ -54,14 +54,15 @@ def check_mask_reaches_loss(model, where: str = "this batch") -> None:
             "(t3s.trainer.T3STrainer does it for you)")
 
 
-def _mask_is_01(mask: torch.Tensor) -> bool:
+def mask_is_01(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` only keeps (1) or drops (0) tokens, so labels can carry it."""
     return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
 
 
 def _fold(labels: torch.Tensor, mask: torch.Tensor, fold: Optional[bool], label_pad_id: int) -> None:
     """``labels[mask == 0] = label_pad_id`` (in place) when ``fold`` is True, or None (auto)
     and the mask is 0/1: then a count of ``labels != -100`` is the kept count."""
-    if fold or (fold is None and _mask_is_01(mask)):
+    if fold or (fold is None and mask_is_01(mask)):
         labels[mask == 0] = label_pad_id
 
 

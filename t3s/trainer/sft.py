@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from ..artifact import SelectionArtifact
+from ..data.collate import mask_is_01
 from ..data.table import IGNORE_INDEX
 from .mixin import T3STrainerMixin
 
@@ -158,12 +159,12 @@ def trl_dataset(examples: Iterable[Mapping[str, Any]],
             if mask.shape != labels.shape:
                 raise ValueError(f"the mask of example {eid} has shape {tuple(mask.shape)} but its "
                                  f"labels have shape {tuple(labels.shape)}")
-            if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            if not mask_is_01(mask):
                 raise ValueError(
                     f"the mask of example {eid} holds weights other than 0 and 1, which labels "
                     "cannot carry; train with t3s.trainer.T3SSFTTrainer and the masks as "
                     "loss_masks of t3s.PaddedCollator")
-            labels[~mask.bool()] = IGNORE_INDEX
+            labels[mask == 0] = IGNORE_INDEX
         rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "example_id": eid})
     return datasets.Dataset.from_list(rows)
 
