@@ -158,13 +158,17 @@ os._exit(0)
 """
 
 
+def _ds_env() -> dict:
+    """The environment that runs a script on DeepSpeed's CPU accelerator with this checkout
+    importable."""
+    return dict(os.environ, DS_ACCELERATOR="cpu",
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def _script(path, text: str):
-    """(path, env): ``text`` written to ``path``, and the environment that runs it on
-    DeepSpeed's CPU accelerator with this checkout importable."""
+    """(path, env): ``text`` written to ``path``, and `_ds_env`."""
     path.write_text(text)
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return path, env
+    return path, _ds_env()
 
 
 def test_zero3_fused_loss_matches_one_process(tmp_path):
@@ -270,47 +274,6 @@ def test_t3s_trainer_with_the_shipped_zero3_config(tmp_path, use_cpu):
                                torch.tensor(t1["logprob"].values), rtol=1e-4, atol=1e-4)
 
 
-TRL_SCRIPT = """
-import json, os, sys, warnings
-warnings.simplefilter("ignore")
-import datasets, transformers, trl
-import t3s
-from t3s.demo import BASE_DIR
-from t3s.hf import trl_head
-
-out, config, patched = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-import deepspeed.comm.torch  # noqa: F401  (as in ZERO3_SCRIPT: no JIT-compiled shm all-reduce)
-ds_comm_torch = sys.modules["deepspeed.comm.torch"]
-if hasattr(ds_comm_torch, "build_shm_op"):
-    ds_comm_torch.build_shm_op = lambda: None
-calls = []
-kernel = trl_head.linear_cross_entropy
-trl_head.linear_cross_entropy = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-tok = transformers.AutoTokenizer.from_pretrained(str(BASE_DIR))
-rows = [{"prompt": f"{a}+{b}=", "completion": f"{a}+{b}={a + b};\\\\boxed{{{a + b}}}"}
-        for a in range(10, 22) for b in range(30, 32)]
-model = transformers.AutoModelForCausalLM.from_pretrained(str(BASE_DIR))
-if patched:
-    t3s.patch(model)
-args = trl.SFTConfig(output_dir=out, max_steps=3, report_to=[], deepspeed=config, use_cpu=True,
-                     per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True,
-                     learning_rate=0.1, optim="sgd", logging_steps=1, seed=0, bf16=False)
-trainer = trl.SFTTrainer(model=model, args=args, processing_class=tok,
-                         train_dataset=datasets.Dataset.from_list(rows))
-trainer.train()
-rank = int(os.environ.get("RANK", "0"))
-result = {"engine": str(trainer.accelerator.distributed_type), "world_size": args.world_size,
-          "partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),
-          "t3s_calls": len(calls),
-          "logs": [{k: e[k] for k in ("loss", "entropy", "mean_token_accuracy")}
-                   for e in trainer.state.log_history if "loss" in e]}
-with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
-    json.dump(result, f)
-sys.stdout.flush()
-os._exit(0)
-"""
-
-
 def test_plain_trl_sft_trainer_under_zero3_runs_on_t3s(tmp_path):
     """A plain trl.SFTTrainer under the shipped ZeRO-3 config on 2 CPU ranks: on a patched
     model TRL's fused head runs on t3s's kernels (inside the head's call, where ZeRO-3 has
@@ -319,22 +282,21 @@ def test_plain_trl_sft_trainer_under_zero3_runs_on_t3s(tmp_path):
                         "'.[deepspeed]')")
     pytest.importorskip("trl")
     import json
-    script, env = _script(tmp_path / "trl_zero3.py", TRL_SCRIPT)
+    script = os.path.join(ROOT, "tests", "plain_trl_sft.py")
     results = {}
     for flag in ("1", "0"):
         out = tmp_path / f"patched{flag}"
         out.mkdir()
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                               "2", str(script), str(out),
-                               os.path.join(ROOT, "examples", "deepspeed_zero3.json"), flag],
-                              capture_output=True, text=True, env=env, timeout=300)
+                               "2", script, str(out), flag, "deepspeed",
+                               os.path.join(ROOT, "examples", "deepspeed_zero3.json")],
+                              capture_output=True, text=True, env=_ds_env(), timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         results[flag] = [json.loads((out / f"result.{r}.json").read_text()) for r in (0, 1)]
     for ours, ref in zip(results["1"], results["0"]):
-        assert ours["engine"] == "DistributedType.DEEPSPEED" and ours["partitioned"], ours
+        assert ours["engine"] == "DistributedType.DEEPSPEED" and ours["sharded"], ours
         assert ours["world_size"] == 2 and len(ours["logs"]) == 3
         assert ours["t3s_calls"] >= 3 and ref["t3s_calls"] == 0
         for a, b in zip(ours["logs"], ref["logs"]):
             for key in a:
-                # SGD: Adam would amplify the heads' rounding differences in tiny gradients
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key

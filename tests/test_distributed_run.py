@@ -350,60 +350,19 @@ def test_t3s_trainer_under_plain_ddp(tmp_path):
     assert proc.returncode == 0 and log.count("ok ") == 2, log[-3000:]
 
 
-TRL_FSDP2_SCRIPT = """
-import json, os, sys, warnings
-warnings.simplefilter("ignore")
-sys.path.insert(0, os.path.join(sys.argv[3], "tests"))
-import fsdp2_on_cpu  # noqa: F401  (accelerate's FSDP branch for CPU processes)
-import datasets, torch, transformers, trl
-import t3s
-from t3s.demo import BASE_DIR
-from t3s.hf import trl_head
-
-out, patched = sys.argv[1], sys.argv[2] == "1"
-calls = []
-kernel = trl_head.linear_cross_entropy
-trl_head.linear_cross_entropy = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-tok = transformers.AutoTokenizer.from_pretrained(str(BASE_DIR))
-rows = [{"prompt": f"{a}+{b}=", "completion": f"{a}+{b}={a + b};\\\\boxed{{{a + b}}}"}
-        for a in range(10, 22) for b in range(30, 32)]
-model = transformers.AutoModelForCausalLM.from_pretrained(str(BASE_DIR))
-if patched:
-    t3s.patch(model)
-args = trl.SFTConfig(output_dir=out, max_steps=3, report_to=[], per_device_train_batch_size=4,
-                     use_cpu=True,
-                     save_strategy="no", disable_tqdm=True, learning_rate=0.1, optim="sgd",
-                     logging_steps=1, seed=0, bf16=False, gradient_checkpointing=False)
-trainer = trl.SFTTrainer(model=model, args=args, processing_class=tok,
-                         train_dataset=datasets.Dataset.from_list(rows))
-trainer.train()
-rank = int(os.environ.get("RANK", "0"))
-sharded = any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters())
-result = {"engine": str(trainer.accelerator.distributed_type), "sharded": sharded,
-          "t3s_calls": len(calls),
-          "logs": [{k: e[k] for k in ("loss", "entropy", "mean_token_accuracy")}
-                   for e in trainer.state.log_history if "loss" in e]}
-with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
-    json.dump(result, f)
-sys.stdout.flush()
-os._exit(0)
-"""
-
-
 def test_plain_trl_sft_trainer_under_fsdp2_runs_on_t3s(tmp_path):
     """A plain trl.SFTTrainer under the shipped FSDP2 config on 2 CPU processes (accelerate's
     FSDP branch, as on GPUs): on a patched model TRL's fused head runs on t3s's kernels, and
     the losses and TRL's metrics equal the unpatched run's."""
     pytest.importorskip("trl")
-    script = tmp_path / "trl_fsdp2.py"
-    script.write_text(TRL_FSDP2_SCRIPT)
+    script = ROOT / "tests" / "plain_trl_sft.py"
     results = {}
     for flag in ("1", "0"):
         out = tmp_path / f"patched{flag}"
         out.mkdir()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "examples" / "accelerate_fsdp2.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(script), str(out), flag, str(ROOT)]
+               "--main_process_port", str(free_port()), str(script), str(out), flag, "fsdp2"]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
                               cwd=ROOT, timeout=600)
         log = proc.stdout.decode("utf-8", "replace")
