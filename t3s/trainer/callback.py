@@ -362,7 +362,6 @@ class TrajectoryCallback(LossMaskCallback):
         # Not asked for by the caller: keep the output as the model would give it.
         return type(output)(**{k: v for k, v in output.items() if k != "token_stats"})
 
-
     def _trl_values(self, output):
         """(values [B, T-1], extras) from TRL's ``FusedCausalLMOutput``: its ``log_probs``,
         NaN where ``label_mask`` is False (not trained), and its fields named like the
