@@ -308,21 +308,18 @@ def check_analyze(ctx: StageContext) -> None:
                          "keep_checkpoints keeps every evaluated step)")
 
 
-def _anchor_profile(ctx: StageContext, art, train, tok, delta_path) -> List[Dict[str, Any]]:
+def _anchor_profile(ctx: StageContext, art, train, tok, c0_online) -> List[Dict[str, Any]]:
     """`t3s.analysis.anchor_profile` over every trace token of the run (Δc > 0 are the
-    anchors), with θ0's confidence from the artifact or else the online Δc file."""
-    import pyarrow.parquet as pq
-
+    anchors), with θ0's confidence from the artifact or else ``c0_online`` (the online Δc
+    file's ``example_id``, ``position``, ``c_0`` as an Arrow table; None when unread)."""
     from ..analysis import anchor_profile
     from ..data import TokenTable
     table = art.table.select("delta", *(["c0"] if "c0" in art.table else []))
-    if "c0" not in table:
+    if "c0" not in table and c0_online is not None:
         try:
-            c0 = TokenTable.from_arrow(pq.read_table(
-                delta_path, columns=["example_id", "position", "c_0"]).rename_columns(
-                ["example_id", "position", "c0"]))
+            c0 = TokenTable.from_arrow(c0_online.rename_columns(["example_id", "position", "c0"]))
             table = table.join(c0, how="inner")
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             ctx.say(f"[analyze] anchors by θ0 confidence not computed: {one_line(e)}")
     try:
         return anchor_profile(table, train, tok)
@@ -475,15 +472,16 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     pilot_dir = ctx.dir("pilot")
     curves = shock_curves(read_json(pilot_dir / rundir.ACCURACY_FILE),
                           read_json(pilot_dir / rundir.LOG_HISTORY_FILE))
-    below = None
+    below = c0_online = None
     delta_path = ctx.dir("select") / rundir.delta_file("online")
     try:
+        # θ0's confidences, read once: the tokens below θ0 and the anchor profile use them
+        c0_online = pq.read_table(delta_path, columns=["example_id", "position", "c_0"])
         traj = TrajectoryReader(pilot_dir / rundir.TRAJECTORY_DIR, dataset_fingerprint=fp,
                                 tokenizer_fingerprint=tfp).read(
             ["step", "example_id", "position", "logprob"])
-        c0 = pq.read_table(delta_path, columns=["example_id", "position", "c_0"]) \
-            .rename_columns(["example_id", "position", "logprob"])
-        below = below_initial(traj, c0)
+        below = below_initial(traj, c0_online.rename_columns(
+            ["example_id", "position", "logprob"]))
     except (ValueError, OSError) as e:
         ctx.say(f"[analyze] tokens below θ0 not computed: {one_line(e)}")
     result["shock"] = {k: ({str(s): v for s, v in curves[k].items()} if isinstance(curves[k], dict)
@@ -491,7 +489,7 @@ def stage_analyze(ctx: StageContext) -> Dict[str, Any]:
     if below is not None:
         result["shock"]["below_theta0"] = {k: v.tolist() for k, v in below.items()}
 
-    result["anchor_profile"] = _anchor_profile(ctx, art, train, tok, delta_path)
+    result["anchor_profile"] = _anchor_profile(ctx, art, train, tok, c0_online)
 
     figs = rundir.ANALYSIS_FIGURES
     shown: List[Tuple[str, str]] = []
