@@ -89,14 +89,22 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--direct-fraction", type=float, default=0.0,
                     help="share of training examples answered directly (the rest step by step)")
+    ap.add_argument("--terms", default="2,3",
+                    help="numbers of terms of the training sums, comma-separated (default: %(default)s)")
     ap.add_argument("--eval-every", type=int, default=500, help="held-out check every N steps (0: off)")
     ap.add_argument("--eval-size", type=int, default=200, help="held-out problems per number of terms")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1:
         ap.error("--batch-size must be >= 2 and --steps >= 1")
-    if not 0.0 <= args.direct_fraction < 0.5:
-        ap.error("--direct-fraction must be in [0, 0.5) so that the base answers step by step")
+    if not 0.0 <= args.direct_fraction <= 1.0:
+        ap.error("--direct-fraction must be in [0, 1]")
+    try:
+        args.terms = sorted({int(k) for k in args.terms.split(",")})
+    except ValueError:
+        ap.error(f"--terms must be integers separated by commas, got {args.terms!r}")
+    if not args.terms or min(args.terms) < 2:
+        ap.error("--terms needs numbers of terms >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -110,8 +118,7 @@ def main(argv=None) -> int:
     sets = {f"heldout{k}": task.make_problems(args.eval_size, k, "held_out", seed=args.seed)
             for k in (2, 3, 4)}
     evaluator = Evaluator(tokenizer, sets, verifier="math")
-    streams = {k: task.iter_problems(k, "train", seed=args.seed * 1000 + k) for k in (2, 3)}
-    half = args.batch_size // 2
+    streams = {k: task.iter_problems(k, "train", seed=args.seed * 1000 + k) for k in args.terms}
     style_rng = random.Random(f"t3s-demo/base-style/{args.seed}")
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -120,7 +127,9 @@ def main(argv=None) -> int:
     eval_s = 0.0
     running = []
     for step in range(1, args.steps + 1):
-        probs = [next(streams[2]) for _ in range(half)] + [next(streams[3]) for _ in range(args.batch_size - half)]
+        # an equal share of the batch for each number of terms (the first ones take the rest)
+        probs = [next(streams[args.terms[i * len(args.terms) // args.batch_size]])
+                 for i in range(args.batch_size)]
         styles = ["direct" if style_rng.random() < args.direct_fraction else "steps" for _ in probs]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -166,7 +175,9 @@ def main(argv=None) -> int:
         "warmup": args.warmup, "schedule": "linear warmup, cosine to 0.1*lr",
         "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), grad clip 1.0",
         "direct_fraction": args.direct_fraction,
-        "data": ("half 2-term and half 3-term sums of two-digit numbers (training pool); "
+        "terms": args.terms,
+        "data": (f"sums of {'/'.join(map(str, args.terms))} two-digit numbers in equal shares "
+                 "(training pool); "
                  f"{args.direct_fraction:.0%} direct answers, the rest step by step "
                  "(the student's style)"),
         "step_style_share": {k: round(v, 4) for k, v in stepwise.items()},

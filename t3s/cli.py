@@ -1,12 +1,15 @@
 """The ``t3s`` command.
 
     t3s run    --model DIR --train traces.jsonl --heldout heldout.jsonl [--run-dir DIR] [...]
-    t3s pilot | select | train | baseline | eval | report   [same options]
+    t3s pilot | select | train | baseline | arms | eval | report   [same options]
     t3s analyze RUN_DIR [--analysis-param KEY=VALUE ...]    (the diagnostics, then the report)
-    t3s demo   [--quick] [--out DIR] [--seed N] [--redo STAGE] [--overwrite] [--no-progress]
+    t3s sensitivity RUN_DIR [--sensitivity-param KEY=VALUE ...]   (other bottlenecks, then
+                                                                the report)
+    t3s demo   [--quick] [--task NAME] [--out DIR] [--seed N | --seeds LIST] [--redo STAGE]
+               [--overwrite] [--no-progress]
 
 ``t3s run`` runs the stages of `t3s.pipeline.stages` (pilot, select, train,
-baseline, eval, report) in a run directory and resumes after the last finished one;
+baseline, arms, eval, report) in a run directory and resumes after the last finished one;
 each other subcommand runs one stage. Settings come from flags or from one
 YAML file (``--config run.yaml``; keys are the flag names with underscores,
 relative paths in it are relative to the file); flags override the file, and
@@ -68,7 +71,8 @@ _GROUPS = {
     "model and data": ("model", "tokenizer", "trust_remote_code", "train", "heldout", "test",
                        "extra_test", "max_length", "truncation"),
     "hardware": ("device", "dtype", "threads"),
-    "selection": ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params"),
+    "selection": ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params",
+                  "arms"),
     "run directory": ("run_dir", "progress"),
 }
 
@@ -126,19 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     helps = {s.name: s.help for s in STAGES}
     sub_help = {
-        "run": "all stages: pilot, select, train, baseline, eval, report (resumable; "
-               "--analyze adds the analyze stage)",
+        "run": "all stages: pilot, select, train, baseline, arms, eval, report (resumable; "
+               "--analyze and --sensitivity add those stages)",
         "pilot": helps["pilot"],
         "select": helps["select"] + " (any rule of t3s.selection.RULES)",
         "train": helps["train"] + " (--rule none: plain SFT)",
         "baseline": helps["baseline"],
+        "arms": helps["arms"],
         "eval": helps["eval"],
         "analyze": helps["analyze"] + "; then the report",
+        "sensitivity": helps["sensitivity"] + "; then the report",
         "report": helps["report"],
     }
     for name, text in sub_help.items():
         p = sub.add_parser(name, help=text, description=text)
-        if name == "analyze":   # `t3s analyze RUN_DIR` (or --run-dir)
+        if name in ("analyze", "sensitivity"):   # `t3s analyze RUN_DIR` (or --run-dir)
             p.add_argument("run_dir_arg", nargs="?", metavar="RUN_DIR",
                            help="the run directory (the same as --run-dir)")
         _add_options(p)
@@ -151,9 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, metavar="DIR",
                       help="output directory (runs/demo; runs/demo-quick with --quick; "
                            "runs/demo-diffusion[-quick] with --diffusion)")
+    demo.add_argument("--task", default=None, metavar="NAME",
+                      help="the built-in task (t3s.demo.tasks): 'teach' (default: the teacher's "
+                           "traces add 4-term sums the base lacks; plain SFT crashes, then "
+                           "recovers) or 'style' (the first demo: the traces restyle what the "
+                           "base does)")
     demo.add_argument("--seed", type=int, default=None, metavar="N",
                       help="seed of the traces, held-out problems and data order (default 0; "
                            "the base student is the same)")
+    demo.add_argument("--seeds", default=None, metavar="LIST",
+                      help="run every seed (e.g. 0,1,2 or 0-2) into DIR/seed-<s>/ and summarise "
+                           "them as mean ± standard error in DIR/summary/")
     # the same meaning as for `t3s run` (the demo's own messages name them)
     demo.add_argument("--redo", action="append", default=[], metavar="STAGE",
                       choices=list(STAGE_NAMES) + ["all"],
@@ -188,12 +202,12 @@ def resolve_config(args: argparse.Namespace):
     """(settings, run directory, stored config or None) for parsed ``args``
     (`t3s.pipeline.commands.resolve_config`)."""
     flags = _flag_values(args)
-    if args.command == "analyze":
+    if args.command in ("analyze", "sensitivity"):
         if getattr(args, "run_dir_arg", None):
             if "run_dir" in flags and flags["run_dir"] != args.run_dir_arg:
                 raise UsageError("give the run directory once: RUN_DIR or --run-dir")
             flags["run_dir"] = args.run_dir_arg
-        flags["analyze"] = True
+        flags[args.command] = True   # the stage is on from now on, as its setting says
     return commands.resolve_config(flags, config_file=args.config,
                                    overwrite=args.overwrite)
 
@@ -234,6 +248,21 @@ def _demo(args: argparse.Namespace) -> int:
                          "in this version")
     # only what was given, so the demo's own defaults stay its defaults
     kw: Dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
+    if args.task is not None:
+        if args.diffusion and args.task != "style":
+            raise UsageError("t3s demo --diffusion runs the 'style' task only; drop --task")
+        if not args.diffusion:
+            kw["task"] = args.task
+    if args.seeds is not None:
+        if args.diffusion:
+            raise UsageError("--seeds is not available with --diffusion")
+        if args.seed is not None:
+            raise UsageError("give --seed or --seeds, not both")
+        from t3s.demo.seeds import parse_seeds
+        try:
+            kw["seeds"] = parse_seeds(args.seeds)
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from None
     if args.redo:
         kw["redo"] = list(args.redo)
     if args.overwrite:

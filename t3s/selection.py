@@ -13,6 +13,10 @@ plus value columns; see `t3s.data`). Legend: T = number of tokens.
   the tokens a diffusion LM must *mask (corrupt) and reconstruct*; it is not a
   loss mask.
 
+* Trajectory-signal rules (`entropy_change_mask`, `logit_grad_change_mask`,
+  `kl_mask`) read the per-token signals of `t3s.analysis.trajectory_signals`
+  (columns ``delta_entropy``, ``delta_logit_grad``, ``kl``; `SIGNAL_COLUMNS`).
+
 Tie-breaking in the budgeted rules is by key order (example_id, then
 position), so results do not depend on the row order of the input.
 
@@ -26,6 +30,10 @@ example) and whose key order is the row-major (flat) order, so
 ``per_example=True`` works per row and ties break by flat index. Several array
 inputs of one call must have the same shape. NaN values are refused, as in
 tables: select the finite entries first (``x[torch.isfinite(x)]``).
+
+Size: over 550 lines because every rule of `RULES` lives next to the private helpers
+they share (table / tensor inputs, key-order tie-breaking, budgets); a second module
+would have to import those private helpers.
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ __all__ = [
     "static_confidence_mask",
     "rho1_mask",
     "prob_threshold_mask",
+    "entropy_change_mask",
+    "logit_grad_change_mask",
+    "kl_mask",
+    "SIGNAL_COLUMNS",
     "forced_mask",
     "full_mask",
     "apply_rule",
@@ -376,6 +388,80 @@ def prob_threshold_mask(c: Tokens, threshold: Union[float, Tuple[float, float]],
 
 
 # --------------------------------------------------------------------------------------
+# Rules from trajectory signals (`t3s.analysis.trajectory_signals`, θ0 -> θb)
+# --------------------------------------------------------------------------------------
+
+#: rule name -> the trajectory-signal column it reads
+SIGNAL_COLUMNS = {"entropy": "delta_entropy", "logit_grad": "delta_logit_grad", "kl": "kl"}
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return float(value)
+
+
+def entropy_change_mask(delta_entropy: Tokens, *, threshold: float = 0.0,
+                        column: Optional[str] = None) -> Tokens:
+    """Drop the tokens whose predictive entropy fell from θ0 to θb: ``loss_mask = 0``
+    where ΔH = H(p_θb) − H(p_θ0) < −threshold, 1 elsewhere.
+
+    The entropy analogue of the anchor rule (confidence up ≈ entropy down): the
+    pilot became surer of these positions. delta_entropy: table with a
+    ``delta_entropy`` column [T]; a token with ΔH exactly −threshold is kept.
+    Returns ``loss_mask`` [T] bool; a tensor / array [S] gives a bool mask [S].
+    """
+    threshold = _finite(threshold, "threshold")
+    delta_entropy, shape = _as_table(delta_entropy, "delta_entropy")
+    d = _values(delta_entropy, _column_of(column, shape), ("delta_entropy",), "delta_entropy")
+    return _mask_out(_mask_table(delta_entropy, ~(d < -threshold)), shape, "loss_mask")
+
+
+def logit_grad_change_mask(delta_logit_grad: Tokens, *, threshold: float = 0.0,
+                           column: Optional[str] = None) -> Tokens:
+    """Drop the tokens whose logit-gradient norm fell from θ0 to θb: ``loss_mask = 0``
+    where Δ‖g‖ = ‖p_θb − e_y‖ − ‖p_θ0 − e_y‖ < −threshold (the tokens the pilot was
+    fitting), 1 elsewhere.
+
+    delta_logit_grad: table with a ``delta_logit_grad`` column [T]; a token with
+    Δ‖g‖ exactly −threshold is kept. Returns ``loss_mask`` [T] bool; a tensor /
+    array [S] gives a bool mask [S].
+    """
+    threshold = _finite(threshold, "threshold")
+    delta_logit_grad, shape = _as_table(delta_logit_grad, "delta_logit_grad")
+    d = _values(delta_logit_grad, _column_of(column, shape), ("delta_logit_grad",),
+                "delta_logit_grad")
+    return _mask_out(_mask_table(delta_logit_grad, ~(d < -threshold)), shape, "loss_mask")
+
+
+def kl_mask(kl: Tokens, fraction: Optional[float] = None, *, budget: Optional[int] = None,
+            column: Optional[str] = None) -> Tokens:
+    """Drop the tokens whose predictive distribution moved most from θ0 to θb: the
+    largest KL(p_θb ‖ p_θ0).
+
+    kl: table with a ``kl`` column [T]. Give exactly one of
+      * ``fraction``: drop round(fraction · T) tokens;
+      * ``budget``: keep exactly this many tokens (drop T − budget), as
+        `random_mask`'s ``budget`` does, so the two can be given the same budget.
+    A global rank over all tokens, ties by key order (as `static_confidence_mask`).
+    Returns ``loss_mask`` [T] bool; a tensor / array [S] gives a bool mask [S].
+    """
+    if (fraction is None) == (budget is None):
+        raise ValueError("give exactly one of fraction or budget")
+    kl, shape = _as_table(kl, "kl")
+    v = _values(kl, _column_of(column, shape), ("kl",), "kl")
+    if budget is not None:
+        if not 0 <= budget <= len(kl):
+            raise ValueError(f"budget must be in [0, {len(kl)}], got {budget}")
+        n_drop = len(kl) - int(budget)
+    else:
+        n_drop = _count(fraction, len(kl), "fraction")
+    keep = np.ones(len(kl), dtype=bool)
+    keep[_top_rows(v, _key_order(kl), n_drop, largest=True)] = False
+    return _mask_out(_mask_table(kl, keep), shape, "loss_mask")
+
+
+# --------------------------------------------------------------------------------------
 # Diffusion-LM forced set
 # --------------------------------------------------------------------------------------
 
@@ -400,10 +486,15 @@ def forced_mask(delta: Tokens, tau: float = 0.2, *, column: Optional[str] = None
 # Rules by name (for re-applying a rule to a stored artifact)
 # --------------------------------------------------------------------------------------
 
-def _rule_rho1(t: TokenTable, *, keep_fraction: float, batch=None, **kw) -> TokenTable:
-    for name in ("loss_theta", "loss_ref"):
+def _need_columns(rule: str, t: TokenTable, *names: str) -> None:
+    """ValueError naming the first of ``names`` that the table lacks."""
+    for name in names:
         if name not in t:
-            raise ValueError(f"rule 'rho1' needs a {name!r} column; columns: {t.names}")
+            raise ValueError(f"rule {rule!r} needs a {name!r} column; columns: {t.names}")
+
+
+def _rule_rho1(t: TokenTable, *, keep_fraction: float, batch=None, **kw) -> TokenTable:
+    _need_columns("rho1", t, "loss_theta", "loss_ref")
     return rho1_mask(t.select("loss_theta"), t.select("loss_ref"), keep_fraction, batch=batch, **kw)
 
 
@@ -412,12 +503,28 @@ def _rule_static(t: TokenTable, *, fraction: float = 0.2, which: str = "top",
     return static_confidence_mask(t, fraction, which, column=column)
 
 
+def _rule_signal(rule: str, mask_fn) -> Callable[..., TokenTable]:
+    """A `RULES` entry reading the column ``SIGNAL_COLUMNS[rule]`` with ``mask_fn``."""
+    def apply(t: TokenTable, **params) -> TokenTable:
+        _need_columns(rule, t, SIGNAL_COLUMNS[rule])
+        return mask_fn(t, column=SIGNAL_COLUMNS[rule], **params)
+    return apply
+
+
+def _rule_kl(t: TokenTable, *, fraction: Optional[float] = None,
+             budget: Optional[int] = None) -> TokenTable:
+    if fraction is None and budget is None:
+        fraction = 0.2   # the static rule's default share *(choice)*
+    return _rule_signal("kl", kl_mask)(t, fraction=fraction, budget=budget)
+
+
 def _rule_prob(t: TokenTable, *, threshold, direction: str = "higher", column: str = "c0") -> TokenTable:
     return prob_threshold_mask(t, threshold, direction, column=column)
 
 
 #: rule name -> function(table, **params) -> mask table. The table holds the stored
-#: columns (``delta``, and ``c0``/``cb`` when present).
+#: columns (``delta``, and ``c0``/``cb``, ``loss_theta``/``loss_ref`` or the
+#: `SIGNAL_COLUMNS` when present); a rule missing its column raises ValueError.
 RULES: Dict[str, Callable[..., TokenTable]] = {
     "anchor": lambda t, threshold=0.0: anchor_mask(t, threshold=threshold, column="delta"),
     "inverse_anchor": lambda t, threshold=0.0: inverse_anchor_mask(t, threshold=threshold, column="delta"),
@@ -426,6 +533,9 @@ RULES: Dict[str, Callable[..., TokenTable]] = {
     "static": _rule_static,
     "prob_threshold": _rule_prob,
     "rho1": _rule_rho1,
+    "entropy": _rule_signal("entropy", entropy_change_mask),
+    "logit_grad": _rule_signal("logit_grad", logit_grad_change_mask),
+    "kl": _rule_kl,
     "forced": lambda t, tau=0.2: forced_mask(t, tau, column="delta"),
 }
 

@@ -19,9 +19,15 @@ from t3s.pipeline import engine  # noqa: E402
 from t3s.pipeline.console import show_progress  # noqa: E402
 from t3s.pipeline.rundir import ANALYSIS_FIGURES, STAGE_NAMES  # noqa: E402
 from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
+from t3s.demo.tasks import DEFAULT_TASK, TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_BUDGET_S = 180  # the budget for --quick on 2 CPU cores: reported, never asserted
+QUICK = TASKS[DEFAULT_TASK]   # `t3s demo --quick` runs the default task's quick variant
+N_HELDOUT = QUICK.quick_sizes["heldout_size"]
+N_FOUR = QUICK.quick_sizes["four_term_size"]
+N_TRAIN = sum(QUICK.quick_sizes["trace_counts"].values())
+ARMS = tuple(QUICK.quick_settings["arms"])
 
 
 @pytest.fixture
@@ -70,14 +76,19 @@ def test_quick_demo_end_to_end(quick_run):
     # both evaluation sets: held-out 2/3-term sums (headline) and 4-term sums (extra_test)
     assert list(metrics["accuracy_by_set"]) == ["heldout", "extra_test"]
     assert metrics["accuracy_source"] == "eval"
-    for arm in ("base", "sft", "t3s", "baseline"):
-        assert metrics[f"{arm}_acc"] == metrics["accuracy_by_set"]["heldout"][arm]
+    # every arm of the task: base, SFT, T3S, the random baseline, DFT, Rho-1, static, ...
+    assert {"dft", "rho1", "static"} <= set(ARMS) and metrics["arms"] == list(ARMS)
+    for arm in ("base", "sft", "t3s", "baseline") + ARMS:
+        assert metrics[f"{arm}_acc"] == metrics["accuracy_by_set"]["heldout"][arm], arm
         assert 0.0 <= metrics["accuracy_by_set"]["extra_test"][arm] <= 1.0
+        assert (out / ("arms/" + arm if arm in ARMS else "") / "model").exists() or arm in (
+            "base", "sft", "t3s", "baseline"), arm
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert results["sets"]["heldout"]["n"] == 100 and results["sets"]["extra_test"]["n"] == 50
-    for arm in ("base", "sft", "t3s", "baseline"):
-        assert len((out / "eval" / f"{arm}.jsonl").read_text().splitlines()) == 100
-        assert len((out / "eval" / f"{arm}.extra_test.jsonl").read_text().splitlines()) == 50
+    assert results["sets"]["heldout"]["n"] == N_HELDOUT
+    assert results["sets"]["extra_test"]["n"] == N_FOUR
+    for arm in ("base", "sft", "t3s", "baseline") + ARMS:
+        assert len((out / "eval" / f"{arm}.jsonl").read_text().splitlines()) == N_HELDOUT
+        assert len((out / "eval" / f"{arm}.extra_test.jsonl").read_text().splitlines()) == N_FOUR
     # the bottleneck is one of the pilot's evaluated steps after θ0
     config = json.loads((out / "config.json").read_text())["config"]
     b = metrics["bottleneck_step"]
@@ -108,14 +119,16 @@ def test_quick_demo_end_to_end(quick_run):
     assert (report / link).resolve() == ROOT / "docs" / "demo" / "README.md"
     # every accuracy names its set and size: the whole sets in the table, the subsets
     # (--eval-subset) during training
-    assert metrics["accuracy_set"] == "heldout" and metrics["n_test"]["t3s"] == 100
+    assert metrics["accuracy_set"] == "heldout" and metrics["n_test"]["t3s"] == N_HELDOUT
     subset = config["eval_subset"]
-    assert metrics["curve_sets"] == {"train_acc": {"set": "train", "n": subset, "of": 200},
-                                     "heldout_acc": {"set": "heldout", "n": subset, "of": 100}}
-    assert "(heldout set, n=100, headline)" in text and "(extra_test set, n=50)" in text
-    assert f"on {subset} of the 100 held-out problems" in text
-    assert f"on {subset} of the 200 training problems" in text
-    assert "On the heldout set (n=100), T3S" in text
+    assert metrics["curve_sets"] == {
+        "train_acc": {"set": "train", "n": subset, "of": N_TRAIN},
+        "heldout_acc": {"set": "heldout", "n": subset, "of": N_HELDOUT}}
+    assert f"(heldout set, n={N_HELDOUT}, headline)" in text
+    assert f"(extra_test set, n={N_FOUR})" in text
+    assert f"on {subset} of the {N_HELDOUT} held-out problems" in text
+    assert f"on {subset} of the {N_TRAIN} training problems" in text
+    assert f"On the heldout set (n={N_HELDOUT}), T3S" in text
     for png in ("shock.png", "delta_hist.png", "traces.png"):
         data = (report / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000, png
@@ -126,7 +139,7 @@ def test_quick_demo_end_to_end(quick_run):
         assert analysis[key], key
     steps = sorted(int(s) for s in analysis["grad_norm_ratio"]["pilot"])
     assert steps == list(range(0, config["steps"] + 1, config["eval_steps"]))   # kept checkpoints
-    assert set(analysis["transfer_matrix"]) == {"θ0", "θb", "T3S 25", "T3S final"}
+    assert set(analysis["transfer_matrix"]) == {"θ0", "θb", "T3S 10", "T3S final"}
     assert "## Diagnostics (`t3s analyze`)" in text
     for png in ANALYSIS_FIGURES.values():
         assert (report / png).read_bytes().startswith(b"\x89PNG") and f"({png})" in text

@@ -170,11 +170,12 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 #: (file whose appearance triggers the signal, signal): inside each stage, after a
 #: checkpoint of the training ones (which then must be continued from, not redone)
 KILL_POINTS = (
-    (".partial-pilot/checkpoint-25/trainer_state.json", signal.SIGKILL),
-    (".partial-pilot/checkpoint-45/trainer_state.json", signal.SIGKILL),
+    (".partial-pilot/checkpoint-5/trainer_state.json", signal.SIGKILL),
+    (".partial-pilot/checkpoint-15/trainer_state.json", signal.SIGKILL),
     (".partial-select/profile", signal.SIGKILL),
-    (".partial-train/checkpoint-20/trainer_state.json", signal.SIGINT),
-    (".partial-baseline/checkpoint-35/trainer_state.json", signal.SIGKILL),
+    (".partial-train/checkpoint-10/trainer_state.json", signal.SIGINT),
+    (".partial-baseline/checkpoint-15/trainer_state.json", signal.SIGKILL),
+    (".partial-arms/rho1/checkpoint-10/trainer_state.json", signal.SIGKILL),
     (".partial-eval/sft.jsonl", signal.SIGKILL),
 )
 
@@ -222,14 +223,18 @@ def test_kill_inside_every_stage_then_rerun_equals_a_clean_run(quick_demo, tmp_p
     # continued, not redone: each rerun after a training-stage kill went on from a
     # checkpoint at or after the one that triggered the kill
     assert "[pilot] continuing from its last checkpoint, checkpoint-" in logs[1]
-    assert _summary(out, "pilot")["resumed_from_step"] >= 45
-    assert _summary(out, "train")["resumed_from_step"] >= 20
-    assert _summary(out, "baseline")["resumed_from_step"] >= 35
+    assert _summary(out, "pilot")["resumed_from_step"] >= 15
+    assert _summary(out, "train")["resumed_from_step"] >= 10
+    assert _summary(out, "baseline")["resumed_from_step"] >= 15
+    # the arms: the ones finished before the kill were kept, the interrupted one continued
+    assert _summary(out, "arms")["rho1"]["resumed_from_step"] >= 10
+    assert _summary(out, "arms")["dft"]["resumed_from_step"] is None
     assert "[select] removing the unfinished attempt" in logs[3]  # not resumable: restarted
     assert "[pilot] already done" in logs[3] and "[train] already done" in logs[-1]
     # the results equal the uninterrupted run's, bit for bit
     for f in ("pilot/final/model.safetensors", "train/model/model.safetensors",
-              "baseline/model/model.safetensors"):
+              "baseline/model/model.safetensors", "arms/dft/model/model.safetensors",
+              "arms/rho1/model/model.safetensors", "arms/kl/model/model.safetensors"):
         assert (out / f).read_bytes() == (clean / f).read_bytes(), f
     import pyarrow.parquet as pq
     for f in ("select/selection.parquet", "select/baseline.parquet"):

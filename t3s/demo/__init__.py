@@ -1,21 +1,27 @@
 """The embedded demo: Imitation Shock and T3S on a task that runs on 2 CPU cores.
 
-``t3s demo [--quick] [--out DIR]`` calls `main`, which
+``t3s demo [--quick] [--task NAME] [--seeds LIST] [--out DIR]`` calls `main`, which
 
-1. writes the demo's data into ``DIR/data/`` with `t3s.demo.task`:
-   ``train.jsonl`` (the rule-based teacher's traces of 2-, 3- and 4-term sums,
-   the student's reasoning steps in the teacher's layout: one spaced step per
-   line), ``heldout.jsonl`` (held-out 2- and 3-term sums, which the base student
-   answers in its own style; the headline accuracies) and ``four_terms.jsonl``
-   (held-out 4-term sums, which the base has never seen; ``extra_test``);
+1. writes the data of the task (`t3s.demo.tasks`; ``teach`` by default) into
+   ``DIR/data/`` with `t3s.demo.task`: ``train.jsonl`` (the rule-based teacher's
+   traces of 2-, 3- and 4-term sums, the student's reasoning steps in the teacher's
+   layout: one spaced step per line), ``heldout.jsonl`` (held-out 2- and 3-term sums,
+   which the base student answers in its own style; the headline accuracies) and
+   ``four_terms.jsonl`` (held-out 4-term sums, which the base has never seen;
+   ``extra_test``);
 2. runs the stages of ``t3s run`` (`t3s.pipeline.stages`) in ``DIR`` on the shipped base
    student θ0 (``t3s/demo/assets/base``, `t3s.demo.model`): the pilot SFT
    (= plain SFT), selection (bottleneck, Δc, anchor mask), T3S retraining, a
-   random-mask baseline with the same token budget, evaluation on both
-   held-out sets, the diagnostics (``DIR/analyze/``, `t3s.pipeline.analysis`, on every
-   evaluated checkpoint of the pilot and of T3S, which the demo keeps) and the report
-   (``DIR/report/``: ``report.md`` with the diagnostics' section, ``metrics.json``,
-   ``shock.png``, ``delta_hist.png``, ``traces.png`` and the ``analysis_*.png`` figures).
+   random-mask baseline with the same token budget, the task's further arms (``teach``:
+   DFT, Rho-1, static confidence and the trajectory-signal rules, `t3s.pipeline.arms`),
+   evaluation on both held-out sets, the diagnostics (``DIR/analyze/``,
+   `t3s.pipeline.analysis`, on every evaluated checkpoint of the pilot and of T3S, which
+   the demo keeps) and the report (``DIR/report/``: ``report.md`` with the diagnostics'
+   section, ``metrics.json``, ``shock.png``, ``delta_hist.png``, ``traces.png`` and the
+   ``analysis_*.png`` figures).
+
+With ``--seeds 0,1,2`` it does this once per seed in ``DIR/seed-<s>/`` and summarises the
+arms as mean ± standard error in ``DIR/summary/`` (`t3s.demo.seeds`).
 
 Under ``torchrun`` / ``accelerate launch`` the demo runs as ``t3s run`` does
 there (`t3s.pipeline.commands`): rank 0 writes the data and owns ``DIR``, each
@@ -34,6 +40,8 @@ Modules:
 
 * `t3s.demo.task`: the sums, the student's and the teacher's answer styles, seeded
   generators with a hash-based train/held-out split, a JSONL writer.
+* `t3s.demo.tasks`: the built-in tasks (data sizes and training budget).
+* `t3s.demo.seeds`: several seeds and their summary.
 * `t3s.demo.model`: the char-level tokenizer, the ~0.86M-parameter Llama
   config, the shipped base θ0 (built by ``scripts/build_demo_base.py``) and
   fast batched greedy generation.
@@ -56,20 +64,20 @@ from .._util import torch_threads
 from .evaluate import max_new_tokens_for
 from .model import BASE_DIR, PARAM_COUNT, build_tokenizer, load_base
 from .task import Problem
+from .tasks import DEFAULT_TASK, TASKS, task_named
 
 __all__ = ["main", "demo_settings", "write_data", "check_demo_dir", "install_data",
            "refuse_other_settings", "DATA_SIZES", "QUICK_DATA_SIZES",
            "SETTINGS", "QUICK_SETTINGS", "BASE_DIR", "PARAM_COUNT", "build_tokenizer",
-           "load_base", "Problem"]
+           "load_base", "Problem", "DEFAULT_TASK", "TASKS", "default_out"]
 
-#: the data of the full demo: teacher traces per number of terms, held-out 2/3-term
-#: problems (half each) and held-out 4-term problems
-DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 200,
-                              "four_term_size": 100}
-QUICK_DATA_SIZES: Dict[str, Any] = {"trace_counts": {2: 67, 3: 67, 4: 66}, "heldout_size": 100,
-                                    "four_term_size": 50}
+#: the data of the `style` task (`t3s.demo.tasks`): teacher traces per number of terms,
+#: held-out 2/3-term problems (half each) and held-out 4-term problems
+DATA_SIZES: Dict[str, Any] = dict(TASKS["style"].sizes)
+QUICK_DATA_SIZES: Dict[str, Any] = dict(TASKS["style"].quick_sizes)
 
-#: `t3s run` settings of the full demo (model, data and run_dir are added by `demo_settings`)
+#: `t3s run` settings common to the demo's tasks, those of its `style` task (a task replaces
+#: some: `t3s.demo.tasks`; model, data and run_dir are added by `demo_settings`)
 SETTINGS: Dict[str, Any] = {
     "seed": 0, "steps": 90, "batch_size": 64, "lr": 3e-4, "lr_scheduler": "constant",
     "warmup_steps": 0, "eval_steps": 5, "eval_subset": 64,
@@ -159,20 +167,33 @@ def _default_threads() -> int:
     return max(1, min(2, n))  # a 0.86M-parameter model gains nothing from more threads
 
 
-def demo_settings(quick: bool, out: os.PathLike, data: Mapping[str, str],
-                  **overrides) -> Dict[str, Any]:
-    """The `t3s run` settings of the demo (before `t3s.pipeline.settings.normalize_config`)."""
+def demo_settings(quick: bool, out: os.PathLike, data: Mapping[str, str], *,
+                  task: str = DEFAULT_TASK, **overrides) -> Dict[str, Any]:
+    """The `t3s run` settings of the demo's ``task`` (`t3s.demo.tasks`), before
+    `t3s.pipeline.settings.normalize_config`."""
     values = dict(QUICK_SETTINGS if quick else SETTINGS)
+    chosen = task_named(task)
+    values.update(chosen.quick_settings if quick else chosen.settings)
     values.update(model=str(BASE_DIR), threads=_default_threads(), run_dir=os.fspath(out), **data)
     values.update(overrides)
     return values
 
 
-def main(quick: bool = False, out: Optional[str] = None, *,
-         say: Callable[[str], None] = print, redo: Sequence[str] = (), overwrite: bool = False,
-         **overrides) -> Dict[str, Any]:
-    """Run the demo into ``out`` (default ``runs/demo``, ``runs/demo-quick`` with
-    ``quick``) and return the report's metrics (``metrics.json``).
+def default_out(quick: bool, task: str = DEFAULT_TASK) -> str:
+    """``runs/demo`` (``runs/demo-quick`` with ``quick``); ``runs/demo-<task>[-quick]`` for a
+    task other than the default."""
+    name = "runs/demo" if task == DEFAULT_TASK else f"runs/demo-{task}"
+    return name + ("-quick" if quick else "")
+
+
+def main(quick: bool = False, out: Optional[str] = None, *, task: str = DEFAULT_TASK,
+         seeds: Optional[Sequence[int]] = None, say: Callable[[str], None] = print,
+         redo: Sequence[str] = (), overwrite: bool = False, **overrides) -> Dict[str, Any]:
+    """Run the demo's ``task`` (`t3s.demo.tasks`) into ``out`` (default: `default_out`) and
+    return the report's metrics (``metrics.json``).
+
+    seeds: run every seed into ``out/seed-<s>/`` and summarise them as mean ± standard
+    error in ``out/summary/`` (`t3s.demo.seeds`); returns the summary's metrics.
 
     ``overrides``: data sizes (``trace_counts``, ``heldout_size``, ``four_term_size``)
     and any `t3s run` setting (``steps``, ``progress``, ``threads``, ...). Running
@@ -191,10 +212,24 @@ def main(quick: bool = False, out: Optional[str] = None, *,
     from ..pipeline.rundir import METRICS_FILE, RunDir, read_json
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
+    from ..pipeline.settings import UsageError
+    try:
+        chosen = task_named(task)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if seeds is not None:
+        from .seeds import run_seeds
+        if "seed" in overrides:
+            raise UsageError("give either seed or seeds, not both")
+        if not seeds:
+            raise UsageError("seeds is empty")
+        return run_seeds(main, list(seeds), out if out is not None else default_out(quick, task) + "-seeds",
+                         say=say, quick=quick, task=task, redo=redo, overwrite=overwrite,
+                         **overrides)
     t0 = time.perf_counter()
-    out_path = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
+    out_path = Path(out if out is not None else default_out(quick, task))
     out_path = out_path.expanduser().resolve()
-    sizes = dict(QUICK_DATA_SIZES if quick else DATA_SIZES)
+    sizes = dict(chosen.quick_sizes if quick else chosen.sizes)
     sizes.update({k: overrides.pop(k) for k in _DATA_KEYS if k in overrides})
     run = RunDir(out_path)
     dist.init_from_launcher("cpu")
@@ -213,7 +248,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
             run.wipe()
 
         def settle(data, staged):
-            cfg = normalize_config(demo_settings(quick, out_path, data, **overrides))
+            cfg = normalize_config(demo_settings(quick, out_path, data, task=task, **overrides))
             fps = {key: fingerprint_path(staged.get(key, cfg[key])) for key in PATH_KEYS}
             refuse_other_settings(run, cfg, fps)   # nothing to refuse after --overwrite
             return cfg, fps
@@ -226,7 +261,7 @@ def main(quick: bool = False, out: Optional[str] = None, *,
         # rank 0 writes the data and the config; every rank gets the settings (or the error)
         cfg, fps = dist.on_main(start, held)
         ranks = f", {dist.world_size()} ranks" if dist.world_size() > 1 else ""
-        say(f"t3s demo{' --quick' if quick else ''}: {out_path} (θ0: {BASE_DIR}; "
+        say(f"t3s demo{' --quick' if quick else ''} --task {task}: {out_path} (θ0: {BASE_DIR}; "
             f"{cfg['threads']} torch thread{'s' if cfg['threads'] != 1 else ''}{ranks})")
         quiet_libraries(show_progress(cfg["progress"]), False)
         with torch_threads(cfg["threads"]):

@@ -90,7 +90,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
             run.wipe()
 
         def settle(data, staged):
-            values = demo_settings(quick, out_path, data, **{
+            values = demo_settings(quick, out_path, data, task="style", **{
                 **DIFFUSION_OVERRIDES, **(QUICK_DIFFUSION_OVERRIDES if quick else {}), **overrides})
             cfg = normalize_config({**values, "sft_model": sft_model})
             plain_cfg = normalize_config({**values, "rule": "none", "baseline": "none",

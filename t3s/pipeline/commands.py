@@ -27,6 +27,7 @@ from .. import dist
 from .console import quiet_libraries, show_progress
 from .diffusion import is_diffusion
 from .analysis import analysis_settings
+from .sensitivity import sensitivity_settings
 from .engine import run_stages, stage_status
 from .loaders import check_jsonl, check_model_dir, resolve_device
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
@@ -145,8 +146,9 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
     if any(s in NEEDS_TRAIN for s in pending) and cfg["train"] is None:
         raise UsageError("no training data given: pass --train FILE.jsonl or set 'train' in the "
                          "config file")
-    uses = {"train": NEEDS_TRAIN, "heldout": ("pilot", "train", "baseline", "eval"),
-            "test": ("eval",), "extra_test": ("eval",)}
+    uses = {"train": NEEDS_TRAIN,
+            "heldout": ("pilot", "train", "baseline", "arms", "eval", "sensitivity"),
+            "test": ("eval", "sensitivity"), "extra_test": ("eval", "sensitivity")}
     for key, stages in uses.items():
         if cfg[key] is not None and any(s in stages for s in pending):
             check_jsonl(cfg[key], key)
@@ -164,6 +166,8 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
     check_rule_params(cfg)
     if "analyze" in pending:
         analysis_settings(cfg, pending)
+    if "sensitivity" in pending:
+        sensitivity_settings(cfg)
     check_launch(cfg)
 
 
@@ -185,9 +189,9 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     """Run ``command`` ("run" or a stage name) with the settings `resolve_config`
     gave; returns `run_stages`' outcome (stage -> "ran", "done before", "skipped")."""
     dist.init_from_launcher(resolve_device(cfg))
-    # `t3s analyze` also brings the report up to date (its section comes from the analysis)
+    # `t3s analyze` / `t3s sensitivity` also bring the report up to date (it has their section)
     targets = list(STAGE_NAMES) if command == "run" else \
-        [command] + (["report"] if command == "analyze" else [])
+        [command] + (["report"] if command in ("analyze", "sensitivity") else [])
     # rank 0 checks; its error (or its go-ahead) reaches every rank
     fps = dist.on_main(_plan, command, targets, cfg, run, stored, redo, force, overwrite)
     quiet_libraries(show_progress(cfg["progress"]) and dist.is_main(), debug)
@@ -223,8 +227,9 @@ def _plan(command: str, targets: Sequence[str], cfg: Dict[str, Any], run: RunDir
     if command != "run":
         stage = next(s for s in STAGES if s.name == command)
         if not stage.enabled(cfg):
-            raise RunDirError(f"stage {command!r} is disabled by the settings (baseline is none; "
-                              "pass --baseline RULE)")
+            how = ("arms is empty; pass --arms A,B,..." if command == "arms" else
+                   "baseline is none; pass --baseline RULE")
+            raise RunDirError(f"stage {command!r} is disabled by the settings ({how})")
         for dep in stage.deps(cfg):
             if status[dep][0] is None:
                 why = status[dep][1] or "not run yet"

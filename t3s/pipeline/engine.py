@@ -206,7 +206,7 @@ def _decide(run: RunDir, st: Stage, cfg, fingerprints, redo, stages, say, explic
     if not st.enabled(cfg):
         if explicit:
             raise RunDirError(f"stage {st.name!r} is disabled by the settings "
-                              f"({'baseline is none' if st.name == 'baseline' else reason})")
+                              f"({_DISABLED_WHY.get(st.name, reason)})")
         return "skipped", {}, reason
     if run_id is not None:
         rec = run.record(st.name) or {}
@@ -220,6 +220,10 @@ def _decide(run: RunDir, st: Stage, cfg, fingerprints, redo, stages, say, explic
         raise RunDirError(f"stage {st.name!r} needs stage {d!r}, which is {why} in "
                           f"{run.path}; run `t3s {d}` (or `t3s run`) first")
     return "run", _inputs(st, cfg, status), reason
+
+
+#: why a stage the settings disable is off (the default: the status's reason)
+_DISABLED_WHY = {"baseline": "baseline is none", "arms": "arms is empty"}
 
 
 def _read_attempt(partial: Path) -> Optional[Dict[str, Any]]:

@@ -48,8 +48,9 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
 
     runs: arm name ("sft" for the pilot, "t3s", "baseline", or any other) ->
     {"loss": {step: loss}, "train_acc": {step: acc}, "heldout_acc": {step: acc},
-    "label": optional legend label}. The pilot's ("sft") training accuracy and
-    loss are drawn solid; the other arms' held-out accuracy and loss dashed.
+    "label": optional legend label, "color": optional colour (arms without a style of
+    their own)}. The pilot's ("sft") training accuracy and loss are drawn solid; the
+    other arms' held-out accuracy and loss dashed.
     measured_on: "train_acc" / "heldout_acc" -> what that accuracy was measured on
     (e.g. "on 64 of the 200 held-out problems"), added to the legend.
     """
@@ -58,7 +59,7 @@ def plot_shock(path, runs: Mapping[str, Mapping[str, Any]], *,
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 8.2), sharex=True,
                                           gridspec_kw=dict(height_ratios=[1, 1.35]))
     for arm, run in runs.items():
-        style = dict(_ARM_STYLE.get(arm, dict(color=None, label=arm)))
+        style = dict(_ARM_STYLE.get(arm, dict(color=run.get("color"), label=arm)))
         label = run.get("label") or style["label"]
         pilot = arm == "sft"
         steps, loss = _xy(run.get("loss"))

@@ -30,7 +30,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from . import rundir
 from .loaders import load_data, load_tokenizer
 from .plots import plot_delta_histogram, plot_shock, plot_traces
+from .report_arms import (arm_color, arm_description, arm_label, arm_metrics, arm_name,
+                          arm_names)
 from .rundir import STAGE_NAMES, RunDir, read_json
+from .sensitivity_report import report_section
 
 __all__ = [
     "METRIC_KEYS",
@@ -156,6 +159,11 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         n = {arm: hn for arm in ("base", "sft", "t3s", "baseline")}
     else:
         source = None
+    names = arm_names(dirs.get("arms"))   # the extra arms: <name>_acc next to the others
+    values, n_arms = arm_metrics(names, arms, {a: stage_history(dirs["arms"] / a) for a in names},
+                                 source, curves.get("heldout_acc", {}).get("n"))
+    m.update(values)
+    n.update(n_arms)
     m["bottleneck_step"] = pilot_sum.get("bottleneck_step", select_sum.get("bottleneck_step"))
     m.update(_verifier_free(pilot.get("train_answers") or {}))
     m["masked_fraction"] = select_sum.get("masked_fraction")
@@ -166,6 +174,7 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         "accuracy_source": source,
         "accuracy_set": acc_set,
         "n_test": {k: v for k, v in n.items() if m.get(f"{k}_acc") is not None},
+        "arms_params": {a: v.get("params") for a, v in (select_sum.get("arms") or {}).items()},
         "test_set": results.get("test_set"),
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
                             for k, d in (results.get("sets") or {}).items()},
@@ -336,7 +345,7 @@ def _arm_labels(m: Mapping[str, Any]) -> List[Tuple[str, str]]:
     if m.get("baseline_rule"):
         labels.append(("baseline", f"baseline (`{m['baseline_rule']}`"
                        + (", same budget" if m["baseline_rule"] == "random" else "") + ")"))
-    return labels
+    return labels + [(a, arm_label(a)) for a in m.get("arms") or ()]
 
 
 def _on(m: Mapping[str, Any], curve: str, short: bool = False) -> str:
@@ -405,7 +414,8 @@ def _introduction(m: Mapping[str, Any], cfg: Mapping[str, Any],
                          f"retrained from θ0 the same way with the `{m.get('baseline_rule')}` "
                          "rule's mask" + (", which leaves out as many randomly chosen tokens "
                                           "as T3S" if m.get("baseline_rule") == "random" else "")
-                         + ". It tells a good choice of tokens from merely fewer tokens.")}
+                         + ". It tells a good choice of tokens from merely fewer tokens."),
+            **{a: arm_description(a, steps) for a in m.get("arms") or ()}}
     out += ["", "Every arm is scored the same way (greedy answers, checked by the "
             f"`{cfg.get('verifier', 'math')}` verifier):", ""]
     out += [f"- **{label}**: {arms[arm]}" for arm, label in _arm_labels(m)]
@@ -504,14 +514,17 @@ def _statements(m: Mapping[str, Any]) -> List[str]:
               _compare(f"{where}, {name}", t3s, n.get("t3s"), "the baseline", bl,
                        n.get("baseline")),
               _compare(f"{where}, plain SFT", sft, n.get("sft"), "the base θ0", base,
-                       n.get("base"))):
+                       n.get("base")),
+              *(_compare(f"{where}, {name}", t3s, n.get("t3s"), arm_name(a), m.get(f"{a}_acc"),
+                         n.get(a)) for a in m.get("arms") or ())):
         if s:
             out.append(s)
     nb = m.get("n_by_set") or {}
     for k in [k for k in (m.get("accuracy_by_set") or {}) if k != _primary_set(m)]:
         acc, on_k = m["accuracy_by_set"][k], f"On the {k} set (n={nb.get(k) or 'n/a'}), {name}"
         for other, arm in (("plain SFT", "sft"), ("the base θ0", "base"),
-                           ("the baseline", "baseline")):
+                           ("the baseline", "baseline"),
+                           *((arm_name(a), a) for a in m.get("arms") or ())):
             s = _compare(on_k, acc.get("t3s"), nb.get(k), other, acc.get(arm), nb.get(k))
             if s:
                 out.append(s)
@@ -598,6 +611,10 @@ def build_report(run_dir, *, out_dir=None,
             if arm == "baseline" and metrics.get("baseline_rule"):
                 label = f"baseline ({metrics['baseline_rule']})"
             runs[arm] = {**h, "label": label}
+    for i, name in enumerate(metrics.get("arms") or ()):   # the extra arms, dashed
+        h = stage_history(dirs["arms"] / name)
+        if h["loss"] or h["heldout_acc"]:
+            runs[name] = {**h, "label": arm_name(name), "color": arm_color(i)}
     if runs:
         plot_shock(out / rundir.SHOCK_FIGURE, runs, bottleneck_step=metrics.get("bottleneck_step"),
                    measured_on={k: _on(metrics, k, short=True)
@@ -629,6 +646,9 @@ def build_report(run_dir, *, out_dir=None,
 
     metrics_out = {k: metrics[k] for k in METRIC_KEYS}
     metrics_out.update({k: v for k, v in metrics.items() if k not in METRIC_KEYS})
+    sensitivity = report_section(dirs.get("sensitivity"), out)   # (section, choice -> acc)
+    if sensitivity is not None:
+        metrics_out["sensitivity"] = sensitivity[1]
     with open(out / rundir.METRICS_FILE, "w", encoding="utf-8") as f:
         json.dump(metrics_out, f, indent=1)
     text = render_markdown(metrics, config=config, figures=figures, run_dir=str(run_dir),
@@ -640,6 +660,8 @@ def build_report(run_dir, *, out_dir=None,
             if (analysis_dir / fname).is_file():
                 shutil.copyfile(analysis_dir / fname, out / fname)
         text += "\n" + (analysis_dir / rundir.ANALYSIS_SECTION).read_text(encoding="utf-8")
+    if sensitivity is not None:
+        text += "\n" + sensitivity[0]
     if notes:
         text += "\n" + "\n".join(f"_Note: {s}_" for s in notes) + "\n"
     with open(out / rundir.REPORT_FILE, "w", encoding="utf-8") as f:

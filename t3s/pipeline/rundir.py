@@ -13,15 +13,23 @@ the report and the demo build their paths from these constants::
                checkpoint-<b>/ (θb, `checkpoint_dir`; every evaluated step with
                ``keep_checkpoints``), final/ (FINAL_MODEL_DIR: the SFT model)
       select/  stage.json, selection.parquet (SELECTION_FILE), baseline.parquet
-               (BASELINE_FILE), delta_online.parquet, delta_exact.parquet (`delta_file`),
+               (BASELINE_FILE), arm_<name>.parquet (each of ``arms``: `arm_file`),
+               delta_online.parquet, delta_exact.parquet (`delta_file`),
                profile/ (PROFILE_DIR), summary.json (SUMMARY_FILE)
       train/   stage.json, model/ (MODEL_DIR), t3s_accuracy.json, log_history.json,
                checkpoint-<step>/ (with ``keep_checkpoints``)
       baseline/  (as train/)
+      arms/    stage.json, <name>/ per arm of ``arms`` (as train/, plus summary.json,
+               SUMMARY_FILE, written last: the arm is finished)
       eval/    stage.json, results.json (RESULTS_FILE), <arm>.jsonl (every prediction on
                the first set), <arm>.<set>.jsonl (on the others; `predictions_file`)
       analyze/ stage.json, analysis.json (ANALYSIS_FILE), analysis.md (ANALYSIS_SECTION: the
                report's section), the figures of ANALYSIS_FIGURES
+      sensitivity/  stage.json, sensitivity.json (SENSITIVITY_FILE), sensitivity.md
+               (SENSITIVITY_SECTION), sensitivity.png (SENSITIVITY_FIGURE), step-<s>/
+               (`sensitivity_dir`) per step trained: selection.parquet, retrain/
+               (SENSITIVITY_RETRAIN_DIR, as train/), t3s.jsonl predictions, result.json
+               (SENSITIVITY_RESULT, written last: the step is finished)
       report/  stage.json, report.md (REPORT_FILE), metrics.json (METRICS_FILE),
                shock.png (SHOCK_FIGURE), delta_hist.png (DELTA_FIGURE),
                traces.png (TRACES_FIGURE)
@@ -73,6 +81,7 @@ __all__ = [
     "checkpoint_dir",
     "SELECTION_FILE",
     "BASELINE_FILE",
+    "arm_file",
     "delta_file",
     "PROFILE_DIR",
     "SUMMARY_FILE",
@@ -80,6 +89,12 @@ __all__ = [
     "ANALYSIS_FILE",
     "ANALYSIS_SECTION",
     "ANALYSIS_FIGURES",
+    "SENSITIVITY_FILE",
+    "SENSITIVITY_SECTION",
+    "SENSITIVITY_FIGURE",
+    "SENSITIVITY_RESULT",
+    "SENSITIVITY_RETRAIN_DIR",
+    "sensitivity_dir",
     "predictions_file",
     "REPORT_FILE",
     "METRICS_FILE",
@@ -97,7 +112,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: the stage directories, in pipeline order
-STAGE_NAMES = ("pilot", "select", "train", "baseline", "eval", "analyze", "report")
+STAGE_NAMES = ("pilot", "select", "train", "baseline", "arms", "eval", "analyze", "sensitivity",
+               "report")
 
 # the run directory itself
 CONFIG_FILE = "config.json"
@@ -126,6 +142,12 @@ ANALYSIS_FILE = "analysis.json"
 ANALYSIS_SECTION = "analysis.md"
 ANALYSIS_FIGURES = {"shock": "analysis_shock.png", "transfer": "analysis_transfer.png",
                     "gradients": "analysis_gradients.png", "static": "analysis_static_roc.png"}
+# sensitivity/
+SENSITIVITY_FILE = "sensitivity.json"
+SENSITIVITY_SECTION = "sensitivity.md"
+SENSITIVITY_FIGURE = "sensitivity.png"
+SENSITIVITY_RESULT = "result.json"      # step-<s>/: written last
+SENSITIVITY_RETRAIN_DIR = "retrain"     # step-<s>/: the retraining's output directory
 # report/
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
@@ -152,6 +174,16 @@ def checkpoint_dir(step: int) -> str:
 def delta_file(source: str) -> str:
     """select/'s Δc table of ``source`` ("online" or "exact")."""
     return f"delta_{source}.parquet"
+
+
+def arm_file(name: str) -> str:
+    """select/'s mask artifact of the arm ``name`` (one of the ``arms`` setting)."""
+    return f"arm_{name}.parquet"
+
+
+def sensitivity_dir(step: int) -> str:
+    """sensitivity/'s directory of the retraining from the mask at pilot step ``step``."""
+    return f"step-{int(step)}"
 
 
 def predictions_file(arm: str, set_key: Optional[str] = None) -> str:

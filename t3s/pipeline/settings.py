@@ -7,6 +7,10 @@ names a run: the hashed options, with each path replaced by the fingerprint of
 what it names (`fingerprint_path`: data files by content; model and tokenizer
 directories by their files' names and sizes plus the content of those under
 64 MiB), so a changed data file counts as a changed setting.
+
+Size: over 550 lines because each setting's checks (`normalize_config`, the rule,
+baseline and arm parameters) sit next to `OPTIONS`, which names them; elsewhere they
+would have to import this module's private helpers back.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "settings_from",
     "normalize_config",
     "rule_params",
+    "arm_params",
     "check_rule_params",
     "fingerprint_path",
     "path_fingerprints",
@@ -144,6 +149,11 @@ OPTIONS: Tuple[Option, ...] = (
            "every token, its loss times its stop-gradient probability; 'none')"),
     Option("baseline_params", "params", None, "a baseline parameter, KEY=VALUE (repeatable)",
            metavar="KEY=VALUE"),
+    Option("arms", "list", None,
+           "more arms retrained from θ0 like the baseline, comma-separated (rules of "
+           "t3s.selection.RULES or 'dft'), each with its rule's default parameters, except that "
+           "random, rho1, static and kl keep as many tokens as the rule's mask (static and kl "
+           "drop the most confident at θ0 / the largest KL(θb‖θ0))", metavar="A,B,..."),
     # diffusion LMs (`t3s.pipeline.diffusion`): `model` is then the AR selector
     Option("objective", "choice", "ar",
            "what train / baseline / eval train and score: ar (the model itself) or diffusion "
@@ -176,6 +186,13 @@ OPTIONS: Tuple[Option, ...] = (
            "max_parameters, groups, transfer_lr, transfer_steps, transfer_at, seed "
            "(t3s.pipeline.analysis)",
            hashed=False, metavar="KEY=VALUE"),
+    # the bottleneck-sensitivity sweep (`t3s sensitivity`): extra retrainings beside the run's
+    Option("sensitivity", "bool", False,
+           "also run the sensitivity stage (T3S retrained from the masks at other bottleneck "
+           "choices) under `t3s run`; `t3s sensitivity` runs it in any case", hashed=False),
+    Option("sensitivity_params", "params", None,
+           "a sensitivity parameter, KEY=VALUE (repeatable): offsets, n_random, radius, "
+           "choices, seed (t3s.pipeline.sensitivity)", hashed=False, metavar="KEY=VALUE"),
     # the directory
     Option("run_dir", "path", "runs/t3s", "the run directory", hashed=False, metavar="DIR"),
     # None: on when stderr is a terminal (`t3s.pipeline.console.show_progress`); it is
@@ -237,6 +254,11 @@ def _coerce(opt: Option, value: Any, where: str) -> Any:
                 raise UsageError(f"{where}{opt.name} must be one of {', '.join(opt.choices)}, "
                                  f"got {value!r}")
             return value
+        if k == "list":   # a comma-separated string or a list of strings
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+                raise TypeError
+            return [x.strip() for x in items if x.strip()]
         if k == "params":
             if not isinstance(value, Mapping):
                 raise TypeError
@@ -248,7 +270,8 @@ def _coerce(opt: Option, value: Any, where: str) -> Any:
 
 _KIND_WORDS = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number",
                "bool": "true or false", "choice": "one of the choices",
-               "params": "a mapping of parameter names to values"}
+               "params": "a mapping of parameter names to values",
+               "list": "a comma-separated string or a list of names"}
 
 
 def check_keys(mapping: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -323,9 +346,11 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
         raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
                          "loss mask; choose a loss-mask rule")
     _check_diffusion(cfg, where)
+    cfg["arms"] = _check_arms(cfg, where)
     cfg["rule_params"] = dict(cfg["rule_params"] or {})
     cfg["baseline_params"] = dict(cfg["baseline_params"] or {})
     cfg["analysis_params"] = dict(cfg["analysis_params"] or {})
+    cfg["sensitivity_params"] = dict(cfg["sensitivity_params"] or {})
     return cfg
 
 
@@ -347,6 +372,43 @@ def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
     if cfg["baseline"] == "random" and cfg["rule"] != "forced":
         raise UsageError(f"{where}baseline 'random' draws as many forced tokens as rule 'forced' "
                          "has; set rule: forced")
+
+
+def _check_arms(cfg: Mapping[str, Any], where: str) -> list:
+    """``arms`` made canonical, each refused unless it is a new loss-mask arm."""
+    from ..selection import RULES
+    out = []
+    for given in cfg["arms"] or ():
+        low = given.lower()
+        name = low if low in BASELINE_OBJECTIVES else RULE_ALIASES.get(given, given)
+        if low in ("none", "null", "off"):
+            raise UsageError(f"{where}arm {given!r} is no arm; leave it out of arms")
+        if name not in RULES and name not in BASELINE_OBJECTIVES:
+            known = sorted((set(RULES) | set(RULE_ALIASES) | set(BASELINE_OBJECTIVES))
+                           - {"forced", "sft"})
+            raise UsageError(f"{where}unknown arm {given!r}; known: {', '.join(known)}")
+        if name == "sft":
+            raise UsageError(f"{where}arm 'sft' is plain SFT, which the pilot already is (the "
+                             "report's 'sft' row); leave it out of arms")
+        if name == "forced":
+            raise UsageError(f"{where}arm 'forced' marks tokens for diffusion-LM training, not a "
+                             "loss mask; choose loss-mask rules")
+        if name in out:
+            raise UsageError(f"{where}arm {name!r} is given twice in arms")
+        if name == cfg["baseline"]:
+            raise UsageError(f"{where}arm {name!r} is the baseline, which the baseline stage "
+                             "already trains; leave it out of arms")
+        if name == cfg["rule"]:
+            raise UsageError(f"{where}arm {name!r} is the rule, which the train stage already "
+                             "trains (T3S); leave it out of arms")
+        out.append(name)
+    if out and cfg["objective"] == "diffusion":
+        raise UsageError(f"{where}arms are not supported with objective diffusion (only the "
+                         "baseline stage trains a comparison there)")
+    if out and cfg["rule"] == "forced":
+        raise UsageError(f"{where}arms keep as many tokens as the rule's loss mask, but rule "
+                         "'forced' is not a loss mask; choose a loss-mask rule")
+    return out
 
 
 def mask_rule(rule: str) -> str:
@@ -371,18 +433,38 @@ def rule_params(cfg: Mapping[str, Any], which: str = "rule",
     params = dict(cfg["rule_params"] if which == "rule" else cfg["baseline_params"])
     if rule == "random":
         params.setdefault("seed", cfg["seed"])
-        if not any(k in params for k in ("keep_fraction", "budget", "like")):
-            if budget is not None:
-                params["budget"] = int(budget)
-            elif which == "rule":
-                params["keep_fraction"] = 0.5
+    if rule in _BUDGET_PARAMS and not any(k in params for k in _BUDGET_PARAMS[rule]):
+        if budget is not None:
+            params["budget"] = int(budget)
+        elif which == "rule" and rule == "random":
+            params["keep_fraction"] = 0.5
     if isinstance(params.get("like"), str):
         params["like"] = canonical_rule(params["like"], "rule in like=")
     return params
 
 
+#: the rules that take a token budget, and the parameters that set one instead
+_BUDGET_PARAMS = {"random": ("keep_fraction", "budget", "like"), "kl": ("fraction", "budget")}
+
+
+def arm_params(cfg: Mapping[str, Any], arm: str, kept: int, n_tokens: int) -> Dict[str, Any]:
+    """The parameters `t3s.selection.apply_rule` gets for ``arm`` (a name of ``arms``):
+    its rule's defaults, except the budget of the budgeted rules.
+
+    *(choice)* random, rho1, static and kl keep exactly ``kept`` of the ``n_tokens``
+    trace tokens, as many as the rule's mask keeps, so that they differ from T3S only in
+    which tokens they leave out: rho1 keeps the top kept/n_tokens by excess loss, static
+    drops the 1 − kept/n_tokens most confident at θ0, kl drops the n_tokens − kept with
+    the largest KL(θb‖θ0); random draws with the run's seed.
+    """
+    share = kept / n_tokens if n_tokens else 1.0
+    return {"random": {"seed": cfg["seed"], "budget": int(kept)}, "kl": {"budget": int(kept)},
+            "rho1": {"keep_fraction": share},
+            "static": {"fraction": 1.0 - share, "which": "top"}}.get(arm, {})
+
+
 def check_rule_params(cfg: Mapping[str, Any]) -> None:
-    """Apply the rule and the baseline to a small made-up table, so that bad
+    """Apply the rule, the baseline and every arm to a small made-up table, so that bad
     parameters fail before hours of training rather than after."""
     import numpy as np
 
@@ -394,7 +476,10 @@ def check_rule_params(cfg: Mapping[str, Any]) -> None:
                    c0=np.linspace(-3, -0.1, n, dtype=np.float32),
                    cb=np.linspace(-2, -0.2, n, dtype=np.float32),
                    loss_theta=np.linspace(0.1, 3, n, dtype=np.float32),
-                   loss_ref=np.linspace(0.2, 2, n, dtype=np.float32))
+                   loss_ref=np.linspace(0.2, 2, n, dtype=np.float32),
+                   delta_entropy=np.linspace(-1, 1, n, dtype=np.float32),
+                   delta_logit_grad=np.linspace(1, -1, n, dtype=np.float32),
+                   kl=np.linspace(0, 2, n, dtype=np.float32))
     for which in ("rule", "baseline"):
         rule = cfg[which]
         if rule == "none":
@@ -412,6 +497,12 @@ def check_rule_params(cfg: Mapping[str, Any]) -> None:
             flag = "--rule-param" if which == "rule" else "--baseline-param"
             raise UsageError(f"{one_line(e)} (given: {params}; set parameters with "
                              f"{flag} KEY=VALUE)") from None
+    for arm in cfg.get("arms") or ():
+        params = arm_params(cfg, arm, n // 2, n)
+        try:
+            apply_rule(mask_rule(arm), t, **params)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"arm {arm!r}: {one_line(e)} (its parameters: {params})") from None
 
 
 # --------------------------------------------------------------------------------------

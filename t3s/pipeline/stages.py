@@ -17,21 +17,28 @@ pilot      SFT from θ0 on the traces, recording every trained         model, da
            ``keep_checkpoints``). The pilot is also the plain-SFT
            arm of the comparison.
 select     bottleneck b, Δc = c(θb) − c(θ0) (online from the          pilot
-           trajectory, or exact), the mask under ``rule`` and the
-           baseline's mask, as `t3s.SelectionArtifact` files
+           trajectory, or exact), the mask under ``rule``, the
+           baseline's and each arm's mask, as `t3s.SelectionArtifact`
+           files
 train      retraining from θ0 with the artifact's loss masks          select (none
            (plain SFT with ``rule: none``)                            with rule none)
 baseline   the same with the baseline's masks (only when              select
            ``baseline`` is set)
+arms       the same for each arm of ``arms``, into arms/<name>/       select
+           (`t3s.pipeline.arms`; only when ``arms`` is set)
 eval       accuracy with the verifier on the test set (``test``),    model, test set
            the held-out set (``heldout``) and ``extra_test``, of
            θ0 and of every trained model that is current (SFT,
-           T3S, baseline); the headline numbers come from
+           T3S, baseline, arms); the headline numbers come from
            ``test``, else ``heldout`` (`eval_sets`)
 analyze    the diagnostics (`t3s.pipeline.analysis`): shock curves,   pilot, select
            gradient ratio and cosine per retained checkpoint,
            loss-transfer matrices, static-signal AUC (only with
            ``analyze``, or as ``t3s analyze``)
+sensitivity  T3S retrained from the anchor masks at other bottleneck  pilot, select
+           choices, each scored on the eval sets
+           (`t3s.pipeline.sensitivity`; only with ``sensitivity``,
+           or as ``t3s sensitivity``; one process)
 report     figures, ``metrics.json`` and ``report.md``                any stage
            (`t3s.pipeline.report`)
 =========  ========================================================  ================
@@ -64,6 +71,9 @@ from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stag
                         diffusion_train_stage, is_diffusion)
 from .diffusion_report import diffusion_report
 from .analysis import check_analyze, stage_analyze
+from .sensitivity import check_sensitivity, stage_sensitivity
+from .arms import (arm_models, check_signals, needs_signals, select_arms, signal_columns,
+                   stage_arms)
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
@@ -224,13 +234,14 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     if thetab is None and cfg["delta"] == "exact":
         raise UsageError("delta: exact needs the pilot's θb checkpoint, which is missing; "
                          "use delta: online")
+    check_signals(cfg, thetab)   # before the profiling: the signal rules need θb
     c0 = profile_at(Path(cfg["model"]), 0)
     want_exact = thetab is not None and (cfg["delta"] == "exact" or cfg["agreement"])
     cb = profile_at(thetab, b) if want_exact else None
     # Rho-1 offline *(choice)*: L_θ at θ0, the reference is the pilot's final model
     # (trained on the traces).
     cf = (profile_at(pilot_dir / rundir.FINAL_MODEL_DIR, int(pilot["final_step"]))
-          if "rho1" in (cfg["rule"], cfg["baseline"]) else None)
+          if "rho1" in (cfg["rule"], cfg["baseline"], *(cfg.get("arms") or ())) else None)
     if not dist.is_main():   # rank 0 computes Δc and writes the artifacts
         return {}
     try:  # a missing, damaged or foreign trajectory must stop the selection, not zero Δc
@@ -258,6 +269,8 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
         ref = table.align(TokenTable(cf["example_id"].to_numpy(), cf["position"].to_numpy(),
                                      c=cf["logprob"].to_numpy()))
         table = table.with_columns(loss_theta=-table["c0"], loss_ref=-ref["c"])
+    if needs_signals(cfg):   # rank 0 alone: two models over every trace (θ0 and θb)
+        table = signal_columns(cfg, train, tok.pad_token_id, thetab, table, ctx.say)
 
     rule = cfg["rule"]
     extra = {"delta_source": cfg["delta"], "bottleneck_step": b, "unvisited_tokens": unvisited,
@@ -297,20 +310,27 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
         ctx.say(f"[select] baseline {cfg['baseline']}: {bs.n_masked} of {bs.n_tokens} tokens "
                 f"left out ({100 * (bs.fraction_masked or 0):.1f}%)"
                 + (f"; loss options {objective}" if objective else ""))
+    if cfg.get("arms"):
+        out["arms"] = select_arms(ctx, art, kept)
     write_json(work / rundir.SUMMARY_FILE, out)
     return out
 
 
-def _retrain(ctx: StageContext, artifact: Optional[str], desc: str,
-             loss_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
+             loss_options: Optional[Dict[str, Any]] = None, *, work: Optional[Path] = None,
+             resume: Optional[bool] = None) -> Dict[str, Any]:
+    """Retraining from θ0 with the loss masks of the artifact file ``artifact`` (None:
+    plain SFT) into ``work`` (default the stage's directory), continuing an interrupted
+    attempt there when ``resume`` (default `StageContext.resume`)."""
     from ..artifact import SelectionArtifact
     from ..data import PaddedCollator
     from ..trainer import T3STrainer, read_accuracy_history
-    cfg, work = ctx.cfg, ctx.work
+    cfg, work = ctx.cfg, ctx.work if work is None else work
+    resume = ctx.resume if resume is None else resume
     tok, train, heldout = _training_data(cfg)
     masks, kept_fraction = None, 1.0
     if artifact is not None:
-        path = ctx.dir("select") / artifact
+        path = artifact
         try:
             art = SelectionArtifact.load(path, tokenizer=tok, examples=train)
             masks = art.loss_masks(train)
@@ -324,7 +344,7 @@ def _retrain(ctx: StageContext, artifact: Optional[str], desc: str,
     else:
         ctx.say(f"[{desc}] plain SFT from θ0 (every trace token in the loss)")
     model = load_model(cfg["model"], cfg)
-    resume_from = dist.on_main(continue_from, work, ctx.resume, ctx.say, desc)
+    resume_from = dist.on_main(continue_from, work, resume, ctx.say, desc)
     callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
     # keep_checkpoints: save at every evaluation and keep them all, as the pilot does
     keep = bool(cfg.get("keep_checkpoints"))
@@ -359,15 +379,21 @@ def _stage_train(ctx: StageContext) -> Dict[str, Any]:
         return diffusion_train_stage(ctx, "train")
     if ctx.cfg["rule"] == "forced":
         raise UsageError(FORCED_MSG)
-    return _retrain(ctx, None if ctx.cfg["rule"] == "none" else rundir.SELECTION_FILE, "train")
+    return _retrain(ctx, None if ctx.cfg["rule"] == "none"
+                    else ctx.dir("select") / rundir.SELECTION_FILE, "train")
 
 
 def _stage_baseline(ctx: StageContext) -> Dict[str, Any]:
     """Retraining from θ0 with the baseline's loss masks."""
     if is_diffusion(ctx.cfg):
         return diffusion_train_stage(ctx, "baseline")
-    return _retrain(ctx, rundir.BASELINE_FILE, "baseline",
+    return _retrain(ctx, ctx.dir("select") / rundir.BASELINE_FILE, "baseline",
                     baseline_loss_options(ctx.cfg["baseline"]))
+
+
+def _stage_arms(ctx: StageContext) -> Dict[str, Any]:
+    """Retraining from θ0 with each arm's loss masks (`t3s.pipeline.arms.stage_arms`)."""
+    return stage_arms(ctx, _retrain)
 
 
 #: why ``rule: forced`` cannot be trained here
@@ -409,7 +435,7 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
     data = {key: load_data(cfg, key, tok) for key, _ in sets}
     device = resolve_device(cfg)
     by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
-    for arm, stage, sub in ARMS:
+    for arm, stage, sub in ARMS + tuple(arm_models(ctx)):
         if stage is None:
             path = cfg["model"]
         elif ctx.dir(stage) is not None:
@@ -446,6 +472,12 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
                             for k, _ in sets}}
 
 
+def _stage_sensitivity(ctx: StageContext) -> Dict[str, Any]:
+    """The bottleneck-sensitivity sweep, retraining as the train stage does."""
+    return stage_sensitivity(ctx, retrain=_retrain, delta_table=_delta_table,
+                             sets=eval_sets(ctx.cfg))
+
+
 def _stage_report(ctx: StageContext) -> Dict[str, Any]:
     """Figures, metrics.json and report.md from the current stages."""
     from .report import build_report
@@ -472,7 +504,7 @@ STAGES: Tuple[Stage, ...] = (
           resumable=True),
     Stage("select", _stage_select,
           ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params",
-           "objective"),
+           "objective", "arms"),
           lambda cfg: ("pilot",),
           help="bottleneck, Δc and the mask artifact"),
     Stage("train", _stage_train, _DATA + _TRAINING + ("rule",) + DIFFUSION_KEYS,
@@ -481,22 +513,34 @@ STAGES: Tuple[Stage, ...] = (
     Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",) + DIFFUSION_KEYS,
           lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
           help="retraining from θ0 with the baseline's masks", resumable=True),
+    Stage("arms", _stage_arms, _DATA + _TRAINING + ("arms",), lambda cfg: ("select",),
+          enabled=lambda cfg: bool(cfg.get("arms")),
+          help="retraining from θ0 with each extra arm's masks (--arms), one after another",
+          resumable=True),
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed")
           + DIFFUSION_EVAL_KEYS,
-          lambda cfg: (), optional=("pilot", "train", "baseline"),
+          lambda cfg: (), optional=("pilot", "train", "baseline", "arms"),
           help="accuracy on a JSONL test set with the verifier"),
     Stage("analyze", stage_analyze, _DATA + ("analysis_params",),
           lambda cfg: ("pilot", "select"), optional=("train",),
           enabled=lambda cfg: bool(cfg.get("analyze")),
           help="the diagnostics: shock curves, gradient ratio and cosine, loss-transfer "
                "matrix, static-signal AUC", ranks="main", check=check_analyze),
+    # train and eval: the default bottleneck's model and numbers are reused when current
+    Stage("sensitivity", _stage_sensitivity,
+          _DATA + _TRAINING + ("test", "extra_test", "sensitivity_params"),
+          lambda cfg: ("pilot", "select"), optional=("train", "eval"),
+          enabled=lambda cfg: bool(cfg.get("sensitivity")),
+          help="T3S retrained from the masks at other bottleneck choices, with the accuracy "
+               "of each", resumable=True, ranks="main", check=check_sensitivity),
     Stage("report", _stage_report, (), lambda cfg: (),
-          optional=("pilot", "select", "train", "baseline", "eval", "analyze"),
+          optional=("pilot", "select", "train", "baseline", "arms", "eval", "analyze",
+                    "sensitivity"),
           help="figures and a Markdown summary", ranks="main"),
 )
 register_stages(STAGES)   # checks that their names are rundir.STAGE_NAMES
 #: stages that load the model or the training data
-NEEDS_MODEL = ("pilot", "select", "train", "baseline", "eval", "analyze")
-NEEDS_TRAIN = ("pilot", "select", "train", "baseline", "analyze")
+NEEDS_MODEL = ("pilot", "select", "train", "baseline", "arms", "eval", "analyze", "sensitivity")
+NEEDS_TRAIN = ("pilot", "select", "train", "baseline", "arms", "analyze", "sensitivity")

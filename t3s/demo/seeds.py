@@ -1,0 +1,307 @@
+"""``t3s demo --seeds 0,1,2``: the demo over several seeds, summarised as mean ± standard error.
+
+Each seed is an ordinary demo run directory, ``DIR/seed-<s>/`` (`t3s.demo.main` with
+``seed=s``: the seed draws the traces, the held-out problems, the data order, the
+evaluation subsets and the random mask; the base student is the same). A seed
+directory that is finished is skipped, an interrupted one resumes, exactly as a
+single demo does. Then `summarize` reads every seed's ``eval/results.json`` and
+``report/metrics.json`` and writes ``DIR/summary/``:
+
+* ``metrics.json``: for every arm and every evaluated set, the per-seed accuracies,
+  their mean and standard error (sample standard deviation / √seeds); the headline
+  set's means as ``<arm>_acc`` (``base_acc``, ``sft_acc``, ``t3s_acc``,
+  ``baseline_acc``, and one per extra arm, e.g. ``dft_acc``, ``rho1_acc``,
+  ``static_acc``) with ``<arm>_acc_per_seed`` and ``<arm>_acc_se`` beside them, and
+  the per-seed bottleneck steps and masked fractions;
+* ``summary.md``: the table (arm × set, mean ± SE, n seeds) and one line per
+  comparison of T3S with every other arm (difference of means ± its SE, paired by seed);
+* ``arms.png``: the table as grouped bars with error bars, one group per set;
+* ``curves.png``: the held-out accuracy during training (mean ± SE over seeds) of the
+  pilot (plain SFT) and T3S, which shows the shock and how T3S avoids it.
+
+Paths in these files are relative to ``DIR`` so that the directory can be moved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from .._util import pyplot
+
+__all__ = ["SUMMARY_DIR", "SUMMARY_METRICS", "SUMMARY_REPORT", "ARMS_FIGURE", "CURVES_FIGURE",
+           "seed_dir", "parse_seeds", "mean_se", "summarize", "run_seeds"]
+
+SUMMARY_DIR = "summary"
+SUMMARY_METRICS = "metrics.json"
+SUMMARY_REPORT = "summary.md"
+ARMS_FIGURE = "arms.png"
+CURVES_FIGURE = "curves.png"
+
+#: how the summary names the arms it knows (others are named by their own key)
+_ARM_LABELS = {"base": "base (θ0)", "sft": "plain SFT", "t3s": "T3S",
+               "dft": "DFT (loss × stop-grad p)", "rho1": "Rho-1 (same budget)",
+               "static": "static confidence (same budget)", "random": "random (same budget)",
+               "entropy": "entropy-change rule", "logit_grad": "logit-gradient rule",
+               "kl": "KL rule (same budget)"}
+
+
+def seed_dir(out: os.PathLike, seed: int) -> Path:
+    """The run directory of ``seed`` inside a multi-seed demo directory ``out``."""
+    return Path(out) / f"seed-{int(seed)}"
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0,1,2"`` or ``"0-2"`` -> [0, 1, 2]; ValueError on anything else, on a negative
+    seed, or on a repeated one."""
+    seeds: List[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"seeds must be integers like 0,1,2 or 0-2, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seeds must be non-negative integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed is repeated in {text!r}")
+    return seeds
+
+
+def mean_se(values: Sequence[float]) -> Dict[str, Any]:
+    """{"mean", "se", "n", "per_seed"}: the standard error is the sample standard
+    deviation over √n (None with fewer than two values)."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "se": None, "n": 0, "per_seed": []}
+    mean = sum(vals) / n
+    se = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None)
+    return {"mean": mean, "se": se, "n": n, "per_seed": vals}
+
+
+def _label(arm: str, metrics: Mapping[str, Any]) -> str:
+    if arm == "baseline":
+        rule = metrics.get("baseline_rule") or "baseline"
+        return _ARM_LABELS.get(rule, rule) + " [baseline]"
+    return _ARM_LABELS.get(arm, arm)
+
+
+def _fmt(stat: Mapping[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat["se"] is not None else "")
+
+
+def _read(path: Path) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
+    """Write ``out/summary/`` (see the module docstring) from the finished seed
+    directories and return its metrics. FileNotFoundError names a seed whose eval or
+    report stage has not finished."""
+    from ..pipeline.rundir import METRICS_FILE, RESULTS_FILE
+    out = Path(out)
+    per_seed = []
+    for s in seeds:
+        d = seed_dir(out, s)
+        try:
+            per_seed.append((s, _read(d / "eval" / RESULTS_FILE), _read(d / "report" / METRICS_FILE),
+                             _curves(d)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{d} has no finished eval and report; run the demo for "
+                                    f"seed {s} first") from None
+    first_results, first_metrics = per_seed[0][1], per_seed[0][2]
+    set_keys = list(first_results["sets"])
+    arms: List[str] = []
+    for _, results, _, _ in per_seed:   # every arm any seed scored, in the order scored
+        for key in set_keys:
+            arms += [a for a in results["sets"].get(key, {}).get("arms", {}) if a not in arms]
+    table: Dict[str, Dict[str, Any]] = {}
+    for arm in arms:
+        table[arm] = {key: mean_se([r["sets"][key]["arms"][arm]["accuracy"] for _, r, _, _ in per_seed
+                                    if arm in r["sets"].get(key, {}).get("arms", {})])
+                      for key in set_keys}
+    headline = first_results.get("test_key", set_keys[0])
+    sets = {key: {"file": Path(first_results["sets"][key]["path"]).name,
+                  "n": first_results["sets"][key]["n"]} for key in set_keys}
+    metrics: Dict[str, Any] = {
+        "seeds": list(seeds), "headline_set": headline, "sets": sets,
+        "arms": {arm: {"label": _label(arm, first_metrics), **table[arm]} for arm in arms},
+        "bottleneck_step_per_seed": [m.get("bottleneck_step") for _, _, m, _ in per_seed],
+        "masked_fraction_per_seed": [m.get("masked_fraction") for _, _, m, _ in per_seed],
+        "baseline_rule": first_metrics.get("baseline_rule"),
+        "seed_dirs": [seed_dir(".", s).as_posix() for s in seeds],
+    }
+    for arm in arms:
+        stat = table[arm][headline]
+        metrics[f"{arm}_acc"] = stat["mean"]
+        metrics[f"{arm}_acc_se"] = stat["se"]
+        metrics[f"{arm}_acc_per_seed"] = stat["per_seed"]
+    metrics["comparisons"] = _comparisons(per_seed, arms, set_keys)
+    summary_dir = out / SUMMARY_DIR
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    _plot_arms(summary_dir / ARMS_FIGURE, metrics, arms, set_keys)
+    curves = _mean_curves([c for _, _, _, c in per_seed])
+    _plot_curves(summary_dir / CURVES_FIGURE, curves, len(seeds))
+    metrics["heldout_curves"] = curves
+    tmp = summary_dir / (SUMMARY_METRICS + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, summary_dir / SUMMARY_METRICS)
+    (summary_dir / SUMMARY_REPORT).write_text(_markdown(metrics, arms, set_keys), encoding="utf-8")
+    return metrics
+
+
+def _comparisons(per_seed, arms: Sequence[str], set_keys: Sequence[str]) -> Dict[str, Any]:
+    """T3S minus each other arm, per set: the mean of the per-seed differences and its SE
+    (paired by seed: the arms of one seed share its data)."""
+    out: Dict[str, Any] = {}
+    if "t3s" not in arms:
+        return out
+    for arm in arms:
+        if arm == "t3s":
+            continue
+        for key in set_keys:
+            diffs = [r["sets"][key]["arms"]["t3s"]["accuracy"] - r["sets"][key]["arms"][arm]["accuracy"]
+                     for _, r, _, _ in per_seed
+                     if {"t3s", arm} <= set(r["sets"].get(key, {}).get("arms", {}))]
+            out.setdefault(arm, {})[key] = mean_se(diffs)
+    return out
+
+
+def _curves(run_dir: Path) -> Dict[str, Dict[int, float]]:
+    """The held-out accuracy during training of the pilot ("sft") and of T3S ("t3s")."""
+    from ..pipeline.rundir import ACCURACY_FILE
+    out = {}
+    for arm, stage in (("sft", "pilot"), ("t3s", "train")):
+        try:
+            acc = _read(run_dir / stage / ACCURACY_FILE).get("heldout_acc") or {}
+        except FileNotFoundError:
+            continue
+        out[arm] = {int(k): float(v) for k, v in acc.items()}
+    return out
+
+
+def _mean_curves(curves: Sequence[Mapping[str, Mapping[int, float]]]) -> Dict[str, Any]:
+    """arm -> {"step": [...], "mean": [...], "se": [...]} over the steps every seed has."""
+    out: Dict[str, Any] = {}
+    for arm in ("sft", "t3s"):
+        have = [c[arm] for c in curves if arm in c]
+        if not have:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in have)))
+        stats = [mean_se([c[s] for c in have]) for s in steps]
+        out[arm] = {"step": steps, "mean": [x["mean"] for x in stats],
+                    "se": [x["se"] for x in stats]}
+    return out
+
+
+def _plot_arms(path: Path, metrics: Mapping[str, Any], arms: Sequence[str],
+               set_keys: Sequence[str]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(arms) * len(set_keys) / 2, 4.2))
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        xs, ys, es = [], [], []
+        for j, key in enumerate(set_keys):
+            stat = metrics["arms"][arm][key]
+            if stat["mean"] is None:
+                continue
+            xs.append(j + (i - (len(arms) - 1) / 2) * width)
+            ys.append(stat["mean"])
+            es.append(stat["se"] or 0.0)
+        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=3, label=metrics["arms"][arm]["label"])
+    ax.set_xticks(range(len(set_keys)))
+    ax.set_xticklabels([f"{k} ({metrics['sets'][k]['file']}, n={metrics['sets'][k]['n']})"
+                        for k in set_keys])
+    ax.set_ylabel("accuracy (mean ± SE over seeds)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Final accuracy of each arm, {len(metrics['seeds'])} seeds")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(path: Path, curves: Mapping[str, Any], n_seeds: int) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for arm, color, label in (("sft", "#d62728", "plain SFT (pilot)"), ("t3s", "#1f77b4", "T3S")):
+        if arm not in curves:
+            continue
+        c = curves[arm]
+        lo = [m - (e or 0.0) for m, e in zip(c["mean"], c["se"])]
+        hi = [m + (e or 0.0) for m, e in zip(c["mean"], c["se"])]
+        ax.plot(c["step"], c["mean"], color=color, label=label)
+        ax.fill_between(c["step"], lo, hi, color=color, alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy during training")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Held-out accuracy during training, mean ± SE over {n_seeds} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequence[str]) -> str:
+    seeds = metrics["seeds"]
+    lines = [f"# The demo over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             "Final accuracy of each arm (greedy answers, checked by the verifier), mean ± "
+             "standard error over the seeds. Each seed draws its own traces, held-out problems, "
+             "data order and random mask; every arm trains with the same steps and learning "
+             "rate. Per-seed reports: " + ", ".join(f"[seed {s}]({d}/report/report.md)" for s, d
+                                                    in zip(seeds, metrics["seed_dirs"])) + ".", "",
+             "| arm | " + " | ".join(f"{k} (`{metrics['sets'][k]['file']}`, n={metrics['sets'][k]['n']})"
+                                      for k in set_keys) + " |",
+             "|---|" + "---|" * len(set_keys)]
+    for arm in arms:
+        lines.append(f"| {metrics['arms'][arm]['label']} | "
+                     + " | ".join(_fmt(metrics["arms"][arm][k]) for k in set_keys) + " |")
+    lines += ["", f"Bottleneck step per seed: {metrics['bottleneck_step_per_seed']}; "
+              "fraction of trace tokens T3S left out: "
+              + ", ".join("–" if f is None else f"{f:.3f}" for f in metrics["masked_fraction_per_seed"])
+              + ".", "", "## T3S against each arm", "",
+              "Mean of the per-seed differences (T3S − arm) ± its standard error; a difference "
+              "within two standard errors of zero is not distinguished from noise by these "
+              "seeds.", ""]
+    for arm, by_set in metrics["comparisons"].items():
+        parts = []
+        for key in set_keys:
+            st = by_set.get(key)
+            if not st or st["mean"] is None:
+                continue
+            verdict = ""
+            if st["se"] is not None:
+                verdict = (" (within noise)" if abs(st["mean"]) <= 2 * st["se"] else
+                           (" (T3S higher)" if st["mean"] > 0 else " (T3S lower)"))
+            parts.append(f"{key} {st['mean']:+.3f}" + (f" ± {st['se']:.3f}" if st["se"] is not None
+                                                       else "") + verdict)
+        lines.append(f"- vs {metrics['arms'][arm]['label']}: " + "; ".join(parts))
+    lines += ["", f"![Final accuracy of each arm]({ARMS_FIGURE})", "",
+              f"![Held-out accuracy during training]({CURVES_FIGURE})", ""]
+    return "\n".join(lines)
+
+
+def run_seeds(run_one: Callable[..., Mapping[str, Any]], seeds: Sequence[int], out: os.PathLike,
+              *, say: Callable[[str], None] = print, **kwargs) -> Dict[str, Any]:
+    """Run ``run_one(out=<seed dir>, seed=s, say=say, **kwargs)`` (`t3s.demo.main`) for
+    every seed in turn, then `summarize`; returns the summary's metrics."""
+    out = Path(out)
+    for s in seeds:
+        say(f"t3s demo: seed {s} of {list(seeds)} in {seed_dir(out, s)}")
+        run_one(out=str(seed_dir(out, s)), seed=s, say=say, **kwargs)
+    metrics = summarize(out, seeds)
+    say(f"t3s demo: summary over seeds {list(seeds)} in {out / SUMMARY_DIR / SUMMARY_REPORT}")
+    for stat in metrics["arms"].values():
+        say(f"  {stat['label']}: " + "; ".join(f"{k} {_fmt(stat[k])}" for k in metrics["sets"]))
+    return metrics
