@@ -158,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory (runs/demo; runs/demo-quick with --quick; "
                            "runs/demo-diffusion[-quick] with --diffusion)")
     demo.add_argument("--task", default=None, metavar="NAME",
-                      help="the built-in task (t3s.demo.tasks): 'teach' (default: the teacher's "
-                           "traces add 4-term sums the base lacks; plain SFT crashes, then "
-                           "recovers) or 'style' (the first demo: the traces restyle what the "
-                           "base does)")
+                      help="the built-in task (t3s.demo.tasks): 'teach' (the default: the "
+                           "teacher's traces add 4-term sums the base lacks; plain SFT crashes, "
+                           "then recovers) or 'style' (the first demo, and the default of "
+                           "--diffusion: the traces restyle what the base does)")
     demo.add_argument("--seed", type=int, default=None, metavar="N",
                       help="seed of the traces, held-out problems and data order (default 0; "
                            "the base student is the same)")
@@ -249,10 +249,7 @@ def _demo(args: argparse.Namespace) -> int:
     # only what was given, so the demo's own defaults stay its defaults
     kw: Dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
     if args.task is not None:
-        if args.diffusion and args.task != "style":
-            raise UsageError("t3s demo --diffusion runs the 'style' task only; drop --task")
-        if not args.diffusion:
-            kw["task"] = args.task
+        kw["task"] = args.task
     if args.seeds is not None:
         if args.diffusion:
             raise UsageError("--seeds is not available with --diffusion")

@@ -115,8 +115,9 @@ def test_quick_demo_end_to_end(quick_run):
                  "**T3S (rule `anchor`)**", "**baseline (`random`", "**Imitation Shock**",
                  "**bottleneck**", "**Δc**", "**anchor**"):
         assert term in intro, term
-    link = re.search(r"\[docs/demo/README\.md\]\(([^)]+)\)", intro).group(1)
-    assert (report / link).resolve() == ROOT / "docs" / "demo" / "README.md"
+    # a run outside the source tree names the write-up without a link that would climb out
+    assert "`docs/demo/README.md` in the t3s source tree" in intro
+    assert "](../" not in text.replace("](../README.md)", "")
     # every accuracy names its set and size: the whole sets in the table, the subsets
     # (--eval-subset) during training
     assert metrics["accuracy_set"] == "heldout" and metrics["n_test"]["t3s"] == N_HELDOUT
@@ -246,3 +247,47 @@ def test_demo_redo_reruns_a_stage(quick_run, capsys):
     assert "t3s demo: ran report" in printed
     assert json.loads(before)["stages"]["pilot"] == \
         json.loads((out / "stages.json").read_text())["stages"]["pilot"]
+
+
+def test_sensitivity_on_the_quick_demo_writes_every_key(quick_run, tmp_path):
+    """`t3s sensitivity` on (a copy of) the quick demo: every choice trained or skipped with
+    a reason, every key present, the report's section and figure (a copy, so that the
+    session's demo keeps its settings)."""
+    import shutil
+    out, rc, _, _ = quick_run
+    assert rc == 0
+    run = tmp_path / "quick"
+    shutil.copytree(out, run)
+    assert main(["sensitivity", str(run), "--no-progress"]) == 0
+    res = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
+    for key in ("bottleneck_step", "choices", "skipped", "params", "sets"):
+        assert key in res, key
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert res["bottleneck_step"] == metrics["bottleneck_step"]
+    assert res["choices"]["train_acc_min"]["step"] == metrics["bottleneck_step"]
+    assert res["choices"]["train_acc_min"]["reused"] is True   # the T3S arm itself
+    assert len(res["choices"]) >= 3
+    for name, c in res["choices"].items():
+        for key in ("step", "anchor_fraction", "mask_overlap_with_default", "accuracy", "n",
+                    "reused", "same_step_as"):
+            assert key in c, (name, key)
+        assert set(c["accuracy"]) == {"heldout", "extra_test"}
+        assert all(0.0 <= a <= 1.0 for a in c["accuracy"].values())
+    assert set(metrics["sensitivity"]) == set(res["choices"])
+    text = (run / "report" / "report.md").read_text()
+    assert "sensitivity.png" in text and (run / "report" / "sensitivity.png").stat().st_size > 1000
+
+
+def test_the_write_up_link_never_climbs_out_of_the_source_tree(tmp_path):
+    """Inside the source tree the report links docs/demo/README.md; elsewhere it names it
+    (a relative link from /tmp would climb into the machine's own folders)."""
+    from t3s.pipeline.report import demo_writeup
+    for run_dir, linked in ((ROOT / "runs" / "check-writeup-link", True), (tmp_path, False)):
+        cfg = {"train": str(run_dir / "data" / "train.jsonl")}
+        link = demo_writeup(run_dir, cfg)
+        if linked:
+            assert (run_dir / "report" / link).resolve() == ROOT / "docs" / "demo" / "README.md"
+            assert not (run_dir / "report").exists()   # nothing was written
+        else:
+            assert link == ""
+    assert demo_writeup(tmp_path, {"train": "/elsewhere/train.jsonl"}) is None

@@ -114,5 +114,33 @@ def test_demo_cli_refuses_bad_task_and_seeds(capsys):
     assert main(["demo", "--quick", "--seeds", "0,0"]) == 2
     assert "repeated" in capsys.readouterr().err
     assert main(["demo", "--quick", "--seeds", "0,1", "--seed", "2"]) == 2
-    assert main(["demo", "--diffusion", "--task", "teach"]) == 2
+    assert main(["demo", "--diffusion", "--task", "nope"]) == 2
     assert main(["demo", "--diffusion", "--seeds", "0,1"]) == 2
+
+
+def test_signals_as_rules_by_hand(tmp_path):
+    """The summary's signal table: AUC/overlap from each seed's analysis, the Jaccard of
+    the dropped tokens of the signal's arm and of T3S (from the artifacts), its accuracy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    acc = {"heldout": {"base": 1.0, "t3s": 0.5, "kl": 0.25}}
+    for s, (ours, theirs) in enumerate((([0, 0, 1, 1], [0, 1, 1, 1]),     # Jaccard 1/2
+                                        ([0, 0, 0, 1], [0, 0, 1, 1]))):   # Jaccard 2/3
+        _fake_seed(tmp_path, s, acc, {0: 1.0})
+        d = S.seed_dir(tmp_path, s)
+        (d / "select").mkdir()
+        for name, keep in (("selection.parquet", ours), ("arm_kl.parquet", theirs)):
+            pq.write_table(pa.table({"example_id": [0, 0, 1, 1], "position": [1, 2, 1, 2],
+                                     "loss_mask": keep}), d / "select" / name)
+        (d / "analyze").mkdir()
+        (d / "analyze" / "analysis.json").write_text(json.dumps({"trajectory_signals": {
+            "kl": {"auc": 0.6 + 0.2 * s, "overlap": 0.5}, "delta_conf": {"auc": 1.0,
+                                                                        "overlap": 1.0}}}))
+    m = S.summarize(tmp_path, [0, 1])
+    kl = m["signals"]["kl"]
+    assert kl["arm"] == "kl" and kl["auc_vs_anchors"]["mean"] == pytest.approx(0.7)
+    assert kl["dropped_jaccard_vs_t3s"]["per_seed"] == pytest.approx([0.5, 2 / 3])
+    assert kl["accuracy"]["mean"] == pytest.approx(0.25)
+    assert m["signals"]["delta_conf"]["dropped_jaccard_vs_t3s"] is None
+    text = (tmp_path / S.SUMMARY_DIR / S.SUMMARY_REPORT).read_text()
+    assert "| `kl` | kl | 0.700 ± 0.100 |" in text and "(itself)" in text

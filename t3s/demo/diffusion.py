@@ -37,6 +37,7 @@ from .._util import torch_threads
 from . import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
                refuse_other_settings)
 from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
+from .tasks import task_named
 
 __all__ = ["main", "DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_SIZES",
            "PLAIN_DIR"]
@@ -46,7 +47,7 @@ __all__ = ["main", "DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_OVERRIDES", "QUICK_DI
 DIFFUSION_OVERRIDES: Dict[str, Any] = {
     "objective": "diffusion", "diffusion_model": str(DLM_DIR), "rule": "forced",
     "baseline": "random", "block_length": DLM_BLOCK_LENGTH, "agreement": False,
-    "analyze": False, "keep_checkpoints": False,
+    "analyze": False, "keep_checkpoints": False, "arms": [],
 }
 #: the quick demo (for tests, within a minute on 2 CPU cores): on top of the AR quick
 #: demo's settings, fewer steps, evaluations and held-out problems
@@ -57,11 +58,15 @@ QUICK_DIFFUSION_SIZES: Dict[str, Any] = {**QUICK_DATA_SIZES, "heldout_size": 64,
 PLAIN_DIR = "plain"
 
 
-def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str], None] = print,
-         redo: Sequence[str] = (), overwrite: bool = False, **overrides) -> Dict[str, Any]:
-    """Run the diffusion demo into ``out`` (default ``runs/demo-diffusion``, with ``quick``
-    ``runs/demo-diffusion-quick``); returns the report's metrics. ``overrides``: data
-    sizes and `t3s run` settings, as for `t3s.demo.main`."""
+def main(quick: bool = False, out: Optional[str] = None, *, task: str = "style",
+         say: Callable[[str], None] = print, redo: Sequence[str] = (), overwrite: bool = False,
+         **overrides) -> Dict[str, Any]:
+    """Run the diffusion demo on ``task`` (`t3s.demo.tasks`; ``style`` by default) into
+    ``out`` (default ``runs/demo-diffusion``, with ``quick`` ``runs/demo-diffusion-quick``,
+    ``runs/demo-diffusion-<task>[-quick]`` for another task); returns the report's
+    metrics. ``overrides``: data sizes and `t3s run` settings, as for `t3s.demo.main`.
+    The task's data and training budget apply; its extra arms do not (the diffusion
+    path trains plain SFT, T3S's forced set and a random set of its size)."""
     from ..pipeline.commands import redo_list
     from ..pipeline.console import quiet_libraries, show_progress
     from ..pipeline.diffusion_report import DIFFUSION_METRIC_KEYS
@@ -70,11 +75,19 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
                                    read_json)
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
+    from ..pipeline.settings import UsageError
+    try:
+        chosen = task_named(task)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     t0 = time.perf_counter()
-    out_path = Path(out if out is not None else
-                    ("runs/demo-diffusion-quick" if quick else "runs/demo-diffusion"))
+    name = "runs/demo-diffusion" + ("" if task == "style" else f"-{task}")
+    out_path = Path(out if out is not None else (name + "-quick" if quick else name))
     out_path = out_path.expanduser().resolve()
-    sizes = dict(QUICK_DIFFUSION_SIZES if quick else DATA_SIZES)
+    if task == "style":
+        sizes = dict(QUICK_DIFFUSION_SIZES if quick else DATA_SIZES)
+    else:
+        sizes = dict(chosen.quick_sizes if quick else chosen.sizes)
     sizes.update({k: overrides.pop(k) for k in list(sizes) if k in overrides})
     run, plain = RunDir(out_path), RunDir(out_path / PLAIN_DIR)
     check_demo_dir(out_path, run, ours=(PLAIN_DIR,))
@@ -90,8 +103,9 @@ def main(quick: bool = False, out: Optional[str] = None, *, say: Callable[[str],
             run.wipe()
 
         def settle(data, staged):
-            values = demo_settings(quick, out_path, data, task="style", **{
-                **DIFFUSION_OVERRIDES, **(QUICK_DIFFUSION_OVERRIDES if quick else {}), **overrides})
+            quick_over = QUICK_DIFFUSION_OVERRIDES if quick and task == "style" else {}
+            values = demo_settings(quick, out_path, data, task=task, **{
+                **DIFFUSION_OVERRIDES, **quick_over, **overrides})
             cfg = normalize_config({**values, "sft_model": sft_model})
             plain_cfg = normalize_config({**values, "rule": "none", "baseline": "none",
                                           "run_dir": str(plain.path)})

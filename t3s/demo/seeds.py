@@ -13,8 +13,10 @@ single demo does. Then `summarize` reads every seed's ``eval/results.json`` and
   ``baseline_acc``, and one per extra arm, e.g. ``dft_acc``, ``rho1_acc``,
   ``static_acc``) with ``<arm>_acc_per_seed`` and ``<arm>_acc_se`` beside them, and
   the per-seed bottleneck steps and masked fractions;
-* ``summary.md``: the table (arm × set, mean ± SE, n seeds) and one line per
-  comparison of T3S with every other arm (difference of means ± its SE, paired by seed);
+* ``summary.md``: the table (arm × set, mean ± SE, n seeds), one line per comparison
+  of T3S with every other arm (difference of means ± its SE, paired by seed), and the
+  trajectory signals as selection rules (agreement with the anchors, overlap of the
+  dropped tokens with T3S's, accuracy of their arms; `SIGNAL_ARMS`);
 * ``arms.png``: the table as grouped bars with error bars, one group per set;
 * ``curves.png``: the held-out accuracy during training (mean ± SE over seeds) of the
   pilot (plain SFT) and T3S, which shows the shock and how T3S avoids it.
@@ -33,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from .._util import pyplot
 
 __all__ = ["SUMMARY_DIR", "SUMMARY_METRICS", "SUMMARY_REPORT", "ARMS_FIGURE", "CURVES_FIGURE",
-           "seed_dir", "parse_seeds", "mean_se", "summarize", "run_seeds"]
+           "SIGNAL_ARMS", "seed_dir", "parse_seeds", "mean_se", "summarize", "run_seeds"]
 
 SUMMARY_DIR = "summary"
 SUMMARY_METRICS = "metrics.json"
@@ -148,6 +150,9 @@ def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
         metrics[f"{arm}_acc_se"] = stat["se"]
         metrics[f"{arm}_acc_per_seed"] = stat["per_seed"]
     metrics["comparisons"] = _comparisons(per_seed, arms, set_keys)
+    metrics["verifier_free_bottleneck_step_per_seed"] = [
+        m.get("verifier_free_bottleneck_step") for _, _, m, _ in per_seed]
+    metrics["signals"] = _signals([seed_dir(out, s) for s in seeds], table, headline)
     summary_dir = out / SUMMARY_DIR
     summary_dir.mkdir(parents=True, exist_ok=True)
     _plot_arms(summary_dir / ARMS_FIGURE, metrics, arms, set_keys)
@@ -175,6 +180,53 @@ def _comparisons(per_seed, arms: Sequence[str], set_keys: Sequence[str]) -> Dict
                      for _, r, _, _ in per_seed
                      if {"t3s", arm} <= set(r["sets"].get(key, {}).get("arms", {}))]
             out.setdefault(arm, {})[key] = mean_se(diffs)
+    return out
+
+
+#: trajectory signal (`t3s.analysis.trajectory_signals`) -> the arm whose rule selects by it
+SIGNAL_ARMS = {"delta_conf": "t3s", "delta_entropy": "entropy", "delta_logit_grad": "logit_grad",
+               "kl": "kl"}
+
+
+def _dropped(path: Path):
+    """The keys of the tokens a mask artifact leaves out of the loss (None when unreadable)."""
+    import pyarrow.parquet as pq
+    try:
+        t = pq.read_table(path, columns=["example_id", "position", "loss_mask"])
+    except (OSError, ValueError, KeyError):
+        return None
+    keep = t["loss_mask"].to_numpy(zero_copy_only=False).astype(bool)
+    ids, pos = t["example_id"].to_numpy(), t["position"].to_numpy()
+    return {(int(i), int(p)) for i, p, k in zip(ids, pos, keep) if not k}
+
+
+def _signals(run_dirs: Sequence[Path], table: Mapping[str, Any], headline: str) -> Dict[str, Any]:
+    """Each trajectory signal as a selection rule, over the seeds: its agreement with the
+    Δc anchors on the diagnostics' examples (AUC, overlap: `t3s.analysis.signal_agreement`),
+    the Jaccard overlap of the tokens its arm drops with those T3S drops (every trace
+    token), and its arm's final accuracy on the headline set."""
+    from ..pipeline.rundir import ANALYSIS_FILE, SELECTION_FILE, arm_file
+    out: Dict[str, Any] = {}
+    for signal, arm in SIGNAL_ARMS.items():
+        auc, overlap, jaccard = [], [], []
+        for d in run_dirs:
+            try:
+                agree = (_read(d / "analyze" / ANALYSIS_FILE).get("trajectory_signals") or {})
+            except FileNotFoundError:
+                agree = {}
+            if signal in agree:
+                auc.append(agree[signal]["auc"])
+                if agree[signal].get("overlap") is not None:
+                    overlap.append(agree[signal]["overlap"])
+            if arm != "t3s":
+                ours, theirs = (_dropped(d / "select" / SELECTION_FILE),
+                                _dropped(d / "select" / arm_file(arm)))
+                if ours is not None and theirs is not None and (ours or theirs):
+                    jaccard.append(len(ours & theirs) / len(ours | theirs))
+        out[signal] = {"arm": arm, "auc_vs_anchors": mean_se(auc),
+                       "overlap_vs_anchors": mean_se(overlap),
+                       "dropped_jaccard_vs_t3s": mean_se(jaccard) if arm != "t3s" else None,
+                       "accuracy": table.get(arm, {}).get(headline)}
     return out
 
 
@@ -287,6 +339,24 @@ def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequenc
             parts.append(f"{key} {st['mean']:+.3f}" + (f" ± {st['se']:.3f}" if st["se"] is not None
                                                        else "") + verdict)
         lines.append(f"- vs {metrics['arms'][arm]['label']}: " + "; ".join(parts))
+    lines += ["", "## Trajectory signals as selection rules", "",
+              "Agreement with the Δc anchors on the diagnostics' examples (ROC AUC, 0.5 = chance; "
+              "overlap: Jaccard of the anchors and as many tokens ranked first by the signal), "
+              "the Jaccard overlap of the tokens each rule's arm leaves out with those T3S leaves "
+              "out (every trace token), and the arm's final accuracy on the headline set "
+              f"(`{metrics['headline_set']}`); mean ± SE over the seeds.", "",
+              "| signal | its arm | AUC vs anchors | overlap vs anchors | dropped-token Jaccard "
+              "vs T3S | accuracy |", "|---|---|---|---|---|---|"]
+    for signal, row in metrics["signals"].items():
+        if row["accuracy"] is None and row["auc_vs_anchors"]["mean"] is None:
+            continue
+        jac = row["dropped_jaccard_vs_t3s"]
+        lines.append(f"| `{signal}` | {row['arm']} | {_fmt(row['auc_vs_anchors'])} | "
+                     f"{_fmt(row['overlap_vs_anchors'])} | {'(itself)' if jac is None else _fmt(jac)}"
+                     f" | {'–' if row['accuracy'] is None else _fmt(row['accuracy'])} |")
+    lines += ["", f"Verifier-free bottleneck step per seed (agreement of the pilot's greedy "
+              f"answers with θ0's own): {metrics['verifier_free_bottleneck_step_per_seed']}; "
+              f"the verifier's: {metrics['bottleneck_step_per_seed']}."]
     lines += ["", f"![Final accuracy of each arm]({ARMS_FIGURE})", "",
               f"![Held-out accuracy during training]({CURVES_FIGURE})", ""]
     return "\n".join(lines)

@@ -240,15 +240,20 @@ def _compare(name_a: str, a: Optional[float], na, name_b: str, b: Optional[float
 def demo_writeup(run_dir, config: Mapping[str, Any]) -> Optional[str]:
     """For a run of ``t3s demo`` (its training data is the demo's file in the run
     directory), the link from the run's report/ to ``docs/demo/README.md`` ("" when
-    this installation has no source tree); None for any other run."""
+    this installation has no source tree or the run directory is outside it); None for
+    any other run."""
     run_dir = Path(run_dir)
     demo_train = run_dir / rundir.DEMO_DATA_DIR / rundir.DEMO_DATA_FILES["train"]
     if not config.get("train") or os.path.abspath(config["train"]) != os.path.abspath(demo_train):
         return None
-    doc = Path(_package_root()) / "docs" / "demo" / "README.md"
-    if not doc.is_file():
+    root = Path(_package_root())
+    doc = root / "docs" / "demo" / "README.md"
+    report_dir = RunDir(run_dir).stage_dir("report").absolute()
+    # a link only from inside the source tree: one from elsewhere would climb out of the run
+    # directory into the machine's own folders (and break when either moves)
+    if not doc.is_file() or not report_dir.is_relative_to(root.absolute()):
         return ""
-    return Path(os.path.relpath(doc, RunDir(run_dir).stage_dir("report").absolute())).as_posix()
+    return Path(os.path.relpath(doc, report_dir)).as_posix()
 
 
 def _package_root() -> str:
@@ -390,9 +395,10 @@ def _introduction(m: Mapping[str, Any], cfg: Mapping[str, Any],
         where = (f"[docs/demo/README.md]({writeup})" if writeup else
                  "`docs/demo/README.md` in the t3s source tree")
         out.append("This is the built-in demo (`t3s demo`): a small student that already sums "
-                   "numbers step by step in its own style is fine-tuned on a rule-based "
-                   "teacher's traces of the same sums in another layout. The demo's write-up "
-                   f"explains the task and the results: {where}.")
+                   "2 and 3 numbers step by step in its own style is fine-tuned on a rule-based "
+                   "teacher's traces of sums in another layout (with `--task teach`, the "
+                   "default, they also work 4-term sums the student has never seen). The "
+                   f"demo's write-up explains the task and the results: {where}.")
     else:
         out.append("θ0 is fine-tuned on the teacher traces of the training file; the question "
                    "is whether leaving some trace tokens out of the loss (T3S) keeps more of "
