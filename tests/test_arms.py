@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
+from tiny import make_tokenizer, write_run_assets  # noqa: E402
 
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
@@ -162,15 +162,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    tok = make_tokenizer()
-    model = tiny_llama(tok, seed=0)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    records = arithmetic_records(24, seed=0)
-    write_jsonl(root / "train.jsonl", records[:16])
-    write_jsonl(root / "heldout.jsonl", records[16:])
-    return root
+    return write_run_assets(tmp_path_factory.mktemp("assets"))
 
 
 def settings(assets, arms=",".join(ARMS)):

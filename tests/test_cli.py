@@ -22,7 +22,7 @@ yaml = pytest.importorskip("yaml")
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
+from tiny import arithmetic_records, make_tokenizer, write_jsonl, write_run_assets  # noqa: E402
 
 from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
@@ -46,15 +46,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny θ0 (model + tokenizer directory) and train / held-out JSONL files."""
-    root = tmp_path_factory.mktemp("assets")
-    tok = make_tokenizer()
-    model = tiny_llama(tok, seed=0)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    records = arithmetic_records(24, seed=0)
-    write_jsonl(root / "train.jsonl", records[:16])
-    write_jsonl(root / "heldout.jsonl", records[16:])
-    return root
+    return write_run_assets(tmp_path_factory.mktemp("assets"))
 
 
 def settings(assets):

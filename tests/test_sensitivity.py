@@ -108,7 +108,7 @@ def test_parameters_the_settings_allow():
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_jsonl  # noqa: E402
+from tiny import write_run_assets  # noqa: E402
 
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
@@ -131,13 +131,7 @@ def _main(args):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """`t3s run --sensitivity` of 6 steps evaluated at every step: (run dir, output)."""
-    root = tmp_path_factory.mktemp("sensitivity")
-    tok = make_tokenizer()
-    tiny_llama(tok, seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    records = arithmetic_records(24, seed=0)
-    write_jsonl(root / "train.jsonl", records[:16])
-    write_jsonl(root / "heldout.jsonl", records[16:])
+    root = write_run_assets(tmp_path_factory.mktemp("sensitivity"))
     run = root / "run"
     with torch_threads(1):
         rc, out = _main(["run", "--model", str(root / "model"), "--train",

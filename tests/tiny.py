@@ -101,3 +101,17 @@ class ScriptedVerifier:
         self.calls += 1
         acc = self.accs[min(k, len(self.accs) - 1)]
         return i < round(acc * self.per_eval)
+
+
+def write_run_assets(root, *, n_train: int = 16, n_heldout: int = 8, seed: int = 0):
+    """A tiny θ0 (``root/model``: model and tokenizer) and ``root/train.jsonl`` /
+    ``root/heldout.jsonl`` of arithmetic records, for `t3s run` tests; returns ``root``."""
+    from pathlib import Path
+    root = Path(root)
+    tok = make_tokenizer()
+    tiny_llama(tok, seed=seed).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    records = arithmetic_records(n_train + n_heldout, seed=seed)
+    write_jsonl(root / "train.jsonl", records[:n_train])
+    write_jsonl(root / "heldout.jsonl", records[n_train:])
+    return root

@@ -47,7 +47,7 @@ from .analysis_report import render_section
 from .engine import StageContext
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import read_json, write_json
-from .settings import UsageError
+from .settings import UsageError, params_over_defaults
 from .training import checkpoints
 
 __all__ = ["ANALYSIS_DEFAULTS", "analysis_settings", "group_names", "check_analyze",
@@ -168,12 +168,7 @@ def analysis_settings(cfg: Mapping[str, Any],
     too); None when not known. What only the finished pilot tells is checked when the
     stage starts: the retained checkpoints in `check_analyze`, the surviving traces and
     the subset's size in `stage_analyze`."""
-    given = dict(cfg.get("analysis_params") or {})
-    unknown = sorted(set(given) - set(ANALYSIS_DEFAULTS))
-    if unknown:
-        raise UsageError(f"unknown analysis parameter(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(ANALYSIS_DEFAULTS)}")
-    p = {**ANALYSIS_DEFAULTS, **given}
+    p = params_over_defaults(cfg.get("analysis_params"), ANALYSIS_DEFAULTS, "analysis")
     p["examples"] = _int(p, "examples", 0)
     p["batch_size"] = _int(p, "batch_size", 1, True) or cfg["eval_batch_size"]
     p["last_layers"] = _int(p, "last_layers", 0, True)
@@ -202,7 +197,7 @@ def analysis_settings(cfg: Mapping[str, Any],
                              f"once, got {p['groups']!r}")
         p["groups"] = order
     # the default (64) means "up to 64"; a number given asks for that many
-    if p["examples"] and "examples" in given and cfg.get("train"):
+    if p["examples"] and "examples" in (cfg.get("analysis_params") or {}) and cfg.get("train"):
         n = _count_records(cfg["train"])
         if n is not None and p["examples"] > n:
             raise UsageError(f"analysis parameter examples={p['examples']} but the training "

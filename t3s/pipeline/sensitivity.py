@@ -50,7 +50,7 @@ from .engine import StageContext
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import read_json, write_json
 from .sensitivity_report import plot_sensitivity, render_section
-from .settings import UsageError
+from .settings import UsageError, params_over_defaults
 
 __all__ = ["SENSITIVITY_DEFAULTS", "CHOICE_KINDS", "choice_names", "sensitivity_settings",
            "logged_losses", "sensitivity_steps", "check_sensitivity", "stage_sensitivity"]
@@ -96,12 +96,7 @@ def sensitivity_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """``sensitivity_params`` over `SENSITIVITY_DEFAULTS`, checked from the settings alone
     (UsageError on an unknown key or choice, a bad value, the diffusion objective, or a
     launcher). Returns the parameters with ``names``: the choices to run."""
-    given = dict(cfg.get("sensitivity_params") or {})
-    unknown = sorted(set(given) - set(SENSITIVITY_DEFAULTS))
-    if unknown:
-        raise UsageError(f"unknown sensitivity parameter(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(SENSITIVITY_DEFAULTS)}")
-    p = {**SENSITIVITY_DEFAULTS, **given}
+    p = params_over_defaults(cfg.get("sensitivity_params"), SENSITIVITY_DEFAULTS, "sensitivity")
     offsets = []
     for k in _list_param(p["offsets"]):
         try:

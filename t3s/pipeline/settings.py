@@ -25,6 +25,7 @@ from .._util import one_line, sha256_file
 
 __all__ = [
     "UsageError",
+    "params_over_defaults",
     "Option",
     "OPTIONS",
     "DEFAULTS",
@@ -409,6 +410,18 @@ def _check_arms(cfg: Mapping[str, Any], where: str) -> list:
         raise UsageError(f"{where}arms keep as many tokens as the rule's loss mask, but rule "
                          "'forced' is not a loss mask; choose a loss-mask rule")
     return out
+
+
+def params_over_defaults(given: Optional[Mapping[str, Any]], defaults: Mapping[str, Any],
+                         what: str) -> Dict[str, Any]:
+    """A stage's ``*_params`` setting over its ``defaults``; UsageError naming the unknown
+    keys (``what``: "analysis", "sensitivity") and the known ones."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UsageError(f"unknown {what} parameter(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(defaults)}")
+    return {**defaults, **given}
 
 
 def mask_rule(rule: str) -> str:
