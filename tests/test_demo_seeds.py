@@ -162,3 +162,24 @@ def test_each_task_sets_its_own_budget_and_arms(tmp_path):
     assert quick["arms"] == teach["arms"] and quick["steps"] < teach["steps"]
     with pytest.raises(ValueError, match="unknown demo task"):
         demo_settings(False, tmp_path, data, task="nope")
+
+
+def test_sensitivity_over_the_seeds_that_ran_it(tmp_path):
+    acc = {"heldout": {"base": 1.0, "t3s": 0.5}}
+    for s in range(3):
+        _fake_seed(tmp_path, s, acc, {0: 1.0})
+    for s, (step, a) in enumerate(((20, 0.5), (40, 0.7))):   # seed 2 never ran the sweep
+        d = S.seed_dir(tmp_path, s) / "sensitivity"
+        d.mkdir()
+        (d / "sensitivity.json").write_text(json.dumps({"choices": {
+            "train_acc_min": {"step": step, "anchor_fraction": 0.8,
+                              "mask_overlap_with_default": 1.0, "accuracy": {"heldout": a}},
+            "after_1": {"step": step + 20, "anchor_fraction": 0.7,
+                        "mask_overlap_with_default": 0.9, "accuracy": {"heldout": a - 0.1}}}}))
+    m = S.summarize(tmp_path, [0, 1, 2])["sensitivity"]
+    assert m["seeds_with_sweep"] == 2
+    assert m["choices"]["train_acc_min"]["step_per_seed"] == [20, 40]
+    assert m["choices"]["after_1"]["accuracy"]["heldout"]["mean"] == pytest.approx(0.5)
+    text = (tmp_path / S.SUMMARY_DIR / S.SUMMARY_REPORT).read_text()
+    assert "| after_1 | 40, 60 |" in text
+    assert S.summarize(tmp_path, [2])["sensitivity"] is None

@@ -16,7 +16,8 @@ single demo does. Then `summarize` reads every seed's ``eval/results.json`` and
 * ``summary.md``: the table (arm × set, mean ± SE, n seeds), one line per comparison
   of T3S with every other arm (difference of means ± its SE, paired by seed), and the
   trajectory signals as selection rules (agreement with the anchors, overlap of the
-  dropped tokens with T3S's, accuracy of their arms; `SIGNAL_ARMS`);
+  dropped tokens with T3S's, accuracy of their arms; `SIGNAL_ARMS`), and the bottleneck
+  sensitivity over the seeds that ran ``t3s sensitivity``;
 * ``arms.png``: the table as grouped bars with error bars, one group per set;
 * ``curves.png``: the held-out accuracy during training (mean ± SE over seeds) of the
   pilot (plain SFT) and T3S, which shows the shock and how T3S avoids it.
@@ -153,6 +154,7 @@ def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
     metrics["verifier_free_bottleneck_step_per_seed"] = [
         m.get("verifier_free_bottleneck_step") for _, _, m, _ in per_seed]
     metrics["signals"] = _signals([seed_dir(out, s) for s in seeds], table, headline)
+    metrics["sensitivity"] = _sensitivity([seed_dir(out, s) for s in seeds])
     summary_dir = out / SUMMARY_DIR
     summary_dir.mkdir(parents=True, exist_ok=True)
     _plot_arms(summary_dir / ARMS_FIGURE, metrics, arms, set_keys)
@@ -227,6 +229,35 @@ def _signals(run_dirs: Sequence[Path], table: Mapping[str, Any], headline: str) 
                        "overlap_vs_anchors": mean_se(overlap),
                        "dropped_jaccard_vs_t3s": mean_se(jaccard) if arm != "t3s" else None,
                        "accuracy": table.get(arm, {}).get(headline)}
+    return out
+
+
+def _sensitivity(run_dirs: Sequence[Path]) -> Optional[Dict[str, Any]]:
+    """The bottleneck-sensitivity sweep over the seeds that ran it (`t3s sensitivity`):
+    choice -> {"step_per_seed", "accuracy": {set: mean ± SE}}; None when no seed did."""
+    from ..pipeline.rundir import SENSITIVITY_FILE
+    runs = []
+    for d in run_dirs:
+        try:
+            runs.append(_read(d / "sensitivity" / SENSITIVITY_FILE))
+        except FileNotFoundError:
+            continue
+    if not runs:
+        return None
+    names: List[str] = []
+    for r in runs:
+        names += [n for n in r["choices"] if n not in names]
+    out: Dict[str, Any] = {"seeds_with_sweep": len(runs), "choices": {}}
+    for name in names:
+        have = [r["choices"][name] for r in runs if name in r["choices"]]
+        keys = list(have[0]["accuracy"])
+        out["choices"][name] = {
+            "step_per_seed": [c["step"] for c in have],
+            "anchor_fraction": mean_se([c["anchor_fraction"] for c in have]),
+            "mask_overlap_with_default": mean_se([c["mask_overlap_with_default"] for c in have
+                                                  if c["mask_overlap_with_default"] is not None]),
+            "accuracy": {k: mean_se([c["accuracy"][k] for c in have if k in c["accuracy"]])
+                         for k in keys}}
     return out
 
 
@@ -357,6 +388,18 @@ def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequenc
     lines += ["", f"Verifier-free bottleneck step per seed (agreement of the pilot's greedy "
               f"answers with θ0's own): {metrics['verifier_free_bottleneck_step_per_seed']}; "
               f"the verifier's: {metrics['bottleneck_step_per_seed']}."]
+    sens = metrics.get("sensitivity")
+    if sens:
+        keys = list(next(iter(sens["choices"].values()))["accuracy"])
+        lines += ["", "## Bottleneck sensitivity (`t3s sensitivity`)", "",
+                  f"T3S retrained from the anchor mask at other steps of the pilot, over the "
+                  f"{sens['seeds_with_sweep']} seed(s) that ran the sweep; mean ± SE.", "",
+                  "| choice | step per seed | anchors | overlap with b's mask | "
+                  + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * len(keys)]
+        for name, c in sens["choices"].items():
+            lines.append(f"| {name} | {', '.join(map(str, c['step_per_seed']))} | "
+                         f"{_fmt(c['anchor_fraction'])} | {_fmt(c['mask_overlap_with_default'])} | "
+                         + " | ".join(_fmt(c["accuracy"][k]) for k in keys) + " |")
     lines += ["", f"![Final accuracy of each arm]({ARMS_FIGURE})", "",
               f"![Held-out accuracy during training]({CURVES_FIGURE})", ""]
     return "\n".join(lines)
