@@ -16,7 +16,7 @@ from t3s.pipeline.rundir import ANALYSIS_FIGURES  # noqa: E402
 #: a smaller-than-quick demo: 6 steps, every evaluated checkpoint kept
 SMALL = dict(steps=6, eval_steps=3, eval_subset=4, batch_size=8,
              trace_counts={2: 8, 3: 8, 4: 4}, heldout_size=4, four_term_size=2,
-             baseline="none", analyze=False, keep_checkpoints=True, progress=False)
+             baseline="none", arms=[], analyze=False, keep_checkpoints=True, progress=False)
 
 
 @pytest.fixture(scope="module")
