@@ -13,7 +13,7 @@ writes, into ``out_dir``:
   (`render_markdown`). Every accuracy names its set and size: the eval sets
   are scored whole, the curves during training on ``eval_subset`` problems.
 
-Size: about 600 lines, because the numbers (`collect_metrics`) and the text that
+Size: about 680 lines, because the numbers (`collect_metrics`) and the text that
 states them (`render_markdown`) change together; split apart, every new metric
 would be edited across two modules.
 """
