@@ -75,6 +75,8 @@ def test_summarize_writes_means_ses_and_paired_differences(tmp_path):
         assert (summary / name).stat().st_size > 0
     text = (summary / S.SUMMARY_REPORT).read_text()
     assert "| T3S | 0.600 ± 0.058 |" in text and "seed-2/report/report.md" in text
+    # the links to the seeds' reports resolve from summary/, where summary.md lives
+    assert "](../seed-2/report/report.md)" in text and (summary / "../seed-2/report").is_dir()
     assert str(tmp_path) not in text and str(tmp_path) not in (summary / S.SUMMARY_METRICS).read_text()
     assert json.loads((summary / S.SUMMARY_METRICS).read_text())["t3s_acc"] == pytest.approx(0.6)
 

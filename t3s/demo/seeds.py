@@ -22,18 +22,19 @@ single demo does. Then `summarize` reads every seed's ``eval/results.json`` and
 * ``curves.png``: the held-out accuracy during training (mean ± SE over seeds) of the
   pilot (plain SFT) and T3S, which shows the shock and how T3S avoids it.
 
-Paths in these files are relative to ``DIR`` so that the directory can be moved.
+Paths in ``metrics.json`` are relative to ``DIR`` and links in ``summary.md`` to
+``DIR/summary/``, so that the directory can be moved.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .._util import pyplot
+from ..pipeline.rundir import read_json, write_json
 
 __all__ = ["SUMMARY_DIR", "SUMMARY_METRICS", "SUMMARY_REPORT", "ARMS_FIGURE", "CURVES_FIGURE",
            "SIGNAL_ARMS", "seed_dir", "parse_seeds", "mean_se", "summarize", "run_seeds"]
@@ -103,11 +104,6 @@ def _fmt(stat: Mapping[str, Any]) -> str:
     return f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat["se"] is not None else "")
 
 
-def _read(path: Path) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
     """Write ``out/summary/`` (see the module docstring) from the finished seed
     directories and return its metrics. FileNotFoundError names a seed whose eval or
@@ -118,7 +114,7 @@ def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
     for s in seeds:
         d = seed_dir(out, s)
         try:
-            per_seed.append((s, _read(d / "eval" / RESULTS_FILE), _read(d / "report" / METRICS_FILE),
+            per_seed.append((s, read_json(d / "eval" / RESULTS_FILE), read_json(d / "report" / METRICS_FILE),
                              _curves(d)))
         except FileNotFoundError:
             raise FileNotFoundError(f"{d} has no finished eval and report; run the demo for "
@@ -161,9 +157,7 @@ def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
     curves = _mean_curves([c for _, _, _, c in per_seed])
     _plot_curves(summary_dir / CURVES_FIGURE, curves, len(seeds))
     metrics["heldout_curves"] = curves
-    tmp = summary_dir / (SUMMARY_METRICS + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, summary_dir / SUMMARY_METRICS)
+    write_json(summary_dir / SUMMARY_METRICS, metrics)
     (summary_dir / SUMMARY_REPORT).write_text(_markdown(metrics, arms, set_keys), encoding="utf-8")
     return metrics
 
@@ -213,7 +207,7 @@ def _signals(run_dirs: Sequence[Path], table: Mapping[str, Any], headline: str) 
         auc, overlap, jaccard = [], [], []
         for d in run_dirs:
             try:
-                agree = (_read(d / "analyze" / ANALYSIS_FILE).get("trajectory_signals") or {})
+                agree = (read_json(d / "analyze" / ANALYSIS_FILE).get("trajectory_signals") or {})
             except FileNotFoundError:
                 agree = {}
             if signal in agree:
@@ -239,7 +233,7 @@ def _sensitivity(run_dirs: Sequence[Path]) -> Optional[Dict[str, Any]]:
     runs = []
     for d in run_dirs:
         try:
-            runs.append(_read(d / "sensitivity" / SENSITIVITY_FILE))
+            runs.append(read_json(d / "sensitivity" / SENSITIVITY_FILE))
         except FileNotFoundError:
             continue
     if not runs:
@@ -267,7 +261,7 @@ def _curves(run_dir: Path) -> Dict[str, Dict[int, float]]:
     out = {}
     for arm, stage in (("sft", "pilot"), ("t3s", "train")):
         try:
-            acc = _read(run_dir / stage / ACCURACY_FILE).get("heldout_acc") or {}
+            acc = read_json(run_dir / stage / ACCURACY_FILE).get("heldout_acc") or {}
         except FileNotFoundError:
             continue
         out[arm] = {int(k): float(v) for k, v in acc.items()}
@@ -342,7 +336,7 @@ def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequenc
              "Final accuracy of each arm (greedy answers, checked by the verifier), mean ± "
              "standard error over the seeds. Each seed draws its own traces, held-out problems, "
              "data order and random mask; every arm trains with the same steps and learning "
-             "rate. Per-seed reports: " + ", ".join(f"[seed {s}]({d}/report/report.md)" for s, d
+             "rate. Per-seed reports: " + ", ".join(f"[seed {s}](../{d}/report/report.md)" for s, d
                                                     in zip(seeds, metrics["seed_dirs"])) + ".", "",
              "| arm | " + " | ".join(f"{k} (`{metrics['sets'][k]['file']}`, n={metrics['sets'][k]['n']})"
                                       for k in set_keys) + " |",
