@@ -210,13 +210,9 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = DEFAULT_
     from ..pipeline.console import print_metrics, quiet_libraries, show_progress
     from ..pipeline.engine import run_stages
     from ..pipeline.rundir import METRICS_FILE, RunDir, read_json
-    from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
+    from ..pipeline.settings import PATH_KEYS, UsageError, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
-    from ..pipeline.settings import UsageError
-    try:
-        chosen = task_named(task)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    chosen = task_named(task)
     if seeds is not None:
         from .seeds import run_seeds
         if "seed" in overrides:

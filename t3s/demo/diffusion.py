@@ -75,11 +75,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = "style",
                                    read_json)
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
-    from ..pipeline.settings import UsageError
-    try:
-        chosen = task_named(task)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    chosen = task_named(task)
     t0 = time.perf_counter()
     name = "runs/demo-diffusion" + ("" if task == "style" else f"-{task}")
     out_path = Path(out if out is not None else (name + "-quick" if quick else name))

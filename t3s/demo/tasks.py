@@ -90,11 +90,13 @@ DEFAULT_TASK = "teach"
 
 
 def task_named(name: str) -> DemoTask:
-    """The task called ``name``; ValueError listing the tasks otherwise."""
+    """The task called ``name``; `t3s.pipeline.settings.UsageError` (a ValueError, which
+    the command line reports in one line) listing the tasks otherwise."""
+    from ..pipeline.settings import UsageError
     try:
         return TASKS[str(name)]
     except KeyError:
-        raise ValueError(f"unknown demo task {name!r}; the tasks are: "
+        raise UsageError(f"unknown demo task {name!r}; the tasks are: "
                          + ", ".join(f"{n} ({t.summary})" for n, t in TASKS.items())) from None
 
 
