@@ -30,8 +30,8 @@ from .loaders import load_model, resolve_device
 from .rundir import read_json, write_json
 from .settings import UsageError, arm_params, baseline_loss_options, mask_rule
 
-__all__ = ["needs_signals", "check_signals", "signal_columns", "select_arms", "stage_arms",
-           "arm_models"]
+__all__ = ["needs_signals", "check_signals", "signal_columns", "write_comparison_mask",
+           "select_arms", "stage_arms", "arm_models"]
 
 
 def _signal_users(cfg: Mapping[str, Any]) -> List[str]:
@@ -90,6 +90,26 @@ def signal_columns(cfg: Mapping[str, Any], train, pad_token_id: Optional[int],
     return table.with_columns(columns)
 
 
+def write_comparison_mask(ctx: StageContext, art, what: str, name: str,
+                          params: Mapping[str, Any], path: Path):
+    """Rank 0 of the select stage: the mask of the comparison ``name`` (the baseline or
+    an arm: ``what``) from the main artifact ``art`` with ``params``, saved to ``path``
+    and said in one line; returns (the artifact, its `t3s.selection.SelectionSummary`)."""
+    try:
+        derived = art.reapply(mask_rule(name), **params)
+    except ValueError as e:
+        raise UsageError(f"{what} {name!r}: {one_line(e)}") from None
+    derived.save(path)
+    s = derived.summary()
+    objective = baseline_loss_options(name)
+    ctx.say(f"[select] {what} {name}: {s.n_masked} of {s.n_tokens} tokens left out "
+            f"({100 * (s.fraction_masked or 0):.1f}%)"
+            + (f"; loss options {objective}" if objective else "")
+            + ("; it keeps no token, so its retraining learns nothing"
+               if s.n_masked == s.n_tokens else ""))
+    return derived, s
+
+
 def select_arms(ctx: StageContext, art, kept: Optional[int]) -> Dict[str, Any]:
     """Rank 0 of the select stage: the mask artifact of every arm, from the main
     artifact ``art`` (its stored columns), written as `rundir.arm_file`; ``kept`` is
@@ -100,21 +120,11 @@ def select_arms(ctx: StageContext, art, kept: Optional[int]) -> Dict[str, Any]:
     for name in ctx.cfg.get("arms") or ():
         if kept is None:   # refused by the settings (rule forced); an invariant here
             raise UsageError(f"arm {name!r} needs the rule's loss mask for its budget")
-        params = arm_params(ctx.cfg, name, kept, n_tokens)
-        try:
-            arm_art = art.reapply(mask_rule(name), **params)
-        except ValueError as e:
-            raise UsageError(f"arm {name!r}: {one_line(e)}") from None
-        arm_art.save(ctx.work / rundir.arm_file(name))
-        s = arm_art.summary()
+        arm_art, s = write_comparison_mask(ctx, art, "arm", name,
+                                           arm_params(ctx.cfg, name, kept, n_tokens),
+                                           ctx.work / rundir.arm_file(name))
         out[name] = {"masked_fraction": s.fraction_masked, "kept_tokens": s.n_tokens - s.n_masked,
                      "params": arm_art.params}
-        objective = baseline_loss_options(name)
-        ctx.say(f"[select] arm {name}: {s.n_masked} of {s.n_tokens} tokens left out "
-                f"({100 * (s.fraction_masked or 0):.1f}%)"
-                + (f"; loss options {objective}" if objective else "")
-                + ("; it keeps no token, so its retraining learns nothing"
-                   if s.n_masked == s.n_tokens else ""))
     return out
 
 

@@ -73,11 +73,11 @@ from .diffusion_report import diffusion_report
 from .analysis import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
 from .arms import (arm_models, check_signals, needs_signals, select_arms, signal_columns,
-                   stage_arms)
+                   stage_arms, write_comparison_mask)
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
-from .settings import UsageError, baseline_loss_options, mask_rule, rule_params
+from .settings import UsageError, baseline_loss_options, rule_params
 from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
                        continue_from, finals, progress_bar, resume_state_retention, save_log,
                        strip_resume_state, training_args)
@@ -298,18 +298,10 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
             f"{'forced' if art.mask_column == 'forced' else 'left out of the loss'} "
             f"({100 * (summary.fraction_masked or 0):.1f}%)")
     if cfg["baseline"] != "none" and not is_diffusion(cfg):  # diffusion: drawn by its stage
-        bparams = rule_params(cfg, "baseline", budget=kept)
-        try:
-            base_art = art.reapply(mask_rule(cfg["baseline"]), **bparams)
-        except ValueError as e:
-            raise UsageError(f"baseline {cfg['baseline']!r}: {one_line(e)}") from None
-        base_art.save(work / rundir.BASELINE_FILE)
-        bs = base_art.summary()
+        base_art, bs = write_comparison_mask(ctx, art, "baseline", cfg["baseline"],
+                                             rule_params(cfg, "baseline", budget=kept),
+                                             work / rundir.BASELINE_FILE)
         out.update(baseline_params=base_art.params, baseline_masked_fraction=bs.fraction_masked)
-        objective = baseline_loss_options(cfg["baseline"])
-        ctx.say(f"[select] baseline {cfg['baseline']}: {bs.n_masked} of {bs.n_tokens} tokens "
-                f"left out ({100 * (bs.fraction_masked or 0):.1f}%)"
-                + (f"; loss options {objective}" if objective else ""))
     if cfg.get("arms"):
         out["arms"] = select_arms(ctx, art, kept)
     write_json(work / rundir.SUMMARY_FILE, out)
