@@ -49,6 +49,7 @@ from . import rundir
 from .engine import StageContext
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import read_json, write_json
+from .scoring import score_on_sets
 from .sensitivity_report import plot_sensitivity, render_section
 from .settings import UsageError, params_over_defaults
 
@@ -288,27 +289,12 @@ def _eval_reuse(ctx: StageContext, sets) -> Optional[Dict[str, Dict[str, Any]]]:
 
 def _evaluate(ctx: StageContext, model_dir: Path, sets, data, tok, out: Path
               ) -> Dict[str, Dict[str, Any]]:
-    """Accuracy and n of a model on every eval set (greedy, the verifier), as the eval
-    stage scores it; the predictions written into ``out``."""
-    import json
-
-    from ..bottleneck import training_accuracy
-    from .console import show_progress
-    cfg = ctx.cfg
+    """Accuracy and n of a model on every eval set, as the eval stage scores it
+    (`t3s.pipeline.scoring.score_on_sets`); the predictions written into ``out``."""
     if not sets:
         return {}
-    model = load_model(str(model_dir), cfg, device=resolve_device(cfg))
-    scores = {}
-    for i, (key, _) in enumerate(sets):
-        acc, details = training_accuracy(
-            model, tok, data[key], verifier=cfg["verifier"], subset_size=None,
-            max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
-            seed=cfg["seed"], progress=show_progress(cfg["progress"]), return_details=True)
-        with open(out / rundir.predictions_file("t3s", None if i == 0 else key), "w",
-                  encoding="utf-8") as f:
-            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
-        scores[key] = {"accuracy": acc, "n": len(details)}
-    return scores
+    model = load_model(str(model_dir), ctx.cfg, device=resolve_device(ctx.cfg))
+    return score_on_sets(model, tok, data, sets, ctx.cfg, out, "t3s")
 
 
 #: retrain(ctx, artifact path, label, *, work, resume) -> the training summary

@@ -58,7 +58,6 @@ The bottleneck is the argmin of training accuracy over the evaluations
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -77,6 +76,7 @@ from .arms import (arm_models, check_signals, needs_signals, select_arms, signal
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .rundir import STAGE_NAMES, write_json
+from .scoring import score_on_sets
 from .settings import UsageError, baseline_loss_options, rule_params
 from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
                        continue_from, finals, progress_bar, resume_state_retention, save_log,
@@ -413,7 +413,6 @@ def eval_sets(cfg: Mapping[str, Any]) -> List[Tuple[str, str]]:
 def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
     """Accuracy of θ0 and of every trained model available on the test set and the
     held-out set."""
-    from ..bottleneck import training_accuracy
     cfg, work = ctx.cfg, ctx.work
     sets = eval_sets(cfg)
     if not sets:
@@ -435,21 +434,11 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
         else:
             continue
         model = load_model(path, cfg, device=device)
-        for i, (key, _) in enumerate(sets):
-            acc, details = training_accuracy(
-                model, tok, data[key], verifier=cfg["verifier"], subset_size=None,
-                max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
-                seed=cfg["seed"], progress=show_progress(cfg["progress"]), return_details=True)
-            fname = rundir.predictions_file(arm, None if i == 0 else key)
-            if dist.is_main():   # every rank has the gathered answers; rank 0 writes them
-                with open(work / fname, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
-            by_set[key][arm] = {"accuracy": acc, "n": len(details),
-                                "n_correct": int(sum(d["correct"] for d in details)),
-                                "model": path}
-            label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
-            ctx.say(f"[eval] {key}: {label}: {acc:.3f} "
-                    f"({by_set[key][arm]['n_correct']}/{len(details)})")
+        label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
+        for key, score in score_on_sets(model, tok, data, sets, cfg, work, arm).items():
+            by_set[key][arm] = {**score, "model": path}
+            ctx.say(f"[eval] {key}: {label}: {score['accuracy']:.3f} "
+                    f"({score['n_correct']}/{score['n']})")
         del model
     if not dist.is_main():
         return {}
