@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .._util import pyplot
+from ..pipeline.report_arms import arm_label
 from ..pipeline.rundir import read_json, write_json
 
 __all__ = ["SUMMARY_DIR", "SUMMARY_METRICS", "SUMMARY_REPORT", "ARMS_FIGURE", "CURVES_FIGURE",
@@ -45,12 +46,9 @@ SUMMARY_REPORT = "summary.md"
 ARMS_FIGURE = "arms.png"
 CURVES_FIGURE = "curves.png"
 
-#: how the summary names the arms it knows (others are named by their own key)
-_ARM_LABELS = {"base": "base (θ0)", "sft": "plain SFT", "t3s": "T3S",
-               "dft": "DFT (loss × stop-grad p)", "rho1": "Rho-1 (same budget)",
-               "static": "static confidence (same budget)", "random": "random (same budget)",
-               "entropy": "entropy-change rule", "logit_grad": "logit-gradient rule",
-               "kl": "KL rule (same budget)"}
+#: how the summary names the arms every run has (the others: the report's own labels,
+#: `t3s.pipeline.report_arms.arm_label`)
+_RUN_ARM_LABELS = {"base": "base (θ0)", "sft": "plain SFT", "t3s": "T3S"}
 
 
 def seed_dir(out: os.PathLike, seed: int) -> Path:
@@ -93,9 +91,8 @@ def mean_se(values: Sequence[float]) -> Dict[str, Any]:
 
 def _label(arm: str, metrics: Mapping[str, Any]) -> str:
     if arm == "baseline":
-        rule = metrics.get("baseline_rule") or "baseline"
-        return _ARM_LABELS.get(rule, rule) + " [baseline]"
-    return _ARM_LABELS.get(arm, arm)
+        return arm_label(metrics.get("baseline_rule") or "baseline") + " [baseline]"
+    return _RUN_ARM_LABELS.get(arm) or arm_label(arm)
 
 
 def _fmt(stat: Mapping[str, Any]) -> str:
