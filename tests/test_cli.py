@@ -144,6 +144,11 @@ def test_run_writes_consistent_outputs(finished, assets):
     assert metrics["curve_sets"] == {"train_acc": {"set": "train", "n": 4, "of": 16},
                                      "heldout_acc": {"set": "heldout", "n": 4, "of": 8}}
     assert metrics["masked_fraction"] == pytest.approx(1 - art.table["loss_mask"].mean())
+    # the sets live outside the run directory: metrics.json names them by file, never by
+    # the machine's absolute path (the run's config.json keeps that)
+    assert metrics["test_set"] == "heldout.jsonl"
+    assert metrics["set_paths"] == {"heldout": "heldout.jsonl"}
+    assert str(assets) not in (run_dir / "report" / "metrics.json").read_text()
     online = pq.read_table(run_dir / "select" / "delta_online.parquet")
     exact = pq.read_table(run_dir / "select" / "delta_exact.parquet")
     agreement = t3s.compare_deltas(online, exact, bottleneck_step=b)

@@ -213,6 +213,48 @@ def test_readme_layout_table_matches_the_tree():
     assert not packages - set(paths), f"not in the layout table: {sorted(packages - set(paths))}"
 
 
+#: a machine's own folders, as an absolute path in a committed text would name them
+MACHINE_PATH = r"(?<![\w.~-])/(?:tmp|root|home|work|Users|private|var/folders)/"
+
+
+def committed_docs():
+    """The text files of docs/ and the README (generated reports, metrics, write-ups)."""
+    return [ROOT / "README.md"] + sorted(
+        p for p in (ROOT / "docs").rglob("*") if p.suffix in {".md", ".json", ".txt", ".yaml"})
+
+
+def test_committed_docs_name_no_machine_paths_and_no_links_out_of_the_repository():
+    """Every committed report and write-up is portable: no absolute path of the machine
+    that generated it, and every relative link leads to a file of the repository."""
+    import re
+
+    found, outside, broken = [], [], []
+    for path in committed_docs():
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(MACHINE_PATH, text)]
+        if path.suffix == ".md":
+            for link in re.findall(r"\]\(([^)#\s]+)", text):
+                if "://" in link or link.startswith("mailto:"):
+                    continue
+                target = (path.parent / link).resolve()
+                if not target.is_relative_to(ROOT):
+                    outside.append(f"{path.relative_to(ROOT)}: {link}")
+                elif not target.exists():
+                    broken.append(f"{path.relative_to(ROOT)}: {link}")
+    assert len(committed_docs()) > 10
+    assert not found, found
+    assert not outside, outside
+    assert not broken, broken
+
+
+def test_the_docs_check_can_fail(tmp_path):
+    import re
+
+    assert re.search(MACHINE_PATH, '"test_set": "/tmp/pytest-1/heldout.jsonl"')
+    assert re.search(MACHINE_PATH, "see `/work/main/runs/demo`")
+    assert not re.search(MACHINE_PATH, "data/heldout.jsonl, ./tmp/x, t3s/work/y")
+
+
 def test_no_module_shares_a_name_with_a_public_function():
     """`import t3s.x; t3s.x.y` must mean the module: no submodule of t3s is shadowed by a
     public name of the package (t3s.profile and t3s.rrt are functions; their modules are

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from . import rundir
 from .plots import plot_shock
 from .rundir import read_json
-from .report import stage_history, stage_summary
+from .report import shown_path, stage_history, stage_summary
 
 __all__ = ["DIFFUSION_METRIC_KEYS", "diffusion_report"]
 
@@ -40,6 +40,7 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
                      ) -> Dict[str, Any]:
     """Write the report of a diffusion run into ``out`` (see the module docstring);
     returns the metrics."""
+    run_dir = cfg.get("run_dir") or ""   # metrics.json names paths inside it relatively
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     if dirs.get("eval") is not None and (dirs["eval"] / rundir.RESULTS_FILE).is_file():
@@ -52,7 +53,8 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
     m["forced_fraction"] = train.get("forced_fraction", select.get("masked_fraction"))
     m.update({
         "objective": "diffusion",
-        "accuracy_set": results.get("test_key"), "test_set": results.get("test_set"),
+        "accuracy_set": results.get("test_key"),
+        "test_set": shown_path(results.get("test_set"), run_dir),
         "n_test": {a: v.get("n") for a, v in arms.items()},
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
                             for k, d in (results.get("sets") or {}).items()},
@@ -62,8 +64,9 @@ def diffusion_report(out: Path, dirs: Mapping[str, Optional[Path]], cfg: Mapping
         "rule": cfg.get("rule"), "rule_params": select.get("rule_params"),
         "baseline_rule": None if cfg.get("baseline") in (None, "none") else cfg.get("baseline"),
         "forced_weight": cfg.get("forced_weight"),
-        "selector": cfg.get("model"), "diffusion_model": cfg.get("diffusion_model"),
-        "sft_model": cfg.get("sft_model"),
+        "selector": shown_path(cfg.get("model"), run_dir),
+        "diffusion_model": shown_path(cfg.get("diffusion_model"), run_dir),
+        "sft_model": shown_path(cfg.get("sft_model"), run_dir),
         "bottleneck_step": pilot.get("bottleneck_step", select.get("bottleneck_step")),
         "selector_pilot_train_acc": {str(k): v for k, v in
                                      sorted(stage_history(dirs.get("pilot"))["train_acc"].items())},

@@ -40,6 +40,7 @@ __all__ = [
     "build_report",
     "collect_metrics",
     "render_markdown",
+    "shown_path",
     "demo_writeup",
     "stage_history",
     "stage_summary",
@@ -175,11 +176,12 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         "accuracy_set": acc_set,
         "n_test": {k: v for k, v in n.items() if m.get(f"{k}_acc") is not None},
         "arms_params": {a: v.get("params") for a, v in (select_sum.get("arms") or {}).items()},
-        "test_set": results.get("test_set"),
+        "test_set": shown_path(results.get("test_set"), run_dir),
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
                             for k, d in (results.get("sets") or {}).items()},
         "n_by_set": {k: d.get("n") for k, d in (results.get("sets") or {}).items()},
-        "set_paths": {k: d.get("path") for k, d in (results.get("sets") or {}).items()},
+        "set_paths": {k: shown_path(d.get("path"), run_dir)
+                      for k, d in (results.get("sets") or {}).items()},
         "curve_sets": curves,
         "rule": select_sum.get("rule", config.get("rule")),
         "rule_params": select_sum.get("rule_params"),
@@ -261,15 +263,17 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _short_path(path: Any, run_dir: str) -> Any:
-    """A path as the report shows it: relative to the run directory when inside it,
-    relative to the installed package for the shipped demo assets."""
+def shown_path(path: Any, run_dir: os.PathLike) -> Any:
+    """A path as a report and its metrics.json show it: relative to the run directory
+    when inside it, relative to the installed package for the shipped demo assets, else
+    only the file's name (an absolute path would name the machine's own folders, and
+    the run's config.json holds it). Anything but an absolute path is returned as is."""
     if not isinstance(path, str) or not os.path.isabs(path):
         return path
-    for root in (run_dir, _package_root()):
+    for root in (os.fspath(run_dir) if run_dir else "", _package_root()):
         if root and os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root):
-            return os.path.relpath(path, root)
-    return path
+            return Path(os.path.relpath(path, root)).as_posix()
+    return os.path.basename(path.rstrip(os.sep)) or path
 
 
 def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str, Any]] = None,
@@ -288,8 +292,8 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     if run_dir:
         lines.append(f"Run directory: `{os.path.basename(os.path.abspath(run_dir))}`")
     if cfg:
-        lines.append(f"Model θ0: `{_short_path(cfg.get('model'), run_dir)}`; training traces: "
-                     f"`{_short_path(cfg.get('train'), run_dir)}`; "
+        lines.append(f"Model θ0: `{shown_path(cfg.get('model'), run_dir)}`; training traces: "
+                     f"`{shown_path(cfg.get('train'), run_dir)}`; "
                      f"{cfg.get('steps')} steps, lr {cfg.get('lr')}, batch "
                      f"{cfg.get('batch_size')}×{cfg.get('grad_accum')}; rule `{rule}`"
                      + (f" {m['rule_params']}" if m.get("rule_params") else "") + ".")
@@ -304,13 +308,13 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     ns = sorted({v for v in n.values() if v})
     n_text = f"n={ns[0]}" if len(ns) == 1 else "n: see the statements"
     if src == "eval":
-        first = (f"accuracy on `{_short_path(m.get('test_set'), run_dir)}` ({primary} set, "
+        first = (f"accuracy on `{shown_path(m.get('test_set'), run_dir)}` ({primary} set, "
                  f"{n_text}{', headline' if others else ''})")
     else:
         first = ("held-out accuracy at the last evaluation during training "
                  f"({_on(m, 'heldout_acc') or n_text})")
     head = f"| model | {first} |" + "".join(
-        f" accuracy on `{_short_path(m['set_paths'].get(k), run_dir) or k}` ({k} set, "
+        f" accuracy on `{shown_path(m['set_paths'].get(k), run_dir) or k}` ({k} set, "
         f"n={(m.get('n_by_set') or {}).get(k) or 'n/a'}) |" for k in others)
     lines += [head, "|---|---|" + "---|" * len(others)]
     for arm, label in _arm_labels(m):
