@@ -152,11 +152,12 @@ def run_args(settings: Mapping[str, Any], *, model_dir: str, run_dir: str,
 
 def run_seed(*, out: str, seed: int, say: Callable[[str], None], model_dir: str,
              data: Mapping[str, str], settings: Mapping[str, Any],
-             threads: Optional[int]) -> Dict[str, Any]:
-    """One seed's ``t3s run`` into ``out``; returns its report's metrics."""
+             threads: Optional[int], redo: Sequence[str] = ()) -> Dict[str, Any]:
+    """One seed's ``t3s run`` into ``out`` (``redo``: stages to run again, as
+    ``t3s run --redo``); returns its report's metrics."""
     from t3s.cli import main as t3s_main
     argv = run_args(settings, model_dir=model_dir, run_dir=out, data=data, seed=seed,
-                    threads=threads)
+                    threads=threads) + [a for stage in redo for a in ("--redo", stage)]
     say("t3s " + " ".join(argv))
     t0 = time.perf_counter()
     rc = t3s_main(argv)
@@ -188,18 +189,23 @@ def publish(out: os.PathLike, docs: os.PathLike, seeds: Sequence[int]) -> None:
 
 
 def main(out: os.PathLike, *, seeds: Sequence[int] = (0, 1, 2), threads: Optional[int] = None,
-         quick: bool = False, model_dir: Optional[str] = None,
+         quick: bool = False, model_dir: Optional[str] = None, redo: Sequence[str] = (),
          say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Every seed's run into ``out/seed-<s>/`` and the summary in ``out/summary/``;
     returns the summary's metrics. The model is exported once to ``out/model`` unless
-    ``model_dir`` is given; the data goes to ``out/data``."""
+    ``model_dir`` is given; the data goes to ``out/data``. A finished seed is not run
+    again, except the stages in ``redo``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or export_hf_dir(str(out / "model"))
     data = write_data(out / "data", **(QUICK_SIZES if quick else {}))
     settings = QUICK_SETTINGS if quick else SETTINGS
-    return run_seeds(run_seed, list(seeds), out, say=say, model_dir=model_dir, data=data,
-                     settings=settings, threads=threads)
+    return run_seeds(run_seed, list(seeds), out, say=say, label="real_model_arms",
+                     summary={"title": "SmolLM2-135M-Instruct: the arms",
+                              "seeds_vary": "the data order and the random arm's mask (the "
+                                            "traces and held-out problems are the same)"},
+                     model_dir=model_dir, data=data, settings=settings, threads=threads,
+                     redo=list(redo))
 
 
 if __name__ == "__main__":
@@ -209,10 +215,12 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few problems")
+    parser.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                        help="run this stage of every seed again (as t3s run --redo)")
     parser.add_argument("--publish", metavar="DOCS", default=None,
                         help="then copy the results (no models) into DOCS")
     ns = parser.parse_args()
     seeds = parse_seeds(ns.seeds)
-    main(ns.out, seeds=seeds, threads=ns.threads, quick=ns.quick)
+    main(ns.out, seeds=seeds, threads=ns.threads, quick=ns.quick, redo=ns.redo)
     if ns.publish:
         publish(ns.out, ns.publish, seeds)

@@ -18,7 +18,8 @@ The kernels live in `t3s_kernels`. Modules: `t3s.data` (package), `t3s.trajector
 (store, queries, recorder), `t3s.bottleneck`, `t3s.profiling`, `t3s.delta`,
 `t3s.selection`, `t3s.artifact`, `t3s.weights` (RRT), `t3s.trainer` (package;
 imported on first use), `t3s.hf` (patch, heads, labels, guards) / `t3s.loss` (the patched loss),
-`t3s.verify`, `t3s.dllm` (diffusion LMs; package, imported on first use).
+`t3s.verify`, `t3s.generation` (the generation interface: sampling settings, engines,
+avg@k), `t3s.dllm` (diffusion LMs; package, imported on first use).
 """
 
 from t3s_kernels import TokenStats, linear_cross_entropy, target_logprobs

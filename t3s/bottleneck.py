@@ -4,8 +4,9 @@
 * `BottleneckTracker`: the same online, plus which checkpoints may be deleted
   (only the ones that can still be the argmin are kept, so disk use stays
   O(1)) and early detection (stop the pilot once accuracy has recovered).
-* `training_accuracy`: the accuracy itself, by greedy generation on a fixed
-  subset of training prompts, checked by a verifier (`t3s.verify`). This is not
+* `training_accuracy`: the accuracy itself, by generation on a fixed subset of
+  training prompts (greedy by default; avg@k over sampled answers; the engine is
+  `t3s.generation`'s), checked by a verifier (`t3s.verify`). This is not
   teacher-forced token accuracy, which falls with the loss.
 """
 
@@ -17,8 +18,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .data.collate import pad_token_id
 from .data.table import IGNORE_INDEX
+from .generation import GenerationEngine, HFEngine, SamplingParams, avg_at_k
 from .verify import Verifier, get_verifier
 
 __all__ = ["INITIAL_STEP", "find_bottleneck", "BottleneckTracker", "select_subset",
@@ -227,16 +228,6 @@ def _prompt_ids(ex: Mapping[str, Any]) -> List[int]:
     return ids[:n]
 
 
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
-
-
 def answer_agreement(answers: Mapping[int, Sequence[str]],
                      reference_step: Optional[int] = None) -> Dict[int, float]:
     """step -> the share of prompts whose answer equals the reference step's (θ0's).
@@ -280,29 +271,45 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
                       max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
                       progress: bool = True, return_details: bool = False,
                       generation_kwargs: Optional[Mapping[str, Any]] = None,
-                      split_across_ranks: Optional[bool] = None):
-    """Fraction of training prompts the model answers correctly.
+                      split_across_ranks: Optional[bool] = None, samples: int = 1,
+                      temperature: float = 0.0, top_p: float = 1.0,
+                      stop: Union[str, Sequence[str]] = (),
+                      engine: Optional[GenerationEngine] = None):
+    """Fraction of training prompts the model answers correctly (avg@k with ``samples``).
 
     For a fixed subset (`select_subset`) of ``examples`` (dicts from `t3s.data`:
-    ``input_ids``, ``prompt_length`` or ``labels``, ``answer``), generate
-    greedily (``model.generate(..., do_sample=False)``) from the prompt tokens,
-    left-padded in batches of ``batch_size``, decode the new tokens with
+    ``input_ids``, ``prompt_length`` or ``labels``, ``answer``), generate from the
+    prompt tokens with ``engine`` (default: `t3s.generation.HFEngine` on ``model``:
+    ``model.generate`` on prompts left-padded in batches of ``batch_size``, with
+    ``generation_kwargs`` over its own), decode the new tokens with
     ``skip_special_tokens=True`` and check them with ``verifier(prediction,
-    answer)`` *(choice: greedy, fixed subset, configurable size)*. The model is
-    put in eval mode and restored afterwards.
+    answer)`` *(choice: greedy by default, fixed subset, configurable size)*. The
+    model is put in eval mode and restored afterwards.
+
+    Sampling (`t3s.generation.SamplingParams`): ``temperature`` 0 (the default) is
+    greedy decoding (``do_sample=False``); > 0 samples, with ``top_p``, ``samples``
+    answers per prompt, seeded with ``seed`` (which also draws the subset). ``stop``:
+    stop strings. The accuracy is then avg@k (`t3s.generation.avg_at_k`): the mean
+    over prompts of each prompt's fraction of correct answers.
 
     split_across_ranks: under ``torch.distributed`` (default: whenever a
     process group of more than one rank exists), each rank generates for its
     share of the subset (`t3s.dist.rank_share`) and the answers are gathered,
-    so every rank returns the same result as one process would. Every rank
+    so every rank returns the same result as one process would (sampled answers
+    aside: a draw depends on the batch it is in, and the batches differ). Every rank
     must call this together. A sharded model (FSDP: DTensor parameters) runs
     the ranks in lockstep (equal batch counts, ``synced_gpus``).
 
     Returns the accuracy in [0, 1]; with ``return_details=True``, ``(accuracy,
-    [{"example_id", "prediction", "answer", "correct"}])`` in subset order.
+    [{"example_id", "prediction", "answer", "correct"}])`` in subset order, the
+    prediction and its verdict of the first answer; with ``samples`` > 1 each row
+    also has ``"samples"`` ([{"prediction", "correct"}], every answer) and
+    ``"score"`` (its fraction correct).
     """
     from . import dist
     verify_fn = get_verifier(verifier)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            samples=samples, stop=stop, seed=seed)
     subset = select_subset(list(examples), subset_size, seed)
     if not subset:
         raise ValueError("no examples to evaluate")
@@ -310,54 +317,28 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
         raise ValueError("batch_size must be >= 1")
     split = dist.world_size() > 1 and split_across_ranks is not False
     order = list(dist.rank_share(len(subset))) if split else list(range(len(subset)))
-    lockstep = split and dist.is_sharded(model)
-    n_batches = -(-len(order) // batch_size)
-    if lockstep:  # every rank runs as many generate calls as the rank with the most
-        n_batches = -(-len(dist.rank_share(len(subset), rank_=0)) // batch_size)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=int(pad_token_id(tokenizer)))
-    if lockstep:
-        kwargs["synced_gpus"] = True
-    kwargs.update(generation_kwargs or {})
-    device = _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
+    if engine is None:
+        engine = HFEngine(model, tokenizer, batch_size=batch_size,
+                          lockstep=split and dist.is_sharded(model),
+                          progress=progress and dist.is_main(), desc="training accuracy",
+                          generation_kwargs=generation_kwargs)
+    answers = engine.generate([_prompt_ids(subset[i]) for i in order], params)
+    if len(answers) != len(order) or any(len(a) != params.samples for a in answers):
+        raise ValueError(f"the engine returned {[len(a) for a in answers]} answers for "
+                         f"{len(order)} prompts, {params.samples} each")
     mine = []
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(order), desc="training accuracy", leave=False,
-                   disable=not progress or not dist.is_main())
-        for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            chunk = [subset[i] for i in idx] or [subset[0]]  # a lockstep filler, discarded
-            new_tokens = _generate(model, chunk, tokenizer, device, kwargs)
-            for i, ex, toks in zip(idx, chunk, new_tokens):
-                pred = tokenizer.decode(toks.tolist(), skip_special_tokens=True)
-                mine.append((i, {"example_id": int(ex["example_id"]), "prediction": pred,
-                                 "answer": str(ex["answer"]),
-                                 "correct": bool(verify_fn(pred, str(ex["answer"])))}))
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    for i, outs in zip(order, answers):
+        ex, gold = subset[i], str(subset[i]["answer"])
+        preds = [tokenizer.decode(list(toks), skip_special_tokens=True) for toks in outs]
+        marks = [bool(verify_fn(p, gold)) for p in preds]
+        row = {"example_id": int(ex["example_id"]), "prediction": preds[0], "answer": gold,
+               "correct": marks[0]}
+        if params.samples > 1:
+            row["samples"] = [{"prediction": p, "correct": c} for p, c in zip(preds, marks)]
+            row["score"] = sum(marks) / len(marks)
+        mine.append((i, row))
     gathered = [row for part in dist.gather_objects(mine) for row in part] if split else mine
     details = [d for _, d in sorted(gathered, key=lambda row: row[0])]
-    acc = sum(d["correct"] for d in details) / len(details)
+    acc = avg_at_k([[s["correct"] for s in d["samples"]] if "samples" in d else [d["correct"]]
+                    for d in details])["avg"]
     return (acc, details) if return_details else acc
-
-
-def _generate(model, chunk, tokenizer, device, kwargs) -> torch.Tensor:
-    """The new tokens [B, T_new] of greedy generation from the chunk's left-padded prompts."""
-    prompts = [_prompt_ids(ex) for ex in chunk]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(chunk), width), int(kwargs["pad_token_id"]), dtype=torch.long)
-    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, width - len(p):] = 1
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         **kwargs)
-    if not isinstance(out, torch.Tensor):
-        out = out.sequences
-    return out[:, width:].cpu()

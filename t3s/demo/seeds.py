@@ -101,10 +101,16 @@ def _fmt(stat: Mapping[str, Any]) -> str:
     return f"{stat['mean']:.3f}" + (f" ± {stat['se']:.3f}" if stat["se"] is not None else "")
 
 
-def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
+#: what a seed of the demo changes (summary.md says it)
+DEMO_SEEDS_VARY = "its own traces, held-out problems, data order and random mask"
+
+
+def summarize(out: os.PathLike, seeds: Sequence[int], *, title: str = "The demo",
+              seeds_vary: str = DEMO_SEEDS_VARY) -> Dict[str, Any]:
     """Write ``out/summary/`` (see the module docstring) from the finished seed
     directories and return its metrics. FileNotFoundError names a seed whose eval or
-    report stage has not finished."""
+    report stage has not finished. ``title`` heads summary.md ("<title> over N seeds");
+    ``seeds_vary`` completes its sentence "Each seed draws ..."."""
     from ..pipeline.rundir import METRICS_FILE, RESULTS_FILE
     out = Path(out)
     per_seed = []
@@ -155,7 +161,8 @@ def summarize(out: os.PathLike, seeds: Sequence[int]) -> Dict[str, Any]:
     _plot_curves(summary_dir / CURVES_FIGURE, curves, len(seeds))
     metrics["heldout_curves"] = curves
     write_json(summary_dir / SUMMARY_METRICS, metrics)
-    (summary_dir / SUMMARY_REPORT).write_text(_markdown(metrics, arms, set_keys), encoding="utf-8")
+    (summary_dir / SUMMARY_REPORT).write_text(_markdown(metrics, arms, set_keys, title, seeds_vary),
+                                              encoding="utf-8")
     return metrics
 
 
@@ -327,12 +334,13 @@ def _plot_curves(path: Path, curves: Mapping[str, Any], n_seeds: int) -> None:
     plt.close(fig)
 
 
-def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequence[str]) -> str:
+def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequence[str],
+              title: str, seeds_vary: str) -> str:
     seeds = metrics["seeds"]
-    lines = [f"# The demo over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+    lines = [f"# {title} over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
              "Final accuracy of each arm (greedy answers, checked by the verifier), mean ± "
-             "standard error over the seeds. Each seed draws its own traces, held-out problems, "
-             "data order and random mask; every arm trains with the same steps and learning "
+             f"standard error over the seeds. Each seed draws {seeds_vary}; "
+             "every arm trains with the same steps and learning "
              "rate. Per-seed reports: " + ", ".join(f"[seed {s}](../{d}/report/report.md)" for s, d
                                                     in zip(seeds, metrics["seed_dirs"])) + ".", "",
              "| arm | " + " | ".join(f"{k} (`{metrics['sets'][k]['file']}`, n={metrics['sets'][k]['n']})"
@@ -397,15 +405,18 @@ def _markdown(metrics: Mapping[str, Any], arms: Sequence[str], set_keys: Sequenc
 
 
 def run_seeds(run_one: Callable[..., Mapping[str, Any]], seeds: Sequence[int], out: os.PathLike,
-              *, say: Callable[[str], None] = print, **kwargs) -> Dict[str, Any]:
-    """Run ``run_one(out=<seed dir>, seed=s, say=say, **kwargs)`` (`t3s.demo.main`) for
-    every seed in turn, then `summarize`; returns the summary's metrics."""
+              *, say: Callable[[str], None] = print, label: str = "t3s demo",
+              summary: Optional[Mapping[str, str]] = None, **kwargs) -> Dict[str, Any]:
+    """Run ``run_one(out=<seed dir>, seed=s, say=say, **kwargs)`` (`t3s.demo.main`, or any
+    function that finishes a `t3s run` there) for every seed in turn, then `summarize`
+    (``summary``: its ``title`` and ``seeds_vary``); returns the summary's metrics.
+    ``label`` starts the progress lines."""
     out = Path(out)
     for s in seeds:
-        say(f"t3s demo: seed {s} of {list(seeds)} in {seed_dir(out, s)}")
+        say(f"{label}: seed {s} of {list(seeds)} in {seed_dir(out, s)}")
         run_one(out=str(seed_dir(out, s)), seed=s, say=say, **kwargs)
-    metrics = summarize(out, seeds)
-    say(f"t3s demo: summary over seeds {list(seeds)} in {out / SUMMARY_DIR / SUMMARY_REPORT}")
+    metrics = summarize(out, seeds, **(summary or {}))
+    say(f"{label}: summary over seeds {list(seeds)} in {out / SUMMARY_DIR / SUMMARY_REPORT}")
     for stat in metrics["arms"].values():
         say(f"  {stat['label']}: " + "; ".join(f"{k} {_fmt(stat[k])}" for k in metrics["sets"]))
     return metrics

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from .. import dist
 from .._util import sha256_json
 from .rundir import ATTEMPT_FILE, STAGE_NAMES, RunDir, RunDirError, now, read_json, write_json
-from .settings import identity
+from .settings import DEFAULTS, HASHED_ONLY_OFF_DEFAULT, identity
 
 __all__ = ["Stage", "StageContext", "register_stages", "registered_stages", "stage_hash",
            "stage_status", "run_stages"]
@@ -128,7 +128,9 @@ class StageContext:
 
 def stage_hash(stage: Stage, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any]) -> str:
     ident = identity(cfg, fingerprints)
-    return sha256_json({k: ident.get(k, cfg.get(k)) for k in stage.keys})
+    values = {k: ident.get(k, cfg.get(k)) for k in stage.keys}
+    return sha256_json({k: v for k, v in values.items()
+                        if not (k in HASHED_ONLY_OFF_DEFAULT and v == DEFAULTS[k])})
 
 
 def stage_status(run: RunDir, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any],

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .._util import canonical_json, sha256_json
-from .settings import UsageError, describe_change, identity
+from .settings import UsageError, describe_change, identity, normalize_config
 
 __all__ = [
     "ATTEMPT_FILE",
@@ -269,12 +269,14 @@ class RunDir:
             "written": now()})
 
     def config_diff(self, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any]) -> List[str]:
-        """The hashed settings that differ from the stored ones, described."""
+        """The hashed settings that differ from the stored ones, described. A setting the
+        stored identity lacks (the run was made before the setting existed) counts as
+        its default, under which the run was made."""
         stored = self.load_config()
         if stored is None:
             return []
-        old = stored.get("identity") or {}
         new = identity(cfg, fingerprints)
+        old = {**identity(normalize_config({}), {}), **(stored.get("identity") or {})}
         return [describe_change(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                 if canonical_json(old.get(k)) != canonical_json(new.get(k))]
 

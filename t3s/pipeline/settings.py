@@ -29,6 +29,7 @@ __all__ = [
     "Option",
     "OPTIONS",
     "DEFAULTS",
+    "HASHED_ONLY_OFF_DEFAULT",
     "RULE_ALIASES",
     "BASELINE_OBJECTIVES",
     "baseline_loss_options",
@@ -130,6 +131,14 @@ OPTIONS: Tuple[Option, ...] = (
            "training / held-out prompts per evaluation during training (0: all)"),
     Option("max_new_tokens", "int", 512, "tokens generated per answer"),
     Option("verifier", "choice", "math", "answer checker (t3s.verify)", choices=("math", "exact")),
+    # the eval stage's final scoring (and the sensitivity sweep's); the accuracy curve
+    # during training stays greedy (`t3s.pipeline.training.accuracy_callback`)
+    Option("samples", "int", 1,
+           "answers sampled per eval problem: the eval accuracy is then avg@k over them, "
+           "with its standard error and pass@k (needs --temperature > 0)"),
+    Option("temperature", "float", 0.0, "eval sampling temperature (0: greedy decoding)"),
+    Option("top_p", "float", 1.0,
+           "eval nucleus sampling: top-p in (0, 1] (with --temperature > 0)"),
     Option("eval_batch_size", "int", 8, "prompts per generation / profiling batch", hashed=False),
     # resuming (not hashed: a resumed run equals an uninterrupted one)
     Option("checkpoint_steps", "int", None,
@@ -205,6 +214,9 @@ OPTIONS: Tuple[Option, ...] = (
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
+#: settings added after run directories existed: at their defaults they stay out of a
+#: stage's hash, so a run finished before them stays current (no eval or sweep redone)
+HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p")
 PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
              "sft_model")
 
@@ -347,6 +359,7 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
         raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
                          "loss mask; choose a loss-mask rule")
     _check_diffusion(cfg, where)
+    _check_sampling(cfg, where)
     cfg["arms"] = _check_arms(cfg, where)
     cfg["rule_params"] = dict(cfg["rule_params"] or {})
     cfg["baseline_params"] = dict(cfg["baseline_params"] or {})
@@ -373,6 +386,26 @@ def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
     if cfg["baseline"] == "random" and cfg["rule"] != "forced":
         raise UsageError(f"{where}baseline 'random' draws as many forced tokens as rule 'forced' "
                          "has; set rule: forced")
+
+
+def _check_sampling(cfg: Mapping[str, Any], where: str) -> None:
+    """``samples``, ``temperature`` and ``top_p``: valid `t3s.generation.SamplingParams`,
+    top_p only with sampling, greedy scoring alone with objective diffusion."""
+    from ..generation import SamplingParams
+    if cfg["samples"] > 1 and cfg["temperature"] == 0:
+        raise UsageError(f"{where}samples {cfg['samples']} with temperature 0: greedy decoding "
+                         f"gives {cfg['samples']} identical answers; set --temperature > 0")
+    try:
+        SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                       top_p=cfg["top_p"], samples=cfg["samples"])
+    except ValueError as e:
+        raise UsageError(f"{where}{one_line(e)}") from None
+    if cfg["temperature"] == 0 and cfg["top_p"] != 1:
+        raise UsageError(f"{where}top_p {cfg['top_p']} applies to sampling, but temperature 0 "
+                         "is greedy decoding; set --temperature > 0 or leave top_p at 1")
+    if cfg["objective"] == "diffusion" and cfg["temperature"] != 0:
+        raise UsageError(f"{where}objective diffusion scores greedily (diffusion generation); "
+                         "samples, temperature and top_p apply to autoregressive models")
 
 
 def _check_arms(cfg: Mapping[str, Any], where: str) -> list:

@@ -30,7 +30,9 @@ eval       accuracy with the verifier on the test set (``test``),    model, test
            the held-out set (``heldout``) and ``extra_test``, of
            θ0 and of every trained model that is current (SFT,
            T3S, baseline, arms); the headline numbers come from
-           ``test``, else ``heldout`` (`eval_sets`)
+           ``test``, else ``heldout`` (`eval_sets`); greedy, or
+           avg@k over ``samples`` answers sampled at
+           ``temperature`` / ``top_p``
 analyze    the diagnostics (`t3s.pipeline.analysis`): shock curves,   pilot, select
            gradient ratio and cosine per retained checkpoint,
            loss-transfer matrices, static-signal AUC (only with
@@ -437,8 +439,7 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
         label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
         for key, score in score_on_sets(model, tok, data, sets, cfg, work, arm).items():
             by_set[key][arm] = {**score, "model": path}
-            ctx.say(f"[eval] {key}: {label}: {score['accuracy']:.3f} "
-                    f"({score['n_correct']}/{score['n']})")
+            ctx.say(f"[eval] {key}: {label}: {_score_line(score)}")
         del model
     if not dist.is_main():
         return {}
@@ -446,11 +447,23 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
     out = {"test_set": cfg[key], "test_key": key, "n": len(data[key]), "verifier": cfg["verifier"],
            "arms": by_set[key],
            "sets": {k: {"path": p, "n": len(data[k]), "arms": by_set[k]} for k, p in sets}}
+    if cfg["temperature"] > 0:   # sampled answers: say how (greedy, the default, needs no note)
+        out["sampling"] = {k: cfg[k] for k in _SAMPLING}
     write_json(work / rundir.RESULTS_FILE, out)
     return {k: v for k, v in out.items() if k not in ("arms", "sets")} | {
         "accuracy": {a: v["accuracy"] for a, v in by_set[key].items()},
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in by_set[k].items()}
                             for k, _ in sets}}
+
+
+def _score_line(score: Mapping[str, Any]) -> str:
+    """An eval score as the [eval] lines show it: ``0.667 (4/6)``; with k samples
+    ``0.667 ± 0.105 avg@3 (12/18 answers, pass@3 0.833)``."""
+    if "k" not in score:
+        return f"{score['accuracy']:.3f} ({score['n_correct']}/{score['n']})"
+    se = "" if score["se"] is None else f" ± {score['se']:.3f}"
+    return (f"{score['accuracy']:.3f}{se} avg@{score['k']} ({score['n_correct']}/"
+            f"{score['n'] * score['k']} answers, pass@{score['k']} {score['pass_at_k']:.3f})")
 
 
 def _stage_sensitivity(ctx: StageContext) -> Dict[str, Any]:
@@ -478,6 +491,8 @@ def _stage_report(ctx: StageContext) -> Dict[str, Any]:
 _DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype", "seed")
 _TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps",
              "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier")
+# how the eval stage and the sensitivity sweep generate (the training curves stay greedy)
+_SAMPLING = ("samples", "temperature", "top_p")
 
 STAGES: Tuple[Stage, ...] = (
     Stage("pilot", _stage_pilot, _DATA + _TRAINING, lambda cfg: (),
@@ -501,7 +516,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed")
-          + DIFFUSION_EVAL_KEYS,
+          + _SAMPLING + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline", "arms"),
           help="accuracy on a JSONL test set with the verifier"),
     Stage("analyze", stage_analyze, _DATA + ("analysis_params",),
@@ -511,7 +526,7 @@ STAGES: Tuple[Stage, ...] = (
                "matrix, static-signal AUC", ranks="main", check=check_analyze),
     # train and eval: the default bottleneck's model and numbers are reused when current
     Stage("sensitivity", _stage_sensitivity,
-          _DATA + _TRAINING + ("test", "extra_test", "sensitivity_params"),
+          _DATA + _TRAINING + ("test", "extra_test", "sensitivity_params") + _SAMPLING,
           lambda cfg: ("pilot", "select"), optional=("train", "eval"),
           enabled=lambda cfg: bool(cfg.get("sensitivity")),
           help="T3S retrained from the masks at other bottleneck choices, with the accuracy "

@@ -153,6 +153,9 @@ def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
     `t3s.find_bottleneck` does; checkpoint pruning follows the same minimum."""
     from ..trainer import AccuracyCallback
     subset = cfg["eval_subset"] or None
+    # *(choice)* greedy, whatever samples / temperature / top_p say (they apply to the eval
+    # stage's final scoring): the bottleneck is the argmin of this curve, which sampling
+    # noise would move, and the pilot's stage hash leaves them out
     return AccuracyCallback(tok, train, heldout=heldout, eval_steps=cfg["eval_steps"],
                             verifier=cfg["verifier"], subset_size=subset,
                             heldout_subset_size=subset, max_new_tokens=cfg["max_new_tokens"],
