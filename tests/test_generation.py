@@ -382,6 +382,17 @@ def test_eval_stage_records_avg_at_k(assets, tmp_path, capsys):
         assert entry["accuracy"] == stats["avg"]
         assert entry["se"] == stats["se"] and entry["pass_at_k"] == stats["pass_at_k"]
         assert entry["n_correct"] == sum(s["correct"] for r in rows for s in r["samples"])
+    # the report shows avg@k ± its standard error, and pass@k
+    from t3s.pipeline.report import collect_metrics, render_markdown
+    m = collect_metrics(run_dir)
+    entry = results["arms"]["base"]
+    assert m["eval_sampling"] == results["sampling"]
+    assert m["accuracy_se_by_set"] == {"heldout": {"base": entry["se"]}}
+    assert m["pass_at_k_by_set"] == {"heldout": {"base": entry["pass_at_k"]}}
+    text = render_markdown(m, run_dir=str(run_dir))
+    assert f"| {entry['accuracy']:.3f} ± {entry['se']:.3f} |" in text
+    assert "Accuracy is avg@3: 3 answer(s) per problem sampled at temperature 0.8" in text
+    assert f"pass@3 (some answer correct): base (θ0) {entry['pass_at_k']:.3f}" in text
 
 
 def test_a_run_made_before_the_sampling_settings_is_not_a_different_config(assets, tmp_path):

@@ -180,6 +180,10 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         "accuracy_by_set": {k: {a: v["accuracy"] for a, v in (d.get("arms") or {}).items()}
                             for k, d in (results.get("sets") or {}).items()},
         "n_by_set": {k: d.get("n") for k, d in (results.get("sets") or {}).items()},
+        # sampled scoring (--samples k): avg@k's standard error and pass@k per set and arm
+        "eval_sampling": results.get("sampling"),
+        "accuracy_se_by_set": _by_set(results, "se"),
+        "pass_at_k_by_set": _by_set(results, "pass_at_k"),
         "set_paths": {k: shown_path(d.get("path"), run_dir)
                       for k, d in (results.get("sets") or {}).items()},
         "curve_sets": curves,
@@ -237,6 +241,15 @@ def _compare(name_a: str, a: Optional[float], na, name_b: str, b: Optional[float
         text += (f" The difference is within sampling noise (about ±{noise:.3f}, two standard "
                  "errors, on this set).")
     return text
+
+
+def _by_set(results: Mapping[str, Any], key: str) -> Optional[Dict[str, Dict[str, Any]]]:
+    """{set: {arm: the eval entry's ``key``}} when the eval stage recorded it (sampled
+    scoring), else None."""
+    sets = results.get("sets") or {}
+    if not any(key in v for d in sets.values() for v in (d.get("arms") or {}).values()):
+        return None
+    return {k: {a: v.get(key) for a, v in (d.get("arms") or {}).items()} for k, d in sets.items()}
 
 
 def demo_writeup(run_dir, config: Mapping[str, Any]) -> Optional[str]:
@@ -317,11 +330,28 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
         f" accuracy on `{shown_path(m['set_paths'].get(k), run_dir) or k}` ({k} set, "
         f"n={(m.get('n_by_set') or {}).get(k) or 'n/a'}) |" for k in others)
     lines += [head, "|---|---|" + "---|" * len(others)]
+    se = m.get("accuracy_se_by_set") or {}
+
+    def cell(value, key, arm):   # "0.667 ± 0.105" with sampled scoring (avg@k ± SE)
+        err = (se.get(key) or {}).get(arm)
+        return _fmt(value) + (f" ± {err:.3f}" if err is not None else "")
+
     for arm, label in _arm_labels(m):
-        row = f"| {label} | {_fmt(m.get(f'{arm}_acc'))} |"
+        row = f"| {label} | {cell(m.get(f'{arm}_acc'), primary, arm)} |"
         for k in others:
-            row += f" {_fmt(m['accuracy_by_set'][k].get(arm))} |"
+            row += f" {cell(m['accuracy_by_set'][k].get(arm), k, arm)} |"
         lines.append(row)
+    sampling = m.get("eval_sampling")
+    if sampling and src == "eval":
+        k = sampling["samples"]
+        lines += ["", f"Accuracy is avg@{k}: {k} answer(s) per problem sampled at temperature "
+                  f"{sampling['temperature']}, top-p {sampling['top_p']}; the mean over problems "
+                  f"of each one's fraction correct"
+                  + (" ± its standard error over problems" if se else "")
+                  + (f". pass@{k} (some answer correct): " + "; ".join(
+                      f"{label} {_fmt((m['pass_at_k_by_set'].get(primary) or {}).get(arm))}"
+                      for arm, label in _arm_labels(m)) if m.get("pass_at_k_by_set") else "")
+                  + "."]
     note = _curve_note(m, cfg)
     if note:
         lines += ["", note]
