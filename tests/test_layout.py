@@ -197,12 +197,12 @@ def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
-def test_readme_layout_table_matches_the_tree():
-    """Every path the README's layout table names exists, and every subpackage is named."""
+def test_layout_table_matches_the_tree():
+    """Every path the layout table of docs/layout.md names exists, and every subpackage is
+    named."""
     import re
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
     paths = [p for line in section.splitlines() if line.startswith("| `")
              for p in re.findall(r"`([^`]+)`", line.split("|")[1])]
     assert paths
@@ -211,6 +211,19 @@ def test_readme_layout_table_matches_the_tree():
     packages = {f"{m.replace('.', '/')}/" for m, (_, is_pkg) in MODULES.items()
                 if is_pkg and m not in PACKAGES}
     assert not packages - set(paths), f"not in the layout table: {sorted(packages - set(paths))}"
+
+
+def test_readme_links_every_docs_page():
+    """The README is the front door: it links every page of docs/ (docs/*.md) and every
+    shipped run's write-up (docs/*/README.md)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = {(ROOT / link).resolve() for link in re.findall(r"\]\(([^)#\s]+)", readme)}
+    pages = sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs").glob("*/README.md"))
+    assert len(pages) > 5
+    unlinked = [str(p.relative_to(ROOT)) for p in pages if p.resolve() not in linked]
+    assert not unlinked, f"not linked from README.md: {unlinked}"
 
 
 #: a machine's own folders, as an absolute path in a committed text would name them
