@@ -29,7 +29,7 @@ from t3s_kernels import target_logprobs
 
 from ._util import to_numpy
 from .data.keys import batch_positions, token_keys
-from .heads import LMHead, last_hidden_state, lm_head
+from .hf.heads import LMHead, last_hidden_state, lm_head
 from .trajectory.queries import first_visit
 from .trajectory.store import (MANIFEST_NAME, PathLike, TrajectoryReader, TrajectoryWriter,
                                trajectory_schema)

@@ -674,24 +674,6 @@ def test_python_dash_m(tmp_path):
     assert bad.stderr.strip().startswith("t3s: error:") and "Traceback" not in bad.stderr
 
 
-def test_old_module_paths_reexport_the_pipeline():
-    import t3s.pipeline.engine
-    import t3s.pipeline.report
-    import t3s.pipeline.rundir
-    import t3s.pipeline.settings
-    import t3s.report
-    import t3s.run
-    import t3s.stages
-    for shim in (t3s.run, t3s.stages, t3s.report):
-        for name in shim.__all__:
-            assert not name.startswith("_") and getattr(shim, name) is not None, (shim, name)
-    assert t3s.run.RunDir is t3s.pipeline.rundir.RunDir
-    assert t3s.run.normalize_config is t3s.pipeline.settings.normalize_config
-    assert t3s.run.run_stages is t3s.pipeline.engine.run_stages
-    assert t3s.run.STAGES is t3s_stages.STAGES is t3s.stages.STAGES
-    assert t3s.report.build_report is t3s.pipeline.report.build_report
-
-
 # --------------------------------------------------------------------------------------
 # Layout: imports point one way (library <- pipeline <- cli / demo), no cycles
 # --------------------------------------------------------------------------------------

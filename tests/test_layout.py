@@ -23,7 +23,7 @@ MAX_LINES = 550
 # layer of a module: the first matching prefix wins (longest prefixes first)
 LAYERS = [
     ("t3s_kernels", 0),
-    ("t3s.pipeline", 2), ("t3s.run", 2), ("t3s.stages", 2), ("t3s.report", 2),
+    ("t3s.pipeline", 2),
     ("t3s.cli", 3), ("t3s.__main__", 3), ("t3s.demo", 3),
     ("t3s", 1),
 ]
@@ -155,17 +155,10 @@ def _targets(module):
 
 
 def test_the_pipeline_keeps_its_inner_order():
-    """The engine does not know the stages (they register themselves), the package
-    module imports nothing, the pipeline never goes through the old-path shims, and the
-    shims only re-export the pipeline."""
+    """The engine does not know the stages (they register themselves) and the package
+    module imports nothing."""
     assert "t3s.pipeline.stages" not in _targets("t3s.pipeline.engine")
     assert not GRAPH["t3s.pipeline"]
-    shims = {"t3s.run", "t3s.stages", "t3s.report"}
-    for m in MODULES:
-        if m.startswith("t3s.pipeline"):
-            assert not (_targets(m) & shims), m
-    for shim in shims:
-        assert all(t.startswith("t3s.pipeline.") for t in _targets(shim)), shim
     assert "t3s.cli" not in {t for m in MODULES if m.startswith("t3s.demo") for t in _targets(m)}
 
 

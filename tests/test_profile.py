@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from t3s._util import torch_threads  # noqa: E402
 import t3s_kernels  # noqa: E402
-from t3s.heads import last_hidden_state, lm_head  # noqa: E402
+from t3s.hf.heads import last_hidden_state, lm_head  # noqa: E402
 from t3s.delta import compare_deltas, exact_delta, online_delta, rankdata  # noqa: E402
 from t3s.profiling import profile  # noqa: E402
 from t3s.trajectory.recorder import TrajectoryRecorder  # noqa: E402
