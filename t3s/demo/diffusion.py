@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from .._util import torch_threads
-from . import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
-               refuse_other_settings)
 from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
+from .runner import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
+                     refuse_other_settings)
 from .tasks import task_named
 
 __all__ = ["main", "DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_SIZES",
