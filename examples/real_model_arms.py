@@ -168,10 +168,31 @@ def run_seed(*, out: str, seed: int, say: Callable[[str], None], model_dir: str,
         return json.load(f)
 
 
+def anchor_classes(run_dir: os.PathLike) -> List[Dict[str, Any]]:
+    """What the anchors of a finished seed are: `t3s.analysis.anchors.anchor_profile` of its
+    online Δc (``select/delta_online.parquet``) on its training traces, by token class,
+    position in the trace and θ0 confidence."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from t3s.analysis.anchors import anchor_profile
+    from t3s.data import TokenTable
+    from t3s.pipeline.loaders import load_data, load_tokenizer
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    tok = load_tokenizer(cfg)
+    delta = pq.read_table(run_dir / "select" / "delta_online.parquet").to_pydict()
+    table = TokenTable(np.asarray(delta["example_id"], np.int64), np.asarray(delta["position"], np.int32),
+                       delta=np.asarray(delta["delta"], np.float32),
+                       c0=np.asarray(delta["c_0"], np.float32))
+    return anchor_profile(table, load_data(cfg, "train", tok), tok)
+
+
 def publish(out: os.PathLike, docs: os.PathLike, seeds: Sequence[int]) -> None:
     """Copy a finished run's results (no models) into ``docs``: ``summary/``, each seed's
-    ``report/`` and a ``settings.json`` per seed (its `t3s run` settings, as `SETTINGS`
-    names them, and the seconds of each stage, from ``stages.json``)."""
+    ``report/``, a ``settings.json`` per seed (its `t3s run` settings, as `SETTINGS`
+    names them, and the seconds of each stage, from ``stages.json``) and an
+    ``anchors.json`` per seed (`anchor_classes`)."""
     out, docs = Path(out), Path(docs)
     shutil.rmtree(docs / "summary", ignore_errors=True)
     shutil.copytree(out / "summary", docs / "summary")
@@ -186,6 +207,8 @@ def publish(out: os.PathLike, docs: os.PathLike, seeds: Sequence[int]) -> None:
         (dst / "settings.json").write_text(json.dumps(
             {"settings": settings, "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}},
             indent=1) + "\n", encoding="utf-8")
+        (dst / "anchors.json").write_text(json.dumps(anchor_classes(src), indent=1) + "\n",
+                                          encoding="utf-8")
 
 
 def main(out: os.PathLike, *, seeds: Sequence[int] = (0, 1, 2), threads: Optional[int] = None,

@@ -111,6 +111,8 @@ def test_shipped_run_matches_the_example():
         assert shipped["settings"]["seed"] == s
         assert 0 < shipped["seconds"]["total"] < 30 * 60     # the budget per seed
         assert (DOCS / f"seed-{s}" / "report" / "report.md").is_file()
+        anchors = json.loads((DOCS / f"seed-{s}" / "anchors.json").read_text(encoding="utf-8"))
+        assert {r["by"] for r in anchors} == {"token class", "position in trace", "θ0 confidence"}
     for name in ("arms.png", "curves.png", "summary.md"):
         assert (DOCS / "summary" / name).is_file()
 
@@ -150,3 +152,8 @@ def test_quick_run_scores_every_arm_on_both_parts(tmp_path):
     assert set(shipped["seconds"]) == set(stages) | {"total"}
     assert (docs / "seed-0" / "report" / "report.md").is_file()
     assert not list(docs.rglob("*.safetensors"))
+    anchors = json.loads((docs / "seed-0" / "anchors.json").read_text(encoding="utf-8"))
+    classes = [r for r in anchors if r["by"] == "token class"]
+    assert [r["group"] for r in classes] == ["digits", "words", "whitespace",
+                                             "formatting and punctuation"]
+    assert sum(r["tokens"] for r in classes) > 0
