@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from t3s.cli import main  # noqa: E402
-from t3s.pipeline.analysis_report import SECTION_TITLE  # noqa: E402
+from t3s.pipeline.report.diagnostics import SECTION_TITLE  # noqa: E402
 from t3s.pipeline.rundir import ANALYSIS_FIGURES  # noqa: E402
 
 #: a smaller-than-quick demo: 6 steps, every evaluated checkpoint kept

@@ -114,7 +114,7 @@ import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s._util import torch_threads  # noqa: E402
 from t3s.cli import main  # noqa: E402
-from t3s.pipeline.sensitivity_report import SECTION_TITLE  # noqa: E402
+from t3s.pipeline.report.sensitivity import SECTION_TITLE  # noqa: E402
 
 PARAMS = ["--sensitivity-param", "offsets=1", "--sensitivity-param", "n_random=1",
           "--sensitivity-param", "radius=2"]

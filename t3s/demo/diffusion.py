@@ -69,7 +69,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = "style",
     path trains plain SFT, T3S's forced set and a random set of its size)."""
     from ..pipeline.commands import redo_list
     from ..pipeline.console import quiet_libraries, show_progress
-    from ..pipeline.diffusion_report import DIFFUSION_METRIC_KEYS
+    from ..pipeline.report.diffusion import DIFFUSION_METRIC_KEYS
     from ..pipeline.engine import run_stages
     from ..pipeline.rundir import (METRICS_FILE, MODEL_DIR, REPORT_FILE, RunDir, RunDirError,
                                    read_json)

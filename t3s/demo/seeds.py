@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .._util import pyplot
-from ..pipeline.report_arms import arm_label
+from ..pipeline.report.arms import arm_label
 from ..pipeline.rundir import read_json, write_json
 
 __all__ = ["SUMMARY_DIR", "SUMMARY_METRICS", "SUMMARY_REPORT", "ARMS_FIGURE", "CURVES_FIGURE",
@@ -47,7 +47,7 @@ ARMS_FIGURE = "arms.png"
 CURVES_FIGURE = "curves.png"
 
 #: how the summary names the arms every run has (the others: the report's own labels,
-#: `t3s.pipeline.report_arms.arm_label`)
+#: `t3s.pipeline.report.arms.arm_label`)
 _RUN_ARM_LABELS = {"base": "base (θ0)", "sft": "plain SFT", "t3s": "T3S"}
 
 

@@ -11,8 +11,8 @@ Modules, lowest first (each imports only those above it):
 * `engine`: what a stage is, when it is current, running stages resumably.
 * `loaders`: the device, tokenizer, models and JSONL data a run names.
 * `training`: Trainer pieces shared by the pilot and the retraining stages.
-* `plots`: the report's figures, from plain data.
-* `report`: ``metrics.json`` and ``report.md``.
+* `report` (a subpackage): ``metrics.json``, ``report.md`` and their figures, and the
+  report sections of the arms, the analyze and sensitivity stages and diffusion runs.
 * `stages`: the six stages (pilot, select, train, baseline, eval, report);
   they register themselves with the engine.
 * `console`: what the command and the demo print.

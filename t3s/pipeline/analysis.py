@@ -43,9 +43,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._util import one_line
 from . import rundir
-from .analysis_report import render_section
 from .engine import StageContext
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
+from .report.diagnostics import render_section
 from .rundir import read_json, write_json
 from .settings import UsageError, params_over_defaults
 from .training import checkpoints

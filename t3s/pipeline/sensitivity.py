@@ -32,7 +32,7 @@ per trained step (``selection.parquet``, the retraining in ``retrain/``, its
 ``result.json`` written last: a finished step is skipped when an interrupted
 stage resumes; an interrupted retraining continues from its checkpoint),
 ``sensitivity.json``, ``sensitivity.png`` and ``sensitivity.md`` (the report's
-section; `t3s.pipeline.sensitivity_report`).
+section; `t3s.pipeline.report.sensitivity`).
 
 The stage runs in one process: under a launcher it is refused up front.
 """
@@ -48,9 +48,9 @@ from .._util import one_line
 from . import rundir
 from .engine import StageContext
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
+from .report.sensitivity import plot_sensitivity, render_section
 from .rundir import read_json, write_json
 from .scoring import score_on_sets
-from .sensitivity_report import plot_sensitivity, render_section
 from .settings import UsageError, params_over_defaults
 
 __all__ = ["SENSITIVITY_DEFAULTS", "CHOICE_KINDS", "choice_names", "sensitivity_settings",

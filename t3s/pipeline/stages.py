@@ -70,13 +70,13 @@ from . import rundir
 from .console import show_progress
 from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
                         diffusion_train_stage, is_diffusion)
-from .diffusion_report import diffusion_report
 from .analysis import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
 from .arms import (arm_models, check_signals, needs_signals, select_arms, signal_columns,
                    stage_arms, write_comparison_mask)
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
+from .report.diffusion import diffusion_report
 from .rundir import STAGE_NAMES, write_json
 from .scoring import score_on_sets
 from .settings import UsageError, baseline_loss_options, rule_params

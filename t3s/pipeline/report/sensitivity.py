@@ -5,7 +5,7 @@ mask was taken at (every eval set a series, each point labelled by its choices, 
 marked) over the pilot's training-accuracy curve. `render_section` writes the table
 (choice, step, anchors, overlap with b's mask, accuracy per set ± one binomial
 standard error) and one sentence on the spread. `report_section` hands both to the
-report stage (`t3s.pipeline.report`).
+report stage (`t3s.pipeline.report.build`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .._util import pyplot
-from . import rundir
-from .rundir import read_json
+from ..._util import pyplot
+from .. import rundir
+from ..rundir import read_json
 
 __all__ = ["SECTION_TITLE", "plot_sensitivity", "render_section", "spread_sentence",
            "report_section"]

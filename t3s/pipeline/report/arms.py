@@ -1,6 +1,6 @@
 """The extra arms (the ``arms`` setting) in a run's report: their numbers and their words.
 
-`t3s.pipeline.report` asks this module for the arms' metrics (`arm_metrics`:
+The report (`metrics`, `markdown`, `build`) asks this module for the arms' metrics (`arm_metrics`:
 ``<name>_acc`` on the headline set, ``arms``, their curves), their row labels
 (`arm_label`), the names the statements use (`arm_name`) and what each arm did
 (`arm_description`). An arm is named by its rule (``dft``, ``rho1``, ``static``,
@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from . import rundir
-from .rundir import read_json
+from .. import rundir
+from ..rundir import read_json
 
 __all__ = ["arm_names", "arm_metrics", "arm_label", "arm_name", "arm_description", "arm_color"]
 
 #: the arms' curves: matplotlib's tab10 without the pilot's red, T3S's blue and the
-#: baseline's grey (`t3s.pipeline.plots`)
+#: baseline's grey (`t3s.pipeline.report.plots`)
 _COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 _SAME = ("as many as T3S keeps, so that it differs from T3S only in which tokens it "

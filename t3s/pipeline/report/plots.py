@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from .._util import pyplot
+from ..._util import pyplot
 
 __all__ = ["plot_shock", "plot_delta_histogram", "plot_traces", "ANCHOR_COLOR", "KEPT_COLOR"]
 

@@ -9,7 +9,7 @@
   ``n_test``, ``accuracy_set``, ``accuracy_by_set``, ``baseline_forced_fraction``,
   ``tau``, ``bottleneck_step`` (of the AR selector's pilot), the curves;
 * ``shock.png``: loss and accuracy per step of the AR selector's pilot and of the
-  diffusion arms (`t3s.pipeline.plots.plot_shock`; the diffusion losses are the
+  diffusion arms (`t3s.pipeline.report.plots.plot_shock`; the diffusion losses are the
   1/t-weighted masked-diffusion loss, not comparable with the AR loss);
 * ``report.md``: what each arm is, the table, and plain statements computed from
   the numbers.
@@ -21,10 +21,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from . import rundir
+from .. import rundir
+from ..rundir import read_json
+from .metrics import shown_path, stage_history, stage_summary
 from .plots import plot_shock
-from .rundir import read_json
-from .report import shown_path, stage_history, stage_summary
 
 __all__ = ["DIFFUSION_METRIC_KEYS", "diffusion_report"]
 
