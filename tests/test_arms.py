@@ -23,7 +23,6 @@ from tiny import make_tokenizer, write_run_assets  # noqa: E402
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s import TokenTable  # noqa: E402
-from t3s._util import torch_threads  # noqa: E402
 from t3s.cli import main  # noqa: E402
 from t3s.pipeline import rundir  # noqa: E402
 from t3s.pipeline.arms import check_signals  # noqa: E402
@@ -154,10 +153,7 @@ def test_signal_rules_need_the_pilots_thetab(tmp_path):
 # A run with arms
 # --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

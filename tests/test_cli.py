@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from tiny import arithmetic_records, make_tokenizer, write_jsonl, write_run_assets  # noqa: E402
 
-from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
 from t3s.cli import main  # noqa: E402
@@ -36,11 +35,7 @@ STAGES = ("pilot", "select", "train", "baseline", "eval", "report")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A model this small runs fastest on one thread (and the machine is shared)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,11 @@ import pytest
 from tiny import SPECIAL, arithmetic_records, make_tokenizer, tiny_llama, write_jsonl
 from test_dllm import MASK, diffusion_tokenizer, tiny_bert
 
-from t3s._util import torch_threads
 from t3s.cli import main
 from t3s.pipeline import rundir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch
 
 from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_run_assets
 
-from t3s._util import torch_threads
 from t3s.bottleneck import training_accuracy
 from t3s.data import TraceDataset
 from t3s.generation import GenerationEngine, HFEngine, SamplingParams, avg_at_k
@@ -21,10 +20,7 @@ from t3s.generation import GenerationEngine, HFEngine, SamplingParams, avg_at_k
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

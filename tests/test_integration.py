@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import LossMaskCallback, T3STrainer, TrajectoryCallback  # noqa: E402
 from tiny import arithmetic_records, jsonl_lines, make_tokenizer, tiny_llama  # noqa: E402
@@ -26,10 +25,7 @@ from tiny import arithmetic_records, jsonl_lines, make_tokenizer, tiny_llama  # 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):  # tiny models: the intra-op pool costs more than the matmuls
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from t3s._util import torch_threads  # noqa: E402
 import t3s_kernels  # noqa: E402
 from t3s.hf.heads import last_hidden_state, lm_head  # noqa: E402
 from t3s.delta import compare_deltas, exact_delta, online_delta, rankdata  # noqa: E402
@@ -23,11 +22,7 @@ DS = "ds-profile"
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: threads only add contention (and make timings erratic on busy CI).
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _llama():

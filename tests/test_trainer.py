@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import (  # noqa: E402
     ACCURACY_FILE, METRICS, AccuracyCallback, T3STrainer, read_accuracy_history)
@@ -29,12 +28,7 @@ from tiny import (  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: the intra-op pool's wake-ups cost more than
-    the matmuls, and much more on a busy machine."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
