@@ -33,6 +33,16 @@ def _poison_kernel_outputs():
                            cpu_pack_weight=None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): the intra-op pool costs more than their
+    matmuls, and the machine is shared."""
+    from t3s._util import torch_threads
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture
 def device():
     return DEVICE

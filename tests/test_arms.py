@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from tiny import make_tokenizer, write_run_assets  # noqa: E402
+from tiny import cli_error_line as error_line, make_tokenizer, write_run_assets  # noqa: E402
 
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
@@ -168,13 +168,6 @@ def settings(assets, arms=",".join(ARMS)):
             "--heldout", str(assets / "heldout.jsonl"), "--steps", "4", "--eval-steps", "2",
             "--eval-subset", "4", "--batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-2",
             "--arms", arms, "--no-progress"]
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("t3s: error: ")
-    return err[0]
 
 
 def test_bad_arms_fail_before_any_work(assets, tmp_path, capsys):

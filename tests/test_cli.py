@@ -22,7 +22,8 @@ yaml = pytest.importorskip("yaml")
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from tiny import arithmetic_records, make_tokenizer, write_jsonl, write_run_assets  # noqa: E402
+from tiny import (arithmetic_records, cli_error_line as error_line, make_tokenizer,  # noqa: E402
+                  write_jsonl, write_run_assets)
 
 import t3s  # noqa: E402
 import t3s.pipeline.stages as t3s_stages  # noqa: E402
@@ -73,13 +74,6 @@ def ledger(run_dir: Path):
 
 def run_ids(run_dir: Path):
     return {name: rec["run_id"] for name, rec in ledger(run_dir).items()}
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err               # one line, no traceback
-    assert err[0].startswith("t3s: error: ")
-    return err[0]
 
 
 # --------------------------------------------------------------------------------------

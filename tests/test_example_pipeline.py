@@ -1,6 +1,5 @@
 """examples/t3s_pipeline.py runs end to end and its outputs agree with each other."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -9,22 +8,14 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
+from tiny import load_example  # noqa: E402
 
 import t3s  # noqa: E402
 from t3s.trainer import read_accuracy_history  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "t3s_pipeline.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("t3s_pipeline_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_pipeline_example(tmp_path, capsys):
-    ex = load_example()
+    ex = load_example("t3s_pipeline")
     summary = ex.main(tmp_path, verbose=True)
     printed = capsys.readouterr().out
     assert "bottleneck: step" in printed and "T3S" in printed

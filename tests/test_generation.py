@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tiny import arithmetic_records, make_tokenizer, tiny_llama, write_run_assets
+from tiny import arithmetic_records, cli_error_line, make_tokenizer, tiny_llama, write_run_assets
 
 from t3s.bottleneck import training_accuracy
 from t3s.data import TraceDataset
@@ -318,13 +318,6 @@ def assets(tmp_path_factory):
     return write_run_assets(tmp_path_factory.mktemp("assets"), n_train=4, n_heldout=6)
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("t3s: error: ")
-    return err[0]
-
-
 def test_sampling_flags_reach_the_config_and_bad_ones_are_refused(assets, tmp_path, capsys):
     yaml = pytest.importorskip("yaml")
     from t3s.cli import main
@@ -349,7 +342,7 @@ def test_sampling_flags_reach_the_config_and_bad_ones_are_refused(assets, tmp_pa
             "objective diffusion scores greedily")]
     for extra, message in bad:
         assert main(["run", *base, "--run-dir", str(run_dir), *extra]) == 2
-        assert message in _error_line(capsys), extra
+        assert message in cli_error_line(capsys), extra
         assert not run_dir.exists()                 # refused before any work
 
 
@@ -366,7 +359,7 @@ def test_eval_stage_records_avg_at_k(assets, tmp_path, capsys):
     capsys.readouterr()
     # other sampling settings make the eval stage's settings change: refused without --force
     assert main([*args, "--samples", "3", "--temperature", "0.8"]) == 2
-    assert "samples (1 -> 3)" in _error_line(capsys)
+    assert "samples (1 -> 3)" in cli_error_line(capsys)
     assert main([*args, "--samples", "3", "--temperature", "0.8", "--force"]) == 0
     assert "avg@3" in capsys.readouterr().out
     results = json.loads((run_dir / "eval" / "results.json").read_text())

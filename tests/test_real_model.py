@@ -15,7 +15,6 @@ command line runs once too (`cli_run`: the GGUF exported to a safetensors direct
 then pilot, select, retraining and the analysis on a stated subset).
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -26,23 +25,16 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package: pip install gguf")
 pytest.importorskip("math_verify", reason="the training-accuracy verifier needs: pip install math-verify")
+from tiny import load_example  # noqa: E402
 
 from t3s._util import torch_threads  # noqa: E402
 import t3s  # noqa: E402
 from t3s.trainer import read_accuracy_history  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "real_model.py"
 IGNORE = -100
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("t3s_real_model_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = load_example()
+ex = load_example("real_model")
 
 
 @pytest.fixture(scope="module")

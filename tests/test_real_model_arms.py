@@ -12,7 +12,6 @@ problems) for one seed and checks every key of the summary. The shipped three-se
 (docs/real_model_arms/) is checked against the example's settings.
 """
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -20,20 +19,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+from tiny import load_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "real_model_arms.py"
 DOCS = ROOT / "docs" / "real_model_arms"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("t3s_real_model_arms_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = load_example()
+ex = load_example("real_model_arms")
 
 
 def test_teacher_trace_by_hand():

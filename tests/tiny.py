@@ -115,3 +115,23 @@ def write_run_assets(root, *, n_train: int = 16, n_heldout: int = 8, seed: int =
     write_jsonl(root / "train.jsonl", records[:n_train])
     write_jsonl(root / "heldout.jsonl", records[n_train:])
     return root
+
+
+def cli_error_line(capsys) -> str:
+    """The one line `t3s` wrote to stderr for a refused command: no traceback, and it
+    starts with ``t3s: error: ``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("t3s: error: ")
+    return err[0]
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (examples/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"t3s_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
