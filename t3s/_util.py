@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,3 +86,13 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def mean_and_se(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """The mean of ``values`` (at least one) and its standard error: the sample standard
+    deviation (ddof=1) over sqrt(n); None with fewer than two values."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    mean = sum(vals) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None
+    return mean, se

@@ -23,7 +23,7 @@ from .generation import GenerationEngine, HFEngine, SamplingParams, avg_at_k
 from .verify import Verifier, get_verifier
 
 __all__ = ["INITIAL_STEP", "find_bottleneck", "BottleneckTracker", "select_subset",
-           "training_accuracy", "answer_agreement", "verifier_free_bottleneck"]
+           "training_accuracy", "answer_marks", "answer_agreement", "verifier_free_bottleneck"]
 
 
 def _check_acc(step: Any, acc: Any) -> float:
@@ -265,6 +265,13 @@ def verifier_free_bottleneck(answers: Mapping[int, Sequence[str]]) -> int:
                                             if INITIAL_STEP in answers else None))
 
 
+def answer_marks(details: Sequence[Mapping[str, Any]]) -> List[List[bool]]:
+    """The verdicts [n problems][k answers] of `training_accuracy`'s detail rows: each
+    row's ``samples`` when it has them (k > 1), else its one ``correct``."""
+    return [[s["correct"] for s in d["samples"]] if "samples" in d else [d["correct"]]
+            for d in details]
+
+
 @torch.no_grad()
 def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *,
                       verifier: Union[str, Verifier, None] = "math", subset_size: Optional[int] = 64,
@@ -339,6 +346,5 @@ def training_accuracy(model, tokenizer, examples: Sequence[Mapping[str, Any]], *
         mine.append((i, row))
     gathered = [row for part in dist.gather_objects(mine) for row in part] if split else mine
     details = [d for _, d in sorted(gathered, key=lambda row: row[0])]
-    acc = avg_at_k([[s["correct"] for s in d["samples"]] if "samples" in d else [d["correct"]]
-                    for d in details])["avg"]
+    acc = avg_at_k(answer_marks(details))["avg"]
     return (acc, details) if return_details else acc

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ._util import mean_and_se
+
 __all__ = ["SamplingParams", "GenerationEngine", "HFEngine", "avg_at_k"]
 
 
@@ -330,6 +332,5 @@ def avg_at_k(correct: Sequence[Sequence[bool]]) -> Dict[str, Any]:
                              "problem needs the same number of answers k")
     n = len(rows)
     scores = [sum(bool(c) for c in r) / k for r in rows]
-    avg = sum(scores) / n
-    se = None if n < 2 else math.sqrt(sum((s - avg) ** 2 for s in scores) / (n - 1) / n)
+    avg, se = mean_and_se(scores)
     return {"avg": avg, "se": se, "pass_at_k": sum(s > 0 for s in scores) / n, "k": k, "n": n}

@@ -28,12 +28,11 @@ Paths in ``metrics.json`` are relative to ``DIR`` and links in ``summary.md`` to
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .._util import pyplot
+from .._util import mean_and_se, pyplot
 from ..pipeline.report.arms import arm_label
 from ..pipeline.rundir import read_json, write_json
 
@@ -81,12 +80,10 @@ def mean_se(values: Sequence[float]) -> Dict[str, Any]:
     """{"mean", "se", "n", "per_seed"}: the standard error is the sample standard
     deviation over √n (None with fewer than two values)."""
     vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
+    if not vals:
         return {"mean": None, "se": None, "n": 0, "per_seed": []}
-    mean = sum(vals) / n
-    se = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None)
-    return {"mean": mean, "se": se, "n": n, "per_seed": vals}
+    mean, se = mean_and_se(vals)
+    return {"mean": mean, "se": se, "n": len(vals), "per_seed": vals}
 
 
 def _label(arm: str, metrics: Mapping[str, Any]) -> str:

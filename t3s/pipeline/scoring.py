@@ -26,7 +26,7 @@ def score_on_sets(model, tok, data: Mapping[str, Any], sets: Sequence[Tuple[str,
     With ``samples`` k > 1 the accuracy is avg@k (`t3s.generation.avg_at_k`), ``n_correct``
     counts the correct answers of all n·k, and the entry also has ``se`` (avg@k's standard
     error over problems), ``pass_at_k`` and ``k``."""
-    from ..bottleneck import training_accuracy
+    from ..bottleneck import answer_marks, training_accuracy
     from ..generation import avg_at_k
     samples = int(cfg.get("samples", 1))
     scores: Dict[str, Dict[str, Any]] = {}
@@ -41,13 +41,10 @@ def score_on_sets(model, tok, data: Mapping[str, Any], sets: Sequence[Tuple[str,
             with open(Path(out_dir) / rundir.predictions_file(arm, None if i == 0 else key), "w",
                       encoding="utf-8") as f:
                 f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
+        marks = answer_marks(details)
+        scores[key] = {"accuracy": acc, "n": len(details),
+                       "n_correct": int(sum(sum(m) for m in marks))}
         if samples > 1:
-            marks = [[s["correct"] for s in d["samples"]] for d in details]
             stats = avg_at_k(marks)
-            scores[key] = {"accuracy": acc, "n": len(details),
-                           "n_correct": int(sum(sum(m) for m in marks)),
-                           "se": stats["se"], "pass_at_k": stats["pass_at_k"], "k": stats["k"]}
-        else:
-            scores[key] = {"accuracy": acc, "n": len(details),
-                           "n_correct": int(sum(d["correct"] for d in details))}
+            scores[key].update(se=stats["se"], pass_at_k=stats["pass_at_k"], k=stats["k"])
     return scores
