@@ -199,8 +199,7 @@ class HFEngine(GenerationEngine):
         the engine holds this is a no-op on purpose (nothing is copied, nothing is
         reloaded). Given another model object, the engine generates with that one
         from now on."""
-        if model is not self.model:
-            self.model = model
+        self.model = model
 
     def _eos_ids(self) -> set:
         if "eos_token_id" in self.generation_kwargs:
