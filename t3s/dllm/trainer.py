@@ -169,13 +169,17 @@ class DiffusionAccuracyCallback(AccuracyCallback):
 
     def __init__(self, tokenizer, examples, *, block_length: int = 32, steps: Optional[int] = None,
                  mask_token_id: Optional[int] = None, **kwargs):
+        if kwargs.get("engine") is not None:
+            raise ValueError("a diffusion model generates by iterative unmasking "
+                             "(t3s.dllm.diffusion_generate), which no generation engine "
+                             "implements: leave engine unset")
         super().__init__(tokenizer, examples, **kwargs)
         self.block_length = int(block_length)
         self.gen_length = round_up(self.max_new_tokens, self.block_length)
         self.steps = self.gen_length if steps is None else int(steps)
         self.mask_token_id = mask_token_id
 
-    def _accuracy(self, model, examples, subset_size) -> float:
+    def _accuracy(self, model, examples, subset_size, engine=None) -> float:
         adapter = MaskedLMAdapter(model, tokenizer=self.tokenizer, mask_token_id=self.mask_token_id,
                                   verify=False)
         return float(diffusion_accuracy(

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from transformers import TrainerCallback
 
 from ..bottleneck import BottleneckTracker, training_accuracy
+from ..generation import GenerationEngine
 from ..verify import extract_final_answer
 
 __all__ = ["AccuracyCallback", "read_accuracy_history", "ACCURACY_FILE"]
@@ -45,6 +46,13 @@ class AccuracyCallback(TrainerCallback):
     (`t3s.training_accuracy`'s ``split_across_ranks``), so every rank holds
     the same accuracy as one process would; a sharded (FSDP) model generates
     in lockstep. Only the main process writes files and deletes checkpoints.
+
+    ``engine``: what generates (`t3s.generation`): None, the model's own
+    ``generate`` (`HFEngine`, with ``batch_size`` and ``generation_kwargs``); a
+    `GenerationEngine`; or a function ``model -> GenerationEngine`` called at the
+    first evaluation (e.g. ``lambda m: VLLMEngine(m, tokenizer)``; the engine it
+    builds is closed at the end of training). Before every evaluation the engine
+    gets the model's current weights (``sync_weights``: in memory for vLLM).
 
     Each training accuracy feeds ``tracker`` (a `t3s.BottleneckTracker` with
     ``margin``, ``recover_margin``, ``patience`` and ``exclude_initial``: θ0
@@ -90,7 +98,8 @@ class AccuracyCallback(TrainerCallback):
                  tracker: Optional[BottleneckTracker] = None, stop_on_recovery: bool = False,
                  prune_checkpoints: bool = False, eval_at_start: bool = True,
                  eval_at_end: bool = True, history_file: str = ACCURACY_FILE,
-                 progress: bool = False, trainer=None):
+                 progress: bool = False, trainer=None,
+                 engine: Union[GenerationEngine, Callable[[Any], GenerationEngine], None] = None):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
         examples = list(examples)
@@ -119,6 +128,11 @@ class AccuracyCallback(TrainerCallback):
         self.history_file = history_file
         self.progress = bool(progress)
         self.trainer = trainer
+        if engine is not None and not (isinstance(engine, GenerationEngine) or callable(engine)):
+            raise TypeError(f"engine must be a GenerationEngine or a function model -> engine, "
+                            f"got {type(engine).__name__}")
+        self.engine = engine
+        self._built_engine: Optional[GenerationEngine] = None
         self.heldout_history: Dict[int, float] = {}
         # step -> the final answers on the training subset (`t3s.verifier_free_bottleneck`)
         self.train_answers: Dict[int, List[str]] = {}
@@ -182,21 +196,43 @@ class AccuracyCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         step = int(state.global_step)
-        if self.eval_at_end and (not self.tracker.history or step > max(self.tracker.history)):
-            self._evaluate(model, args, state, control, at_end=True)
-        else:
-            self._write(args, state)
+        try:
+            if self.eval_at_end and (not self.tracker.history or step > max(self.tracker.history)):
+                self._evaluate(model, args, state, control, at_end=True)
+            else:
+                self._write(args, state)
+        finally:
+            if self._built_engine is not None:
+                self._built_engine.close()
+                self._built_engine = None
         return control
 
     # -- internals -----------------------------------------------------------------------
-    def _accuracy(self, model, examples, subset_size) -> float:
+    def _synced_engine(self, model) -> Optional[GenerationEngine]:
+        """The engine, holding ``model``'s current weights (None: training_accuracy's
+        default HF engine on the live model)."""
+        engine = self.engine
+        if engine is None:
+            return None
+        if not isinstance(engine, GenerationEngine):   # a factory: build once
+            if self._built_engine is None:
+                built = engine(model)
+                if not isinstance(built, GenerationEngine):
+                    raise TypeError(f"the engine function returned {type(built).__name__}, "
+                                    "not a GenerationEngine")
+                self._built_engine = built
+            engine = self._built_engine
+        engine.sync_weights(model)
+        return engine
+
+    def _accuracy(self, model, examples, subset_size, engine=None) -> float:
         """The accuracy on ``examples``; keeps the per-prompt details in ``_last_details``
         (a subclass that scores another way leaves it None: no answers are stored)."""
         acc, self._last_details = training_accuracy(
             model, self.tokenizer, examples, verifier=self.verifier, subset_size=subset_size,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
             progress=self.progress, generation_kwargs=self.generation_kwargs,
-            return_details=True)
+            return_details=True, engine=engine)
         return float(acc)
 
     def _evaluate(self, model, args, state, control, at_end: bool = False) -> None:
@@ -207,14 +243,15 @@ class AccuracyCallback(TrainerCallback):
             return
         was_done = self.tracker.done
         self._last_details = None
-        acc = self._accuracy(model, self.examples, self.subset_size)
+        engine = self._synced_engine(model)
+        acc = self._accuracy(model, self.examples, self.subset_size, engine)
         if self._last_details is not None:
             self.train_answers[step] = [extract_final_answer(d["prediction"])
                                         for d in self._last_details]
         self.tracker.update(step, acc)
         metrics = {"t3s/train_acc": acc}
         if self.heldout is not None:
-            held = self._accuracy(model, self.heldout, self.heldout_subset_size)
+            held = self._accuracy(model, self.heldout, self.heldout_subset_size, engine)
             self.heldout_history[step] = held
             metrics["t3s/heldout_acc"] = held
         if self.tracker.bottleneck is not None:  # None is no number for reporting integrations
