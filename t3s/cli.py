@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run every seed (e.g. 0,1,2 or 0-2) into DIR/seed-<s>/ and summarise "
                            "them as mean ± standard error in DIR/summary/")
     # the same meaning as for `t3s run` (the demo's own messages name them)
+    demo.add_argument("--engine", default=None, choices=("hf", "vllm"),
+                      help="what generates the answers (as for `t3s run`): hf (the default) or "
+                           "vllm (the [vllm] extra, docs/generation.md)")
     demo.add_argument("--redo", action="append", default=[], metavar="STAGE",
                       choices=list(STAGE_NAMES) + ["all"],
                       help="run this stage again (repeatable; 'all'); the stages that use its "
@@ -260,6 +263,11 @@ def _demo(args: argparse.Namespace) -> int:
             kw["seeds"] = parse_seeds(args.seeds)
         except ValueError as e:
             raise UsageError(f"--seeds: {e}") from None
+    if args.engine is not None:
+        if args.diffusion and args.engine != "hf":
+            raise UsageError("--engine vllm does not apply to --diffusion: a diffusion model "
+                             "generates by iterative unmasking")
+        kw["engine"] = args.engine
     if args.redo:
         kw["redo"] = list(args.redo)
     if args.overwrite:

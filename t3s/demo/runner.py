@@ -161,6 +161,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = DEFAULT_
     from ..pipeline.commands import redo_list
     from ..pipeline.console import print_metrics, quiet_libraries, show_progress
     from ..pipeline.engine import run_stages
+    from ..pipeline.generators import check_engine
     from ..pipeline.rundir import METRICS_FILE, RunDir, read_json
     from ..pipeline.settings import PATH_KEYS, UsageError, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
@@ -175,6 +176,7 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = DEFAULT_
                          say=say, quick=quick, task=task, redo=redo, overwrite=overwrite,
                          **overrides)
     t0 = time.perf_counter()
+    check_engine({"engine": overrides.get("engine", "hf")}, STAGE_NAMES)   # before any work
     out_path = Path(out if out is not None else default_out(quick, task))
     out_path = out_path.expanduser().resolve()
     sizes = dict(chosen.quick_sizes if quick else chosen.sizes)

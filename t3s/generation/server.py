@@ -48,7 +48,7 @@ class VLLMServerEngine(GenerationEngine):
         self.model = model or served[0]
 
     def _call(self, method: str, route: str, body: Optional[Dict[str, Any]] = None):
-        data = None if body is None else json.dumps(body).encode()
+        data = None if method == "GET" else json.dumps(body or {}).encode()
         req = urllib.request.Request(self.base_url + route, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:

@@ -202,6 +202,15 @@ class VLLMEngine(GenerationEngine):
         self._runner().reload_weights(weights_iterator=live_weights(model))
         self.llm.reset_prefix_cache()
 
+    def load_weights_from(self, model_dir) -> None:
+        """Make the engine generate with the weights saved in ``model_dir`` (a model of the
+        engine's architecture), read in place by vLLM: no new engine, and no Hugging Face
+        copy of the model in this process."""
+        path = Path(_model_path(model_dir)).resolve()
+        self._wake(["weights"])
+        self._runner().reload_weights(weights_path=str(path))
+        self.llm.reset_prefix_cache()
+
     def _vllm_params(self, params: SamplingParams, index: int):
         from vllm import SamplingParams as VSampling
         kwargs: Dict[str, Any] = dict(max_tokens=params.max_new_tokens, n=params.samples,

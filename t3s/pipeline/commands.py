@@ -29,6 +29,7 @@ from .diffusion import is_diffusion
 from .analysis import analysis_settings
 from .sensitivity import sensitivity_settings
 from .engine import run_stages, stage_status
+from .generators import check_engine
 from .loaders import check_jsonl, check_model_dir, resolve_device
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
 from .settings import (
@@ -164,6 +165,7 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
                          "rule 'forced' is not a loss mask; pass --baseline-param "
                          "keep_fraction=F (or --baseline none)")
     check_rule_params(cfg)
+    check_engine(cfg, pending)
     if "analyze" in pending:
         analysis_settings(cfg, pending)
     if "sensitivity" in pending:

@@ -17,11 +17,14 @@ __all__ = ["score_on_sets"]
 
 
 def score_on_sets(model, tok, data: Mapping[str, Any], sets: Sequence[Tuple[str, str]],
-                  cfg: Mapping[str, Any], out_dir: Path, arm: str) -> Dict[str, Dict[str, Any]]:
+                  cfg: Mapping[str, Any], out_dir: Path, arm: str, engine=None
+                  ) -> Dict[str, Dict[str, Any]]:
     """{set key: {"accuracy", "n", "n_correct"}} of ``model`` on every eval set (``sets``:
     (key, path), the headline one first; ``data``: key -> its problems). The predictions go
     to ``out_dir`` / `rundir.predictions_file` (``arm``; the set's key after the first), written
     by rank 0: under a launcher the generation is split across the ranks and gathered.
+    ``engine``: what generates (`t3s.pipeline.generators.EvalEngine`; None: ``model``'s
+    own ``generate``; with an engine ``model`` may be None).
 
     With ``samples`` k > 1 the accuracy is avg@k (`t3s.generation.avg_at_k`), ``n_correct``
     counts the correct answers of all n·k, and the entry also has ``se`` (avg@k's standard
@@ -36,7 +39,7 @@ def score_on_sets(model, tok, data: Mapping[str, Any], sets: Sequence[Tuple[str,
             max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"],
             seed=cfg["seed"], progress=show_progress(cfg["progress"]), return_details=True,
             samples=samples, temperature=cfg.get("temperature", 0.0),
-            top_p=cfg.get("top_p", 1.0))
+            top_p=cfg.get("top_p", 1.0), engine=engine)
         if dist.is_main():   # every rank has the gathered answers; rank 0 writes them
             with open(Path(out_dir) / rundir.predictions_file(arm, None if i == 0 else key), "w",
                       encoding="utf-8") as f:

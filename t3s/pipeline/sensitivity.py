@@ -47,6 +47,7 @@ from .. import dist
 from .._util import one_line
 from . import rundir
 from .engine import StageContext
+from .generators import EvalEngine
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .report.sensitivity import plot_sensitivity, render_section
 from .rundir import read_json, write_json
@@ -293,8 +294,12 @@ def _evaluate(ctx: StageContext, model_dir: Path, sets, data, tok, out: Path
     (`t3s.pipeline.scoring.score_on_sets`); the predictions written into ``out``."""
     if not sets:
         return {}
-    model = load_model(str(model_dir), ctx.cfg, device=resolve_device(ctx.cfg))
-    return score_on_sets(model, tok, data, sets, ctx.cfg, out, "t3s")
+    # *(choice)* an engine per model: retraining runs between two evaluations here
+    with EvalEngine(ctx.cfg, tok) as gen:
+        engine = gen.for_model(str(model_dir))
+        model = None if engine is not None else \
+            load_model(str(model_dir), ctx.cfg, device=resolve_device(ctx.cfg))
+        return score_on_sets(model, tok, data, sets, ctx.cfg, out, "t3s", engine)
 
 
 #: retrain(ctx, artifact path, label, *, work, resume) -> the training summary

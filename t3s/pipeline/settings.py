@@ -140,6 +140,18 @@ OPTIONS: Tuple[Option, ...] = (
     Option("top_p", "float", 1.0,
            "eval nucleus sampling: top-p in (0, 1] (with --temperature > 0)"),
     Option("eval_batch_size", "int", 8, "prompts per generation / profiling batch", hashed=False),
+    # what generates the answers (`t3s.pipeline.generators`)
+    Option("engine", "choice", "hf",
+           "what generates answers for training accuracy and eval: hf (the model's own "
+           "generate) or vllm (vLLM in this process, weights synced in memory; the [vllm] "
+           "extra, docs/generation.md)", choices=("hf", "vllm")),
+    Option("vllm_server", "str", None,
+           "a vLLM server's address (vllm serve, VLLM_SERVER_DEV_MODE=1): the eval and "
+           "sensitivity stages generate with it, reloading each model from its directory",
+           hashed=False, metavar="URL"),
+    Option("vllm_gpu_memory", "float", 0.3,
+           "the share of accelerator memory the vllm engine may take while it generates",
+           hashed=False),
     # resuming (not hashed: a resumed run equals an uninterrupted one)
     Option("checkpoint_steps", "int", None,
            "save a resumable checkpoint (model, optimizer, scheduler, RNG) every N steps of "
@@ -216,7 +228,7 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
 #: settings added after run directories existed: at their defaults they stay out of a
 #: stage's hash, so a run finished before them stays current (no eval or sweep redone)
-HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p")
+HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p", "engine")
 PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
              "sft_model")
 
@@ -390,7 +402,8 @@ def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
 
 def _check_sampling(cfg: Mapping[str, Any], where: str) -> None:
     """``samples``, ``temperature`` and ``top_p``: valid `t3s.generation.SamplingParams`,
-    top_p only with sampling, greedy scoring alone with objective diffusion."""
+    top_p only with sampling, greedy scoring and the hf engine alone with objective
+    diffusion; ``vllm_server`` an http(s) address, ``vllm_gpu_memory`` in (0, 1]."""
     from ..generation import SamplingParams
     if cfg["samples"] > 1 and cfg["temperature"] == 0:
         raise UsageError(f"{where}samples {cfg['samples']} with temperature 0: greedy decoding "
@@ -403,6 +416,14 @@ def _check_sampling(cfg: Mapping[str, Any], where: str) -> None:
     if cfg["temperature"] == 0 and cfg["top_p"] != 1:
         raise UsageError(f"{where}top_p {cfg['top_p']} applies to sampling, but temperature 0 "
                          "is greedy decoding; set --temperature > 0 or leave top_p at 1")
+    if cfg["objective"] == "diffusion" and (cfg["engine"] != "hf" or cfg["vllm_server"]):
+        raise UsageError(f"{where}objective diffusion generates by iterative unmasking, which no "
+                         "generation engine implements; leave engine at hf and vllm_server unset")
+    server = cfg["vllm_server"]
+    if server is not None and not str(server).startswith(("http://", "https://")):
+        raise UsageError(f"{where}vllm_server must be an http(s) address, got {server!r}")
+    if not 0 < cfg["vllm_gpu_memory"] <= 1:
+        raise UsageError(f"{where}vllm_gpu_memory must be in (0, 1], got {cfg['vllm_gpu_memory']}")
     if cfg["objective"] == "diffusion" and cfg["temperature"] != 0:
         raise UsageError(f"{where}objective diffusion scores greedily (diffusion generation); "
                          "samples, temperature and top_p apply to autoregressive models")

@@ -78,6 +78,7 @@ from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from .report.diffusion import diffusion_report
 from .rundir import STAGE_NAMES, write_json
+from .generators import EvalEngine
 from .scoring import score_on_sets
 from .settings import UsageError, baseline_loss_options, rule_params
 from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
@@ -428,19 +429,22 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
     data = {key: load_data(cfg, key, tok) for key, _ in sets}
     device = resolve_device(cfg)
     by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
-    for arm, stage, sub in ARMS + tuple(arm_models(ctx)):
-        if stage is None:
-            path = cfg["model"]
-        elif ctx.dir(stage) is not None:
-            path = str(ctx.dir(stage) / sub)
-        else:
-            continue
-        model = load_model(path, cfg, device=device)
-        label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
-        for key, score in score_on_sets(model, tok, data, sets, cfg, work, arm).items():
-            by_set[key][arm] = {**score, "model": path}
-            ctx.say(f"[eval] {key}: {label}: {_score_line(score)}")
-        del model
+    with EvalEngine(cfg, tok) as gen:
+        for arm, stage, sub in ARMS + tuple(arm_models(ctx)):
+            if stage is None:
+                path = cfg["model"]
+            elif ctx.dir(stage) is not None:
+                path = str(ctx.dir(stage) / sub)
+            else:
+                continue
+            engine = gen.for_model(path)
+            model = load_model(path, cfg, device=device) if engine is None else None
+            label = f"t3s (rule {cfg['rule']})" if arm == "t3s" else arm
+            for key, score in score_on_sets(model, tok, data, sets, cfg, work, arm,
+                                            engine).items():
+                by_set[key][arm] = {**score, "model": path}
+                ctx.say(f"[eval] {key}: {label}: {_score_line(score)}")
+            del model
     if not dist.is_main():
         return {}
     key = sets[0][0]

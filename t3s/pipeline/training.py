@@ -152,6 +152,7 @@ def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
     Its default tracker excludes θ0 (step 0) from the bottleneck candidates, as
     `t3s.find_bottleneck` does; checkpoint pruning follows the same minimum."""
     from ..trainer import AccuracyCallback
+    from .generators import accuracy_engine
     subset = cfg["eval_subset"] or None
     # *(choice)* greedy, whatever samples / temperature / top_p say (they apply to the eval
     # stage's final scoring): the bottleneck is the argmin of this curve, which sampling
@@ -161,7 +162,8 @@ def accuracy_callback(cfg, tok, train, heldout, *, prune: bool):
                             heldout_subset_size=subset, max_new_tokens=cfg["max_new_tokens"],
                             batch_size=cfg["eval_batch_size"], seed=cfg["seed"],
                             prune_checkpoints=prune,
-                            progress=show_progress(cfg["progress"]), history_file=rundir.ACCURACY_FILE)
+                            progress=show_progress(cfg["progress"]), history_file=rundir.ACCURACY_FILE,
+                            engine=accuracy_engine(cfg, tok))
 
 
 def progress_bar(trainer, cfg, desc: str) -> None:
