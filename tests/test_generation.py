@@ -396,10 +396,13 @@ def test_a_run_made_before_the_sampling_settings_is_not_a_different_config(asset
     stored = json.loads(run.config_path.read_text())
     for key in ("samples", "temperature", "top_p"):
         del stored["identity"][key], stored["config"][key]
+    for key in ("engine", "vllm_server", "vllm_gpu_memory"):   # added later still
+        stored["identity"].pop(key, None), stored["config"].pop(key, None)
     run.config_path.write_text(json.dumps(stored))
     assert run.config_diff(cfg, fps) == []
     assert run.config_diff({**cfg, "samples": 2, "temperature": 1.0}, fps) == [
         "samples (1 -> 2)", "temperature (0.0 -> 1.0)"]
+    assert run.config_diff({**cfg, "engine": "vllm"}, fps) == ["engine ('hf' -> 'vllm')"]
 
 
 def test_sampling_settings_at_their_defaults_leave_stage_hashes_as_before():

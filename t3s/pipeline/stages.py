@@ -494,7 +494,8 @@ def _stage_report(ctx: StageContext) -> Dict[str, Any]:
 
 _DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype", "seed")
 _TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps",
-             "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier")
+             "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier",
+             "engine")
 # how the eval stage and the sensitivity sweep generate (the training curves stay greedy)
 _SAMPLING = ("samples", "temperature", "top_p")
 
@@ -519,7 +520,8 @@ STAGES: Tuple[Stage, ...] = (
           resumable=True),
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
-                                "verifier", "dtype", "max_length", "truncation", "seed")
+                                "verifier", "dtype", "max_length", "truncation", "seed",
+                                "engine")
           + _SAMPLING + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline", "arms"),
           help="accuracy on a JSONL test set with the verifier"),
