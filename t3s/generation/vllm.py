@@ -67,11 +67,14 @@ def live_weights(model) -> Iterator[Tuple[str, torch.Tensor]]:
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     if zero3:
         import deepspeed
+        saved = set(model.state_dict().keys())   # persistent entries only, as save_pretrained
         for name, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
-                yield _clean(name), param.detach().clone()
+            if name in saved:
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield _clean(name), param.detach().clone()
         for name, buf in model.named_buffers():
-            yield _clean(name), buf.detach()
+            if name in saved:
+                yield _clean(name), buf.detach()
         return
     for name, tensor in model.state_dict().items():
         if hasattr(tensor, "full_tensor"):   # a DTensor (FSDP2)
