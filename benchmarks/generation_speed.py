@@ -30,7 +30,7 @@ def _prompts(model: str, n: int, tok) -> List[List[int]]:
     rng = random.Random(0)
     if model == "demo":
         from t3s.demo.task import make_problems
-        return [tok(p.prompt)["input_ids"] for p in make_problems(n, 2, "heldout", seed=0)]
+        return [tok(p.prompt)["input_ids"] for p in make_problems(n, 2, "held_out", seed=0)]
     out = []
     for _ in range(n):
         q = f"What is {rng.randint(10, 99)}+{rng.randint(10, 99)}?"

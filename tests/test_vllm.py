@@ -49,7 +49,7 @@ def tok():
 @pytest.fixture(scope="module")
 def prompts(tok):
     from t3s.demo.task import make_problems
-    return [tok(p.prompt)["input_ids"] for p in make_problems(12, 2, "heldout", seed=3)]
+    return [tok(p.prompt)["input_ids"] for p in make_problems(12, 2, "held_out", seed=3)]
 
 
 def _hf(path, tok):
@@ -171,7 +171,7 @@ def test_two_ranks_split_the_prompts(tmp_path, tok):
     from t3s.data import TraceDataset
     from t3s.demo.task import make_problems, write_jsonl
     from transformers import AutoModelForCausalLM
-    write_jsonl(tmp_path / "traces.jsonl", make_problems(9, 2, "heldout", seed=5))
+    write_jsonl(tmp_path / "traces.jsonl", make_problems(9, 2, "held_out", seed=5))
     run_two_ranks(_rank_worker, str(tmp_path), timeout=600, what="two vLLM ranks")
     got = json.loads((tmp_path / "ranks.json").read_text())
     assert got["world"] == 2.0

@@ -68,7 +68,8 @@ def live_weights(model) -> Iterator[Tuple[str, torch.Tensor]]:
     if zero3:
         import deepspeed
         saved = set(model.state_dict().keys())   # persistent entries only, as save_pretrained
-        for name, param in model.named_parameters():
+        # remove_duplicate=False: a tied head is its own entry, as in a state dict
+        for name, param in model.named_parameters(remove_duplicate=False):
             if name in saved:
                 with deepspeed.zero.GatheredParameters([param]):
                     yield _clean(name), param.detach().clone()
@@ -80,6 +81,24 @@ def live_weights(model) -> Iterator[Tuple[str, torch.Tensor]]:
         if hasattr(tensor, "full_tensor"):   # a DTensor (FSDP2)
             tensor = tensor.full_tensor()
         yield _clean(name), tensor.detach()
+
+
+def _saved_weights(files) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in the safetensors ``files``, one at a time."""
+    from safetensors import safe_open
+    names, embedding = set(), None
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                tensor = st.get_tensor(name)
+                names.add(name)
+                if name.endswith("embed_tokens.weight"):
+                    embedding = tensor
+                yield name, tensor
+    # A tied head is saved as the embedding alone, but vLLM's CPU build keeps its own
+    # copy of the head (repacked for its GEMM): it must be given, as a live state dict does.
+    if "lm_head.weight" not in names and embedding is not None:
+        yield "lm_head.weight", embedding
 
 
 def _clean(name: str) -> str:
@@ -210,8 +229,13 @@ class VLLMEngine(GenerationEngine):
         engine's architecture), read in place by vLLM: no new engine, and no Hugging Face
         copy of the model in this process."""
         path = Path(_model_path(model_dir)).resolve()
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path} holds no *.safetensors weights")
         self._wake(["weights"])
-        self._runner().reload_weights(weights_path=str(path))
+        # streamed through the same in-place reload as `sync_weights`, the head included
+        # (`_saved_weights`): vLLM's own reload from a path left a tied head stale (0.32, CPU)
+        self._runner().reload_weights(weights_iterator=_saved_weights(files))
         self.llm.reset_prefix_cache()
 
     def _vllm_params(self, params: SamplingParams, index: int):
