@@ -19,7 +19,7 @@ from tiny import cli_error_line, make_tokenizer, tiny_llama, write_run_assets
 
 from t3s.generation import (GenerationEngine, HFEngine, SamplingParams, VLLMEngine,
                             VLLMServerEngine, vllm_available)
-from t3s.generation.vllm import live_weights
+from t3s.generation.vllm import live_weights, saved_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 HAVE_VLLM = vllm_available()[0]
@@ -197,6 +197,22 @@ def test_live_weights_are_the_saved_names_and_values_unwrapped(assets, tmp_path)
         for name, value in saved.items():
             assert torch.equal(live[name], value), name
             assert not live[name].requires_grad
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_saved_weights_are_the_live_state_dict_tied_head_included(tmp_path, tied):
+    """What `VLLMEngine.load_weights_from` streams: every saved tensor, and a tied head
+    (saved as the embedding alone) as its own entry, as a live state dict has it."""
+    tok = make_tokenizer()
+    model = tiny_llama(tok, seed=6, tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    streamed = dict(saved_weights(sorted(tmp_path.glob("*.safetensors"))))
+    live = model.state_dict()
+    assert set(streamed) == set(live)
+    for name, value in live.items():
+        assert torch.equal(streamed[name], value), name
+    if tied:
+        assert torch.equal(streamed["lm_head.weight"], streamed["model.embed_tokens.weight"])
 
 
 # --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 
 from .base import GenerationEngine, SamplingParams, prompt_list
 
-__all__ = ["VLLMEngine", "vllm_available", "live_weights"]
+__all__ = ["VLLMEngine", "vllm_available", "live_weights", "saved_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def live_weights(model) -> Iterator[Tuple[str, torch.Tensor]]:
         yield _clean(name), tensor.detach()
 
 
-def _saved_weights(files) -> Iterator[Tuple[str, torch.Tensor]]:
+def saved_weights(files) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor in the safetensors ``files``, one at a time."""
     from safetensors import safe_open
     names, embedding = set(), None
@@ -234,8 +234,8 @@ class VLLMEngine(GenerationEngine):
             raise ValueError(f"{path} holds no *.safetensors weights")
         self._wake(["weights"])
         # streamed through the same in-place reload as `sync_weights`, the head included
-        # (`_saved_weights`): vLLM's own reload from a path left a tied head stale (0.32, CPU)
-        self._runner().reload_weights(weights_iterator=_saved_weights(files))
+        # (`saved_weights`): vLLM's own reload from a path left a tied head stale (0.32, CPU)
+        self._runner().reload_weights(weights_iterator=saved_weights(files))
         self.llm.reset_prefix_cache()
 
     def _vllm_params(self, params: SamplingParams, index: int):
