@@ -7,6 +7,7 @@ headline numbers; `show_progress` decides whether progress bars are drawn;
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
@@ -51,7 +52,11 @@ def show_progress(setting: Optional[bool]) -> bool:
 
 def quiet_libraries(progress: bool, debug: bool) -> None:
     """transformers' warnings off unless ``debug``; its per-file download bars off
-    unless ``progress``."""
+    unless ``progress``. vLLM (``--engine vllm``), which logs every engine step at INFO,
+    logs errors only unless ``debug`` (``VLLM_LOGGING_LEVEL``, read when vLLM is first
+    imported; a value already set is kept)."""
+    if not debug:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover

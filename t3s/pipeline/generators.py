@@ -41,9 +41,11 @@ def check_engine(cfg: Mapping[str, Any], pending: Sequence[str]) -> None:
 
 def _vllm_engine(cfg: Mapping[str, Any], model, tok):
     from ..generation import VLLMEngine
+    from .console import show_progress
     return VLLMEngine(model, cfg["tokenizer"] or getattr(tok, "name_or_path", None),
                       dtype=_VLLM_DTYPES[cfg["dtype"]],
-                      gpu_memory_utilization=cfg["vllm_gpu_memory"], seed=cfg["seed"])
+                      gpu_memory_utilization=cfg["vllm_gpu_memory"], seed=cfg["seed"],
+                      progress=show_progress(cfg["progress"]) and dist.is_main())
 
 
 def accuracy_engine(cfg: Mapping[str, Any], tok) -> Optional[Callable[[Any], GenerationEngine]]:
