@@ -4,7 +4,7 @@ and of vLLM, on the same prompts, model and sampling settings.
     python benchmarks/generation_speed.py --model demo [--prompts 64] [--max-new-tokens 64]
     python benchmarks/generation_speed.py --model DIR   # any HF model directory
 
-``--model demo`` is the demo's base student on its held-out sums; a model directory gets
+``--model demo`` is the demo's base student on held-out 3-term sums; a model directory gets
 ``What is a+b?`` prompts through its chat template (when it has one). Every engine runs
 in a process of its own, interleaved with the others and repeated (``--repeats``); the
 best of the repeats is reported. Tokens/s counts the generated tokens (eos included) of
@@ -30,14 +30,14 @@ def _prompts(model: str, n: int, tok) -> List[List[int]]:
     rng = random.Random(0)
     if model == "demo":
         from t3s.demo.task import make_problems
-        return [tok(p.prompt)["input_ids"] for p in make_problems(n, 2, "held_out", seed=0)]
+        return [tok(p.prompt)["input_ids"] for p in make_problems(n, 3, "held_out", seed=0)]
     out = []
     for _ in range(n):
         q = f"What is {rng.randint(10, 99)}+{rng.randint(10, 99)}?"
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template([{"role": "user", "content": q}],
                                           add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids   # a BatchEncoding
         else:
             ids = tok(q)["input_ids"]
         out.append(list(ids))

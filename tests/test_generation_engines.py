@@ -43,7 +43,7 @@ def assets(tmp_path_factory):
 class StandIn:
     def __init__(self, model_dir: Path, name: str = "served"):
         from transformers import AutoModelForCausalLM
-        self.tok, self.name, self.calls = make_tokenizer(), name, []
+        self.tok, self.name, self.calls, self.answer_rpc = make_tokenizer(), name, [], True
         self.engine = HFEngine(AutoModelForCausalLM.from_pretrained(model_dir), self.tok)
         stand_in = self
 
@@ -78,8 +78,10 @@ class StandIn:
 
     def answer(self, path, body):
         from transformers import AutoModelForCausalLM
-        if path == "/collective_rpc" and body["method"] == "reload_weights":
-            model = AutoModelForCausalLM.from_pretrained(body["kwargs"]["weights_path"])
+        if path == "/collective_rpc" and not self.answer_rpc:   # vLLM: no such method
+            return 500, {"error": "AttributeError: 'CPUWorker' has no 't3s_load_weights'"}
+        if path == "/collective_rpc" and body["method"] == "t3s_load_weights":
+            model = AutoModelForCausalLM.from_pretrained(body["kwargs"]["model_dir"])
             self.engine.sync_weights(model)
             return 200, {"results": [None]}
         if path == "/reset_prefix_cache":
@@ -144,8 +146,8 @@ def test_server_engine_reloads_weights_from_a_directory_and_refuses_a_live_model
     before = server.generate(prompts, greedy)
     server.sync_weights(str(assets / "other"))
     rpc = [b for m, p, b in stand_in.calls if p == "/collective_rpc"]
-    assert rpc == [{"method": "reload_weights",
-                    "kwargs": {"weights_path": str((assets / "other").resolve())}}]
+    assert rpc == [{"method": "t3s_load_weights",
+                    "kwargs": {"model_dir": str((assets / "other").resolve())}}]
     after = server.generate(prompts, greedy)
     from transformers import AutoModelForCausalLM
     other = HFEngine(AutoModelForCausalLM.from_pretrained(assets / "other"), tok)
@@ -154,6 +156,13 @@ def test_server_engine_reloads_weights_from_a_directory_and_refuses_a_live_model
         server.sync_weights(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="is not a model directory"):
         server.sync_weights(str(assets))
+
+
+def test_a_server_without_the_extension_is_named(assets, stand_in):
+    stand_in.answer_rpc = False
+    with pytest.raises(RuntimeError, match="--worker-extension-cls "
+                                           "t3s.generation.vllm.VLLMWorkerExtension"):
+        VLLMServerEngine(stand_in.url).sync_weights(str(assets / "other"))
 
 
 def test_server_engine_fails_early_and_clearly(stand_in):
@@ -312,4 +321,4 @@ def test_eval_stage_generates_through_a_vllm_server(assets, stand_in, tmp_path, 
     rows = {name: (tmp_path / name / "eval" / "base.jsonl").read_text() for name in ("hf", "server")}
     assert rows["hf"] == rows["server"]                 # the same answers, the same verdicts
     rpc = [b for m, p, b in stand_in.calls if p == "/collective_rpc"]
-    assert [b["kwargs"]["weights_path"] for b in rpc] == [str((assets / "model").resolve())]
+    assert [b["kwargs"]["model_dir"] for b in rpc] == [str((assets / "model").resolve())]

@@ -197,7 +197,8 @@ def test_a_vllm_server(tmp_path, tok, prompts):
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(_base_dir()),
-         "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1"],
+         "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1",
+         "--worker-extension-cls", "t3s.generation.vllm.VLLMWorkerExtension"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"

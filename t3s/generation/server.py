@@ -4,9 +4,10 @@ OpenAI-compatible completions endpoint.
 The prompts go as token ids and the answers come back as token ids
 (``return_token_ids``), so the caller decodes them as it does every engine's. A
 server holds its own weights: `VLLMServerEngine.sync_weights` asks it to reload them
-from a model directory on a filesystem it shares (``reload_weights`` through vLLM's
-development endpoint ``/collective_rpc``, which needs ``VLLM_SERVER_DEV_MODE=1`` on
-the server). Pushing a live model's weights from this process needs the colocated
+from a model directory on a filesystem it shares, through vLLM's development endpoint
+``/collective_rpc`` and t3s's worker extension (`SERVER_FLAGS`: the server runs with
+``VLLM_SERVER_DEV_MODE=1`` and ``--worker-extension-cls
+t3s.generation.vllm.VLLMWorkerExtension``, so t3s must be importable there). Pushing a live model's weights from this process needs the colocated
 engine (`t3s.generation.VLLMEngine`).
 """
 
@@ -20,7 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .base import GenerationEngine, SamplingParams, prompt_list
 
-__all__ = ["VLLMServerEngine"]
+__all__ = ["VLLMServerEngine", "SERVER_FLAGS"]
+
+#: how a server must start for `VLLMServerEngine.sync_weights`
+SERVER_FLAGS = ("VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                "t3s.generation.vllm.VLLMWorkerExtension")
 
 
 class VLLMServerEngine(GenerationEngine):
@@ -64,8 +69,8 @@ class VLLMServerEngine(GenerationEngine):
 
     def sync_weights(self, model) -> None:
         """Make the server generate with the weights saved in ``model`` (a model
-        directory the server can read). The server must run with
-        ``VLLM_SERVER_DEV_MODE=1``; a live model is refused (no silent skip)."""
+        directory the server can read). The server must run as `SERVER_FLAGS` says;
+        a live model is refused (no silent skip)."""
         if not isinstance(model, (str, Path)):
             raise TypeError("a vLLM server cannot take a live model's weights from this "
                             "process; pass a saved model directory, or use the colocated "
@@ -73,8 +78,12 @@ class VLLMServerEngine(GenerationEngine):
         path = Path(model).resolve()
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a model directory (no config.json)")
-        self._call("POST", "/collective_rpc",
-                   {"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
+        try:
+            self._call("POST", "/collective_rpc",
+                       {"method": "t3s_load_weights", "kwargs": {"model_dir": str(path)}})
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nthe server reloads weights through t3s's worker extension: "
+                               f"start it with {SERVER_FLAGS}") from None
         self._call("POST", "/reset_prefix_cache")
 
     def _body(self, prompts: List[List[int]], params: SamplingParams) -> Dict[str, Any]:

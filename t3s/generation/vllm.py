@@ -33,7 +33,8 @@ import torch
 
 from .base import GenerationEngine, SamplingParams, prompt_list
 
-__all__ = ["VLLMEngine", "vllm_available", "live_weights", "saved_weights"]
+__all__ = ["VLLMEngine", "VLLMWorkerExtension", "vllm_available", "live_weights",
+           "saved_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,27 @@ def saved_weights(files) -> Iterator[Tuple[str, torch.Tensor]]:
     # copy of the head (repacked for its GEMM): it must be given, as a live state dict does.
     if "lm_head.weight" not in names and embedding is not None:
         yield "lm_head.weight", embedding
+
+
+def _safetensors_files(model_dir) -> List[Path]:
+    path = Path(model_dir).resolve()
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} holds no *.safetensors weights")
+    return files
+
+
+class VLLMWorkerExtension:
+    """Methods a vLLM server's workers gain when it starts with ``--worker-extension-cls
+    t3s.generation.vllm.VLLMWorkerExtension`` (called through ``/collective_rpc``, which
+    needs ``VLLM_SERVER_DEV_MODE=1``; `t3s.generation.VLLMServerEngine` uses them)."""
+
+    def t3s_load_weights(self, model_dir: str) -> None:
+        """Read the weights saved in ``model_dir`` into the served model in place
+        (`saved_weights`: a tied head included, which vLLM's own reload from a path
+        leaves stale)."""
+        self.model_runner.reload_weights(weights_iterator=saved_weights(
+            _safetensors_files(model_dir)))
 
 
 def _clean(name: str) -> str:
@@ -228,10 +250,7 @@ class VLLMEngine(GenerationEngine):
         """Make the engine generate with the weights saved in ``model_dir`` (a model of the
         engine's architecture), read in place by vLLM: no new engine, and no Hugging Face
         copy of the model in this process."""
-        path = Path(_model_path(model_dir)).resolve()
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{path} holds no *.safetensors weights")
+        files = _safetensors_files(_model_path(model_dir))
         self._wake(["weights"])
         # streamed through the same in-place reload as `sync_weights`, the head included
         # (`saved_weights`): vLLM's own reload from a path left a tied head stale (0.32, CPU)

@@ -9,7 +9,8 @@ of the eval and sensitivity stages.
   from its directory (`VLLMEngine.load_weights_from`), with no Hugging Face copy loaded.
 * ``vllm_server: URL``: the eval stages generate with that server instead
   (`t3s.generation.VLLMServerEngine`), which reloads each model from its directory
-  (it must read the run's directories, and run with ``VLLM_SERVER_DEV_MODE=1``).
+  (it must read the run's directories and start as
+  `t3s.generation.server.SERVER_FLAGS` says).
 """
 
 from __future__ import annotations

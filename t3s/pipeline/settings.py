@@ -146,8 +146,8 @@ OPTIONS: Tuple[Option, ...] = (
            "generate) or vllm (vLLM in this process, weights synced in memory; the [vllm] "
            "extra, docs/generation.md)", choices=("hf", "vllm")),
     Option("vllm_server", "str", None,
-           "a vLLM server's address (vllm serve, VLLM_SERVER_DEV_MODE=1): the eval and "
-           "sensitivity stages generate with it, reloading each model from its directory",
+           "a vLLM server's address: the eval and sensitivity stages generate with it, "
+           "reloading each model from its directory (start it as docs/generation.md says)",
            hashed=False, metavar="URL"),
     Option("vllm_gpu_memory", "float", 0.3,
            "the share of accelerator memory the vllm engine may take while it generates",
