@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the demo's diffusion student θ0 and write it to t3s/demo/assets/diffusion_base/.
 
-The model is `t3s.demo.dlm.build_dlm(seed)` (a ~0.70M-parameter bidirectional
+The model is `t3s.dllm.demo_model.build_dlm(seed)` (a ~0.70M-parameter bidirectional
 masked LM with the AR demo's tokenizer and one extra mask id), trained with
 the masked-diffusion SFT loss (`t3s.dllm.diffusion_sft_loss`: t ~ U(eps, 1)
 per sequence, response tokens masked with probability t, 1/t weights
@@ -13,7 +13,7 @@ padded with EOS, which is part of the response (LLaDA's SFT), to a fixed
 
 AdamW (betas 0.9/0.98, weight decay 0.01), linear warmup, cosine decay to 10%
 of ``--lr``, gradients clipped at norm 1. At the end it reports held-out accuracy
-by iterative unmasking (block length `t3s.demo.dlm.DLM_BLOCK_LENGTH`, one
+by iterative unmasking (block length `t3s.dllm.demo_model.DLM_BLOCK_LENGTH`, one
 token per step) with the ``"math"`` verifier and writes it, the settings and
 the wall time to ``build_info.json``.
 
@@ -34,21 +34,18 @@ of the schedule. Shorter schedules stop short: 3000 steps end at 0.96 / 0.29 and
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import demo_build_common as common  # noqa: E402
 from t3s import dllm  # noqa: E402
-from t3s.demo import dlm as demo_dlm  # noqa: E402
+from t3s.dllm import demo_model as demo_dlm  # noqa: E402
 from t3s.demo import model as demo_model  # noqa: E402
-from t3s.demo import task  # noqa: E402
 from t3s.verify import get_verifier  # noqa: E402
 
 
@@ -57,20 +54,12 @@ def encode_batch(problems, length: int):
     ids = torch.full((len(problems), length), demo_model.EOS_ID, dtype=torch.long)
     resp = torch.zeros((len(problems), length), dtype=torch.bool)
     for i, p in enumerate(problems):
-        prompt = [demo_model.BOS_ID] + demo_model.encode(p.prompt)
-        seq = prompt + demo_model.encode(p.response("steps")) + [demo_model.EOS_ID]
+        prompt, seq = common.tokens(p, "steps")
         if len(seq) > length:
             raise ValueError(f"--length {length} is shorter than {p.prompt} ({len(seq)} tokens)")
         ids[i, :len(seq)] = torch.tensor(seq)
         resp[i, len(prompt):] = True
     return ids, resp
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step <= warmup:
-        return lr * step / max(1, warmup)
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
 
 
 def accuracy(adapter, tok, problems, gen_length: int, verify) -> float:
@@ -84,34 +73,23 @@ def accuracy(adapter, tok, problems, gen_length: int, verify) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(demo_dlm.DLM_DIR), help="output directory (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    common.add_training_args(ap, out=str(demo_dlm.DLM_DIR), steps=6000)
     ap.add_argument("--length", type=int, default=48, help="tokens per training row (EOS-padded)")
-    ap.add_argument("--eval-every", type=int, default=500, help="held-out check every N steps (0: off)")
-    ap.add_argument("--eval-size", type=int, default=100, help="held-out problems per number of terms")
-    ap.add_argument("--threads", type=int, default=None)
+    common.add_eval_args(ap, eval_size=100)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    common.seed_and_threads(args)
     tok = demo_model.build_tokenizer()
     model = demo_dlm.build_dlm(args.seed).train()
     adapter = dllm.MaskedLMAdapter(model, mask_token_id=demo_dlm.MASK_ID)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = demo_model.count_parameters(model)
     print(f"model: {n_params:,} parameters; seed {args.seed}; {args.steps} steps of {args.batch_size}",
           flush=True)
-    sets = {f"heldout{k}": task.make_problems(args.eval_size, k, "held_out", seed=args.seed)
-            for k in (2, 3, 4)}
+    sets = common.heldout_sets(args.eval_size, args.seed)
     gen_length = 32                                                    # 3-term answers are <= 32
     verify = get_verifier("math")
-    streams = {k: task.iter_problems(k, "train", seed=args.seed * 1000 + k) for k in (2, 3)}
+    streams = common.train_streams((2, 3), args.seed)
     half = args.batch_size // 2
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    t0, eval_s, running = time.perf_counter(), 0.0, []
+    opt = common.make_optimizer(model, args.lr)
 
     def evaluate():
         model.eval()
@@ -120,56 +98,30 @@ def main(argv=None) -> int:
         model.train()
         return out
 
-    for step in range(1, args.steps + 1):
+    def loss_at(step):
         probs = [next(streams[2]) for _ in range(half)] + [next(streams[3]) for _ in range(args.batch_size - half)]
         ids, resp = encode_batch(probs, args.length)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = dllm.diffusion_sft_loss(adapter, ids, resp).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running.append(float(loss.detach()))
-        if step % 100 == 0:
-            print(f"step {step:5d}  loss {sum(running) / len(running):.4f}  "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
-            running = []
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            te = time.perf_counter()
-            accs = evaluate()
-            eval_s += time.perf_counter() - te
-            print("  held-out: " + "  ".join(f"{k} {v[0]:.3f}" for k, v in accs.items())
-                  + f"   e.g. {sets['heldout3'][0].prompt} -> {accs['heldout3'][1][0]!r}", flush=True)
-    train_s = time.perf_counter() - t0
-    te = time.perf_counter()
-    accs = evaluate()
-    eval_s += time.perf_counter() - te
+        return dllm.diffusion_sft_loss(adapter, ids, resp).loss
+
+    def show(accs):
+        print("  held-out: " + "  ".join(f"{k} {v[0]:.3f}" for k, v in accs.items())
+              + f"   e.g. {sets['heldout3'][0].prompt} -> {accs['heldout3'][1][0]!r}", flush=True)
+
+    accs, train_s, eval_s = common.train(model, opt, args, loss_at, evaluate, show)
     print("final held-out accuracy: " + "  ".join(f"{k} {v[0]:.3f}" for k, v in accs.items()), flush=True)
     for k in ("heldout2", "heldout3", "heldout4"):
         print(f"  e.g. {sets[k][0].prompt} -> {accs[k][1][0]!r} (gold {sets[k][0].answer})")
 
-    import transformers
-    info = {
-        "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "warmup": args.warmup, "length": args.length, "schedule": "linear warmup, cosine to 0.1*lr",
-        "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), grad clip 1.0",
-        "loss": "masked-diffusion SFT (t ~ U(1e-3, 1), 1/t weights, LLaDA normalisation), EOS padding",
-        "data": "half 2-term and half 3-term sums of two-digit numbers (training pool), student style",
-        "generation": {"block_length": demo_dlm.DLM_BLOCK_LENGTH, "steps": "one per position",
-                       "gen_length": {"heldout2": gen_length, "heldout3": gen_length, "heldout4": 48}},
-        "parameters": n_params,
-        "heldout_accuracy": {k: round(v[0], 4) for k, v in accs.items()},
-        "heldout_sizes": {k: len(v) for k, v in sets.items()},
-        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-    }
-    model.eval()
-    out = demo_model.save_base(model, tok, args.out, build_info=info)
-    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    print(f"wrote {out} ({size / 1e6:.2f} MB); training {train_s:.0f}s, evaluation {eval_s:.0f}s", flush=True)
+    info = common.build_info(
+        args, parameters=n_params, sets=sets, train_s=train_s, eval_s=eval_s,
+        length=args.length,
+        loss="masked-diffusion SFT (t ~ U(1e-3, 1), 1/t weights, LLaDA normalisation), EOS padding",
+        data="half 2-term and half 3-term sums of two-digit numbers (training pool), student style",
+        generation={"block_length": demo_dlm.DLM_BLOCK_LENGTH, "steps": "one per position",
+                    "gen_length": {"heldout2": gen_length, "heldout3": gen_length, "heldout4": 48}},
+        heldout_accuracy={k: round(v[0], 4) for k, v in accs.items()},
+    )
+    common.save(model, tok, args.out, info, train_s, eval_s)
     return 0
 
 

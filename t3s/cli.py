@@ -244,7 +244,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"the demo cannot be imported: {e}") from None
     if args.diffusion:
         commands.check_single_process("`t3s demo --diffusion`")
-        from t3s.demo import diffusion as demo
+        from t3s.dllm import demo
     fn = getattr(demo, "main", None)
     if not callable(fn):
         raise UsageError("this installation's t3s.demo has no main(); the demo is not available "

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .trajectory.queries import first_visit, join_tokens, nearest_visit
-from .trajectory.store import TrajectoryReader
+from .trajectory.reader import TrajectoryReader
 
 __all__ = ["exact_delta", "online_delta", "compare_deltas", "Agreement", "rankdata"]
 

@@ -6,8 +6,8 @@ response token's log-prob with `t3s_kernels.target_logprobs` on the last hidden
 state and the lm_head weight: the N x V logits are never materialised. The
 hidden states and the logit map come from `t3s.hf.heads` (`last_hidden_state`,
 `lm_head`), the same description `t3s.patch` trains with. The result is a
-per-token table in the `t3s.trajectory.store` schema (step, example_id,
-position, logprob), written to a store (resumable) or returned.
+per-token table in the trajectory-store schema of `t3s.trajectory.shards` (step,
+example_id, position, logprob), written to a store (resumable) or returned.
 
 `t3s.delta` turns such tables (and the training trajectory) into Δc.
 
@@ -31,8 +31,10 @@ from ._util import to_numpy
 from .data.keys import batch_positions, token_keys
 from .hf.heads import LMHead, last_hidden_state, lm_head
 from .trajectory.queries import first_visit
-from .trajectory.store import (MANIFEST_NAME, PathLike, TrajectoryReader, TrajectoryWriter,
-                               trajectory_schema)
+from .trajectory.manifest import MANIFEST_NAME
+from .trajectory.reader import TrajectoryReader
+from .trajectory.shards import PathLike, trajectory_schema
+from .trajectory.writer import TrajectoryWriter
 
 __all__ = ["profile"]
 

@@ -18,6 +18,7 @@ shard of the output.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import shutil
@@ -177,11 +178,22 @@ def _open_all(theta0, theta_b, theta_final) -> Tuple["_Source", "_Source", "_Sou
 # --------------------------------------------------------------------------------------
 
 
-class _Source:
-    """Lazy access to a state dict or a safetensors checkpoint.
+class _Source(abc.ABC):
+    """Lazy access to one checkpoint's tensors: the interface of a weight source.
 
-    keys() is in shard order; meta(key) reads only the header; get(key) loads
-    one tensor (on the CPU).
+    Attributes: ``name`` (the argument's name, e.g. ``"theta_b"``, used in error
+    messages) and ``directory`` (the checkpoint directory, or None for a state
+    dict or a single file). `open` picks the implementation: `_DictSource` for
+    an in-memory state dict, `_SafetensorsSource` for a safetensors file or
+    directory. Subclasses implement:
+
+    - ``keys() -> List[str]``: every tensor name, in shard order (then file order);
+    - ``shards() -> List[Tuple[str, List[str]]]``: ``(shard file name, its keys)``
+      per shard, in order (one entry, ``model.safetensors``, unless sharded);
+    - ``meta(key) -> (shape, dtype)``: the tensor's shape as a tuple of ints and
+      its ``torch.dtype``, read without loading the tensor (only the header);
+    - ``get(key) -> torch.Tensor``: the tensor itself, of that shape and dtype, on
+      the CPU (loaded one at a time).
     """
 
     def __init__(self, name: str, directory: Optional[str]):
@@ -190,6 +202,7 @@ class _Source:
 
     @staticmethod
     def open(source: StateSource, name: str) -> "_Source":
+        """The source for a state dict (a Mapping) or a path (file or directory)."""
         if isinstance(source, Mapping):
             return _DictSource(source, name)
         if isinstance(source, (str, os.PathLike)):
@@ -197,17 +210,21 @@ class _Source:
         raise TypeError(f"{name} must be a state dict or a path to safetensors, got "
                         f"{type(source).__name__}")
 
+    @abc.abstractmethod
     def keys(self) -> List[str]:
-        raise NotImplementedError
+        """Every tensor name, in shard order."""
 
+    @abc.abstractmethod
     def shards(self) -> List[Tuple[str, List[str]]]:
-        raise NotImplementedError
+        """``(shard file name, keys of that shard)`` for each shard, in order."""
 
-    def meta(self, key: str):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def meta(self, key: str) -> Tuple[Tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of tensor ``key``, without loading it."""
 
+    @abc.abstractmethod
     def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+        """Tensor ``key`` on the CPU, of the shape and dtype `meta` gives."""
 
 
 class _DictSource(_Source):

@@ -189,7 +189,7 @@ def _cfg(tmp_path, **over):
     ({"transfer_steps": 0}, "transfer_steps must be an integer >= 1"),
 ])
 def test_bad_analysis_parameters_are_refused_up_front(tmp_path, params, message):
-    from t3s.pipeline.analysis import analysis_settings
+    from t3s.pipeline.diagnostics import analysis_settings
     from t3s.pipeline.settings import UsageError
     with pytest.raises(UsageError) as info:
         analysis_settings(_cfg(tmp_path, analysis_params=params))
@@ -197,7 +197,7 @@ def test_bad_analysis_parameters_are_refused_up_front(tmp_path, params, message)
 
 
 def test_analysis_parameters_the_settings_allow(tmp_path):
-    from t3s.pipeline.analysis import analysis_settings
+    from t3s.pipeline.diagnostics import analysis_settings
     from t3s.pipeline.settings import UsageError
     p = analysis_settings(_cfg(tmp_path, analysis_params={
         "transfer_at": "theta0, pilot:5,pilot:10,train:0,final,theta0", "groups": "rest,anchors",

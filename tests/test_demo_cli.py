@@ -249,19 +249,34 @@ def test_demo_redo_reruns_a_stage(quick_run, capsys):
         json.loads((out / "stages.json").read_text())["stages"]["pilot"]
 
 
+#: the sweep's choices on the quick demo: b, the held-out minimum and the evaluations next
+#: to b (its b is the first evaluation after θ0: before_1/2 are skipped with a reason,
+#: after_1 is retrained, the minima reuse b's model), one retraining instead of the
+#: default list's three; every kind of choice and the default list run through the stage
+#: in tests/test_sensitivity.py, on a tiny model
+SWEEP_CHOICES = "train_acc_min,heldout_acc_min,before,after_1"
+
+
 def test_sensitivity_on_the_quick_demo_writes_every_key(quick_run, tmp_path):
-    """`t3s sensitivity` on (a copy of) the quick demo: every choice trained or skipped with
-    a reason, every key present, the report's section and figure (a copy, so that the
-    session's demo keeps its settings)."""
+    """`t3s sensitivity` on (a copy of) the quick demo: every choice asked for trained or
+    skipped with a reason, every key present, both eval sets, the report's section and
+    figure (a copy, so that the session's demo keeps its settings)."""
     import shutil
+    from t3s.pipeline.sensitivity import sensitivity_settings
     out, rc, _, _ = quick_run
     assert rc == 0
     run = tmp_path / "quick"
     shutil.copytree(out, run)
-    assert main(["sensitivity", str(run), "--no-progress"]) == 0
+    assert main(["sensitivity", str(run), "--no-progress",
+                 "--sensitivity-param", f"choices={SWEEP_CHOICES}"]) == 0
     res = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
     for key in ("bottleneck_step", "choices", "skipped", "params", "sets"):
         assert key in res, key
+    asked = sensitivity_settings({"seed": 0, "sensitivity_params": {
+        "choices": SWEEP_CHOICES}})["names"]
+    assert len(asked) == 5 and sorted([*res["choices"], *res["skipped"]]) == sorted(asked)
+    assert all(res["skipped"].values())                        # each with its reason
+    assert any(not c["reused"] for c in res["choices"].values())   # one at least retrained
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert res["bottleneck_step"] == metrics["bottleneck_step"]
     assert res["choices"]["train_acc_min"]["step"] == metrics["bottleneck_step"]

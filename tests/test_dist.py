@@ -102,7 +102,7 @@ def test_split_passes_on_two_ranks(tmp_path):
     run_two_ranks(_worker, seed, store, what=f"seed {seed}")
     # every key of the store in exactly one rank's shard
     import pyarrow.ipc as ipc
-    from t3s.trajectory.store import shard_path
+    from t3s.trajectory.shards import shard_path
     keys = []
     for rank in (0, 1):
         with ipc.open_stream(shard_path(store, rank)) as r:

@@ -95,7 +95,7 @@ def test_two_ranks_write_every_token_once(two_rank_demo):
     """The exact profiling pass and the trajectory: each rank its own shard, every token
     key in exactly one of them, none missing."""
     from t3s.trajectory import TrajectoryReader
-    from t3s.trajectory.store import shard_path
+    from t3s.trajectory.shards import shard_path
     import pyarrow.ipc as ipc
     out, rc, log = two_rank_demo
     assert rc == 0, log[-3000:]
@@ -229,7 +229,7 @@ ENGINES = {
 def _small_run_args(data: Path) -> list:
     from t3s.demo import BASE_DIR
     return ["run", "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"),
-            "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "2",
+            "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "3",
             "--eval-subset", "8", "--batch-size", "8", "--max-new-tokens", "30",
             "--baseline", "random", "--lr", "3e-4", "--device", "cpu"]
 

@@ -14,8 +14,10 @@ import torch
 
 from t3s import dllm
 from t3s.artifact import tokenizer_fingerprint
-from t3s.demo import diffusion, dlm, model as demo_model
+from t3s.demo import model as demo_model
 from t3s.demo import task
+from t3s.dllm import demo as diffusion
+from t3s.dllm import demo_model as dlm
 from t3s.verify import get_verifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +132,7 @@ def test_quick_diffusion_demo_resumes(quick_diffusion_demo, capsys):
 
 def test_the_demo_says_how_to_build_a_missing_student(tmp_path, monkeypatch, capsys):
     from t3s.cli import main
-    from t3s.demo import diffusion
+    from t3s.dllm import demo as diffusion
     monkeypatch.setattr(diffusion, "dlm_exists", lambda *a, **k: False)
     assert main(["demo", "--diffusion", "--quick", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err

@@ -17,7 +17,12 @@ is meant to be pasted as it is. Placeholders in capitals (`DIR`, `RUN_DIR`) stay
 are values to the parser, which reads no file.
 
 Besides, every file of the repository that a code line names (a word starting with
-`examples/`, `scripts/`, `tests/` or `benchmarks/`) must exist. Nothing is run.
+`examples/`, `scripts/`, `tests/` or `benchmarks/`) must exist.
+
+The cheap commands are also run: those that act on an existing run directory (`runs/x`,
+no `--model`, `--train` or `--overwrite`: resuming, `t3s analyze`), on a copy of the
+session's quick demo, where each must exit 0. `t3s demo --quick` itself is the session's
+quick demo (tests/conftest.py), so the test checks that the docs show it.
 """
 
 from __future__ import annotations
@@ -141,6 +146,37 @@ def test_every_repository_file_a_command_names_exists():
     assert not missing, missing
 
 
+#: the run directory the docs' cheap commands act on
+RUN_DIR_WORD = "runs/x"
+#: what makes a command expensive: a new run, or a run started afresh
+EXPENSIVE = {"--model", "--train", "--overwrite", "--redo"}
+
+
+def cheap_commands(shown):
+    """The shown commands that act on the existing run directory ``runs/x`` alone."""
+    return [(file, line, argv) for file, line, argv in shown
+            if argv and argv[0] in ("run", "analyze") and RUN_DIR_WORD in argv
+            and not EXPENSIVE & set(argv)]
+
+
+def test_the_cheap_commands_in_the_docs_run(quick_demo, tmp_path):
+    import shutil
+
+    from t3s.cli import main
+
+    out, rc, _, log = quick_demo
+    assert rc == 0, log[-3000:]
+    shown = shown_commands()
+    assert any(argv == ["demo", "--quick"] for _, _, argv in shown)  # the session's demo
+    cheap = cheap_commands(shown)
+    assert {argv[0] for _, _, argv in cheap} == {"run", "analyze"}, cheap
+    run = tmp_path / "x"
+    shutil.copytree(out, run)
+    for file, line, argv in cheap:
+        argv = [str(run) if word == RUN_DIR_WORD else word for word in argv]
+        assert main([*argv, "--no-progress"]) == 0, f"{file}: {line}"
+
+
 def test_the_command_check_can_fail():
     text = ("Run:\n\n```bash\nt3s run --model m --no-such-flag 1   # a comment\n"
             "t3s demo --quick && t3s demo --seeds 0,1 --out runs/d\n"
@@ -159,6 +195,13 @@ def test_the_command_check_can_fail():
     assert parse_error(["run", "--steps", "many"]) is not None
     assert REPO_PATH.findall("python examples/quickstart.py --x runs/tests/a") == [
         "examples/quickstart.py"]
+    assert cheap_commands([("f", "l", ["run", "--run-dir", "runs/x"]),
+                           ("f", "l", ["analyze", "runs/x", "--analysis-param", "examples=0"]),
+                           ("f", "l", ["run", "--model", "m", "--run-dir", "runs/x"]),
+                           ("f", "l", ["run", "--run-dir", "runs/x", "--redo", "eval"]),
+                           ("f", "l", ["sensitivity", "runs/x"])]) == [
+        ("f", "l", ["run", "--run-dir", "runs/x"]),
+        ("f", "l", ["analyze", "runs/x", "--analysis-param", "examples=0"])]
 
 
 @pytest.mark.parametrize("line", ["t3s run --run-dir $DIR", "t3s demo `echo --quick`",

@@ -24,6 +24,9 @@ MAX_LINES = 550
 LAYERS = [
     ("t3s_kernels", 0),
     ("t3s.pipeline", 2),
+    # the diffusion side lives in t3s.dllm, whose other modules are the method
+    ("t3s.dllm.pipeline", 2), ("t3s.dllm.report", 2),
+    ("t3s.dllm.demo", 3), ("t3s.dllm.demo_model", 3),
     ("t3s.cli", 3), ("t3s.__main__", 3), ("t3s.demo", 3),
     ("t3s", 1),
 ]
@@ -159,7 +162,17 @@ def test_the_pipeline_keeps_its_inner_order():
     module imports nothing."""
     assert "t3s.pipeline.stages" not in _targets("t3s.pipeline.engine")
     assert not GRAPH["t3s.pipeline"]
-    assert "t3s.cli" not in {t for m in MODULES if m.startswith("t3s.demo") for t in _targets(m)}
+    demo = [m for m in MODULES if m.startswith(("t3s.demo", "t3s.dllm.demo"))]
+    assert "t3s.cli" not in {t for m in demo for t in _targets(m)}
+
+
+def test_the_method_package_of_dllm_imports_only_the_method():
+    """`import t3s.dllm` loads the method only: its package module imports no module of
+    the pipeline or demo layers, and those modules of t3s/dllm have their own layer."""
+    assert {layer(t) for t in _targets("t3s.dllm")} <= {0, 1}
+    assert [layer(f"t3s.dllm.{m}") for m in ("pipeline", "report", "demo", "demo_model")] == \
+        [2, 2, 3, 3]
+    assert layer("t3s.dllm.trainer") == layer("t3s.dllm") == 1
 
 
 @pytest.mark.parametrize("source,expect", [

@@ -1,4 +1,4 @@
-"""t3s.masked_ce: the drop-in loss contract of DESIGN §3."""
+"""t3s.masked_ce: the drop-in loss contract (F.cross_entropy's arguments, plus a loss mask)."""
 
 import pytest
 import torch

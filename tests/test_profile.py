@@ -15,7 +15,7 @@ from t3s.hf.heads import last_hidden_state, lm_head  # noqa: E402
 from t3s.delta import compare_deltas, exact_delta, online_delta, rankdata  # noqa: E402
 from t3s.profiling import profile  # noqa: E402
 from t3s.trajectory.recorder import TrajectoryRecorder  # noqa: E402
-from t3s.trajectory.store import TrajectoryReader  # noqa: E402
+from t3s.trajectory.reader import TrajectoryReader  # noqa: E402
 from t3s_kernels import linear_cross_entropy  # noqa: E402
 
 DS = "ds-profile"

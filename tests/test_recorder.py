@@ -6,7 +6,8 @@ import torch
 
 from t3s.data import token_keys
 from t3s.trajectory.recorder import TrajectoryRecorder
-from t3s.trajectory.store import TrajectoryReader, TrajectoryWriter
+from t3s.trajectory.reader import TrajectoryReader
+from t3s.trajectory.writer import TrajectoryWriter
 from t3s_kernels import linear_cross_entropy
 
 DS = "ds-recorder"

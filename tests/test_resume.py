@@ -234,7 +234,7 @@ def test_kill_inside_every_stage_then_rerun_equals_a_clean_run(quick_demo, tmp_p
     # the results equal the uninterrupted run's, bit for bit
     for f in ("pilot/final/model.safetensors", "train/model/model.safetensors",
               "baseline/model/model.safetensors", "arms/dft/model/model.safetensors",
-              "arms/rho1/model/model.safetensors", "arms/kl/model/model.safetensors"):
+              "arms/rho1/model/model.safetensors", "arms/static/model/model.safetensors"):
         assert (out / f).read_bytes() == (clean / f).read_bytes(), f
     import pyarrow.parquet as pq
     for f in ("select/selection.parquet", "select/baseline.parquet"):

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from t3s.trajectory.queries import first_visit, nearest_visit, visits
-from t3s.trajectory.store import (MANIFEST_NAME, TrajectoryReader, TrajectoryWriter, read_shard,
-                                  seal_path, shard_path)
+from t3s.trajectory.manifest import MANIFEST_NAME
+from t3s.trajectory.reader import TrajectoryReader
+from t3s.trajectory.shards import read_shard, seal_path, shard_path
+from t3s.trajectory.writer import TrajectoryWriter
 
 DS = "dataset-sha256:abc"
 

@@ -14,7 +14,8 @@ import pytest
 
 from t3s.trajectory.shards import (ShardCorruption, read_shard, seal_path, shard_path,
                                    trajectory_schema)
-from t3s.trajectory.store import TrajectoryReader, TrajectoryWriter
+from t3s.trajectory.reader import TrajectoryReader
+from t3s.trajectory.writer import TrajectoryWriter
 
 DS = "dataset-fp"
 

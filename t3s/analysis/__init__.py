@@ -18,7 +18,7 @@
   Δc (entropy, logit-gradient norm, KL), and their agreement with a token set.
 * `t3s.analysis.figures`: the figures.
 
-`t3s analyze RUN_DIR` (`t3s.pipeline.analysis`) runs all of them on a run directory.
+`t3s analyze RUN_DIR` (`t3s.pipeline.diagnostics`) runs all of them on a run directory.
 """
 
 from .anchors import TOKEN_CLASSES, anchor_profile, token_class

@@ -15,7 +15,7 @@
    random-mask baseline with the same token budget, the task's further arms (``teach``:
    DFT, Rho-1, static confidence and the trajectory-signal rules, `t3s.pipeline.arms`),
    evaluation on both held-out sets, the diagnostics (``DIR/analyze/``,
-   `t3s.pipeline.analysis`, on every evaluated checkpoint of the pilot and of T3S, which
+   `t3s.pipeline.diagnostics`, on every evaluated checkpoint of the pilot and of T3S, which
    the demo keeps) and the report (``DIR/report/``: ``report.md`` with the diagnostics'
    section, ``metrics.json``, ``shock.png``, ``delta_hist.png``, ``traces.png`` and the
    ``analysis_*.png`` figures).
@@ -48,8 +48,10 @@ Modules:
   config, the shipped base θ0 (built by ``scripts/build_demo_base.py``) and
   fast batched greedy generation.
 * `t3s.demo.evaluate`: greedy accuracy on problem lists (used by the base build).
-* `t3s.demo.dlm`, `t3s.demo.diffusion`: ``t3s demo --diffusion``, T3S for a
-  bidirectional (masked-diffusion) student with the AR student as selector.
+
+``t3s demo --diffusion`` (T3S for a bidirectional, masked-diffusion student with the AR
+student as selector) lives with the diffusion method: `t3s.dllm.demo` and its student
+`t3s.dllm.demo_model` (whose files ship here, in ``assets/diffusion_base``).
 """
 
 from .runner import (main, demo_settings, write_data, check_demo_dir, install_data,

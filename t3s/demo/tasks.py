@@ -71,9 +71,11 @@ TASKS: Dict[str, DemoTask] = {
         quick_sizes={"trace_counts": {2: 40, 3: 40, 4: 40}, "heldout_size": 48,
                      "four_term_size": 32},
         settings=TEACH_SETTINGS,
-        # the quick variant (tests): every arm and stage, on a short budget
+        # the quick variant (tests): every stage on a short budget, with three arms of
+        # different kinds (a loss: DFT; a reference model: Rho-1; a static signal);
+        # tests/test_arms.py runs every arm
         quick_settings={**TEACH_SETTINGS, "steps": 20, "eval_steps": 5, "eval_subset": 16,
-                        "batch_size": 32,
+                        "batch_size": 32, "arms": ["dft", "rho1", "static"],
                         "analysis_params": {"examples": 16, "transfer_at": [
                             "theta0", "thetab", "train:10", "t3s_final"]}},
     ),

@@ -24,7 +24,17 @@ Modules, in the order a training step uses them:
   low-confidence remasking (``steps``, ``block_length``) and accuracy with the
   verifiers of the AR path;
 - `t3s.dllm.trainer`: `DiffusionCollator`, `DiffusionTrainer` (logs
-  ``t3s/forced_fraction``), `DiffusionAccuracyCallback`.
+  ``t3s/forced_fraction``), `DiffusionAccuracyCallback` (it imports transformers, so
+  this package loads it on first use of one of its names).
+
+The rest of the diffusion side sits here too, in the layers above, and this package module
+imports none of it (importing the method never loads the pipeline):
+
+- `t3s.dllm.pipeline` (pipeline layer): the ``objective: diffusion`` train, baseline
+  and eval stages of ``t3s run``;
+- `t3s.dllm.report` (pipeline layer): the report of a diffusion run;
+- `t3s.dllm.demo`, `t3s.dllm.demo_model` (demo layer): ``t3s demo --diffusion`` and its
+  bidirectional student (shipped in ``t3s/demo/assets/diffusion_base``).
 
 Example::
 
@@ -46,7 +56,9 @@ from .models import (MaskedLMAdapter, load_diffusion_lm, load_llada, load_masked
                      resolve_mask_token_id)
 from .selector import (DEFAULT_TAU, forced_artifact, forced_fraction_of, forced_masks,
                        random_forced_masks)
-from .trainer import METRICS, DiffusionAccuracyCallback, DiffusionCollator, DiffusionTrainer
+
+#: the names of `t3s.dllm.trainer`, which imports transformers (seconds): loaded on first use
+_TRAINER_NAMES = ("METRICS", "DiffusionAccuracyCallback", "DiffusionCollator", "DiffusionTrainer")
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_TAU", "FORCED_WEIGHTS", "REMASKING", "METRICS",
@@ -57,3 +69,15 @@ __all__ = [
     "check_schedule", "diffusion_generate", "diffusion_accuracy", "prompt_tokens",
     "DiffusionCollator", "DiffusionTrainer", "DiffusionAccuracyCallback",
 ]
+
+
+def __getattr__(name):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 't3s.dllm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_TRAINER_NAMES))

@@ -12,11 +12,14 @@ Modules, lowest first (each imports only those above it):
 * `loaders`: the device, tokenizer, models and JSONL data a run names.
 * `training`: Trainer pieces shared by the pilot and the retraining stages.
 * `report` (a subpackage): ``metrics.json``, ``report.md`` and their figures, and the
-  report sections of the arms, the analyze and sensitivity stages and diffusion runs.
+  report sections of the arms and of the analyze and sensitivity stages.
 * `stages`: the six stages (pilot, select, train, baseline, eval, report);
   they register themselves with the engine.
 * `console`: what the command and the demo print.
 * `commands`: a ``t3s`` stage subcommand without the command line.
+
+The ``objective: diffusion`` stages and their report live with the diffusion method,
+in `t3s.dllm.pipeline` and `t3s.dllm.report` (modules of this layer).
 
 This package module imports none of them, so importing one loads only what it needs.
 """

@@ -163,5 +163,5 @@ def stage_arms(ctx: StageContext, retrain: Callable[..., Dict[str, Any]]) -> Dic
 def arm_models(ctx: StageContext) -> List[Tuple[str, str, str]]:
     """(arm, "arms", its model directory inside arms/) of every arm the current arms
     stage trained, for the eval stage."""
-    record = ctx.record("arms") or {}
+    record = ctx.input_record("arms") or {}
     return [(name, "arms", f"{name}/{rundir.MODEL_DIR}") for name in record.get("summary") or {}]

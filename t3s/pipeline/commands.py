@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import dist
 from .console import quiet_libraries, show_progress
-from .diffusion import is_diffusion
-from .analysis import analysis_settings
+from ..dllm.pipeline import is_diffusion
+from .diagnostics import analysis_settings
 from .sensitivity import sensitivity_settings
 from .engine import run_stages, stage_status
 from .generators import check_engine

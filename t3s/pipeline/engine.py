@@ -122,8 +122,9 @@ class StageContext:
         """The directory of a stage this one consumed (None when it was not current)."""
         return self.run.stage_dir(stage) if self.inputs.get(stage) else None
 
-    def record(self, stage: str) -> Optional[Dict[str, Any]]:
-        return self.run.record(stage) if self.inputs.get(stage) else None
+    def input_record(self, stage: str) -> Optional[Dict[str, Any]]:
+        """The finished record of a stage this one consumed (None when it was not current)."""
+        return self.run.finished_record(stage) if self.inputs.get(stage) else None
 
 
 def stage_hash(stage: Stage, cfg: Mapping[str, Any], fingerprints: Mapping[str, Any]) -> str:
@@ -211,7 +212,7 @@ def _decide(run: RunDir, st: Stage, cfg, fingerprints, redo, stages, say, explic
                               f"({_DISABLED_WHY.get(st.name, reason)})")
         return "skipped", {}, reason
     if run_id is not None:
-        rec = run.record(st.name) or {}
+        rec = run.finished_record(st.name) or {}
         say(f"[{st.name}] already done ({rec.get('finished', '?')}); "
             f"pass --redo {st.name} to run it again")
         return "done before", {}, reason

@@ -351,7 +351,8 @@ class RunDir:
         write_json(self.ledger_path, {"format": LEDGER_FORMAT, "version": VERSION,
                                        "stages": {k: entries[k] for k in _ordered(entries)}})
 
-    def record(self, name: str) -> Optional[Dict[str, Any]]:
+    def finished_record(self, name: str) -> Optional[Dict[str, Any]]:
+        """The ledger's record of finished stage ``name`` (None when it has not finished)."""
         return self.ledger().get(name)
 
     def invalidate(self, name: str) -> None:

@@ -236,7 +236,7 @@ def check_sensitivity(ctx: StageContext) -> None:
     """The stage's check (`Stage.check`, before earlier outputs are replaced): the
     parameters, the pilot's bottleneck and the select stage's θ0 profile."""
     sensitivity_settings(ctx.cfg)
-    if ctx.record("pilot")["summary"].get("bottleneck_step") is None:
+    if ctx.input_record("pilot")["summary"].get("bottleneck_step") is None:
         raise UsageError("the pilot evaluated no step after θ0, so it has no bottleneck")
     if not (ctx.dir("select") / rundir.PROFILE_DIR).is_dir():
         raise UsageError(f"the select stage's θ0 profile ({rundir.PROFILE_DIR}/) is missing; "
@@ -261,10 +261,10 @@ def _reusable_default(ctx: StageContext, default_mask) -> Optional[str]:
     import numpy as np
 
     from ..artifact import SelectionArtifact
-    train_dir, select = ctx.dir("train"), ctx.record("select")["summary"]
+    train_dir, select = ctx.dir("train"), ctx.input_record("select")["summary"]
     if train_dir is None or not (train_dir / rundir.MODEL_DIR).is_dir():
         return None
-    if ctx.record("train")["summary"].get("rule") != "anchor" or \
+    if ctx.input_record("train")["summary"].get("rule") != "anchor" or \
             select.get("delta_source") != "online" or \
             float((select.get("rule_params") or {}).get("threshold", 0.0)) != 0.0:
         return None
@@ -330,7 +330,7 @@ def stage_sensitivity(ctx: StageContext, *, retrain: Retrain,
     steps, skipped = sensitivity_steps(
         history["train_acc"], history["heldout_acc"], losses, offsets=p["offsets"],
         n_random=p["n_random"], radius=p["radius"], seed=p["seed"], choices=p["names"])
-    b = ctx.record("pilot")["summary"]["bottleneck_step"]
+    b = ctx.input_record("pilot")["summary"]["bottleneck_step"]
     for name, why in skipped.items():
         ctx.say(f"[sensitivity] {name}: skipped ({why})")
     by_step: Dict[int, List[str]] = {}
@@ -399,7 +399,7 @@ def stage_sensitivity(ctx: StageContext, *, retrain: Retrain,
                     f"({reuse_why})" + ("; its accuracy from the eval stage" if scores else ""))
             if scores is None:
                 scores = _evaluate(ctx, model_dir, sets, data, tok, d)
-            res.update(reused=True, training=ctx.record("train")["summary"])
+            res.update(reused=True, training=ctx.input_record("train")["summary"])
         else:
             ctx.say(f"[sensitivity] {label}: retraining from θ0 with the anchors at step {s}")
             retrain_dir = d / rundir.SENSITIVITY_RETRAIN_DIR

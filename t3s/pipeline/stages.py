@@ -33,10 +33,10 @@ eval       accuracy with the verifier on the test set (``test``),    model, test
            ``test``, else ``heldout`` (`eval_sets`); greedy, or
            avg@k over ``samples`` answers sampled at
            ``temperature`` / ``top_p``
-analyze    the diagnostics (`t3s.pipeline.analysis`): shock curves,   pilot, select
-           gradient ratio and cosine per retained checkpoint,
-           loss-transfer matrices, static-signal AUC (only with
-           ``analyze``, or as ``t3s analyze``)
+analyze    the diagnostics (`t3s.pipeline.diagnostics`): shock        pilot, select
+           curves, gradient ratio and cosine per retained
+           checkpoint, loss-transfer matrices, static-signal AUC
+           (only with ``analyze``, or as ``t3s analyze``)
 sensitivity  T3S retrained from the anchor masks at other bottleneck  pilot, select
            choices, each scored on the eval sets
            (`t3s.pipeline.sensitivity`; only with ``sensitivity``,
@@ -68,15 +68,15 @@ from .. import dist
 from .._util import one_line
 from . import rundir
 from .console import show_progress
-from .diffusion import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
-                        diffusion_train_stage, is_diffusion)
-from .analysis import check_analyze, stage_analyze
+from ..dllm.pipeline import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval_stage,
+                             diffusion_train_stage, is_diffusion)
+from .diagnostics import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
 from .arms import (arm_models, check_signals, needs_signals, select_arms, signal_columns,
                    stage_arms, write_comparison_mask)
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
-from .report.diffusion import diffusion_report
+from ..dllm.report import diffusion_report
 from .rundir import STAGE_NAMES, write_json
 from .generators import EvalEngine
 from .scoring import score_on_sets
@@ -213,7 +213,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     from ..data import TokenTable
     from ..trajectory import TrajectoryReader
     cfg, work = ctx.cfg, ctx.work
-    pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
+    pilot_dir, pilot = ctx.dir("pilot"), ctx.input_record("pilot")["summary"]
     b = pilot["bottleneck_step"]
     if b is None:
         raise UsageError("the pilot evaluated no step after θ0, so it has no bottleneck")

@@ -1,4 +1,4 @@
-"""Queries on per-token tables of the trajectory-store schema (`t3s.trajectory.store`).
+"""Queries on per-token tables of the trajectory-store schema (`t3s.trajectory.shards`).
 
 Each table has columns ``step`` int32, ``example_id`` int64, ``position`` int32,
 ``logprob`` float32 (plus extra columns); a token is a key ``(example_id,

@@ -4,7 +4,7 @@ The fused loss already computes log p(y_t) = z_y - lse for every token it
 trains on (`t3s_kernels.linear_cross_entropy(..., return_stats=True)`).
 `TrajectoryRecorder.record` takes those values with the batch's labels and
 example ids, and a background thread maps them to token keys and appends them
-to a `t3s.trajectory.store` shard. c_t(theta_b) is then the visit nearest step b, with no
+to a trajectory-store shard (`t3s.trajectory.writer`). c_t(theta_b) is then the visit nearest step b, with no
 checkpoint saved.
 
 Token keys (shared convention): ``(example_id int64, position int32)``, where
@@ -39,7 +39,8 @@ import torch
 
 from .._util import to_numpy
 from ..data.keys import token_keys
-from .store import PathLike, TrajectoryWriter
+from .shards import PathLike
+from .writer import TrajectoryWriter
 
 __all__ = ["TrajectoryRecorder"]
 

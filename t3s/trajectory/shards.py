@@ -8,7 +8,8 @@ custom metadata (``t3s.crc32``). A closed shard has a seal,
 `load_shard` / `read_shard` return exactly what was written, or raise
 `ShardCorruption` naming the file, the byte offset and what to do. Only a record
 cut off at the very end of an unsealed shard is a torn tail (skipped). The store
-itself (manifest, writer, reader) is `t3s.trajectory.store`.
+itself is `t3s.trajectory.manifest`, `t3s.trajectory.writer` and
+`t3s.trajectory.reader`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Modules, lowest first (each imports only those above it):
 * `sensitivity`: the sensitivity stage's figure and section.
 * `diagnostics`: the analyze stage's section (``analysis.md``).
 * `build`: `build_report`, which writes the figures, ``metrics.json`` and ``report.md``.
-* `diffusion`: the report of a run with ``objective: diffusion``.
+
+The report of a run with ``objective: diffusion`` is `t3s.dllm.report`.
 
 This package module re-exports the names below.
 """

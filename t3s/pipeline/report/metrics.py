@@ -4,8 +4,9 @@
 when the run does not have the number), then details. Every accuracy names its set and
 size: the eval sets are scored whole, the curves during training on ``eval_subset``
 problems. `stage_history` and `stage_summary` read one stage's curves and record (the
-diffusion report uses them too); `shown_path` and `demo_writeup` say how a report names
-a path and links the demo's write-up without naming the machine's own folders.
+diffusion report, `t3s.dllm.report`, uses them too); `shown_path` and `demo_writeup` say
+how a report names a path and links the demo's write-up without naming the machine's own
+folders.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The diffusion-LM side of a run: ``objective: diffusion`` in train, baseline and eval.
 
+Pipeline layer: the stages of `t3s.pipeline.stages` call it; the method modules of
+`t3s.dllm` never import it.
+
 T3S for a masked-diffusion LM in one run directory:
 
 =========  ==============================================================
@@ -41,14 +44,14 @@ import shutil
 from typing import Any, Dict, Mapping, Optional
 
 from .._util import one_line
-from . import rundir
-from .console import show_progress
-from .engine import StageContext
-from .loaders import check_model_dir, ensure_pad_token, load_data, resolve_device
-from .rundir import write_json
-from .settings import UsageError
-from .training import (checkpoint_args, checkpoint_step_of, checkpoints, continue_from, finals,
-                       progress_bar, save_log, training_args)
+from ..pipeline import rundir
+from ..pipeline.console import show_progress
+from ..pipeline.engine import StageContext
+from ..pipeline.loaders import check_model_dir, ensure_pad_token, load_data, resolve_device
+from ..pipeline.rundir import write_json
+from ..pipeline.settings import UsageError
+from ..pipeline.training import (checkpoint_args, checkpoint_step_of, checkpoints, continue_from,
+                                 finals, progress_bar, save_log, training_args)
 
 __all__ = ["DIFFUSION_KEYS", "DIFFUSION_EVAL_KEYS", "is_diffusion", "load_diffusion", "diffusion_train_stage",
            "diffusion_eval_stage", "DIFFUSION_ARMS"]
@@ -74,7 +77,7 @@ def load_diffusion(cfg: Mapping[str, Any], path: Optional[str] = None, *, device
     """(`t3s.dllm.MaskedLMAdapter`, tokenizer) of ``path`` (default: ``diffusion_model``)."""
     import torch
 
-    from ..dllm import load_diffusion_lm
+    from .models import load_diffusion_lm
     path = path or cfg["diffusion_model"]
     if path is None:
         raise UsageError("objective diffusion needs --diffusion-model DIR (the diffusion LM's θ0, a "
@@ -93,7 +96,7 @@ def load_diffusion(cfg: Mapping[str, Any], path: Optional[str] = None, *, device
 
 
 def _gen(cfg: Mapping[str, Any]) -> Dict[str, int]:
-    from ..dllm.evaluate import round_up
+    from .evaluate import round_up
     length = round_up(cfg["max_new_tokens"], cfg["block_length"])
     return {"gen_length": length, "block_length": cfg["block_length"],
             "steps": cfg["diffusion_steps"] or length}
@@ -101,7 +104,7 @@ def _gen(cfg: Mapping[str, Any]) -> Dict[str, int]:
 
 def _forced(ctx: StageContext, arm: str, train, tok):
     """(forced masks or None, description) of the arm under the settings."""
-    from ..dllm import forced_masks, random_forced_masks
+    from .selector import forced_masks, random_forced_masks
     cfg = ctx.cfg
     which = cfg["rule"] if arm == "train" else cfg["baseline"]
     if which in ("none", "sft"):
@@ -119,8 +122,8 @@ def _forced(ctx: StageContext, arm: str, train, tok):
 
 def diffusion_train_stage(ctx: StageContext, arm: str) -> Dict[str, Any]:
     """Masked-diffusion SFT of ``diffusion_model`` from θ0 for ``arm`` ("train" / "baseline")."""
-    from ..dllm import (DiffusionAccuracyCallback, DiffusionCollator, DiffusionTrainer,
-                        forced_fraction_of)
+    from .selector import forced_fraction_of
+    from .trainer import DiffusionAccuracyCallback, DiffusionCollator, DiffusionTrainer
     from ..trainer import read_accuracy_history
     cfg, work = ctx.cfg, ctx.work
     adapter, tok = load_diffusion(cfg)
@@ -169,7 +172,7 @@ def diffusion_train_stage(ctx: StageContext, arm: str) -> Dict[str, Any]:
 def diffusion_eval_stage(ctx: StageContext, sets) -> Dict[str, Any]:
     """Accuracy of the diffusion θ0 and of the trained diffusion models on ``sets``
     ([(key, path)], the primary set first); the same files as the AR eval stage."""
-    from ..dllm import diffusion_accuracy
+    from .evaluate import diffusion_accuracy
     cfg, work = ctx.cfg, ctx.work
     device = resolve_device(cfg)
     _, tok = load_diffusion(cfg)

@@ -13,6 +13,8 @@
   1/t-weighted masked-diffusion loss, not comparable with the AR loss);
 * ``report.md``: what each arm is, the table, and plain statements computed from
   the numbers.
+
+Pipeline layer: the report stage (`t3s.pipeline.stages`) calls it for a diffusion run.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .. import rundir
-from ..rundir import read_json
-from .metrics import shown_path, stage_history, stage_summary
-from .plots import plot_shock
+from ..pipeline import rundir
+from ..pipeline.report.metrics import shown_path, stage_history, stage_summary
+from ..pipeline.report.plots import plot_shock
+from ..pipeline.rundir import read_json
 
 __all__ = ["DIFFUSION_METRIC_KEYS", "diffusion_report"]
 

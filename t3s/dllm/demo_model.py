@@ -16,6 +16,9 @@ iterative unmasking (`t3s.dllm.diffusion_generate`), like the AR base: held-out 
 lives in `DLM_DIR` (``t3s/demo/assets/diffusion_base/``, 2.8 MB of float32
 safetensors), built by ``scripts/build_demo_diffusion_base.py`` (6000 steps; seed,
 steps and accuracies in its ``build_info.json``).
+
+Demo layer: its vocabulary is the AR demo's (`t3s.demo.model`); the model files stay
+with the demo's other assets, in ``t3s/demo/assets/``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from .model import BOS_ID, EOS_ID, PAD_ID, VOCAB
+from ..demo.model import BASE_DIR, BOS_ID, EOS_ID, PAD_ID, VOCAB
 
 __all__ = ["MASK_ID", "DLM_CONFIG", "DLM_DIR", "DLM_BLOCK_LENGTH", "build_dlm", "load_dlm",
            "dlm_exists", "load_dlm_build_info"]
@@ -44,7 +47,8 @@ DLM_CONFIG: Dict[str, Any] = dict(
     bos_token_id=BOS_ID, eos_token_id=EOS_ID, mask_token_id=MASK_ID, type_vocab_size=1,
 )
 
-DLM_DIR = Path(__file__).resolve().parent / "assets" / "diffusion_base"
+#: the shipped diffusion base, next to the AR base in the demo's assets
+DLM_DIR = BASE_DIR.parent / "diffusion_base"
 
 
 def build_dlm(seed: int = 0, **overrides):

@@ -222,7 +222,7 @@ def _points(ctx: StageContext, *, say: bool = True) -> List[Dict[str, Any]]:
     ``names`` are the transfer_at names that denote it (``say``: tell when the train stage's
     models are left out)."""
     cfg = ctx.cfg
-    pilot_dir, pilot = ctx.dir("pilot"), ctx.record("pilot")["summary"]
+    pilot_dir, pilot = ctx.dir("pilot"), ctx.input_record("pilot")["summary"]
     b, final = pilot.get("bottleneck_step"), int(pilot["final_step"])
     pts = [{"series": "pilot", "step": 0, "label": "θ0", "path": cfg["model"],
             "names": ["theta0", "pilot:0", "train:0"]}]
@@ -241,7 +241,7 @@ def _points(ctx: StageContext, *, say: bool = True) -> List[Dict[str, Any]]:
                     "checkpoints (the AR selector) are analysed")
         train_dir = None
     if train_dir is not None and (train_dir / rundir.MODEL_DIR).is_dir():
-        t_final = int(ctx.record("train")["summary"]["final_step"])
+        t_final = int(ctx.input_record("train")["summary"]["final_step"])
         found = checkpoints(train_dir)
         found.setdefault(t_final, train_dir / rundir.MODEL_DIR)
         for step in sorted(found):

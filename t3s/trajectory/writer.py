@@ -1,21 +1,4 @@
-"""Trajectory store: per-token log p(y_t) at every step it was trained on.
-
-Layout of a store directory::
-
-    manifest.json              dataset / tokenizer fingerprints, model id, columns
-    traj-rank00000.arrow       one shard per rank, an Arrow IPC *stream*
-    traj-rank00001.arrow
-    ...
-
-A shard is a standard Arrow IPC stream (``pyarrow.ipc.open_stream`` reads an
-intact one): a schema message followed by one record-batch message per
-`TrajectoryWriter.append`. Rows are
-
-    step        int32    optimizer step whose parameters produced the value
-    example_id  int64    example key
-    position    int32    index of the target token y_t in the example's input_ids
-    logprob     float32  log p(y_t | y_<t, x)
-    <extra>     float32  optional columns declared at creation (e.g. entropy)
+"""Writing a trajectory store: `TrajectoryWriter`, one rank's shard.
 
 Crash safety. Each append writes one complete encapsulated IPC message with a
 single buffered write and flushes it (``fsync=True`` also forces it to disk),
@@ -29,168 +12,38 @@ shard is locked (``fcntl.flock``, where available) while a writer holds it.
 Integrity (format version 2). Every record batch carries the CRC32 of its
 decoded columns in its custom metadata (``t3s.crc32``), and closing a writer
 seals its shard: ``traj-rankNNNNN.seal.json`` records the shard's size, rows
-and whole-file CRC32. The manifest records the world size. A reader returns
-exactly what was written, or raises a ``ValueError`` naming the shard, the byte
-offset and what to do: for a flipped bit (a checksum mismatch), a sealed shard
-that changed, a shard that is missing, or damage mid-file. Only a record cut
-off at the very end of an unsealed shard (a killed run) counts as a torn tail.
-``allow_partial=True`` reads the shards that are there when some are missing.
-Version-1 stores (no checksums, no seals) are still read.
-
-Reading. `TrajectoryReader` checks the manifest against the dataset fingerprint
-the caller expects (a mismatch is a ``ValueError``), merges all rank shards and
-answers the queries T3S needs (`t3s.trajectory.queries`, all vectorised):
-
-- `visits`: every visit of every token, sorted by (example_id, position, step);
-- `nearest_visit(table, step)`: per token, the visit nearest a step (ties go to
-  the earlier step): c_t(theta_b) from the online trajectory;
-- `first_visit(table)`: per token, its earliest visit (step 0 when recorded).
-
-If the same token appears twice at the same step (a resumed run re-recording a
-step), the row written last wins.
-
-Size: the manifest, writer and reader share one bookkeeping (fingerprints, world
-size, seals, rewinding a resumed shard), kept together so it cannot drift apart.
+and whole-file CRC32. The first writer of a store writes its manifest
+(`t3s.trajectory.manifest`), world size included; later writers are checked
+against it. A resumed run drops what it recorded past its checkpoint with
+`TrajectoryWriter.rewind`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from .._util import to_numpy
-from .queries import KEY_COLUMNS, first_visit, join_tokens, nearest_visit, visits
-from .shards import (BASE_COLUMNS, BASE_FIELDS, ShardCorruption, batch_message, load_shard,
-                     read_seal, read_shard, seal_path, shard_batches, shard_path,
-                     trajectory_schema)
+from .manifest import FORMAT_VERSION, StoreManifest, write_manifest_once
+from .shards import (PathLike, ShardCorruption, batch_message, load_shard, seal_path,
+                     shard_batches, shard_path, trajectory_schema)
 
 try:  # advisory lock against two writers on one shard (POSIX only)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-FORMAT_NAME = "t3s.trajectory"
-FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 INT32_RANGE = (-(2**31), 2**31 - 1)
-PathLike = Union[str, os.PathLike]
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "KEY_COLUMNS",
-    "BASE_FIELDS",
-    "BASE_COLUMNS",
-    "PathLike",
-    "StoreManifest",
-    "TrajectoryWriter",
-    "TrajectoryReader",
-    "shard_path",
-    "trajectory_schema",
-    "read_shard",
-    "load_shard",
-    "read_seal",
-    "seal_path",
-    "ShardCorruption",
-    "visits",
-    "nearest_visit",
-    "first_visit",
-    "join_tokens",
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreManifest:
-    """Metadata of a store, written once as ``manifest.json``.
-
-    dataset_fingerprint: identifies the tokenized data (readers refuse others).
-    tokenizer_fingerprint: a string chosen by the caller (e.g. a hash of the vocab).
-    model_id: the model (or checkpoint) the values come from.
-    extra_columns: float32 columns beyond (step, example_id, position, logprob).
-    world_size: how many rank shards the store holds (None: unknown, e.g. ranks
-        given by hand without torch.distributed); readers refuse a store with
-        one missing.
-    created: ISO-8601 UTC time of creation. metadata: free-form JSON.
-    """
-
-    dataset_fingerprint: str
-    tokenizer_fingerprint: str = ""
-    model_id: str = ""
-    extra_columns: tuple = ()
-    world_size: Optional[int] = None
-    created: str = ""
-    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        """The manifest as indented, key-sorted JSON (the ``manifest.json`` text)."""
-        d = dataclasses.asdict(self)
-        d["extra_columns"] = list(self.extra_columns)
-        d["metadata"] = dict(self.metadata)
-        return json.dumps(d, indent=2, sort_keys=True)
-
-    @classmethod
-    def load(cls, directory: PathLike) -> "StoreManifest":
-        """Read ``directory/manifest.json``; ValueError when it is missing, of another format,
-        or of a newer format version."""
-        path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise ValueError(f"{directory} is not a trajectory store: {MANIFEST_NAME} is missing")
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not a t3s trajectory manifest "
-                             f"(format={d.get('format')!r})")
-        if int(d.get("version", -1)) > FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {d['version']}, newer than this "
-                             f"library's {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["extra_columns"] = tuple(d.get("extra_columns", ()))
-        return cls(**d)
-
-    def check(self, *, dataset_fingerprint: Optional[str],
-              tokenizer_fingerprint: Optional[str] = None, where: str = "") -> None:
-        """ValueError unless the fingerprints match (None skips a check)."""
-        if dataset_fingerprint is not None and dataset_fingerprint != self.dataset_fingerprint:
-            raise ValueError(
-                f"trajectory store {where} was recorded on dataset "
-                f"{self.dataset_fingerprint!r}, not the expected {dataset_fingerprint!r}; "
-                "its example ids and positions would not refer to the same tokens")
-        if (tokenizer_fingerprint is not None and self.tokenizer_fingerprint
-                and tokenizer_fingerprint and tokenizer_fingerprint != self.tokenizer_fingerprint):
-            raise ValueError(
-                f"trajectory store {where} was recorded with tokenizer "
-                f"{self.tokenizer_fingerprint!r}, not the expected {tokenizer_fingerprint!r}")
-
-
-def _write_manifest_once(directory: Path, manifest: StoreManifest) -> StoreManifest:
-    """Create manifest.json atomically unless present; return the one on disk."""
-    path = directory / MANIFEST_NAME
-    if not path.exists():
-        tmp = directory / f".{MANIFEST_NAME}.{os.getpid()}.{id(manifest)}.tmp"
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
-        try:
-            os.link(tmp, path)  # atomic and fails if another rank won the race
-        except FileExistsError:
-            pass
-        except OSError:  # pragma: no cover - file systems without hard links
-            if not path.exists():
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    return StoreManifest.load(directory)
+__all__ = ["TrajectoryWriter"]
 
 
 class TrajectoryWriter:
@@ -241,7 +94,7 @@ class TrajectoryWriter:
         self.fsync = bool(fsync)
         self.rows_written = 0
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.manifest = _write_manifest_once(self.directory, StoreManifest(
+        self.manifest = write_manifest_once(self.directory, StoreManifest(
             dataset_fingerprint=dataset_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
             model_id=model_id, extra_columns=self.extra_columns, world_size=self.world_size,
             created=created, metadata=dict(metadata or {})))
@@ -437,113 +290,6 @@ class TrajectoryWriter:
             pass
 
 
-class TrajectoryReader:
-    """Reads a trajectory store: all rank shards merged.
-
-    Args:
-        directory: the store directory.
-        dataset_fingerprint: the fingerprint the caller expects; a store
-            recorded on other data is refused with ``ValueError``. Passing None
-            explicitly skips the check.
-        tokenizer_fingerprint: checked the same way when given (and when the
-            store recorded one).
-        allow_partial: read the shards that are there when some of the
-            manifest's ranks are missing (with a warning) instead of raising.
-
-    The merged table is read once and cached; `reload` re-reads the shards
-    (e.g. while a run is still writing). Every shard is verified (`load_shard`);
-    torn tails of unsealed shards are skipped with a warning, and an unsealed
-    shard (still being written, or its run was killed) is reported once.
-    """
-
-    def __init__(self, directory: PathLike, *, dataset_fingerprint: Optional[str],
-                 tokenizer_fingerprint: Optional[str] = None, allow_partial: bool = False):
-        self.directory = Path(directory)
-        self.allow_partial = bool(allow_partial)
-        self.manifest = StoreManifest.load(self.directory)
-        self.manifest.check(dataset_fingerprint=dataset_fingerprint,
-                            tokenizer_fingerprint=tokenizer_fingerprint,
-                            where=str(self.directory))
-        self.schema = trajectory_schema(self.manifest.extra_columns)
-        self._table: Optional[pa.Table] = None
-        self._reported: set = set()
-
-    def shards(self) -> List[Path]:
-        """Shard files, in rank order. With a known world size, every rank's shard must
-        exist (else `ValueError`, or a warning under ``allow_partial``)."""
-        found = sorted(self.directory.glob("traj-rank*.arrow"))
-        world = self.manifest.world_size
-        if world is None:
-            return found
-        expected = [shard_path(self.directory, r) for r in range(world)]
-        extra = [p for p in found if p not in expected]
-        if extra:
-            raise ValueError(f"trajectory store {self.directory} holds {world} rank shard(s) "
-                             f"by its manifest, but also {[p.name for p in extra]}")
-        missing = [p for p in expected if not p.exists()]
-        if missing:
-            message = (f"trajectory store {self.directory} is incomplete: the shard(s) "
-                       f"{[p.name for p in missing]} of its {world} rank(s) are missing, so "
-                       "the tokens they recorded have no values")
-            if not self.allow_partial:
-                raise ValueError(message + "; restore them, or pass allow_partial=True to "
-                                 "read the others")
-            warnings.warn(message + "; reading the others (allow_partial=True)", RuntimeWarning,
-                          stacklevel=3)
-        return [p for p in expected if p.exists()]
-
-    def reload(self) -> pa.Table:
-        """Re-read every shard (verified; torn tails skipped) and cache the merged table;
-        returns it."""
-        tables = []
-        legacy = self.manifest.version < 2
-        for path in self.shards():
-            if not legacy and read_seal(path) is None and path not in self._reported:
-                self._reported.add(path)
-                warnings.warn(f"{path} is not sealed: its writer is still open or its run was "
-                              "stopped before closing it; reading its complete records",
-                              RuntimeWarning, stacklevel=2)
-            t = read_shard(path, legacy=legacy, schema=None if legacy else self.schema)
-            if t.num_rows:
-                if not t.schema.equals(self.schema):
-                    raise ValueError(f"{path} has schema {t.schema}, but the manifest "
-                                     f"declares {self.schema}")
-                tables.append(t)
-        self._table = (pa.concat_tables(tables) if tables
-                       else self.schema.empty_table()).combine_chunks()
-        return self._table
-
-    def read(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
-        """All records of all shards, in file order (rank 0 first)."""
-        table = self._table if self._table is not None else self.reload()
-        return table.select(list(columns)) if columns is not None else table
-
-    @property
-    def num_rows(self) -> int:
-        """Rows in all shards (one per recorded token visit)."""
-        return self.read().num_rows
-
-    def example_ids(self) -> np.ndarray:
-        """Sorted unique example ids present in the store."""
-        return np.unique(self.read(["example_id"]).column(0).to_numpy())
-
-    def steps(self) -> np.ndarray:
-        """Sorted unique steps present in the store."""
-        return np.unique(self.read(["step"]).column(0).to_numpy())
-
-    def visits(self) -> pa.Table:
-        """Every visit of every token, sorted by (example_id, position, step)."""
-        return visits(self.read())
-
-    def nearest(self, step: int, *, max_distance: Optional[int] = None) -> pa.Table:
-        """Per token, the visit nearest `step`; see `nearest_visit`."""
-        return nearest_visit(self.read(), step, max_distance=max_distance)
-
-    def first(self) -> pa.Table:
-        """Per token, its earliest visit; see `first_visit`."""
-        return first_visit(self.read())
-
-
 # --------------------------------------------------------------------------- helpers
 def _as_array(x, dtype, name: str = "") -> np.ndarray:
     """A column as a numpy array of ``dtype``; float values cast to an integer dtype must be
@@ -586,4 +332,3 @@ def _default_rank() -> int:
     except ImportError:  # pragma: no cover
         pass
     return 0
-

@@ -4,7 +4,7 @@
 the held-out sets) into ``DIR/data/`` and runs two run directories:
 
 1. ``DIR/plain/``: plain diffusion SFT of the diffusion student
-   (`t3s.demo.dlm`, ``t3s/demo/assets/diffusion_base``, built once by
+   (`t3s.dllm.demo_model`, ``t3s/demo/assets/diffusion_base``, built once by
    ``scripts/build_demo_diffusion_base.py``; without it the demo stops and says
    so) on the traces, the
    ``train`` stage with ``objective: diffusion, rule: none``;
@@ -25,6 +25,8 @@ problems during training, and scores 64 held-out 2/3-term sums and 32 4-term sum
 Both resume like ``t3s run``; ``--overwrite`` starts afresh, ``--redo STAGE``
 runs a stage of the main directory again (``train`` and ``all`` also redo the
 plain arm).
+
+Demo layer (with `t3s.demo` and `t3s.cli`): it runs the pipeline's stages.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from .._util import torch_threads
-from .dlm import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
-from .runner import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings, install_data,
-                     refuse_other_settings)
-from .tasks import task_named
+from ..demo.runner import (DATA_SIZES, QUICK_DATA_SIZES, check_demo_dir, demo_settings,
+                           install_data, refuse_other_settings)
+from ..demo.tasks import task_named
+from .demo_model import DLM_BLOCK_LENGTH, DLM_DIR, dlm_exists
 
 __all__ = ["main", "DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_OVERRIDES", "QUICK_DIFFUSION_SIZES",
            "PLAIN_DIR"]
@@ -69,12 +71,12 @@ def main(quick: bool = False, out: Optional[str] = None, *, task: str = "style",
     path trains plain SFT, T3S's forced set and a random set of its size)."""
     from ..pipeline.commands import redo_list
     from ..pipeline.console import quiet_libraries, show_progress
-    from ..pipeline.report.diffusion import DIFFUSION_METRIC_KEYS
     from ..pipeline.engine import run_stages
     from ..pipeline.rundir import (METRICS_FILE, MODEL_DIR, REPORT_FILE, RunDir, RunDirError,
                                    read_json)
     from ..pipeline.settings import PATH_KEYS, fingerprint_path, normalize_config
     from ..pipeline.stages import STAGE_NAMES, STAGES
+    from .report import DIFFUSION_METRIC_KEYS
     chosen = task_named(task)
     t0 = time.perf_counter()
     name = "runs/demo-diffusion" + ("" if task == "style" else f"-{task}")
