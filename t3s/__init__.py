@@ -12,7 +12,8 @@ The method, in the order a run uses it:
 5. selection  `anchor_mask` (AR rule: drop Δc > 0), `forced_mask` (diffusion rule:
               Δc < -τ), baselines; `SelectionArtifact` stores Δc + mask + metadata
 6. retrain    `masked_ce` / the patched model with the artifact's `loss_mask`
-              `rrt` for the weight-arithmetic baseline
+              `rrt` for the weight-arithmetic baseline; `student_loss_masks` when a
+              smaller selector's artifact trains another student (`t3s.cross_model`)
 
 The kernels live in `t3s_kernels`. Modules: `t3s.data` (package), `t3s.trajectory`
 (store, queries, recorder), `t3s.bottleneck`, `t3s.profiling`, `t3s.delta`,
@@ -27,6 +28,7 @@ from t3s_kernels import TokenStats, linear_cross_entropy, target_logprobs
 from .artifact import SelectionArtifact, dataset_fingerprint, load_artifact, tokenizer_fingerprint
 from .bottleneck import (BottleneckTracker, answer_agreement, find_bottleneck, training_accuracy,
                          verifier_free_bottleneck)
+from .cross_model import check_student, first_token_difference, student_loss_masks
 from .data import (
     PackedCollator,
     PaddedCollator,
@@ -79,6 +81,7 @@ __all__ = [
     "save_rrt", "static_confidence_mask", "summarize", "target_logprobs", "token_keys",
     "tokenize_trace", "tokenizer_fingerprint", "training_accuracy", "unpatch",
     "answer_agreement", "verifier_free_bottleneck",
+    "check_student", "first_token_difference", "student_loss_masks",
     *_TRAINER_NAMES,
 ]
 __version__ = "0.1.0"

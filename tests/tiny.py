@@ -60,6 +60,28 @@ def tiny_llama(tok, seed: int = 0, **overrides) -> LlamaForCausalLM:
     return model.train()
 
 
+MASK = "<mask>"
+
+
+def diffusion_tokenizer():
+    """`make_tokenizer` with a mask token, for the diffusion models."""
+    tok = make_tokenizer(special=SPECIAL + [MASK])
+    tok.mask_token = MASK
+    return tok
+
+
+def tiny_bert(tok, seed=0, **overrides):
+    """A tiny ``BertForMaskedLM`` (bidirectional, for t3s.dllm) built from a config."""
+    from transformers import BertConfig, BertForMaskedLM
+    cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.update(overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BertForMaskedLM(BertConfig(**cfg)).eval()
+
+
 def arithmetic_records(n: int, seed: int = 0, *, max_term: int = 9,
                        style: str = "trace") -> List[Dict[str, str]]:
     """``n`` distinct sums ``a+b`` with boxed answers.

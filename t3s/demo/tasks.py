@@ -73,7 +73,7 @@ TASKS: Dict[str, DemoTask] = {
         settings=TEACH_SETTINGS,
         # the quick variant (tests): every stage on a short budget, with three arms of
         # different kinds (a loss: DFT; a reference model: Rho-1; a static signal);
-        # tests/test_arms.py runs every arm
+        # tests/pipeline/test_arms.py runs every arm
         quick_settings={**TEACH_SETTINGS, "steps": 20, "eval_steps": 5, "eval_subset": 16,
                         "batch_size": 32, "arms": ["dft", "rho1", "static"],
                         "analysis_params": {"examples": 16, "transfer_at": [

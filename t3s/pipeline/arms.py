@@ -28,10 +28,11 @@ from . import rundir
 from .engine import StageContext
 from .loaders import load_model, resolve_device
 from .rundir import read_json, write_json
-from .settings import UsageError, arm_params, baseline_loss_options, mask_rule
+from ..dllm.pipeline import is_diffusion
+from .settings import UsageError, arm_params, baseline_loss_options, mask_rule, rule_params
 
 __all__ = ["needs_signals", "check_signals", "signal_columns", "write_comparison_mask",
-           "select_arms", "stage_arms", "arm_models"]
+           "select_arms", "write_selection_outputs", "stage_arms", "arm_models"]
 
 
 def _signal_users(cfg: Mapping[str, Any]) -> List[str]:
@@ -125,6 +126,35 @@ def select_arms(ctx: StageContext, art, kept: Optional[int]) -> Dict[str, Any]:
                                            ctx.work / rundir.arm_file(name))
         out[name] = {"masked_fraction": s.fraction_masked, "kept_tokens": s.n_tokens - s.n_masked,
                      "params": arm_art.params}
+    return out
+
+
+def write_selection_outputs(ctx: StageContext, art, fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """Rank 0 of the select stage: the main artifact ``art`` saved, the baseline's and the
+    arms' masks derived from it, and the stage summary (``fields``, the source's own
+    numbers: bottleneck, Δc source and agreement, plus the artifact's) written and
+    returned."""
+    cfg, work = ctx.cfg, ctx.work
+    art.save(work / rundir.SELECTION_FILE)
+    summary = art.summary()
+    kept = (int(np.count_nonzero(art.table["loss_mask"]))
+            if art.mask_column == "loss_mask" else None)
+    out = {**fields, "rule": cfg["rule"], "rule_params": art.params,
+           "mask_column": art.mask_column, "n_tokens": summary.n_tokens,
+           "n_examples": summary.n_examples, "masked_fraction": summary.fraction_masked,
+           "kept_tokens": kept, "anchor_fraction": summary.fraction_positive,
+           "baseline": cfg["baseline"]}
+    ctx.say(f"[select] rule {cfg['rule']}: {summary.n_masked} of {summary.n_tokens} trace "
+            f"tokens {'forced' if art.mask_column == 'forced' else 'left out of the loss'} "
+            f"({100 * (summary.fraction_masked or 0):.1f}%)")
+    if cfg["baseline"] != "none" and not is_diffusion(cfg):  # diffusion: drawn by its stage
+        base_art, bs = write_comparison_mask(ctx, art, "baseline", cfg["baseline"],
+                                             rule_params(cfg, "baseline", budget=kept),
+                                             work / rundir.BASELINE_FILE)
+        out.update(baseline_params=base_art.params, baseline_masked_fraction=bs.fraction_masked)
+    if cfg.get("arms"):
+        out["arms"] = select_arms(ctx, art, kept)
+    write_json(work / rundir.SUMMARY_FILE, out)
     return out
 
 

@@ -42,6 +42,7 @@ from .settings import (
     settings_from,
 )
 from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
+from .student import STUDENT_STAGES, check_cross_model
 
 __all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process",
            "check_launch", "launch_notes", "run_command"]
@@ -137,9 +138,15 @@ def redo_list(command: str, redo: Sequence[str]) -> List[str]:
     return out
 
 
-def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -> None:
-    """Fail before any work on what the pending stages would trip over."""
-    if any(s in NEEDS_MODEL for s in pending):
+def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str],
+                 command: str) -> Optional[str]:
+    """Fail before any work on what the pending stages would trip over; returns a note
+    to say once, or None."""
+    # the selector's stages (the student's are checked by check_cross_model)
+    on_selector = [s for s in pending if s in NEEDS_MODEL
+                   and not (cfg.get("student") and s in STUDENT_STAGES)
+                   and not (cfg.get("artifact") and s == "select")]
+    if on_selector:
         check_model_dir(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
         if cfg["tokenizer"]:
             check_model_dir(cfg["tokenizer"], trust_remote_code=cfg["trust_remote_code"],
@@ -171,6 +178,7 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str], command: str) -
     if "sensitivity" in pending:
         sensitivity_settings(cfg)
     check_launch(cfg)
+    return check_cross_model(cfg, pending)
 
 
 def _check_run_dir(run: RunDir, overwrite: bool) -> None:
@@ -195,11 +203,11 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
     targets = list(STAGE_NAMES) if command == "run" else \
         [command] + (["report"] if command in ("analyze", "sensitivity") else [])
     # rank 0 checks; its error (or its go-ahead) reaches every rank
-    fps = dist.on_main(_plan, command, targets, cfg, run, stored, redo, force, overwrite)
+    fps, note = dist.on_main(_plan, command, targets, cfg, run, stored, redo, force, overwrite)
     quiet_libraries(show_progress(cfg["progress"]) and dist.is_main(), debug)
     if dist.is_main():
-        for note in launch_notes(cfg):
-            say(f"t3s: {note}")
+        for line in launch_notes(cfg) + ([note] if note else []):
+            say(f"t3s: {line}")
     if cfg["threads"]:
         import torch
         torch.set_num_threads(cfg["threads"])
@@ -212,7 +220,7 @@ def run_command(command: str, cfg: Dict[str, Any], run: RunDir,
 def _plan(command: str, targets: Sequence[str], cfg: Dict[str, Any], run: RunDir, stored,
           redo, force: bool, overwrite: bool) -> Dict[str, Any]:
     """Rank 0: every check `run_command` makes before it starts (``targets``: the stages
-    the command runs); the path fingerprints."""
+    the command runs); (the path fingerprints, a note of the checks or None)."""
     fps = path_fingerprints(cfg, stored)
     _check_run_dir(run, overwrite)
     if stored is not None:
@@ -237,8 +245,7 @@ def _plan(command: str, targets: Sequence[str], cfg: Dict[str, Any], run: RunDir
                 why = status[dep][1] or "not run yet"
                 raise RunDirError(f"stage {command!r} needs stage {dep!r}, which is {why} in "
                                   f"{run.path}; run `t3s {dep}` (or `t3s run`) first")
-    check_inputs(cfg, pending, command)
-    return fps
+    return fps, check_inputs(cfg, pending, command)
 
 
 def _start(held: contextlib.ExitStack, run: RunDir, cfg, fps, overwrite: bool, say) -> None:

@@ -72,8 +72,8 @@ from ..dllm.pipeline import (DIFFUSION_EVAL_KEYS, DIFFUSION_KEYS, diffusion_eval
                              diffusion_train_stage, is_diffusion)
 from .diagnostics import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
-from .arms import (arm_models, check_signals, needs_signals, select_arms, signal_columns,
-                   stage_arms, write_comparison_mask)
+from .arms import (arm_models, check_signals, needs_signals, signal_columns, stage_arms,
+                   write_selection_outputs)
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from ..dllm.report import diffusion_report
@@ -81,6 +81,7 @@ from .rundir import STAGE_NAMES, write_json
 from .generators import EvalEngine
 from .scoring import score_on_sets
 from .settings import UsageError, baseline_loss_options, rule_params
+from .student import import_selection, student_settings
 from .training import (accuracy_callback, checkpoint_args, checkpoint_step_of, checkpoints,
                        continue_from, finals, progress_bar, resume_state_retention, save_log,
                        strip_resume_state, training_args)
@@ -204,7 +205,8 @@ def _delta_table(c0, chosen):
 
 
 def _stage_select(ctx: StageContext) -> Dict[str, Any]:
-    """Bottleneck, Δc (online and, when possible, exact), the mask artifacts."""
+    """Bottleneck, Δc (online and, when possible, exact), the mask artifacts (with
+    ``artifact``: the reused selection's)."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -213,6 +215,8 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     from ..data import TokenTable
     from ..trajectory import TrajectoryReader
     cfg, work = ctx.cfg, ctx.work
+    if cfg.get("artifact"):
+        return import_selection(ctx)
     pilot_dir, pilot = ctx.dir("pilot"), ctx.input_record("pilot")["summary"]
     b = pilot["bottleneck_step"]
     if b is None:
@@ -286,49 +290,33 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
             thetab=None if thetab is None else str(thetab), extra=extra)
     except ValueError as e:
         raise UsageError(f"rule {rule!r}: {one_line(e)}") from None
-    art.save(work / rundir.SELECTION_FILE)
-    summary = art.summary()
-    kept = (int(np.count_nonzero(art.table["loss_mask"]))
-            if art.mask_column == "loss_mask" else None)
-    out = {"bottleneck_step": b, "delta_source": cfg["delta"], "rule": rule,
-           "rule_params": art.params, "mask_column": art.mask_column,
-           "n_tokens": summary.n_tokens, "n_examples": summary.n_examples,
-           "masked_fraction": summary.fraction_masked, "kept_tokens": kept,
-           "anchor_fraction": summary.fraction_positive, "unvisited_tokens": unvisited,
-           "mask_agreement": None if agreement is None else agreement.mask_agreement,
-           "agreement": extra["agreement"], "baseline": cfg["baseline"]}
-    ctx.say(f"[select] rule {rule}: {summary.n_masked} of {summary.n_tokens} trace tokens "
-            f"{'forced' if art.mask_column == 'forced' else 'left out of the loss'} "
-            f"({100 * (summary.fraction_masked or 0):.1f}%)")
-    if cfg["baseline"] != "none" and not is_diffusion(cfg):  # diffusion: drawn by its stage
-        base_art, bs = write_comparison_mask(ctx, art, "baseline", cfg["baseline"],
-                                             rule_params(cfg, "baseline", budget=kept),
-                                             work / rundir.BASELINE_FILE)
-        out.update(baseline_params=base_art.params, baseline_masked_fraction=bs.fraction_masked)
-    if cfg.get("arms"):
-        out["arms"] = select_arms(ctx, art, kept)
-    write_json(work / rundir.SUMMARY_FILE, out)
-    return out
+    return write_selection_outputs(ctx, art, {
+        "bottleneck_step": b, "delta_source": cfg["delta"], "unvisited_tokens": unvisited,
+        "mask_agreement": None if agreement is None else agreement.mask_agreement,
+        "agreement": extra["agreement"]})
 
 
 def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
              loss_options: Optional[Dict[str, Any]] = None, *, work: Optional[Path] = None,
              resume: Optional[bool] = None) -> Dict[str, Any]:
-    """Retraining from θ0 with the loss masks of the artifact file ``artifact`` (None:
-    plain SFT) into ``work`` (default the stage's directory), continuing an interrupted
-    attempt there when ``resume`` (default `StageContext.resume`)."""
+    """Retraining from θ0 (the student's with ``student``) with the loss masks of the
+    artifact file ``artifact`` (None: plain SFT) into ``work`` (default the stage's
+    directory), continuing an interrupted attempt there when ``resume`` (default
+    `StageContext.resume`)."""
     from ..artifact import SelectionArtifact
+    from ..cross_model import check_student
     from ..data import PaddedCollator
     from ..trainer import T3STrainer, read_accuracy_history
-    cfg, work = ctx.cfg, ctx.work if work is None else work
+    cfg, work = student_settings(ctx.cfg), ctx.work if work is None else work
     resume = ctx.resume if resume is None else resume
     tok, train, heldout = _training_data(cfg)
     masks, kept_fraction = None, 1.0
     if artifact is not None:
         path = artifact
         try:
-            art = SelectionArtifact.load(path, tokenizer=tok, examples=train)
-            masks = art.loss_masks(train)
+            art = SelectionArtifact.load(path)
+            check_student(art, tok, train)   # said before the run when tokenizers differ
+            masks = art.loss_masks(train, check=False)
         except ValueError as e:
             raise UsageError(f"{path}: {one_line(e)}") from None
         total = sum(int((ex["labels"] != -100).sum()) for ex in train)
@@ -414,9 +402,9 @@ def eval_sets(cfg: Mapping[str, Any]) -> List[Tuple[str, str]]:
 
 
 def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
-    """Accuracy of θ0 and of every trained model available on the test set and the
-    held-out set."""
-    cfg, work = ctx.cfg, ctx.work
+    """Accuracy of θ0 (the student's with ``student``) and of every trained model
+    available on the test set and the held-out set."""
+    cfg, work = student_settings(ctx.cfg), ctx.work
     sets = eval_sets(cfg)
     if not sets:
         ctx.say("[eval] no test set (--test or --heldout): nothing to evaluate")
@@ -430,7 +418,9 @@ def _stage_eval(ctx: StageContext) -> Dict[str, Any]:
     device = resolve_device(cfg)
     by_set: Dict[str, Dict[str, Any]] = {key: {} for key, _ in sets}
     with EvalEngine(cfg, tok) as gen:
-        for arm, stage, sub in ARMS + tuple(arm_models(ctx)):
+        # with a student, its plain SFT is the arm 'sft' (the pilot's is the selector's)
+        own = [a for a in ARMS if not (cfg.get("student") and a[0] == "sft")]
+        for arm, stage, sub in own + arm_models(ctx):
             if stage is None:
                 path = cfg["model"]
             elif ctx.dir(stage) is not None:
@@ -496,32 +486,37 @@ _DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype", "se
 _TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps",
              "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier",
              "engine")
+# the stages that run on the student (`t3s.pipeline.student`)
+_STUDENT = ("student",)
 # how the eval stage and the sensitivity sweep generate (the training curves stay greedy)
 _SAMPLING = ("samples", "temperature", "top_p")
 
 STAGES: Tuple[Stage, ...] = (
     Stage("pilot", _stage_pilot, _DATA + _TRAINING, lambda cfg: (),
+          enabled=lambda cfg: not cfg.get("artifact"),
           help="SFT from θ0 with trajectory recording and training-accuracy evaluation",
           resumable=True),
     Stage("select", _stage_select,
           ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params",
-           "objective", "arms"),
-          lambda cfg: ("pilot",),
+           "objective", "arms", "artifact"),
+          lambda cfg: () if cfg.get("artifact") else ("pilot",),
           help="bottleneck, Δc and the mask artifact"),
-    Stage("train", _stage_train, _DATA + _TRAINING + ("rule",) + DIFFUSION_KEYS,
+    Stage("train", _stage_train, _DATA + _TRAINING + _STUDENT + ("rule",) + DIFFUSION_KEYS,
           lambda cfg: () if cfg["rule"] == "none" else ("select",),
           help="masked retraining from θ0 with the artifact's masks", resumable=True),
-    Stage("baseline", _stage_baseline, _DATA + _TRAINING + ("baseline",) + DIFFUSION_KEYS,
+    Stage("baseline", _stage_baseline,
+          _DATA + _TRAINING + _STUDENT + ("baseline",) + DIFFUSION_KEYS,
           lambda cfg: ("select",), enabled=lambda cfg: cfg["baseline"] != "none",
           help="retraining from θ0 with the baseline's masks", resumable=True),
-    Stage("arms", _stage_arms, _DATA + _TRAINING + ("arms",), lambda cfg: ("select",),
+    Stage("arms", _stage_arms, _DATA + _TRAINING + _STUDENT + ("arms",),
+          lambda cfg: ("select",),
           enabled=lambda cfg: bool(cfg.get("arms")),
           help="retraining from θ0 with each extra arm's masks (--arms), one after another",
           resumable=True),
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed",
-                                "engine")
+                                "engine") + _STUDENT
           + _SAMPLING + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline", "arms"),
           help="accuracy on a JSONL test set with the verifier"),

@@ -62,9 +62,20 @@ def render_markdown(metrics: Mapping[str, Any], *, config: Optional[Mapping[str,
     lines = ["# T3S run report", ""]
     if run_dir:
         lines.append(f"Run directory: `{os.path.basename(os.path.abspath(run_dir))}`")
+    if cfg.get("student"):   # a cross-model run (`--student`): say which model is which
+        lines.append(
+            f"Selector (the pilot, Δc and the mask"
+            + (f", reused from `{shown_path(cfg.get('artifact'), run_dir)}`"
+               if cfg.get("artifact") else "") + f"): `{m.get('selector')}`. Student (θ0 of "
+            f"the base row, every retraining arm and the eval): "
+            f"`{shown_path(cfg['student'], run_dir)}`. "
+            + ("The bottleneck and Δc belong to the selector's run"
+               if cfg.get("artifact") else "The pilot's curves, the bottleneck and Δc belong "
+               "to the selector") + "; the accuracies and retraining curves to the student.")
     if cfg:
-        lines.append(f"Model θ0: `{shown_path(cfg.get('model'), run_dir)}`; training traces: "
-                     f"`{shown_path(cfg.get('train'), run_dir)}`; "
+        lines.append(("Training traces: " if cfg.get("student") else
+                      f"Model θ0: `{shown_path(cfg.get('model'), run_dir)}`; training traces: ")
+                     + f"`{shown_path(cfg.get('train'), run_dir)}`; "
                      f"{cfg.get('steps')} steps, lr {cfg.get('lr')}, batch "
                      f"{cfg.get('batch_size')}×{cfg.get('grad_accum')}; rule `{rule}`"
                      + (f" {m['rule_params']}" if m.get("rule_params") else "") + ".")

@@ -125,12 +125,16 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
             if arm in arms:
                 m[f"{arm}_acc"] = arms[arm]["accuracy"]
                 n[arm] = arms[arm].get("n")
-    elif pilot["heldout_acc"]:
+    elif pilot["heldout_acc"] or (config.get("student") and train["heldout_acc"]):
         source = "held-out evaluations during training"
         acc_set = "heldout"
         hn = curves.get("heldout_acc", {}).get("n")
         m["base_acc"] = pilot["heldout_acc"].get(0)
         m["sft_acc"] = _last(pilot["heldout_acc"])
+        if config.get("student"):   # the pilot is the selector's: the student's θ0 and SFT
+            m["base_acc"] = train["heldout_acc"].get(0)
+            m["sft_acc"] = _last(stage_history(dirs["arms"] / "sft")["heldout_acc"]
+                                 if dirs.get("arms") else {})
         m["t3s_acc"] = _last(train["heldout_acc"])
         m["baseline_acc"] = _last(base_run["heldout_acc"])
         n = {arm: hn for arm in ("base", "sft", "t3s", "baseline")}
@@ -163,6 +167,10 @@ def collect_metrics(run_dir, *, stage_dirs: Optional[Mapping[str, Optional[Path]
         "set_paths": {k: shown_path(d.get("path"), run_dir)
                       for k, d in (results.get("sets") or {}).items()},
         "curve_sets": curves,
+        # the models: the selector's pilot gave the mask, the student was retrained
+        "selector": shown_path(select_sum.get("selector") or config.get("model"), run_dir),
+        "student": shown_path(config.get("student") or config.get("model"), run_dir),
+        "artifact": shown_path(config.get("artifact"), run_dir),
         "rule": select_sum.get("rule", config.get("rule")),
         "rule_params": select_sum.get("rule_params"),
         "baseline_rule": (None if config.get("baseline") in (None, "none")

@@ -140,6 +140,7 @@ def normalize_config(values: Mapping[str, Any], *, base_dir: Optional[str] = Non
         raise UsageError(f"{where}baseline 'forced' marks tokens for diffusion-LM training, not a "
                          "loss mask; choose a loss-mask rule")
     _check_diffusion(cfg, where)
+    _check_student(cfg, where)
     _check_sampling(cfg, where)
     cfg["arms"] = _check_arms(cfg, where)
     cfg["rule_params"] = dict(cfg["rule_params"] or {})
@@ -167,6 +168,27 @@ def _check_diffusion(cfg: Dict[str, Any], where: str) -> None:
     if cfg["baseline"] == "random" and cfg["rule"] != "forced":
         raise UsageError(f"{where}baseline 'random' draws as many forced tokens as rule 'forced' "
                          "has; set rule: forced")
+
+
+#: where a finished run directory keeps its selection (`t3s.pipeline.rundir`'s stage
+#: directory and SELECTION_FILE; rundir imports this package, hence the literal)
+RUN_SELECTION = os.path.join("select", "selection.parquet")
+
+
+def _check_student(cfg: Dict[str, Any], where: str) -> None:
+    """``student`` and ``artifact`` (`t3s.pipeline.student`); a run directory given as
+    ``artifact`` becomes its selection file, so that the file is what the run's
+    identity fingerprints."""
+    if cfg["artifact"] is not None:
+        if cfg["student"] is None:
+            raise UsageError(f"{where}artifact needs student: the model that the reused "
+                             "selection trains (--student DIR)")
+        inside = os.path.join(cfg["artifact"], RUN_SELECTION)
+        if os.path.isdir(cfg["artifact"]) and os.path.isfile(inside):
+            cfg["artifact"] = inside
+    if cfg["student"] is not None and cfg["objective"] == "diffusion":
+        raise UsageError(f"{where}student: objective diffusion trains --diffusion-model, which "
+                         "is its student already; leave student unset")
 
 
 def _check_sampling(cfg: Mapping[str, Any], where: str) -> None:
@@ -211,7 +233,7 @@ def _check_arms(cfg: Mapping[str, Any], where: str) -> list:
             known = sorted((set(RULES) | set(RULE_ALIASES) | set(BASELINE_OBJECTIVES))
                            - {"forced", "sft"})
             raise UsageError(f"{where}unknown arm {given!r}; known: {', '.join(known)}")
-        if name == "sft":
+        if name == "sft" and cfg["student"] is None:
             raise UsageError(f"{where}arm 'sft' is plain SFT, which the pilot already is (the "
                              "report's 'sft' row); leave it out of arms")
         if name == "forced":
@@ -226,6 +248,9 @@ def _check_arms(cfg: Mapping[str, Any], where: str) -> list:
             raise UsageError(f"{where}arm {name!r} is the rule, which the train stage already "
                              "trains (T3S); leave it out of arms")
         out.append(name)
+    if cfg["student"] is not None and "sft" not in out:
+        # the pilot's SFT is the selector's: the student's own is an arm (the 'sft' row)
+        out.insert(0, "sft")
     if out and cfg["objective"] == "diffusion":
         raise UsageError(f"{where}arms are not supported with objective diffusion (only the "
                          "baseline stage trains a comparison there)")

@@ -44,6 +44,14 @@ OPTIONS: Tuple[Option, ...] = (
     # model and data
     Option("model", "path", None, "θ0: a local Hugging Face model directory", metavar="DIR"),
     Option("tokenizer", "path", None, "tokenizer directory (default: the model's)", metavar="DIR"),
+    Option("student", "path", None,
+           "the model the retraining arms and the eval train and score, each from its own θ0; "
+           "--model is then the selector that runs the pilot and the selection (its tokenizer "
+           "must give the student's token ids; default: --model itself)", metavar="DIR"),
+    Option("artifact", "path", None,
+           "reuse a finished selection instead of a pilot and a selection: its "
+           "selection.parquet or the run directory that holds it (with --student)",
+           metavar="PATH"),
     Option("trust_remote_code", "bool", False,
            "allow the model's own Python code (config.json 'auto_map'); off by default",
            hashed=False),
@@ -179,6 +187,6 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
 #: settings added after run directories existed: at their defaults they stay out of a
 #: stage's hash, so a run finished before them stays current (no eval or sweep redone)
-HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p", "engine")
+HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p", "engine", "student", "artifact")
 PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
-             "sft_model")
+             "sft_model", "student", "artifact")

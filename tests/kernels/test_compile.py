@@ -152,7 +152,7 @@ def test_ops_registration_opcheck(backend):
 # ------------------------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 2)[0])   # tests/, for tiny.py
 from tiny import arithmetic_records, jsonl_lines, make_tokenizer, tiny_llama  # noqa: E402
 
 

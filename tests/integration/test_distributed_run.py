@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from two_ranks import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env():

@@ -20,7 +20,7 @@ from t3s_kernels import debug, linear_cross_entropy, reference, target_logprobs
 from t3s_kernels.backends import cpp, get_backend, resolve_backend
 from t3s_kernels.prepare import LossOptions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N, H, V = 37, 48, 1000
 CPU = torch.device("cpu")
 # 8 rows x 96 columns: 4 row blocks (the last of 5 rows) and 11 chunks (the last 40 wide).

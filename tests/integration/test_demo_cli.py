@@ -21,7 +21,7 @@ from t3s.pipeline.rundir import ANALYSIS_FIGURES, STAGE_NAMES  # noqa: E402
 from t3s.pipeline.report import METRIC_KEYS  # noqa: E402
 from t3s.demo.tasks import DEFAULT_TASK, TASKS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK_BUDGET_S = 180  # the budget for --quick on 2 CPU cores: reported, never asserted
 QUICK = TASKS[DEFAULT_TASK]   # `t3s demo --quick` runs the default task's quick variant
 N_HELDOUT = QUICK.quick_sizes["heldout_size"]
@@ -253,7 +253,7 @@ def test_demo_redo_reruns_a_stage(quick_run, capsys):
 #: to b (its b is the first evaluation after θ0: before_1/2 are skipped with a reason,
 #: after_1 is retrained, the minima reuse b's model), one retraining instead of the
 #: default list's three; every kind of choice and the default list run through the stage
-#: in tests/test_sensitivity.py, on a tiny model
+#: in tests/pipeline/test_sensitivity.py, on a tiny model
 SWEEP_CHOICES = "train_acc_min,heldout_acc_min,before,after_1"
 
 

@@ -4,7 +4,7 @@ colocated engine would be given (`live_weights`), the training-accuracy callback
 engine (synced before every evaluation, built once, closed at the end), the eval stage
 through a server, and the settings (`--engine`, `--vllm-server`, `--vllm-gpu-memory`).
 
-The vLLM engines themselves run in tests/test_vllm.py, where vLLM is installed.
+The vLLM engines themselves run in tests/integration/test_vllm.py, where vLLM is installed.
 """
 
 import json
@@ -178,7 +178,7 @@ def test_server_engine_fails_early_and_clearly(stand_in):
         VLLMServerEngine(f"http://127.0.0.1:{port}")
 
 
-@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here (tests/test_vllm.py runs it)")
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here (tests/integration/test_vllm.py runs it)")
 def test_vllm_engine_without_vllm_says_how_to_install_it(assets):
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*No module named"):
         VLLMEngine(str(assets / "model"))

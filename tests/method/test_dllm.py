@@ -9,30 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BACKENDS
-from tiny import SPECIAL, arithmetic_records, make_tokenizer, tiny_llama
+from tiny import (MASK, SPECIAL, arithmetic_records, diffusion_tokenizer, make_tokenizer,
+                  tiny_bert, tiny_llama)
 
 import t3s
 from t3s import dllm
 from t3s.dllm.masking import Corruption
-
-MASK = "<mask>"
-
-
-def diffusion_tokenizer():
-    tok = make_tokenizer(special=SPECIAL + [MASK])
-    tok.mask_token = MASK
-    return tok
-
-
-def tiny_bert(tok, seed=0, **overrides):
-    from transformers import BertConfig, BertForMaskedLM
-    cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg.update(overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return BertForMaskedLM(BertConfig(**cfg)).eval()
 
 
 def batch(B=3, L=13, V=40, prompt=4, seed=None):

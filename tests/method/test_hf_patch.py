@@ -736,7 +736,7 @@ os._exit(0)
 def _torchrun(tmp_path, source, name):
     script = tmp_path / name
     script.write_text(source)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, env=env, timeout=300)

@@ -422,7 +422,7 @@ mount -o remount,size=64m {mnt}
 {t3s_cmd} run --run-dir {run_dir} --no-progress --threads 1 > {tmp_path}/out2.txt 2>&1; echo $? > {tmp_path}/rc2
 cp -r {run_dir} {keep}
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, env=env, timeout=900)
     read = lambda name: (tmp_path / name).read_text()  # noqa: E731
     err = read("err1.txt").strip().splitlines()
@@ -445,7 +445,7 @@ cp -r {run_dir} {keep}
 def test_under_a_launcher_a_bad_input_stops_every_rank_with_one_line(tmp_path):
     """`torchrun --nproc_per_node 2 -m t3s run` without a model: rank 0 finds it, every
     rank exits with status 2, the message is printed once, and nothing is created."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -649,7 +649,7 @@ def test_demo_subcommand(monkeypatch, capsys):
 
 
 def test_python_dash_m(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, "-m", "t3s", "run", "--help"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 0

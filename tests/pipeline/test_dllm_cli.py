@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tiny import SPECIAL, arithmetic_records, make_tokenizer, tiny_llama, write_jsonl
-from test_dllm import MASK, diffusion_tokenizer, tiny_bert
+from tiny import (MASK, SPECIAL, arithmetic_records, diffusion_tokenizer, make_tokenizer,
+                  tiny_bert, tiny_llama, write_jsonl)
 
 from t3s.cli import main
 from t3s.pipeline import rundir

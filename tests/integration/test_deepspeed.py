@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from t3s.hf import patch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class GatherOnAccess(dict):

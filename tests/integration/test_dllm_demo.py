@@ -20,7 +20,7 @@ from t3s.dllm import demo as diffusion
 from t3s.dllm import demo_model as dlm
 from t3s.verify import get_verifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK_BUDGET_S = 60   # the budget for --diffusion --quick on 2 CPU cores: reported, never asserted
 
 

@@ -41,12 +41,12 @@ def test_subclasses_and_lm_head_models_are_causal():
 
 def test_plain_trl_sft_trainer_on_a_patched_model_trains_on_t3s(tmp_path):
     """TRL's SFTTrainer installs its fused LM head over t3s's forward; the head's calls run
-    on t3s's kernels (tests/test_trl_head.py compares them with TRL's own). Afterwards
+    on t3s's kernels (tests/method/test_trl_head.py compares them with TRL's own). Afterwards
     t3s.unpatch refuses (TRL's forward is the outer one) and generation still works."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     import sys
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, __file__.rsplit("/", 2)[0])   # tests/, for tiny.py
     from tiny import arithmetic_records, make_tokenizer, tiny_llama
 
     tok = make_tokenizer()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 REPO_PATH = re.compile(r"(?<![\w./-])((?:examples|scripts|tests|benchmarks)/[\w./-]*\w)")
