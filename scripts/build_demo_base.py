@@ -29,6 +29,7 @@ settings and the wall time to ``build_info.json`` next to the weights.
 
     python scripts/build_demo_base.py                 # rebuild the shipped base
     python scripts/build_demo_base.py --out /tmp/base --steps 300   # a quick look
+    python scripts/build_demo_base.py --size large --out /tmp/large  # the ~4x sibling
 """
 
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     common.add_training_args(ap, out=str(demo_model.BASE_DIR), steps=1200)
     ap.add_argument("--direct-fraction", type=float, default=0.0,
                     help="share of training examples answered directly (the rest step by step)")
+    ap.add_argument("--size", choices=tuple(demo_model.SIZES), default="base",
+                    help="the model's size (t3s.demo.model.SIZES): base, the shipped student, "
+                         "or large, its ~4x sibling (default: %(default)s)")
     ap.add_argument("--terms", default="2,3",
                     help="numbers of terms of the training sums, comma-separated (default: %(default)s)")
     common.add_eval_args(ap, eval_size=200, threads_help="torch threads (default: torch's choice)")
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
 
     common.seed_and_threads(args)
     tokenizer = demo_model.build_tokenizer()
-    model = demo_model.build_model(args.seed)
+    model = demo_model.build_model(args.seed, **demo_model.SIZES[args.size])
     n_params = demo_model.count_parameters(model)
     print(f"model: {n_params:,} parameters; seed {args.seed}; {args.steps} steps of {args.batch_size}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
@@ -136,6 +140,7 @@ def main(argv=None) -> int:
         args, parameters=n_params, sets=sets, train_s=train_s, eval_s=eval_s,
         direct_fraction=args.direct_fraction,
         terms=args.terms,
+        size=args.size, config_overrides=demo_model.SIZES[args.size],
         data=(f"sums of {'/'.join(map(str, args.terms))} two-digit numbers in equal shares "
               "(training pool); "
               f"{args.direct_fraction:.0%} direct answers, the rest step by step "

@@ -38,6 +38,7 @@ __all__ = [
     "PARAM_COUNT",
     "BASE_DIR",
     "build_tokenizer",
+    "SIZES",
     "build_config",
     "build_model",
     "count_parameters",
@@ -124,6 +125,16 @@ def encode(text: str) -> List[int]:
             out.append(_IDS.get(text[i], UNK_ID))
             i += 1
     return out
+
+
+#: the sizes `build_model` takes (`CONFIG` overrides): ``base``, the shipped student
+#: (~0.86M parameters), and ``large``, its sibling with twice the width (~3.4M, about
+#: 4x; the same tokenizer, depth and head size), for cross-model selection
+SIZES: Dict[str, Dict[str, Any]] = {
+    "base": {},
+    "large": {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8,
+              "num_key_value_heads": 8},
+}
 
 
 def build_config(**overrides):

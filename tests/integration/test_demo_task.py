@@ -195,3 +195,29 @@ def test_evaluator_on_base():
     assert set(accs) == {"two", "four"} and all(0.0 <= a <= 1.0 for a in accs.values())
     assert len(ev.last_details["four"]) == 4
     assert max_new_tokens_for(4) >= len(demo_model.encode(task.Problem((99,) * 4).teacher_response())) + 1
+
+
+def test_the_large_sibling_builds_with_the_same_tokenizer(tmp_path):
+    """`scripts/build_demo_base.py --size large`: the demo student's sibling for
+    cross-model selection, about 4x its parameters, with the same tokenizer (the run is a
+    2-step smoke build)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from t3s.artifact import tokenizer_fingerprint
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "large"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "build_demo_base.py"),
+                           "--size", "large", "--steps", "2", "--batch-size", "4",
+                           "--eval-every", "0", "--eval-size", "2", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((out / "build_info.json").read_text())
+    base = demo_model.count_parameters(demo_model.build_model(0))
+    assert info["size"] == "large" and 3.0 <= info["parameters"] / base <= 4.5
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 256
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(out)) == tokenizer_fingerprint(
+        demo_model.build_tokenizer())
