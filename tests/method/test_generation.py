@@ -413,8 +413,17 @@ def test_sampling_settings_at_their_defaults_leave_stage_hashes_as_before():
     from t3s.pipeline.settings import HASHED_ONLY_OFF_DEFAULT, identity, normalize_config
     from t3s.pipeline.stages import STAGES
     eval_stage = next(s for s in STAGES if s.name == "eval")
-    assert set(HASHED_ONLY_OFF_DEFAULT) <= set(eval_stage.keys)
+    assert {"samples", "temperature", "top_p", "engine", "student"} <= set(eval_stage.keys)
     cfg = normalize_config({})
+    # the cross-model settings likewise (`--student`, `--artifact`)
+    for stage in STAGES:
+        ident = identity(cfg, {})
+        plain = sha256_json({k: ident.get(k, cfg.get(k)) for k in stage.keys
+                             if k not in HASHED_ONLY_OFF_DEFAULT})
+        assert stage_hash(stage, cfg, {}) == plain, stage.name
+    train_stage = next(s for s in STAGES if s.name == "train")
+    assert stage_hash(train_stage, normalize_config({"student": "big"}), {}) != \
+        stage_hash(train_stage, cfg, {})
     ident = identity(cfg, {})
     before = sha256_json({k: ident.get(k, cfg.get(k)) for k in eval_stage.keys
                           if k not in HASHED_ONLY_OFF_DEFAULT})
