@@ -13,7 +13,7 @@ Gemma/Gemma2, GPT-2, Phi, Cohere, Granite, multimodal wrappers, ...):
 * The model's own forward still runs, with every input passed through
   (``attention_mask``, ``position_ids`` of packed batches, ``past_key_values`` /
   ``cache``, ``use_cache``, pixel inputs, ...). Only the output embedding
-  (``model.get_output_embeddings()``) is intercepted, by a `t3s.hf.heads.HeadTap`
+  (``model.get_output_embeddings()``) is intercepted, by a `t3s.hf.tap.HeadTap`
   installed once at patch time: during a loss call it records the hidden
   states it receives, i.e. exactly what the model would project, after
   whatever final norm or scaling the architecture applies (as in
@@ -46,7 +46,7 @@ all-gather whose backward reduce-scatters (averages) the gradient back to the
 shards, as FSDP2 does for every other parameter. Engines that gather the weight in
 the head module's own hooks (FSDP1 with the head in its own unit, DeepSpeed ZeRO-3)
 leave a 1-D or empty shard outside that call: then the loss is computed inside the
-head's call (`t3s.hf.heads.HeadTap` with a ``loss_fn``), and the head's empty output
+head's call (`t3s.hf.tap.HeadTap` with a ``loss_fn``), and the head's empty output
 feeds the loss so that the engine's backward hooks re-gather the weight first. A ZeRO-3
 parameter always takes that path, and is inspected before the call with
 `t3s.hf.heads.peek_parameter`, which skips ZeRO-3's gather-on-access: otherwise the
@@ -70,11 +70,11 @@ from t3s_kernels.backends import check_backend_name
 
 from ..loss import masked_ce
 from .guards import PATCH_ATTR, check_causal_lm, describe_forward, install_guard, remove_guards
-from .heads import (HeadTap, LMHead, is_dtensor, lm_head, output_embedding, peek_parameter,
-                    single_hidden)
+from .heads import LMHead, is_dtensor, lm_head, output_embedding, peek_parameter
 from .arguments import mask_dtype, patched_signature, positional_to_keywords
 from .labels import check_mask_shape, check_targets, shift_for_causal_lm
 from .liger import apply_liger
+from .tap import HeadTap, single_hidden
 from .trl_head import (TRL_HEAD_KWARG, install_trl_hook, output_class, remove_trl_hooks,
                        resolve, trl_fields, trl_forward, warn_loss_options_unused)
 
