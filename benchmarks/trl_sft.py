@@ -147,8 +147,10 @@ class HeadCounter:
                 self.paths.add(resolve_backend(kw.get("backend"), hidden))
             return original(hidden, weight, *a, **kw)
 
-        for module in list(sys.modules.values()):  # t3s_kernels, t3s, t3s.hf.trl_head, ...
-            if getattr(module, "linear_cross_entropy", None) is original:
+        # t3s_kernels, t3s, t3s.hf.trl_head, ...; vars(), not getattr: a lazy module
+        # (transformers) would import its submodules on a getattr miss
+        for module in list(sys.modules.values()):
+            if vars(module).get("linear_cross_entropy") is original:
                 module.linear_cross_entropy = counted
         try:
             import trl.trainer.utils as trl_utils
