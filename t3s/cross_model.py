@@ -25,7 +25,8 @@ from ._util import to_numpy
 from .artifact import SelectionArtifact, dataset_signature, tokenizer_signature
 from .data.table import IGNORE_INDEX
 
-__all__ = ["first_token_difference", "describe_difference", "check_student", "student_loss_masks"]
+__all__ = ["first_token_difference", "describe_difference", "check_same_tokens", "check_student",
+           "student_loss_masks"]
 
 
 def _ids_and_trained(ex: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
@@ -94,6 +95,28 @@ def _first_stored_difference(stored: Mapping[str, Any], current: Mapping[str, An
     return "the dataset fingerprints differ"
 
 
+def _same_ids_note(n_examples: int) -> str:
+    return ("the student's tokenizer differs from the selector's, but it gives the same "
+            f"token ids for all {n_examples} training examples: the selector's mask applies")
+
+
+def _misaligned(where: str) -> ValueError:
+    return ValueError("the student's tokenizer gives other tokens than the selector's, so the "
+                      f"selector's mask would fall on other tokens: {where}")
+
+
+def check_same_tokens(selector_examples: Iterable[Mapping[str, Any]],
+                      student_examples: Iterable[Mapping[str, Any]]) -> str:
+    """The check for two tokenizers whose signatures differ, given both tokenizations of
+    the traces: a one-line note when every example has the same token ids and trained
+    positions; ValueError naming the first differing example and position otherwise."""
+    student_examples = list(student_examples)
+    diff = first_token_difference(selector_examples, student_examples)
+    if diff is not None:
+        raise _misaligned(describe_difference(diff))
+    return _same_ids_note(len(student_examples))
+
+
 def check_student(artifact: SelectionArtifact, tokenizer, examples: Iterable[Mapping[str, Any]],
                   *, selector_examples: Optional[Iterable[Mapping[str, Any]]] = None
                   ) -> Optional[str]:
@@ -114,17 +137,11 @@ def check_student(artifact: SelectionArtifact, tokenizer, examples: Iterable[Map
     stored = artifact.metadata.get("dataset") or {}
     signature = dataset_signature(examples)
     if stored.get("fingerprint") == signature["fingerprint"]:
-        return ("the student's tokenizer differs from the selector's, but it gives the same "
-                f"token ids for all {len(examples)} training examples: the selector's mask "
-                "applies")
-    if selector_examples is not None:
-        diff = first_token_difference(selector_examples, examples)
-        where = (describe_difference(diff) if diff is not None
-                 else _first_stored_difference(stored, signature))
-    else:
-        where = _first_stored_difference(stored, signature)
-    raise ValueError("the student's tokenizer gives other tokens than the selector's, so the "
-                     f"selector's mask would fall on other tokens: {where}")
+        return _same_ids_note(len(examples))
+    if selector_examples is not None:   # raises at the first token that differs; if none
+        # does, the data is not the artifact's, which the stored signature locates
+        check_same_tokens(selector_examples, examples)
+    raise _misaligned(_first_stored_difference(stored, signature))
 
 
 def student_loss_masks(artifact: SelectionArtifact, tokenizer,

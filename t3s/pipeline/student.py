@@ -28,7 +28,7 @@ from .loaders import check_model_dir, load_data, load_tokenizer
 from .settings import UsageError
 
 __all__ = ["STUDENT_STAGES", "student_settings", "artifact_file", "load_selection",
-           "check_cross_model", "import_selection", "models_of"]
+           "check_cross_model", "import_selection"]
 
 #: the stages that run on the student (``--student``)
 STUDENT_STAGES = ("train", "baseline", "arms", "eval")
@@ -45,14 +45,6 @@ def student_settings(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     if not cfg.get("student"):
         return cfg
     return {**cfg, "model": cfg["student"], "tokenizer": None}
-
-
-def models_of(cfg: Mapping[str, Any]) -> Dict[str, Optional[str]]:
-    """{"selector": the model whose pilot gave the mask (None for a reused artifact
-    whose selector is unknown), "student": the model the retraining arms train}."""
-    if not cfg.get("student"):
-        return {"selector": cfg.get("model"), "student": cfg.get("model")}
-    return {"selector": cfg.get("model"), "student": cfg["student"]}
 
 
 def artifact_file(path: str) -> Path:
@@ -119,7 +111,7 @@ def check_cross_model(cfg: Mapping[str, Any], pending: Sequence[str]) -> Optiona
     if not cfg.get("student"):
         return None
     from ..artifact import tokenizer_signature
-    from ..cross_model import check_student, describe_difference, first_token_difference
+    from ..cross_model import check_same_tokens, check_student
     for stage in ("analyze", "sensitivity"):
         if stage in pending:
             raise UsageError(f"the {stage} stage studies the pilot's own model and is not "
@@ -139,20 +131,13 @@ def check_cross_model(cfg: Mapping[str, Any], pending: Sequence[str]) -> Optiona
             tokenizer_signature(tok)["fingerprint"]
         if same:
             return None
-        train = list(load_data(student, "train", tok))
-        diff = first_token_difference(_selector_examples(cfg, None), train)
-        if diff is not None:
-            raise UsageError("the student's tokenizer gives other tokens than the selector's, "
-                             "so the selector's mask would fall on other tokens: "
-                             + describe_difference(diff))
-        return ("the student's tokenizer differs from the selector's, but it gives the same "
-                f"token ids for all {len(train)} training examples: the selector's mask "
-                "applies")
     train = list(load_data(student, "train", tok))
     try:
+        if art is None:
+            return check_same_tokens(_selector_examples(cfg, None), train)
         return check_student(art, tok, train, selector_examples=_selector_examples(cfg, art))
     except ValueError as e:
-        raise UsageError(f"--artifact: {one_line(e)}") from None
+        raise UsageError(("" if art is None else "--artifact: ") + one_line(e)) from None
 
 
 def import_selection(ctx: StageContext) -> Dict[str, Any]:
