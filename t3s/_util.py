@@ -2,7 +2,6 @@
 
 - `to_numpy`: a tensor, array or sequence as a numpy array (bf16/fp16 tensors upcast).
 - `canonical_json` / `sha256_json`: the stable hash of a JSON-able object.
-- `sha256_file`: the hash of a file's bytes.
 - `one_line`: an exception's message on one line, for log lines and CLI errors.
 """
 
@@ -16,7 +15,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["to_numpy", "canonical_json", "sha256_json", "sha256_file", "one_line"]
+__all__ = ["to_numpy", "canonical_json", "sha256_json", "one_line"]
 
 
 def to_numpy(x: Any, dtype: Optional[Any] = None) -> np.ndarray:
@@ -47,15 +46,6 @@ def canonical_json(obj: Any) -> str:
 def sha256_json(obj: Any) -> str:
     """sha256 hex digest of `canonical_json` (equal objects hash equal)."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def one_line(exc: BaseException) -> str:

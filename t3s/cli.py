@@ -238,6 +238,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    commands.check_extras("math")   # the demo's stages and verifier: one line, not a traceback
     try:
         import t3s.demo as demo
     except ImportError as e:

@@ -198,30 +198,18 @@ def load_build_info(path: Union[str, os.PathLike] = BASE_DIR) -> Dict[str, Any]:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
-def _cache_kwarg(model) -> str:
-    """The forward argument that takes the KV cache: ``cache`` in recent
-    transformers, ``past_key_values`` before."""
-    import inspect
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _get_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     eos_token_id: int = EOS_ID, pad_token_id: int = PAD_ID,
                     batch_size: int = 256) -> List[List[int]]:
-    """Greedy continuations of token-id ``prompts``, batched, with a KV cache.
+    """Greedy continuations of token-id ``prompts``: ``model.generate(do_sample=False)``
+    over batches of prompts of one length.
 
-    Prompts are grouped by length, so no batch needs padding (the demo's prompts
-    of one problem size all have the same length). Each continuation stops
-    after ``eos_token_id`` (which it does not include) or ``max_new_tokens``
-    tokens. Returns the new token ids per prompt, in the input order. The model
-    is put in eval mode and restored afterwards.
+    Grouping by length means no batch needs padding (the demo's prompts of one problem
+    size all have the same length), so each continuation is the one the prompt gets
+    alone. Each continuation stops after ``eos_token_id`` (which it does not include)
+    or ``max_new_tokens`` tokens. Returns the new token ids per prompt, in the input
+    order. The model is put in eval mode and restored afterwards.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -235,26 +223,17 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             raise ValueError(f"prompt {i} is empty")
         groups.setdefault(len(p), []).append(i)
     try:
-        for _, idx_all in sorted(groups.items()):
+        for length, idx_all in sorted(groups.items()):
             for s in range(0, len(idx_all), batch_size):
                 idx = idx_all[s:s + batch_size]
                 ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
-                res = model(input_ids=ids, use_cache=True)
-                cache = _get_cache(res)
-                nxt = res.logits[:, -1].argmax(-1)
-                done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-                gen = []
-                for t in range(max_new_tokens):
-                    nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-                    gen.append(nxt)
-                    done = done | (nxt == eos_token_id)
-                    if bool(done.all()) or t == max_new_tokens - 1:
-                        break
-                    res = model(input_ids=nxt[:, None], use_cache=True, **{_cache_kwarg(model): cache})
-                    cache = _get_cache(res)
-                    nxt = res.logits[:, -1].argmax(-1)
-                toks = torch.stack(gen, 1).tolist()
-                for row, i in zip(toks, idx):
+                # every setting given, so that the model's generation_config.json (sampling
+                # options, a length limit) cannot change what greedy decoding means here
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     do_sample=False, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=0, num_beams=1,
+                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                for row, i in zip(gen[:, length:].tolist(), idx):
                     cut = row.index(eos_token_id) if eos_token_id in row else len(row)
                     out[i] = row[:cut]
     finally:

@@ -15,8 +15,8 @@ def apply_liger(model: nn.Module) -> bool:
     try:
         from liger_kernel.transformers import monkey_patch as liger
     except ImportError as exc:
-        raise ImportError(
-            "compose_liger=True needs liger-kernel: pip install liger-kernel") from exc
+        raise ImportError("compose_liger=True needs liger-kernel, the liger extra: "
+                          "pip install 't3s[liger]'") from exc
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     table = getattr(liger, "MODEL_TYPE_TO_APPLY_LIGER_FN", {})

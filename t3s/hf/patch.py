@@ -180,8 +180,9 @@ def patch(
             them). When given with ``verify``, it is checked.
         compose_liger: first apply liger-kernel's RMSNorm / RoPE / SwiGLU patches
             for the model type (not its losses: the loss stays t3s's). Needs
-            ``pip install liger-kernel``. Liger patches module-level functions of
-            the model type; `unpatch` does not undo them.
+            liger-kernel, the ``liger`` extra (``pip install 't3s[liger]'``).
+            Liger patches module-level functions of the model type; `unpatch`
+            does not undo them.
         **loss_options: passed to `t3s.masked_ce`: ``ignore_index`` (default
             -100), ``reduction`` ('mean' or 'sum'), ``label_smoothing``,
             ``z_loss``, ``filter_eps``, ``accum_dtype``, ``buffer_bytes``.

@@ -45,7 +45,15 @@ from .stages import FORCED_MSG, NEEDS_MODEL, NEEDS_TRAIN, STAGE_NAMES, STAGES
 from .student import STUDENT_STAGES, check_cross_model
 
 __all__ = ["resolve_config", "redo_list", "check_inputs", "check_single_process",
-           "check_launch", "launch_notes", "run_command"]
+           "check_launch", "check_extras", "launch_notes", "run_command"]
+
+#: what the `t3s` command's stages and its demo import, all in the ``hf`` extra
+#: (the core package installs the library and the command, not the Hugging Face stack)
+HF_MODULES = (("transformers", "transformers"), ("accelerate", "accelerate"),
+              ("tokenizers", "tokenizers"))
+#: the oldest transformers the loaders work with: they pass ``dtype=``, which older
+#: versions take for a config attribute and ignore (the model then loads in float32)
+MIN_TRANSFORMERS = (4, 56)
 
 
 def check_single_process(what: str) -> None:
@@ -57,6 +65,40 @@ def check_single_process(what: str) -> None:
             f"{what} runs in one process, but it was started by a launcher with "
             f"WORLD_SIZE={world} (torchrun / accelerate launch): start it directly (the "
             "autoregressive pipeline, `t3s run` and `t3s demo`, runs under a launcher)")
+
+
+def check_extras(verifier: Optional[str] = "math") -> None:
+    """One UsageError line naming the extra to install when what the command needs is
+    missing: transformers, accelerate and tokenizers (the ``hf`` extra), transformers
+    older than `MIN_TRANSFORMERS`, and math-verify for ``verifier`` "math". Checked
+    before any work, without importing them (``importlib.util.find_spec``)."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):   # a parent missing, or a broken entry
+            return False
+
+    missing = [dist_name for module, dist_name in HF_MODULES if not installed(module)]
+    if verifier == "math" and not installed("math_verify"):
+        missing.append("math-verify")
+    if missing:
+        why = " (--verifier math, the default, needs math-verify; --verifier exact does " \
+              "not)" if missing == ["math-verify"] else ""
+        raise UsageError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                         f"installed: the t3s command needs the hf extra, pip install "
+                         f"'t3s[hf]'{why}")
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:   # importable without metadata: trust it
+        return
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRANSFORMERS:
+        raise UsageError(f"transformers {version} is older than t3s needs "
+                         f"({'.'.join(map(str, MIN_TRANSFORMERS))}): pip install -U 't3s[hf]'")
 
 
 def check_launch(cfg: Mapping[str, Any]) -> None:
@@ -221,6 +263,7 @@ def _plan(command: str, targets: Sequence[str], cfg: Dict[str, Any], run: RunDir
           redo, force: bool, overwrite: bool) -> Dict[str, Any]:
     """Rank 0: every check `run_command` makes before it starts (``targets``: the stages
     the command runs); (the path fingerprints, a note of the checks or None)."""
+    check_extras(cfg["verifier"])
     fps = path_fingerprints(cfg, stored)
     _check_run_dir(run, overwrite)
     if stored is not None:

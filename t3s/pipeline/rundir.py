@@ -301,20 +301,23 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold an exclusive lock on the directory (RunDirError when another process has it)."""
+        """Hold an exclusive lock on the directory (RunDirError when another process, or
+        another `locked` in this one, has it). `filelock` locks on every platform (flock
+        on POSIX, msvcrt on Windows): no platform leaves a run directory unlocked. The
+        OS drops the lock when its holder dies, so a killed run never leaves it held."""
+        from filelock import FileLock, Timeout
         self.create()
-        fh = open(self.path / LOCK_FILE, "a+")
+        # a new lock object per call (not a shared, reentrant one): a second `locked` on
+        # the same directory must be refused like another process
+        lock = FileLock(str(self.path / LOCK_FILE))
         try:
-            try:
-                import fcntl
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except ImportError:  # pragma: no cover - not POSIX
-                pass
-            except OSError:
-                raise RunDirError(f"another t3s process is working in {self.path}") from None
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunDirError(f"another t3s process is working in {self.path}") from None
+        try:
             yield self
         finally:
-            fh.close()
+            lock.release()
 
     # -- ledger ------------------------------------------------------------------------
     def ledger(self) -> Dict[str, Dict[str, Any]]:

@@ -157,15 +157,22 @@ def test_shipped_base_loads():
     assert not any(" " in o or "\n" in o for o in outs), outs
 
 
-def test_greedy_generate_matches_hf_generate():
+def test_greedy_generate_is_the_argmax_of_every_step():
+    """Batched ``generate`` (prompts of several lengths, batches of 2) against the plain
+    definition: one prompt at a time, the whole sequence run again for each token, the
+    argmax taken, stopping at EOS."""
     model, tok = demo_model.load_base()
-    prompts = [tok(q.prompt)["input_ids"] for q in task.make_mixed_problems({2: 2, 4: 2}, "held_out")]
-    ours = demo_model.greedy_generate(model, prompts, max_new_tokens=10, batch_size=2)
+    prompts = [tok(q.prompt)["input_ids"] for q in task.make_mixed_problems({2: 3, 4: 2}, "held_out")]
+    ours = demo_model.greedy_generate(model, prompts, max_new_tokens=12, batch_size=2)
     for p, g in zip(prompts, ours):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                             eos_token_id=demo_model.EOS_ID, pad_token_id=demo_model.PAD_ID)[0, len(p):].tolist()
-        if demo_model.EOS_ID in ref:
-            ref = ref[:ref.index(demo_model.EOS_ID)]
+        seq, ref = list(p), []
+        with torch.no_grad():
+            for _ in range(12):
+                nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                if nxt == demo_model.EOS_ID:
+                    break
+                ref.append(nxt)
+                seq.append(nxt)
         assert g == ref
 
 

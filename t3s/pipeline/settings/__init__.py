@@ -5,12 +5,13 @@ turns values from flags, a YAML file (`load_yaml`) or a stored ``config.json``
 into the full, checked settings. `identity` is the part of the settings that
 names a run: the hashed options, with each path replaced by the fingerprint of
 what it names (`fingerprint_path`: data files by content; model and tokenizer
-directories by their files' names and sizes plus the content of those under
-64 MiB), so a changed data file counts as a changed setting.
+directories by their files' names, sizes and content, each file's digest cached by
+`digests`), so a changed data file or re-saved weights count as a changed setting.
 
 The modules, by role: `options` (`OPTIONS`, `DEFAULTS`, `UsageError`), `rules` (the
 rule, baseline and arm names and parameters), `normalize` (typing and checking a
-config), `fingerprints` (the run's identity) and `yaml_io` (YAML files).
+config), `fingerprints` (the run's identity), `digests` (cached file digests) and
+`yaml_io` (YAML files).
 """
 
 from .fingerprints import describe_change, fingerprint_path, identity, path_fingerprints

@@ -1,8 +1,13 @@
 """The run's identity: `identity` is the part of the settings that names a run, the
 hashed options with each path replaced by the fingerprint of what it names
-(`fingerprint_path`: data files by content; model and tokenizer directories by their
-files' names and sizes plus the content of those under 64 MiB), so a changed data file
-counts as a changed setting.
+(`fingerprint_path`: data files by their content; model and tokenizer directories by
+their files' names, sizes and content), so a changed data file or a model re-saved at
+the same path with other weights counts as a changed setting.
+
+Every byte is hashed, the weights included: a fine-tune of the same architecture keeps
+every file's name and size, so anything less would let stages built from the old
+weights pass as current. The digests are cached per file
+(`t3s.pipeline.settings.digests`), so only a file that changed is read again.
 """
 
 from __future__ import annotations
@@ -11,31 +16,31 @@ import hashlib
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from ..._util import sha256_file
+from .digests import file_sha256, file_sha256s
 from .options import OPTIONS, PATH_KEYS
 
 __all__ = ["fingerprint_path", "path_fingerprints", "identity", "describe_change"]
 
-_HASH_CONTENT_LIMIT = 64 << 20
-
 
 def fingerprint_path(path: Optional[str]) -> Optional[str]:
-    """sha256 identifying a data file (its content) or a model directory (its
-    top-level files' names and sizes, and the content of those under 64 MiB).
-    None for None or a path that does not exist."""
+    """sha256 identifying a data file (of its content) or a model directory (of its
+    top-level files' names, sizes and content digests; hidden files and subdirectories
+    are not part of a model). None for None or a path that does not exist.
+
+    The value of a file, and of a directory whose files are all under 64 MiB, is the
+    one earlier versions gave (they skipped larger files' content), so run
+    directories made with those stay the same runs."""
     if path is None or not os.path.exists(path):
         return None
     if os.path.isfile(path):
-        return sha256_file(path)
+        return file_sha256(path)
+    files = [(name, os.path.join(path, name)) for name in sorted(os.listdir(path))
+             if not name.startswith(".") and os.path.isfile(os.path.join(path, name))]
+    digests = file_sha256s(full for _, full in files)
     h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full) or name.startswith("."):
-            continue
-        size = os.path.getsize(full)
-        h.update(f"{name}\0{size}\0".encode())
-        if size <= _HASH_CONTENT_LIMIT:
-            h.update(sha256_file(full).encode())
+    for name, full in files:
+        h.update(f"{name}\0{os.path.getsize(full)}\0".encode())
+        h.update(digests[full].encode())
     return h.hexdigest()
 
 
