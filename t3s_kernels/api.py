@@ -137,6 +137,10 @@ def linear_cross_entropy(
     Triton backend: one logit GEMM plus the kept tiles of the two backward
     GEMMs, when its buffers fit ``buffer_bytes``; see
     `t3s_kernels.triton.forward_backward`).
+
+    Second derivatives are exact: a backward with ``create_graph=True`` computes the
+    gradients differentiably on the kept rows' materialised logits
+    (`t3s_kernels.second_order`); an ordinary backward is unaffected.
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_loss_mask(loss_mask, targets)

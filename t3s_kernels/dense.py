@@ -99,7 +99,7 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
         tz = z.gather(1, t[:, None]).squeeze(1)
         stats = (scatter_rows(lse.detach().float(), rows, n, nan),
                  scatter_rows((tz - lse).float(), rows, n, nan),
-                 scatter_rows(reference.row_entropy(z, lse).float(), rows, n, nan),
+                 scatter_rows(reference.row_entropy(z).float(), rows, n, nan),
                  scatter_rows(z.argmax(1) == t, rows, n, False))
     return loss, stats
 
@@ -119,7 +119,7 @@ def target_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional
     # log_softmax: NaN on a row with a non-finite logit, as the specification's lse
     logprob = torch.log_softmax(z, 1).gather(1, targets1d.index_select(0, rows)[:, None])
     logprob = logprob.squeeze(1)
-    entropy = (scatter_rows(reference.row_entropy(z, reference.row_lse(z)).float(), rows, n, nan)
+    entropy = (scatter_rows(reference.row_entropy(z).float(), rows, n, nan)
                if want_entropy else None)
     argmax = scatter_rows(z.argmax(1), rows, n, -1) if want_argmax else None
     return scatter_rows(logprob.float(), rows, n, nan), entropy, argmax

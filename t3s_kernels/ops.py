@@ -20,6 +20,12 @@ sum_t grad_scale_t * token_loss_t, and its gradients are computed in the
 forward (the backend's `loss_forward_backward`); its autograd backward only
 scales them by grad_output.
 
+Second derivatives: a backward recorded for another one (``create_graph=True``, i.e.
+grad mode on inside the backward) takes the gradients of both loss ops from
+`t3s_kernels.second_order` instead, differentiable in the inputs and grad_output, so
+that the next backward is exact. An ordinary backward runs the kernels as before;
+the one-pass op keeps references to its inputs for that (no copies).
+
 N' is N when the statistic is asked for and 0 otherwise; a gradient that is
 not needed comes back as an empty tensor. token_loss and lse are float32
 (float64 for float64 inputs); the statistics are float32 (argmax int64),
@@ -50,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
-from . import prepare
+from . import prepare, second_order
 from .backends import get_backend
 from .prepare import LossOptions, scatter_rows
 from .reference import compute_dtype_for
@@ -174,6 +180,12 @@ def _backward(ctx, grad_token_loss, *_stat_grads):
     none = (None,) * 12
     if grad_token_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (module doc)
+        ignore_index, label_smoothing, z_loss, softcap = ctx.options[:4]
+        grads = second_order.loss_gradients(
+            hidden, weight, bias, targets, loss_mask, grad_token_loss, ignore_index,
+            label_smoothing, z_loss, softcap, False, (need_h, need_w, need_b))
+        return grads + none
     grad_h, grad_w, grad_b = linear_ce_backward(
         grad_token_loss, hidden, weight, bias, targets, loss_mask, lse, *ctx.options,
         need_h, need_w, need_b, ctx.backend)
@@ -246,7 +258,13 @@ def _setup_fb_context(ctx, inputs, output):
     # No zeros for the outputs that get no gradient (lse, statistics, the saved gradients
     # themselves: [V, H] of zeros otherwise)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[5:])
+    (hidden, weight, bias, targets, loss_mask, grad_scale, ignore_index, label_smoothing,
+     z_loss, softcap, *_rest) = inputs
+    # The inputs too (references, no copies): a backward under create_graph=True recomputes
+    # the gradients from them, differentiably (`second_order`). Traced backwards run with
+    # grad mode off and never read them, so a compiled graph does not keep them.
+    ctx.save_for_backward(*output[5:], hidden, weight, bias, targets, loss_mask, grad_scale)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, inputs[-1])
     ctx.mark_non_differentiable(*output[1:])  # lse, statistics and gradients
 
 
@@ -260,9 +278,19 @@ def _fb_backward(ctx, grad_loss, *_other_grads):
     them, and copies them when a retained graph still does.
     """
     saved = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if grad_loss is not None and any(need) and torch.is_grad_enabled():
+        # create_graph=True: the saved gradients are constants to autograd; recompute them
+        # as a differentiable function of the inputs and grad_loss (`second_order`).
+        hidden, weight, bias, targets, loss_mask, grad_scale = saved[3:]
+        ignore_index, label_smoothing, z_loss, softcap, token_scaling = ctx.options
+        grads = second_order.loss_gradients(
+            hidden, weight, bias, targets, loss_mask, grad_scale * grad_loss, ignore_index,
+            label_smoothing, z_loss, softcap, token_scaling, need)
+        return grads + (None,) * 16
     unit = _is_unit(grad_loss)
-    grads = tuple(None if not (need and grad_loss is not None) else (g if unit else g * grad_loss)
-                  for g, need in zip(saved, ctx.needs_input_grad[:3]))
+    grads = tuple(None if not (n and grad_loss is not None) else (g if unit else g * grad_loss)
+                  for g, n in zip(saved[:3], need))
     return grads + (None,) * 16
 
 

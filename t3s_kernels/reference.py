@@ -40,7 +40,8 @@ times (1 - (z_tj / c)**2) under a softcap. Per-token statistics, computed in
 the same pass for the kept tokens:
 
     target_logprob_t = z_ty - lse_t
-    entropy_t        = lse_t - sum_j p_tj z_tj
+    entropy_t        = -sum_j p_tj log p_tj
+                     = log sum_j e^{s_tj} - sum_j p_tj s_tj,   s_tj = z_tj - max_k z_tk
     argmax_correct_t = (argmax_j z_tj == y_t)
 
 Everything is accumulated in float32 (float64 for float64 inputs). A kept token
@@ -113,11 +114,14 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, tz: Optional[torch.Tensor] 
     one kernel, or the shards of a vocab-parallel head). Each input is [S, M]:
 
         m max logit, s sum exp(z - m), tz target logit (0 where the target is elsewhere),
-        sz sum z, ez sum exp(z - m) z, av / ai the block's max logit and its index.
+        sz sum z, ez sum exp(z - m) (z - m) (shifted by the block's own max),
+        av / ai the block's max logit and its index.
 
     Returns (lse, target_logit, sum_logits, entropy, argmax), each [M] or None:
     lse = top + log sum_s exp(m_s - top) s_s, and so on. Ties in argmax go to the
-    first block, i.e. the lowest vocabulary index.
+    first block, i.e. the lowest vocabulary index. The entropy is that of `row_entropy`,
+    log(total) - sum_s exp(m_s - top) (ez_s + (m_s - top) s_s) / total: two terms >= 0,
+    never lse - sum p z, which cancels when the entropy is small next to |lse|.
     """
     top = m.max(dim=0).values
     # exp(-inf - (-inf)) would be NaN for an empty block; every block has >= 1 column.
@@ -126,14 +130,29 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, tz: Optional[torch.Tensor] 
     lse = top + torch.log(total)
     target_logit = tz.sum(0) if tz is not None else None
     sum_logits = sz.sum(0) if sz is not None else None
-    entropy = lse - (scale * ez).sum(0) / total if ez is not None else None
+    entropy = (torch.log(total) - (scale * (ez + (m - top) * s)).sum(0) / total
+               if ez is not None else None)
     argmax = ai.gather(0, av.argmax(0)[None]).squeeze(0) if av is not None else None
     return lse, target_logit, sum_logits, entropy, argmax
 
 
-def row_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """entropy_t = lse_t - sum_j p_tj z_tj for a chunk. z: [C, V], lse: [C]."""
-    return lse - (torch.exp(z - lse[:, None]) * z).sum(1)
+def row_entropy(z: torch.Tensor) -> torch.Tensor:
+    """entropy_t = -sum_j p_tj log p_tj for a chunk. z: [C, V] -> [C].
+
+    Computed on the shifted logits s = z - max z as log sum e^s - sum_j p_j s_j: both
+    terms are >= 0 and small on a peaked row. The textbook lse - sum_j p_j z_j takes
+    the difference of two numbers ~max z instead, and loses the entropy to their
+    rounding (1.75e-5 absolute in float32 on TRL's peaked rows). sum e^s = k + rest,
+    with k >= 1 maxima (e^0 = 1 exactly) and rest the sum of the others, enters as
+    log1p(k - 1 + rest): rest stays exact where 1 + rest would round it away, so a tiny
+    entropy keeps its relative precision too. A non-finite logit gives NaN, as the loss.
+    """
+    s = z - z.max(dim=1, keepdim=True).values
+    e = torch.exp(s)
+    below = s < 0
+    rest = torch.where(below, e, torch.zeros((), dtype=e.dtype, device=e.device)).sum(1)
+    rest = rest + (z.shape[1] - 1 - below.sum(1)).to(e.dtype)  # ties at the max: +1 each
+    return torch.log1p(rest) - (e * s).sum(1) / (1.0 + rest)
 
 
 def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -194,7 +213,7 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
         if want_logprob:
             logprob[sl] = tz - lse
         if want_stats:
-            entropy[sl] = row_entropy(z, lse)
+            entropy[sl] = row_entropy(z)
             correct[sl] = z.argmax(1) == targets[sl]
     return RowLosses(loss, lse_all, logprob, entropy, correct)
 
@@ -265,7 +284,7 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         lse = row_lse(z)
         logprob[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
         if want_entropy:
-            entropy[sl] = row_entropy(z, lse)
+            entropy[sl] = row_entropy(z)
         if want_argmax:
             argmax[sl] = z.argmax(1)
     return logprob, entropy, argmax

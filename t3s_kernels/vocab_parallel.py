@@ -7,7 +7,7 @@ rank computes, for its kept rows and its own columns only, the partial statistic
 of the streaming kernel (notation of `t3s_kernels.reference`):
 
     m_r  = max_j z_j        s_r = sum_j exp(z_j - m_r)      tz_r = z_y if y is local
-    sz_r = sum_j z_j        ez_r = sum_j exp(z_j - m_r) z_j   (argmax value, index)
+    sz_r = sum_j z_j        ez_r = sum_j exp(z_j - m_r) (z_j - m_r)   (argmax value, index)
 
 One all-gather of these [M]-sized partials (never the N x V_r logits) gives the
 global lse, target logit, logit sum, entropy and argmax, exactly as
@@ -107,7 +107,7 @@ def _partials(hidden, weight, bias, rows, targets, offset, softcap, want_sumz, w
         if want_sumz:
             out["sz"][sl] = z.sum(1)
         if want_stats:
-            out["ez"][sl] = (e * z).sum(1)
+            out["ez"][sl] = (e * (z - m[:, None])).sum(1)  # shifted: no cancellation
             out["av"][sl] = m
             out["ai"][sl] = z.argmax(1) + offset
     return out
@@ -148,6 +148,14 @@ class _VocabParallelLoss(torch.autograd.Function):
         hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
         group, offset, V, eps, lam, softcap, buffer_bytes = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() and (need_h or need_w or need_b):
+            # The gradients below treat lse as a constant and are written in place: a
+            # second backward through them would be wrong, so refuse it outright.
+            raise NotImplementedError(
+                "vocab_parallel_cross_entropy does not support second derivatives "
+                "(a backward with create_graph=True). Use t3s_kernels.linear_cross_entropy "
+                "on the gathered weight, which differentiates its gradients exactly, or "
+                "F.linear + F.cross_entropy.")
         cd = reference.compute_dtype_for(hidden.dtype)
         w, b = weight.to(cd), None if bias is None else bias.to(cd)
         Vl = weight.shape[0]

@@ -12,7 +12,7 @@ bounded buffer, to form the gradient from them):
     m      running max                 s    sum exp(z - m)
     tz     target logit (0 if the target is in another split)
     sz     sum of logits (label smoothing)
-    ez     sum exp(z - m) * z          (entropy)
+    ez     sum exp(z - m) * (z - m)    (entropy; shifted, so that it does not cancel)
     av/ai  max logit and its index     (argmax)
 
 Splits are combined on the host side in O(N * splits) (`combine_partials`).
@@ -140,9 +140,13 @@ def lse_partials_kernel(
         m_new = tl.maximum(m, blk_max)
         scale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        s = s * scale + tl.sum(p, axis=1)
         if WANT_ENT:
-            ez = ez * scale + tl.sum(p * z_valid, axis=1)
+            # Re-shift the running sum to m_new: sum e^(z-m_new) (z-m_new) =
+            # scale (ez + (m - m_new) s). Before the first block s = 0 and m = -inf, whose
+            # product would be NaN: m_new stands in. Masked columns: p = 0, z_valid finite.
+            shift = (tl.where(s > 0.0, m, m_new) - m_new) * s
+            ez = (ez + shift) * scale + tl.sum(p * (z_valid - m_new[:, None]), axis=1)
+        s = s * scale + tl.sum(p, axis=1)
         m = m_new
 
     out = pid_s * M + offs_m

@@ -5,7 +5,7 @@ import torch
 from conftest import BACKENDS, DEVICE
 from kernel_helpers import make_case
 
-from t3s_kernels import TargetLogprobs, debug, target_logprobs
+from t3s_kernels import TargetLogprobs, debug, linear_cross_entropy, reference, target_logprobs
 
 N, H, V = 37, 48, 1000
 
@@ -105,3 +105,55 @@ def test_nan_hidden_gives_nan(backend):
     hidden[4, 0] = float("nan")
     out = target_logprobs(hidden, weight, targets, backend=backend)
     assert torch.isnan(out[4]) and torch.isfinite(out[torch.arange(N) != 4]).all()
+
+
+def _peaked_and_flat(n=64, h=32, v=128):
+    """TRL's entropy-test sizes, float32: rows 0::4 nearly flat (entropy ~ log V), the
+    others peaked (a target logit up to ~16 above the rest), every logit offset by ~40
+    through the bias, so that |lse| is far above the entropy, as in real LM heads."""
+    hidden, weight, targets, bias = make_case(n, h, v, torch.float32, DEVICE,
+                                              requires_grad=False, bias=True, peaked=True)
+    w_t = weight[targets]  # 10 more on every target logit: surely peaked
+    hidden += 10.0 * w_t / (w_t * w_t).sum(1, keepdim=True)
+    hidden[0::4] *= 1e-2
+    return hidden, weight, targets, bias + 40.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [None])
+def test_entropy_exact_on_peaked_and_flat_rows(backend):
+    """Every backend's entropy, and the automatic dense path's, against float64 of the same
+    float32 inputs at TRL's atol = rtol = 1e-5: target_logprobs, and the statistics of the
+    loss on both its paths (gradient in the forward, or no gradient)."""
+    hidden, weight, targets, bias = _peaked_and_flat()
+    _, want, _, _ = _expected(hidden, weight, targets, bias)
+    assert want[1::4].min() < 0.1 and want[0::4].min() > 4.0  # peaked and flat rows
+    overrides = [{}] + ([dict(splits=4, block=(16, 32, 16))] if backend == "triton" else [])
+    for override in overrides:  # the Triton kernels also over 4 merged vocabulary splits
+        debug.OVERRIDES.update(override)
+        got = [target_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                               backend=backend).entropy]
+        for grad in (False, True):
+            h = hidden.clone().requires_grad_(grad)
+            got.append(linear_cross_entropy(h, weight, targets, bias=bias, return_stats=True,
+                                            backend=backend)[1].entropy)
+        for entropy in got:
+            torch.testing.assert_close(entropy.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_entropy_does_not_cancel():
+    """float32 logits ~1000 with one dominant entry per row: the entropy (~1e-3 down to
+    ~1e-7) of the reference is exact to float32 rounding of the entropy itself; merged
+    vocabulary blocks (the Triton splits' and the vocab-parallel shards' merge) to the
+    rounding of sum e^(z - max) ~ 1. lse - sum p z would err by ~ulp(1000) = 6e-5."""
+    z = torch.randn(16, 200) * 2.0 + 1000.0
+    z[torch.arange(16), torch.randint(0, 200, (16,))] += torch.linspace(8.0, 20.0, 16)
+    logp = torch.log_softmax(z.double(), 1)
+    want = -(logp.exp() * logp).sum(1)
+    torch.testing.assert_close(reference.row_entropy(z).double(), want, atol=1e-8, rtol=1e-5)
+    blocks = z.split(64, dim=1)  # partials as the kernels leave them, [S, M] each
+    m = torch.stack([b.max(1).values for b in blocks])
+    e = [torch.exp(b - mb[:, None]) for b, mb in zip(blocks, m)]
+    s = torch.stack([x.sum(1) for x in e])
+    ez = torch.stack([(x * (b - mb[:, None])).sum(1) for x, b, mb in zip(e, blocks, m)])
+    entropy = reference.merge_partials(m, s, ez=ez)[3]
+    torch.testing.assert_close(entropy.double(), want, atol=5e-7, rtol=1e-5)

@@ -71,6 +71,8 @@ def _worker(rank, port, seed, errors):
                                      backend="torch")
             torch.testing.assert_close(lp.logprobs.double(), ref_lp.logprobs.double(),
                                        equal_nan=True, **tol)
+            torch.testing.assert_close(lp.entropy.double(), ref_lp.entropy.double(),
+                                       equal_nan=True, **tol)
             if dtype == torch.float32:
                 assert torch.equal(lp.argmax, ref_lp.argmax)
         # a Shard(0) DTensor weight (torch's own uneven split) gives the same loss
@@ -86,6 +88,15 @@ def _worker(rank, port, seed, errors):
         w_ref = weight.clone().requires_grad_()
         linear_cross_entropy(hidden, w_ref, targets, loss_mask=mask, backend="torch").backward()
         torch.testing.assert_close(wd.grad.full_tensor(), w_ref.grad, **TOL[torch.float32])
+        # second derivatives are refused with a clear error, never silently wrong
+        h = hidden.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(h, weight[rows], targets, vocab_group=group)
+        try:
+            torch.autograd.grad(loss, h, create_graph=True)
+        except NotImplementedError as exc:
+            assert "second derivatives" in str(exc)
+        else:
+            raise AssertionError("a create_graph backward was accepted")
         # bad input: a label beyond the whole vocabulary, on every rank alike
         bad = targets.clone()
         bad[5] = V
