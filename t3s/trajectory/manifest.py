@@ -9,7 +9,8 @@ Layout of a store directory::
 
 A shard is a standard Arrow IPC stream (``pyarrow.ipc.open_stream`` reads an
 intact one): a schema message followed by one record-batch message per
-`TrajectoryWriter.append`. Rows are
+`TrajectoryWriter.append`, its body zstd-compressed by default (each message says
+whether it is, so stores written uncompressed read as before). Rows are
 
     step        int32    optimizer step whose parameters produced the value
     example_id  int64    example key
