@@ -7,7 +7,8 @@ earlier message intact and at most one truncated message at the end: readers
 skip such a torn tail with a warning. Reopening a shard for writing
 (``mode="append"``, the default) truncates a verified torn tail, checks the
 schema, and appends further messages, so the file stays one valid stream. A
-shard is locked (``fcntl.flock``, where available) while a writer holds it.
+shard is locked while a writer holds it (`filelock`, on every platform, through a hidden
+``.traj-rankNNNNN.lock`` file beside it).
 
 Integrity (format version 2). Every record batch carries the CRC32 of its
 decoded columns in its custom metadata (``t3s.crc32``), and closing a writer
@@ -42,11 +43,6 @@ from .manifest import FORMAT_VERSION, StoreManifest, write_manifest_once
 from .shards import (DEFAULT_COMPRESSION, PathLike, ShardCorruption, batch_message,
                      check_compression, load_shard, seal_path, shard_batches, shard_path,
                      trajectory_schema)
-
-try:  # advisory lock against two writers on one shard (POSIX only)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 INT32_RANGE = (-(2**31), 2**31 - 1)
 
@@ -128,22 +124,28 @@ class TrajectoryWriter:
         self.path = shard_path(self.directory, self.rank)
         self._crc = 0  # running CRC32, size and rows of the shard, for the seal
         self._size = self._rows = 0
-        self._file = open(self.path, "a+b")
+        self._shard_lock = self._lock()
         try:
-            self._lock()
+            self._file = open(self.path, "a+b")
             self._prepare(mode)
         except BaseException:
-            self._file.close()
+            if getattr(self, "_file", None) is not None:
+                self._file.close()
             self._file = None
+            self._shard_lock.release()
             raise
 
-    def _lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
+    def _lock(self):
+        """An exclusive lock on the shard, or RuntimeError when another writer (in this
+        process or another) holds it. A separate lock file, not a lock on the shard itself:
+        Windows byte-range locks would also block the readers of a running shard."""
+        from filelock import FileLock, Timeout
+        lock = FileLock(str(self.path.with_name(f".{self.path.stem}.lock")))
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raise RuntimeError(f"{self.path} is already open by another writer") from e
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RuntimeError(f"{self.path} is already open by another writer") from None
+        return lock
 
     def _prepare(self, mode: str) -> None:
         f = self._file
@@ -274,8 +276,9 @@ class TrajectoryWriter:
                     os.fsync(self._file.fileno())
                 self._seal()
             finally:
-                self._file.close()  # also releases the flock
+                self._file.close()
                 self._file = None
+                self._shard_lock.release()
 
     def _seal(self) -> None:
         seal = {"bytes": self._size, "rows": self._rows, "crc32": self._crc}
