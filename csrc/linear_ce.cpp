@@ -277,6 +277,15 @@ struct LossParams {
   float z_loss;
   float filter_eps;  // < 0: exact, no tile is skipped
   int64_t vocab;
+  // z = logit_mul * softcap(r): logit scale and temperature folded in (Python's
+  // kernel_logit_map); 1 skips the multiply. Its factor in dz/dr rides on gcoef.
+  float logit_mul = 1.0f;
+  // Class weights a [V] (nullptr: none): sum z becomes sum a z, and per kept row k the
+  // gradient's p coefficient base pbase[k] = (1 - eps) a_y + eps / V sum a (else 1) and
+  // its on-target term ontgt[k] = (1 - eps) a_y (else 1 - eps); smoothing eps / V a_j.
+  const float* class_weight = nullptr;
+  const float* pbase = nullptr;
+  const float* ontgt = nullptr;
 };
 
 // Per (chunk, token) partial statistics of one row block, [chunks, rows] each: max m, sum
@@ -314,11 +323,17 @@ static void logits_tile(const T* w, int64_t H, const T* hbt, int64_t n, const fl
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) z[k] = softcap_fn(z[k], cap, inv);
   }
+  if (p.logit_mul != 1.0f) {  // scale / temperature (never on the default path)
+    const float mul = p.logit_mul;
+    const int64_t count = width * n;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) z[k] *= mul;
+  }
 }
 
 // Per-token statistics of one tile z [width, n] (vocab v0 ...) into partials[c].
 static void tile_stats(const float* z, int64_t width, int64_t n, int64_t c, int64_t v0,
-                       const int64_t* tgt, Partials& P) {
+                       const int64_t* tgt, Partials& P, const float* class_weight) {
   float* m = P.m[c].data_ptr<float>();
   float* s = P.s[c].data_ptr<float>();
   float* tz = P.tz[c].data_ptr<float>();
@@ -340,6 +355,8 @@ static void tile_stats(const float* z, int64_t width, int64_t n, int64_t c, int6
   // is inf or NaN.
   for (int64_t i = 0; i < width; ++i) {
     const float* zr = z + i * n;
+    // sum z, or sum a z under class weights (times 1: exact on the default path)
+    const float wi = class_weight != nullptr ? class_weight[v0 + i] : 1.0f;
     if (ai != nullptr) {
       const int32_t row = static_cast<int32_t>(i);
 #pragma omp simd
@@ -348,7 +365,7 @@ static void tile_stats(const float* z, int64_t width, int64_t n, int64_t c, int6
         const bool gt = v > m[j];
         a[j] = gt ? row : a[j];
         m[j] = gt ? v : m[j];
-        sz[j] += v;
+        sz[j] += v * wi;
         bad[j] += v * 0.0f;
       }
     } else {
@@ -356,7 +373,7 @@ static void tile_stats(const float* z, int64_t width, int64_t n, int64_t c, int6
       for (int64_t j = 0; j < n; ++j) {
         const float v = zr[j];
         m[j] = v > m[j] ? v : m[j];
-        sz[j] += v;
+        sz[j] += v * wi;
         bad[j] += v * 0.0f;
       }
     }
@@ -413,15 +430,21 @@ static std::vector<Tensor> merge(const Partials& P) {
 // G^T = gcoef_j * d loss_j / d r_ij for one tile z [width, n], in place:
 // d loss / d r = (p (1 + 2 lam lse) - eps / V - [target] (1 - eps)) * softcap'(z). Returns
 // whether the tile counts (some |d loss / d r| >= filter_eps, or a non-finite value).
+// r0: the row block's first kept row (for the per-row class-weight coefficients).
 static bool grad_tile(float* z, int64_t width, int64_t n, int64_t v0, const int64_t* tgt,
-                      const float* lse, const float* gcoef, const LossParams& p) {
+                      const float* lse, const float* gcoef, const LossParams& p, int64_t r0) {
   const float smooth = p.label_smoothing / static_cast<float>(p.vocab);
-  const float on_target = 1.0f - p.label_smoothing;
-  const float inv_cap = p.has_softcap ? 1.0f / p.softcap : 0.0f;
-  std::vector<float> pscale(n), target_z(n);
+  const float* cw = p.class_weight;
+  const float* pbase = p.pbase != nullptr ? p.pbase + r0 : nullptr;
+  const float* ontgt = p.ontgt != nullptr ? p.ontgt + r0 : nullptr;
+  // softcap' in terms of z = mul * cap * tanh(r / cap): 1 - (z / (cap * mul))^2
+  const float inv_cap = p.has_softcap ? 1.0f / (p.softcap * p.logit_mul) : 0.0f;
+  std::vector<float> pscale(n), target_z(n), on_target(n, 1.0f - p.label_smoothing);
   std::vector<int32_t> target_row(n);
   for (int64_t j = 0; j < n; ++j) {
-    pscale[j] = 1.0f + 2.0f * p.z_loss * lse[j];  // z_loss adds 2 lam lse p_j
+    // z_loss adds 2 lam lse p_j
+    pscale[j] = (pbase != nullptr ? pbase[j] : 1.0f) + 2.0f * p.z_loss * lse[j];
+    if (ontgt != nullptr) on_target[j] = ontgt[j];
     const int64_t y = tgt[j] - v0;
     target_row[j] = (y >= 0 && y < width) ? static_cast<int32_t>(y) : -1;
     target_z[j] = (y >= 0 && y < width) ? z[y * n + j] : 0.0f;
@@ -432,6 +455,7 @@ static bool grad_tile(float* z, int64_t width, int64_t n, int64_t v0, const int6
   for (int64_t i = 0; i < width; ++i) {
     float* zr = z + i * n;
     const int32_t row = static_cast<int32_t>(i);
+    const float sm = cw != nullptr ? smooth * cw[v0 + i] : smooth;
     float mx = 0.0f, b = 0.0f;
     // The target entries are rewritten below; p_y - (1 - eps) cancels and must enter the
     // max as such, so they count 0 here.
@@ -439,7 +463,7 @@ static bool grad_tile(float* z, int64_t width, int64_t n, int64_t v0, const int6
 #pragma omp simd reduction(max : mx) reduction(+ : b)
       for (int64_t j = 0; j < n; ++j) {
         const float zc = zr[j] * inv_cap;
-        const float d = (fast_exp(zr[j] - lse[j]) * ps[j] - smooth) * (1.0f - zc * zc);
+        const float d = (fast_exp(zr[j] - lse[j]) * ps[j] - sm) * (1.0f - zc * zc);
         mx = std::max(mx, yr[j] == row ? 0.0f : std::fabs(d));
         b += d * 0.0f;
         zr[j] = d * gcoef[j];
@@ -447,7 +471,7 @@ static bool grad_tile(float* z, int64_t width, int64_t n, int64_t v0, const int6
     } else {
 #pragma omp simd reduction(max : mx) reduction(+ : b)
       for (int64_t j = 0; j < n; ++j) {
-        const float d = fast_exp(zr[j] - lse[j]) * ps[j] - smooth;
+        const float d = fast_exp(zr[j] - lse[j]) * ps[j] - sm;
         mx = std::max(mx, yr[j] == row ? 0.0f : std::fabs(d));
         b += d * 0.0f;
         zr[j] = d * gcoef[j];
@@ -461,7 +485,8 @@ static bool grad_tile(float* z, int64_t width, int64_t n, int64_t v0, const int6
     const float ty = target_z[j];
     const float zc = ty * inv_cap;
     const float cap_grad = p.has_softcap ? 1.0f - zc * zc : 1.0f;
-    const float d = (fast_exp(ty - lse[j]) * ps[j] - smooth - on_target) * cap_grad;
+    const float sy = cw != nullptr ? smooth * cw[tgt[j]] : smooth;
+    const float d = (fast_exp(ty - lse[j]) * ps[j] - sy - on_target[j]) * cap_grad;
     tile_max = std::max(tile_max, std::fabs(d));
     poison += d * 0.0f;
     z[yr[j] * n + j] = d * gcoef[j];
@@ -625,11 +650,27 @@ static void check_common(const Tensor& hidden, const Tensor& weight, const c10::
               "rows and targets must be int64 [M]");
 }
 
+static const float* f32_ptr(const c10::optional<Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel,
+              name, " must be contiguous float32 of ", numel, " elements");
+  return t->data_ptr<float>();
+}
+
+// class_weight [V], pbase / ontgt [M] (all or none; see LossParams).
 static LossParams params(int64_t V, c10::optional<double> softcap, double label_smoothing,
-                         double z_loss, double filter_eps) {
-  return {softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
-          static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-          static_cast<float>(filter_eps), V};
+                         double z_loss, double filter_eps, double logit_mul = 1.0,
+                         const c10::optional<Tensor>& class_weight = c10::nullopt,
+                         const c10::optional<Tensor>& pbase = c10::nullopt,
+                         const c10::optional<Tensor>& ontgt = c10::nullopt, int64_t M = 0) {
+  LossParams p{softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
+               static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+               static_cast<float>(filter_eps), V};
+  p.logit_mul = static_cast<float>(logit_mul);
+  p.class_weight = f32_ptr(class_weight, V, "class_weight");
+  p.pbase = f32_ptr(pbase, M, "pbase");
+  p.ontgt = f32_ptr(ontgt, M, "ontgt");
+  return p;
 }
 
 static const float* bias_ptr(const c10::optional<Tensor>& bias) {
@@ -672,7 +713,7 @@ static void block_forward(const T* w, int64_t V, int64_t H, const RowBlock<T>& b
       const int64_t v0 = c * b.vocab, width = std::min(b.vocab, V - v0);
       float* z = tile_of(c);
       logits_tile<T>(w, H, blk.hbt.template data_ptr<T>(), blk.n, bias, v0, width, p, z);
-      tile_stats(z, width, blk.n, c, v0, tgt, P);
+      tile_stats(z, width, blk.n, c, v0, tgt, P, p.class_weight);
     }
     cpublas::brgemm_release(kVnni<T>);
   });
@@ -707,10 +748,11 @@ static std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weig
 std::vector<Tensor> lce_forward(const Tensor& hidden, const Tensor& weight,
                                 const c10::optional<Tensor>& bias, const Tensor& rows,
                                 const Tensor& targets, c10::optional<double> softcap,
+                                double logit_mul, c10::optional<Tensor> class_weight,
                                 bool want_entropy, bool want_argmax, int64_t block_rows,
                                 int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
-  const LossParams p = params(weight.size(0), softcap, 0.0, 0.0, -1.0);
+  const LossParams p = params(weight.size(0), softcap, 0.0, 0.0, -1.0, logit_mul, class_weight);
   const Blocks b = blocks_for(weight.size(0), block_rows, block_vocab);
   if (weight.scalar_type() == at::kBFloat16)
     return forward_impl<BFloat16>(hidden, weight, bias, rows, targets, p, want_entropy,
@@ -754,11 +796,11 @@ struct Backward {
   template <typename T>
   void tile(float* z, int64_t c, int64_t width, const RowBlock<T>& blk, const int64_t* tgt,
             const float* lse, const float* gcoef, int64_t V, int64_t H,
-            GradScratch<T>& scratch, float* part) {
+            GradScratch<T>& scratch, float* part, int64_t r0) {
     const int64_t v0 = c * b.vocab;
     const bool first = !written[c];
     written[c] = 1;
-    if (!grad_tile(z, width, blk.n, v0, tgt, lse, gcoef, p)) {
+    if (!grad_tile(z, width, blk.n, v0, tgt, lse, gcoef, p, r0)) {
       ++skipped[c];
       if (first) zero_chunk(out, v0, width);
       return;
@@ -820,7 +862,7 @@ static void backward_impl(const Tensor& hidden, const Tensor& weight,
                        bw.p, tile.data());
         bw.tile<T>(tile.data(), c, width, blk, targets.data_ptr<int64_t>() + r0,
                    lse.data_ptr<float>() + r0, gcoef.data_ptr<float>() + r0, V, H, scratch,
-                   part);
+                   part, r0);
       }
       cpublas::brgemm_release(kVnni<T>);
     });
@@ -834,7 +876,9 @@ static void backward_impl(const Tensor& hidden, const Tensor& weight,
 std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
                                   const c10::optional<Tensor>& bias, const Tensor& rows,
                                   const Tensor& targets, const Tensor& lse, const Tensor& gcoef,
-                                  c10::optional<double> softcap, double label_smoothing,
+                                  c10::optional<double> softcap, double logit_mul,
+                                  c10::optional<Tensor> class_weight, c10::optional<Tensor> pbase,
+                                  c10::optional<Tensor> ontgt, double label_smoothing,
                                   double z_loss, double filter_eps, c10::optional<Tensor> grad_hidden,
                                   c10::optional<Tensor> grad_weight, c10::optional<Tensor> grad_bias,
                                   bool pack_w, int64_t block_rows, int64_t block_vocab) {
@@ -843,7 +887,9 @@ std::vector<int64_t> lce_backward(const Tensor& hidden, const Tensor& weight,
                   lse.is_contiguous() && gcoef.is_contiguous(),
               "lse and gcoef must be contiguous float32 [M]");
   const int64_t V = weight.size(0);
-  Backward bw(weight, rows.numel(), params(V, softcap, label_smoothing, z_loss, filter_eps),
+  Backward bw(weight, rows.numel(),
+              params(V, softcap, label_smoothing, z_loss, filter_eps, logit_mul, class_weight,
+                     pbase, ontgt, rows.numel()),
               block_rows, block_vocab, grad_hidden, grad_weight, grad_bias);
   bw.pack_w = pack_w;
   if (weight.scalar_type() == at::kBFloat16) {
@@ -897,7 +943,7 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t width = std::min(b.vocab, V - c * b.vocab);
         bw.tile<T>(slab[c].data_ptr<float>(), c, width, blk, tgt_all + r0,
-                   out.lse.data_ptr<float>() + r0, coef, V, H, scratch, part);
+                   out.lse.data_ptr<float>() + r0, coef, V, H, scratch, part, r0);
       }
       cpublas::brgemm_release(kVnni<T>);
     });
@@ -914,14 +960,17 @@ static std::vector<Tensor> forward_backward_impl(const Tensor& hidden, const Ten
 std::vector<Tensor> lce_forward_backward(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& rows, const Tensor& targets, const Tensor& gcoef, c10::optional<double> softcap,
-    double label_smoothing, double z_loss, double filter_eps, bool want_entropy, bool want_argmax,
+    double logit_mul, c10::optional<Tensor> class_weight, c10::optional<Tensor> pbase,
+    c10::optional<Tensor> ontgt, double label_smoothing, double z_loss, double filter_eps, bool want_entropy, bool want_argmax,
     bool token_scaling, c10::optional<Tensor> grad_hidden, c10::optional<Tensor> grad_weight,
     c10::optional<Tensor> grad_bias, bool pack_w, int64_t block_rows, int64_t block_vocab) {
   check_common(hidden, weight, bias, rows, targets);
   TORCH_CHECK(gcoef.scalar_type() == at::kFloat && gcoef.is_contiguous(),
               "grad_scale must be contiguous float32 [M]");
   const int64_t V = weight.size(0);
-  Backward bw(weight, rows.numel(), params(V, softcap, label_smoothing, z_loss, filter_eps),
+  Backward bw(weight, rows.numel(),
+              params(V, softcap, label_smoothing, z_loss, filter_eps, logit_mul, class_weight,
+                     pbase, ontgt, rows.numel()),
               block_rows, block_vocab, grad_hidden, grad_weight, grad_bias);
   bw.pack_w = pack_w;
   if (weight.scalar_type() == at::kBFloat16)

@@ -35,8 +35,10 @@ from .debug import OVERRIDES
 from .prepare import (
     DEFAULT_BUFFER_BYTES,
     check_linear_inputs,
+    check_class_weight,
     check_loss_mask,
     check_options,
+    check_scale,
     check_softcap,
     resolve_filter_eps,
     token_weights,
@@ -86,6 +88,9 @@ def linear_cross_entropy(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     backend: Optional[str] = None,
     token_scaling: bool = False,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    class_weight: Optional[torch.Tensor] = None,
 ):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -122,6 +127,14 @@ def linear_cross_entropy(
             reductions keep their denominators ('mean' = sum w p l / sum w, 'none'
             gives w p l). The returned statistics are unscaled. Computed in the
             same pass: no extra pass over the vocabulary.
+        logit_scale: multiplies the raw logits before the softcap (Cohere / Granite heads).
+        temperature: divides the logits after the softcap, before the softmax (TRL, GRPO);
+            the order is scale, softcap, temperature. Both > 0; 1.0 costs nothing.
+        class_weight: optional [V] per-class weights with ``F.cross_entropy``'s
+            ``weight=`` semantics: a token's loss is weighted by its target's class
+            weight, label smoothing by each class's ('mean' divides by
+            sum_t w_t class_weight[y_t]; `t3s_kernels.reference`). The z-loss term is not
+            class-weighted. No gradient flows into it.
 
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, TokenStats)``
@@ -148,6 +161,8 @@ def linear_cross_entropy(
                   z_loss=z_loss, normalizer=normalizer, filter_eps=filter_eps,
                   accum_dtype=accum_dtype, weight_dtype=weight.dtype, buffer_bytes=buffer_bytes,
                   token_scaling=token_scaling)
+    check_scale(logit_scale, temperature)
+    check_class_weight(class_weight, weight, hidden)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     small = backend is None and dense.preferred(hidden2d, weight)
     if small:
@@ -164,26 +179,32 @@ def linear_cross_entropy(
                resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes,
                return_stats)
     token_weight = token_weights(targets1d, mask1d, ignore_index)
+    cw = (None if class_weight is None
+          else class_weight.to(reference.compute_dtype_for(hidden.dtype)).contiguous())
+    mean_weight = reference.mean_weights(token_weight, targets1d, cw)
+    extra = dict(logit_scale=float(logit_scale), temperature=float(temperature),
+                 class_weight=cw)
     need = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if small:
         loss, stats = dense.linear_cross_entropy(
             hidden2d, weight, bias, targets1d, mask1d, token_weight, ignore_index, reduction,
-            normalizer, *options[:3], return_stats, token_scaling)
+            normalizer, *options[:3], return_stats, token_scaling, **extra)
         lse, logprob, entropy, correct = stats if return_stats else (None,) * 4
     elif _gradient_in_forward(reduction, normalizer, need):
         grad_scale = _grad_scale(token_weight, reduction, normalizer,
-                                 reference.compute_dtype_for(hidden.dtype))
+                                 reference.compute_dtype_for(hidden.dtype), mean_weight)
         loss, lse, logprob, entropy, correct, *_grads = ops.linear_ce_forward_backward(
             hidden2d, weight, bias, targets1d, mask1d, grad_scale, ignore_index, *options,
-            *need, backend, token_scaling)
+            *need, backend, token_scaling, **extra)
     else:
         token_loss, lse, logprob, entropy, correct = ops.linear_ce_forward(
             hidden2d, weight, bias, targets1d, mask1d, ignore_index, *options, backend,
-            token_scaling)
+            token_scaling, **extra)
         if token_scaling:  # the op returned log p_t [N] for this (NaN on dropped rows)
             token_loss = token_loss * reference.token_scale(logprob, token_weight,
                                                             token_loss.dtype)
-        loss = reference.reduce_token_losses(token_loss, token_weight, reduction, normalizer)
+        loss = reference.reduce_token_losses(token_loss, token_weight, reduction, normalizer,
+                                             mean_weight)
     if reduction == "none":
         loss = loss.view(lead_shape)
     if not return_stats:
@@ -211,17 +232,19 @@ def _gradient_in_forward(reduction: str, normalizer, need) -> bool:
 
 
 def _grad_scale(token_weight: torch.Tensor, reduction: str, normalizer,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, mean_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """d loss / d token_loss_t [N] = w_t / denominator, with the denominator of
-    `reference.reduce_token_losses` (normalizer; 1 for 'sum'; sum_t w_t for 'mean', an
-    all-dropped batch giving 0 gradients, not 0/0)."""
+    `reference.reduce_token_losses` (normalizer; 1 for 'sum'; sum_t w_t for 'mean', or
+    sum_t mean_weight_t under class weights; an all-dropped batch giving 0 gradients,
+    not 0/0)."""
     w = token_weight.to(dtype)
     if normalizer is not None:
         denom = torch.as_tensor(normalizer, dtype=dtype, device=w.device).reshape(())
         return w / denom
     if reduction == "sum":
         return w
-    return w / w.sum().clamp_min(torch.finfo(dtype).tiny)
+    denom = w.sum() if mean_weight is None else mean_weight.to(dtype).sum()
+    return w / denom.clamp_min(torch.finfo(dtype).tiny)
 
 
 @torch.no_grad()
@@ -237,6 +260,8 @@ def target_logprobs(
     ignore_index: int = -100,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     backend: Optional[str] = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ):
     """Forward-only per-token log p(target) of ``hidden @ weight.T (+ bias)``, streamed.
 
@@ -246,6 +271,8 @@ def target_logprobs(
         return_entropy / return_argmax: also return the entropy of each row's
             distribution and its argmax token, in the same pass.
         ignore_index: rows with this target are skipped (NaN / -1 in the output).
+        logit_scale, temperature: as in `linear_cross_entropy` (scale, softcap,
+            temperature; e.g. a sampler's temperature for GRPO's log-probs).
 
     Returns:
         float32 log-probs shaped like targets, or `TargetLogprobs` when an extra
@@ -253,16 +280,19 @@ def target_logprobs(
     """
     check_linear_inputs(hidden, weight, targets, bias)
     check_softcap(softcap)
+    check_scale(logit_scale, temperature)
     hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
     args = (hidden2d, weight.detach(), None if bias is None else bias.detach().contiguous(),
             targets.reshape(-1).long(), ignore_index, None if softcap is None else float(softcap),
             return_entropy, return_argmax)
+    scale = dict(logit_scale=float(logit_scale), temperature=float(temperature))
     if backend is None and dense.preferred(hidden2d, weight):
         dense.log_choice(hidden2d, weight)
-        logprob, entropy, argmax = dense.target_logprobs(*args)
+        logprob, entropy, argmax = dense.target_logprobs(*args, **scale)
     else:
         backend = resolve_backend(backend, hidden)
-        logprob, entropy, argmax = ops.target_logprobs_op(*args, buffer_bytes, backend)
+        logprob, entropy, argmax = ops.target_logprobs_op(*args, buffer_bytes, backend,
+                                                          **scale)
     lead_shape = targets.shape
     logprob = logprob.view(lead_shape)
     if not (return_entropy or return_argmax):

@@ -47,17 +47,18 @@ def log_choice(hidden2d: torch.Tensor, weight: torch.Tensor) -> None:
                   n, v, h, DENSE_MACS)
 
 
-def _logits(hidden2d, weight, bias, rows, softcap):
+def _logits(hidden2d, weight, bias, rows, softcap, logit_scale=1.0, temperature=1.0):
     # Named in profiler traces (the streaming path shows its custom ops there).
     with torch.profiler.record_function("t3s_kernels::dense_logits"):
-        return _dense_logits(hidden2d, weight, bias, rows, softcap)
+        return _dense_logits(hidden2d, weight, bias, rows, softcap, logit_scale, temperature)
 
 
-def _dense_logits(hidden2d, weight, bias, rows, softcap):
+def _dense_logits(hidden2d, weight, bias, rows, softcap, logit_scale, temperature):
     """z [M, V] of the kept rows in the compute dtype, differentiable."""
     cd = reference.compute_dtype_for(hidden2d.dtype)
     b = None if bias is None else bias.to(cd)
-    return reference.logits_ref(hidden2d.index_select(0, rows).to(cd), weight.to(cd), b, softcap)
+    return reference.logits_ref(hidden2d.index_select(0, rows).to(cd), weight.to(cd), b, softcap,
+                                logit_scale, temperature)
 
 
 def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
@@ -65,7 +66,8 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
                          mask1d: Optional[torch.Tensor], token_weight: torch.Tensor,
                          ignore_index: int, reduction: str, normalizer, label_smoothing: float,
                          z_loss: float, softcap: Optional[float], want_stats: bool,
-                         token_scaling: bool = False
+                         token_scaling: bool = False, *, logit_scale: float = 1.0,
+                         temperature: float = 1.0, class_weight: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, Optional[tuple]]:
     """The loss of `api.linear_cross_entropy` (hidden2d [N, H], targets1d / mask1d /
     token_weight [N]): (loss [] or [N], (lse, target_logprob, entropy, argmax_correct)
@@ -74,13 +76,15 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
     The kept rows only enter the matmul (a dropped row may hold anything, NaN included);
     their per-token loss is torch's fused ``F.cross_entropy``, whose label smoothing is
     the specification's: lse - (1 - eps) z_y - eps / V sum_j z_j. ``token_scaling``
-    multiplies it by the detached p_y = exp(z_y - lse) of the same logits.
+    multiplies it by the detached p_y = exp(z_y - lse) of the same logits. class_weight
+    ([V] in the compute dtype) is ``F.cross_entropy``'s ``weight=`` as it stands.
     """
     n, vocab = targets1d.shape[0], weight.shape[0]
     rows = prepare.validate_and_compact(targets1d, mask1d, token_weight, vocab, ignore_index)
     t = targets1d.index_select(0, rows)
-    z = _logits(hidden2d, weight, bias, rows, softcap)
-    kept_loss = F.cross_entropy(z, t, reduction="none", label_smoothing=label_smoothing)
+    z = _logits(hidden2d, weight, bias, rows, softcap, logit_scale, temperature)
+    kept_loss = F.cross_entropy(z, t, weight=class_weight, reduction="none",
+                                label_smoothing=label_smoothing)
     lse = reference.row_lse(z) if (z_loss or want_stats or token_scaling) else None
     if z_loss:
         kept_loss = kept_loss + z_loss * lse * lse
@@ -91,7 +95,8 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
         token_loss = kept_loss.new_zeros(n).index_copy(0, rows, kept_loss)
         loss = reference.reduce_token_losses(token_loss, token_weight, reduction, normalizer)
     else:  # the dropped rows add 0 to the sum and their weight 0 to the 'mean' denominator
-        loss = reference.reduce_token_losses(kept_loss, kept_weight, reduction, normalizer)
+        loss = reference.reduce_token_losses(kept_loss, kept_weight, reduction, normalizer,
+                                             reference.mean_weights(kept_weight, t, class_weight))
     if not want_stats:
         return loss, None
     nan = float("nan")
@@ -107,14 +112,15 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
 @torch.no_grad()
 def target_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     targets1d: torch.Tensor, ignore_index: int, softcap: Optional[float],
-                    want_entropy: bool, want_argmax: bool):
+                    want_entropy: bool, want_argmax: bool, logit_scale: float = 1.0,
+                    temperature: float = 1.0):
     """`api.target_logprobs` on hidden2d [N, H]: (log-probs [N] float32, NaN at
     ignore_index; entropy [N] or None; argmax [N] int64 (-1 at ignore_index) or None)."""
     n = targets1d.shape[0]
     token_weight = prepare.token_weights(targets1d, None, ignore_index)
     rows = prepare.validate_and_compact(targets1d, None, token_weight, weight.shape[0],
                                         ignore_index)
-    z = _logits(hidden2d, weight, bias, rows, softcap)
+    z = _logits(hidden2d, weight, bias, rows, softcap, logit_scale, temperature)
     nan = float("nan")
     # log_softmax: NaN on a row with a non-finite logit, as the specification's lse
     logprob = torch.log_softmax(z, 1).gather(1, targets1d.index_select(0, rows)[:, None])

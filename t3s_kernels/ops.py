@@ -42,6 +42,10 @@ loss and gradients (the backend scales grad_scale by p inside its pass);
 token_loss unscaled: its caller multiplies by the stop-gradient p (`api`), so that
 autograd hands the deferred backward grad_output * p.
 
+The options logit_scale, temperature (floats) and class_weight ([V] in the loss dtype, or
+None; no gradient) come last in the three loss ops (the first two in target_logprobs), with
+defaults that leave the default path as it was.
+
 Inside each op: the value checks (label range, mask weights), the compaction
 of the kept rows and its one host synchronisation (`prepare.validate_and_compact`),
 then the backend's implementation on the M kept rows. Compaction happens
@@ -66,10 +70,20 @@ __all__ = ["linear_ce_forward", "linear_ce_backward", "linear_ce_forward_backwar
 
 
 def _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
-             token_scaling=False):
+             token_scaling=False, logit_scale=1.0, temperature=1.0, class_weight=None):
     return LossOptions(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                        filter_eps=filter_eps, accum_dtype=accum_dtype,
-                       buffer_bytes=buffer_bytes, token_scaling=token_scaling)
+                       buffer_bytes=buffer_bytes, token_scaling=token_scaling,
+                       logit_scale=logit_scale, temperature=temperature,
+                       class_weight=class_weight)
+
+
+def _scale_kwargs(logit_scale: float, temperature: float) -> dict:
+    """Keyword arguments for a backend's `target_logprobs`: none at the defaults, so that a
+    backend written before these options still serves every call that does not use them."""
+    if logit_scale == 1.0 and temperature == 1.0:
+        return {}
+    return dict(logit_scale=logit_scale, temperature=temperature)
 
 
 def _target_logprob(out, num_rows: int, backend: str) -> Tensor:
@@ -92,6 +106,7 @@ def linear_ce_forward(
     loss_mask: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: Optional[float], filter_eps: Optional[float], accum_dtype: torch.dtype,
     buffer_bytes: int, want_stats: bool, backend: str, token_scaling: bool = False,
+    logit_scale: float = 1.0, temperature: float = 1.0, class_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token loss of the flattened inputs (module docstring for the contract)."""
     n = targets.shape[0]
@@ -99,7 +114,7 @@ def linear_ce_forward(
     rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
                                         ignore_index)
     opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
-                    token_scaling)
+                    token_scaling, logit_scale, temperature, class_weight)
     out = get_backend(backend).loss_forward(hidden, weight, bias, rows,
                                             targets[rows].contiguous(), opts, want_stats)
     nan = float("nan")
@@ -117,7 +132,8 @@ def linear_ce_forward(
 
 @linear_ce_forward.register_fake
 def _(hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
-      filter_eps, accum_dtype, buffer_bytes, want_stats, backend, token_scaling=False):
+      filter_eps, accum_dtype, buffer_bytes, want_stats, backend, token_scaling=False,
+      logit_scale=1.0, temperature=1.0, class_weight=None):
     n = targets.shape[0]
     cd = compute_dtype_for(hidden.dtype)
     stats_n = n if want_stats else 0
@@ -134,6 +150,7 @@ def linear_ce_backward(
     label_smoothing: float, z_loss: float, softcap: Optional[float],
     filter_eps: Optional[float], accum_dtype: torch.dtype, buffer_bytes: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+    logit_scale: float = 1.0, temperature: float = 1.0, class_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_t grad_token_loss_t * token_loss_t; empty where not needed.
 
@@ -142,7 +159,8 @@ def linear_ce_backward(
     """
     token_weight = prepare.token_weights(targets, loss_mask, ignore_index)
     rows = prepare.kept_rows(token_weight != 0)
-    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes)
+    opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
+                    False, logit_scale, temperature, class_weight)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     grads = get_backend(backend).loss_backward(
         hidden, weight, bias, rows, targets[rows].contiguous(), lse[rows].contiguous(),
@@ -153,7 +171,7 @@ def linear_ce_backward(
 @linear_ce_backward.register_fake
 def _(grad_token_loss, hidden, weight, bias, targets, loss_mask, lse, ignore_index,
       label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes, need_hidden,
-      need_weight, need_bias, backend):
+      need_weight, need_bias, backend, logit_scale=1.0, temperature=1.0, class_weight=None):
     grad_b = bias.new_empty(bias.shape) if (need_bias and bias is not None) else None
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -166,29 +184,32 @@ _SAVED_OPTIONS = ("ignore_index", "label_smoothing", "z_loss", "softcap", "filte
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, loss_mask, ignore_index, label_smoothing, z_loss, softcap,
-     filter_eps, accum_dtype, buffer_bytes, _want_stats, backend, _token_scaling) = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, loss_mask, output[1])
+     filter_eps, accum_dtype, buffer_bytes, _want_stats, backend, _token_scaling, logit_scale,
+     temperature, class_weight) = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, loss_mask, output[1], class_weight)
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, filter_eps, accum_dtype,
                    buffer_bytes)
+    ctx.scale = (logit_scale, temperature)
     ctx.backend = backend
     ctx.mark_non_differentiable(*output[1:])  # lse and the statistics carry no gradient
 
 
 def _backward(ctx, grad_token_loss, *_stat_grads):
-    hidden, weight, bias, targets, loss_mask, lse = ctx.saved_tensors
+    hidden, weight, bias, targets, loss_mask, lse, class_weight = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    none = (None,) * 12
+    none = (None,) * 15
     if grad_token_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (module doc)
         ignore_index, label_smoothing, z_loss, softcap = ctx.options[:4]
         grads = second_order.loss_gradients(
             hidden, weight, bias, targets, loss_mask, grad_token_loss, ignore_index,
-            label_smoothing, z_loss, softcap, False, (need_h, need_w, need_b))
+            label_smoothing, z_loss, softcap, False, (need_h, need_w, need_b), *ctx.scale,
+            class_weight)
         return grads + none
     grad_h, grad_w, grad_b = linear_ce_backward(
         grad_token_loss, hidden, weight, bias, targets, loss_mask, lse, *ctx.options,
-        need_h, need_w, need_b, ctx.backend)
+        need_h, need_w, need_b, ctx.backend, *ctx.scale, class_weight)
     return (grad_h if need_h else None, grad_w if need_w else None,
             grad_b if need_b else None) + none
 
@@ -208,6 +229,7 @@ def linear_ce_forward_backward(
     z_loss: float, softcap: Optional[float], filter_eps: Optional[float],
     accum_dtype: torch.dtype, buffer_bytes: int, want_stats: bool, need_hidden: bool,
     need_weight: bool, need_bias: bool, backend: str, token_scaling: bool = False,
+    logit_scale: float = 1.0, temperature: float = 1.0, class_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t grad_scale_t * token_loss_t (grad_scale [N] in the loss dtype: token
     weight / denominator, 0 on dropped tokens; with token_scaling, times the stop-gradient
@@ -218,7 +240,7 @@ def linear_ce_forward_backward(
     rows = prepare.validate_and_compact(targets, loss_mask, token_weight, weight.shape[0],
                                         ignore_index)
     opts = _options(label_smoothing, z_loss, softcap, filter_eps, accum_dtype, buffer_bytes,
-                    token_scaling)
+                    token_scaling, logit_scale, temperature, class_weight)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     scale = grad_scale[rows].contiguous()
     out, grads = get_backend(backend).loss_forward_backward(
@@ -240,7 +262,8 @@ def linear_ce_forward_backward(
 @linear_ce_forward_backward.register_fake
 def _(hidden, weight, bias, targets, loss_mask, grad_scale, ignore_index, label_smoothing,
       z_loss, softcap, filter_eps, accum_dtype, buffer_bytes, want_stats, need_hidden,
-      need_weight, need_bias, backend, token_scaling=False):
+      need_weight, need_bias, backend, token_scaling=False, logit_scale=1.0, temperature=1.0,
+      class_weight=None):
     n = targets.shape[0]
     cd = compute_dtype_for(hidden.dtype)
     stats_n = n if want_stats else 0
@@ -263,8 +286,10 @@ def _setup_fb_context(ctx, inputs, output):
     # The inputs too (references, no copies): a backward under create_graph=True recomputes
     # the gradients from them, differentiably (`second_order`). Traced backwards run with
     # grad mode off and never read them, so a compiled graph does not keep them.
-    ctx.save_for_backward(*output[5:], hidden, weight, bias, targets, loss_mask, grad_scale)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, inputs[-1])
+    ctx.save_for_backward(*output[5:], hidden, weight, bias, targets, loss_mask, grad_scale,
+                          inputs[-1])
+    # token_scaling, logit_scale, temperature
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, *inputs[-4:-1])
     ctx.mark_non_differentiable(*output[1:])  # lse, statistics and gradients
 
 
@@ -282,16 +307,16 @@ def _fb_backward(ctx, grad_loss, *_other_grads):
     if grad_loss is not None and any(need) and torch.is_grad_enabled():
         # create_graph=True: the saved gradients are constants to autograd; recompute them
         # as a differentiable function of the inputs and grad_loss (`second_order`).
-        hidden, weight, bias, targets, loss_mask, grad_scale = saved[3:]
-        ignore_index, label_smoothing, z_loss, softcap, token_scaling = ctx.options
+        hidden, weight, bias, targets, loss_mask, grad_scale, class_weight = saved[3:]
+        ignore_index, label_smoothing, z_loss, softcap, token_scaling, *scale = ctx.options
         grads = second_order.loss_gradients(
             hidden, weight, bias, targets, loss_mask, grad_scale * grad_loss, ignore_index,
-            label_smoothing, z_loss, softcap, token_scaling, need)
-        return grads + (None,) * 16
+            label_smoothing, z_loss, softcap, token_scaling, need, *scale, class_weight)
+        return grads + (None,) * 19
     unit = _is_unit(grad_loss)
     grads = tuple(None if not (n and grad_loss is not None) else (g if unit else g * grad_loss)
                   for g, n in zip(saved[:3], need))
-    return grads + (None,) * 16
+    return grads + (None,) * 19
 
 
 def _is_unit(grad: Optional[Tensor]) -> bool:
@@ -316,7 +341,7 @@ linear_ce_forward_backward.register_autograd(_fb_backward, setup_context=_setup_
 def target_logprobs_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
     softcap: Optional[float], want_entropy: bool, want_argmax: bool, buffer_bytes: int,
-    backend: str,
+    backend: str, logit_scale: float = 1.0, temperature: float = 1.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """log p(target) [N] (+ entropy, argmax) of the flattened inputs; no autograd."""
     n = targets.shape[0]
@@ -325,7 +350,8 @@ def target_logprobs_op(
                                         ignore_index)
     logprob, entropy, argmax = get_backend(backend).target_logprobs(
         hidden, weight, bias, rows, targets[rows].contiguous(), softcap=softcap,
-        want_entropy=want_entropy, want_argmax=want_argmax, buffer_bytes=buffer_bytes)
+        want_entropy=want_entropy, want_argmax=want_argmax, buffer_bytes=buffer_bytes,
+        **_scale_kwargs(logit_scale, temperature))
     nan = float("nan")
     entropy = (scatter_rows(entropy.float(), rows, n, nan) if want_entropy
                else hidden.new_empty(0, dtype=torch.float32))
@@ -336,7 +362,7 @@ def target_logprobs_op(
 
 @target_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, softcap, want_entropy, want_argmax,
-      buffer_bytes, backend):
+      buffer_bytes, backend, logit_scale=1.0, temperature=1.0):
     n = targets.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32),
             hidden.new_empty(n if want_entropy else 0, dtype=torch.float32),

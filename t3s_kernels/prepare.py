@@ -37,6 +37,9 @@ class LossOptions:
 
     filter_eps: None (exact) or the tile-skipping threshold of the kernels;
     the reference is always exact and ignores it.
+    logit_scale, temperature: the logit map z = softcap(logit_scale * r) / temperature
+    (`kernel_logit_map` folds both into the kernels' softcap and one multiplier).
+    class_weight: [V] per-class weights in the loss dtype, or None (`reference`).
     token_scaling: the loss of each kept token is weighted by the stop-gradient
     p_t = exp(target_logprob_t) (DFT; `t3s_kernels.reference`). A backend then fills
     `RowLosses.target_logprob` even without stats (that is how the ops get p), and its
@@ -52,6 +55,13 @@ class LossOptions:
     accum_dtype: torch.dtype = torch.float32
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     token_scaling: bool = False
+    logit_scale: float = 1.0
+    temperature: float = 1.0
+    class_weight: Optional[torch.Tensor] = None
+
+    def logit_map(self) -> Tuple[Optional[float], float]:
+        """(cap, mul) of `kernel_logit_map` for these options."""
+        return kernel_logit_map(self.softcap, self.logit_scale, self.temperature)
 
 
 class RowLosses(NamedTuple):
@@ -158,6 +168,45 @@ def check_loss_mask(loss_mask: Optional[torch.Tensor], targets: torch.Tensor) ->
 def check_softcap(softcap: Optional[float]) -> None:
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+
+
+def kernel_logit_map(softcap: Optional[float], logit_scale: float = 1.0,
+                     temperature: float = 1.0) -> Tuple[Optional[float], float]:
+    """(cap, mul) with softcap(logit_scale * r) / temperature = mul * cap * tanh(r / cap)
+    (mul * r without a softcap): cap = softcap / logit_scale, mul = logit_scale /
+    temperature. This is how every kernel applies the scale and the temperature: its
+    softcap unchanged in form, then one multiply, skipped when mul == 1 (the default
+    path is untouched). dz/dr = mul * (1 - (z / (cap * mul))**2), the factor mul riding
+    on each row's gradient coefficient."""
+    mul = float(logit_scale) / float(temperature)
+    cap = None if softcap is None else float(softcap) / float(logit_scale)
+    return cap, mul
+
+
+def check_scale(logit_scale, temperature) -> None:
+    """logit_scale and temperature: positive finite numbers (not bools)."""
+    for name, v in (("logit_scale", logit_scale), ("temperature", temperature)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v}")
+
+
+def check_class_weight(class_weight: Optional[torch.Tensor], weight: torch.Tensor,
+                       hidden: torch.Tensor) -> None:
+    """class_weight: None or a floating [V] tensor on hidden's device (any float dtype;
+    it is used in the loss dtype). Its values are not checked, as in ``F.cross_entropy``."""
+    if class_weight is None:
+        return
+    _check_tensor("class_weight", class_weight, floating=True)
+    if class_weight.shape != (weight.shape[0],):
+        raise ValueError(f"class_weight must have shape [V]=[{weight.shape[0]}], got "
+                         f"{tuple(class_weight.shape)}")
+    if class_weight.device != hidden.device:
+        raise ValueError(f"class_weight is on {class_weight.device} but hidden is on "
+                         f"{hidden.device}")
+    if class_weight.requires_grad:
+        raise ValueError("class_weight must not require grad (no gradient flows into it)")
 
 
 def check_options(

@@ -4,11 +4,19 @@ Notation (one token t, after flattening): hidden h_t [H], weight W [V, H],
 optional bias b [V], target y_t, token weight w_t.
 
     r_t   = W h_t + b                                    raw logits       [V]
-    z_t   = c * tanh(r_t / c)     if softcap c else r_t  logits           [V]
+    u_t   = c * tanh(s r_t / c)   if softcap c else s r_t   (s = logit_scale)
+    z_t   = u_t / T                                      logits (T = temperature) [V]
     lse_t = log sum_j exp(z_tj)
     loss_t = lse_t - (1 - eps) z_ty - (eps / V) sum_j z_tj + lam * lse_t**2
 
-with eps = label_smoothing and lam = z_loss. The token weight is
+with eps = label_smoothing and lam = z_loss (s = T = 1 by default). With per-class
+weights a [V] (``class_weight``; ``F.cross_entropy``'s ``weight=``):
+
+    loss_t = (1 - eps) a_y (lse_t - z_ty) + (eps / V) sum_j a_j (lse_t - z_tj) + lam lse_t**2
+
+(the z-loss term is not class-weighted), and the token weight below is multiplied by
+a_y in the 'mean' denominator only: 'mean' = sum_t w_t loss_t / sum_t w_t a_{y_t}, as
+``F.cross_entropy`` divides by the targets' class weights. The token weight is
 
     w_t = 0                  if y_t == ignore_index
     w_t = loss_mask_t        otherwise (bool -> 0/1; 1 if no mask is given)
@@ -36,7 +44,9 @@ with respect to z_t is
 
     d loss_t / d z_tj = p_tj (1 + 2 lam lse_t) - (1 - eps) [j == y_t] - eps / V
 
-times (1 - (z_tj / c)**2) under a softcap. Per-token statistics, computed in
+(with class weights: p_tj ((1 - eps) a_y + (eps / V) sum_k a_k + 2 lam lse_t)
+- (1 - eps) a_y [j == y_t] - (eps / V) a_j), and d z_tj / d r_tj = s / T, times
+(1 - (T z_tj / c)**2) under a softcap. Per-token statistics, computed in
 the same pass for the kept tokens:
 
     target_logprob_t = z_ty - lse_t
@@ -73,20 +83,38 @@ def rows_per_chunk(vocab_size: int, buffer_bytes: int, live_copies: int = 3) -> 
 
 
 def logits_ref(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               softcap: Optional[float]) -> torch.Tensor:
-    """z = softcap(h W^T + b) in the dtype of `h` (callers upcast). h: [C, H] -> [C, V]."""
+               softcap: Optional[float], logit_scale: float = 1.0,
+               temperature: float = 1.0) -> torch.Tensor:
+    """z = softcap(logit_scale * (h W^T + b)) / temperature in the dtype of `h` (callers
+    upcast). h: [C, H] -> [C, V]. Differentiable (no in-place ops)."""
     z = h @ weight.T
     if bias is not None:
         z = z + bias
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
     return z
 
 
 def per_token_loss(lse: torch.Tensor, target_logit: torch.Tensor,
                    sum_logits: Optional[torch.Tensor], vocab_size: int,
-                   label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """loss_t from the row statistics (all [M], float32)."""
+                   label_smoothing: float, z_loss: float,
+                   target_weight: Optional[torch.Tensor] = None,
+                   weight_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """loss_t from the row statistics (all [M], float32).
+
+    With class weights: target_weight [M] = a_y, weight_sum = sum_k a_k (a 0-dim tensor)
+    and sum_logits = sum_j a_j z_tj (the module docstring's weighted loss)."""
+    if target_weight is not None:
+        loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
+        if label_smoothing:
+            loss = loss + (label_smoothing / vocab_size) * (weight_sum * lse - sum_logits)
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        return loss
     loss = lse - (1.0 - label_smoothing) * target_logit
     if label_smoothing:
         loss = loss - (label_smoothing / vocab_size) * sum_logits
@@ -157,23 +185,37 @@ def row_entropy(z: torch.Tensor) -> torch.Tensor:
 
 def logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                label_smoothing: float, z_loss: float, softcap: Optional[float],
-               has_target: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """d loss_t / d r_t for a chunk. z: [C, V] logits (after softcap), lse/targets: [C].
+               has_target: Optional[torch.Tensor] = None, *, logit_scale: float = 1.0,
+               temperature: float = 1.0,
+               class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d loss_t / d r_t for a chunk. z: [C, V] logits (after the logit map), lse/targets: [C].
 
     vocab_size: V of the whole vocabulary (eps / V). has_target: [C] bool, the rows
     whose target is among z's columns (a vocabulary shard holds only some); None: all.
+    class_weight: [V] in z's dtype, or None (module docstring).
     """
+    eps = label_smoothing
     p = torch.exp(z - lse[:, None])
-    grad = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
     rows = torch.arange(z.shape[0], device=z.device)
-    if has_target is None:
-        grad[rows, targets] -= 1.0 - label_smoothing
+    if class_weight is not None:
+        a_y = class_weight[targets]
+        coef = (1.0 - eps) * a_y + (eps / vocab_size) * class_weight.sum() + 2.0 * z_loss * lse
+        grad = p * coef[:, None]
+        grad[rows, targets] -= (1.0 - eps) * a_y
+        if eps:
+            grad -= (eps / vocab_size) * class_weight
     else:
-        grad[rows[has_target], targets[has_target]] -= 1.0 - label_smoothing
-    if label_smoothing:
-        grad -= label_smoothing / vocab_size
+        grad = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
+        if has_target is None:
+            grad[rows, targets] -= 1.0 - eps
+        else:
+            grad[rows[has_target], targets[has_target]] -= 1.0 - eps
+        if eps:
+            grad -= eps / vocab_size
     if softcap is not None:
-        grad *= 1.0 - (z / softcap) ** 2
+        grad *= 1.0 - (z / (softcap / temperature)) ** 2
+    if logit_scale != temperature:
+        grad *= logit_scale / temperature
     return grad
 
 
@@ -201,14 +243,21 @@ def token_losses_forward_ref(hidden: torch.Tensor, weight: torch.Tensor,
     logprob = empty(M if want_logprob else 0, dtype=cd, device=hidden.device)
     entropy = empty(n_stats, dtype=torch.float32, device=hidden.device)
     correct = empty(n_stats, dtype=torch.bool, device=hidden.device)
+    cw = None if opts.class_weight is None else opts.class_weight.to(cd)
     step = rows_per_chunk(V, opts.buffer_bytes)
     for s in range(0, M, step):
         sl = slice(s, s + step)
-        z = logits_ref(hidden[rows[sl]].to(cd), w, b, opts.softcap)
+        z = logits_ref(hidden[rows[sl]].to(cd), w, b, opts.softcap, opts.logit_scale,
+                       opts.temperature)
         lse = row_lse(z)
         tz = z.gather(1, targets[sl, None]).squeeze(1)
-        sum_z = z.sum(1) if opts.label_smoothing else None
-        loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss)
+        if cw is None:
+            sum_z = z.sum(1) if opts.label_smoothing else None
+            loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss)
+        else:
+            sum_z = z @ cw if opts.label_smoothing else None
+            loss[sl] = per_token_loss(lse, tz, sum_z, V, opts.label_smoothing, opts.z_loss,
+                                      cw[targets[sl]], cw.sum())
         lse_all[sl] = lse
         if want_logprob:
             logprob[sl] = tz - lse
@@ -239,13 +288,15 @@ def token_losses_backward_ref(hidden: torch.Tensor, weight: torch.Tensor,
     grad_w = (torch.zeros(weight.shape, dtype=opts.accum_dtype, device=weight.device)
               if need_w else None)
     grad_b = torch.zeros(V, dtype=cd, device=weight.device) if need_b else None
+    cw = None if opts.class_weight is None else opts.class_weight.to(cd)
     step = rows_per_chunk(V, opts.buffer_bytes)
     for s in range(0, rows.numel(), step):
         sl = slice(s, s + step)
         h = hidden[rows[sl]].to(cd)
-        z = logits_ref(h, w, b, opts.softcap)
+        z = logits_ref(h, w, b, opts.softcap, opts.logit_scale, opts.temperature)
         g = logit_grad(z, lse[sl], targets[sl], V, opts.label_smoothing, opts.z_loss,
-                       opts.softcap)
+                       opts.softcap, logit_scale=opts.logit_scale,
+                       temperature=opts.temperature, class_weight=cw)
         g *= grad_loss[sl, None].to(cd)
         if need_h:
             grad_h[rows[sl]] = (g @ w).to(hidden.dtype)
@@ -263,7 +314,8 @@ def token_losses_backward_ref(hidden: torch.Tensor, weight: torch.Tensor,
 @torch.no_grad()
 def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         rows: torch.Tensor, targets: torch.Tensor, *, softcap: Optional[float],
-                        want_entropy: bool, want_argmax: bool, buffer_bytes: int):
+                        want_entropy: bool, want_argmax: bool, buffer_bytes: int,
+                        logit_scale: float = 1.0, temperature: float = 1.0):
     """Forward-only statistics for the rows `rows` of hidden [N, H].
 
     Returns float32 log p(target) [M], and entropy [M] (float32) and argmax
@@ -280,7 +332,7 @@ def target_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     step = rows_per_chunk(V, buffer_bytes)
     for s in range(0, M, step):
         sl = slice(s, s + step)
-        z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap)
+        z = logits_ref(hidden[rows[sl]].to(cd), w, b, softcap, logit_scale, temperature)
         lse = row_lse(z)
         logprob[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
         if want_entropy:
@@ -298,9 +350,23 @@ def token_scale(target_logprob: torch.Tensor, token_weight: torch.Tensor,
     return torch.where(token_weight != 0, p, torch.zeros((), dtype=dtype, device=p.device))
 
 
+def class_weight_coefs(class_weight: torch.Tensor, targets: torch.Tensor,
+                       label_smoothing: float, vocab_size: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' per-row gradient coefficients under class weights a [V] (targets [M]):
+    (p coefficient base (1 - eps) a_y + (eps / V) sum_k a_k, on-target term (1 - eps) a_y),
+    each [M] in a's dtype; d loss_t / d z_tj = p_tj (base_t + 2 lam lse_t) - on_t [j == y]
+    - (eps / V) a_j (module docstring)."""
+    on_target = (1.0 - label_smoothing) * class_weight[targets]
+    return on_target + (label_smoothing / vocab_size) * class_weight.sum(), on_target
+
+
 def reduce_token_losses(token_loss: torch.Tensor, token_weight: torch.Tensor, reduction: str,
-                        normalizer) -> torch.Tensor:
+                        normalizer, mean_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Apply token weights and the reduction. token_loss, token_weight: [N] -> [N] or [].
+
+    mean_weight: [N] weights whose sum is the 'mean' denominator (w_t a_{y_t} with
+    class weights, `mean_weights`); None: token_weight.
 
     ``token_loss`` is 0 (never NaN) where ``token_weight`` is 0. Plain
     differentiable PyTorch, so autograd hands each kept token its own
@@ -316,5 +382,19 @@ def reduce_token_losses(token_loss: torch.Tensor, token_weight: torch.Tensor, re
     if reduction == "sum":
         return total
     # 'mean': sum(w l) / sum(w); an all-dropped batch has an empty sum -> 0, not 0/0.
-    denom = token_weight.to(token_loss.dtype).sum().clamp_min(torch.finfo(token_loss.dtype).tiny)
+    if mean_weight is None:
+        mean_weight = token_weight
+    denom = mean_weight.to(token_loss.dtype).sum().clamp_min(torch.finfo(token_loss.dtype).tiny)
     return total / denom
+
+
+def mean_weights(token_weight: torch.Tensor, targets: torch.Tensor,
+                 class_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """w_t a_{y_t} [N] (the 'mean' denominator's terms under class weights; 0 where w_t is
+    0, whatever the label there), or None without class weights. targets: [N] int64."""
+    if class_weight is None:
+        return None
+    # any in-range index where the token is dropped (ignore_index; labels are checked
+    # later, in the ops): its term is 0 either way
+    safe = torch.where(token_weight != 0, targets, 0).clamp(0, class_weight.shape[0] - 1)
+    return token_weight * class_weight.to(token_weight.dtype)[safe]

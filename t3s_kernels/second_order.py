@@ -41,7 +41,9 @@ __all__ = ["loss_gradients"]
 def loss_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                    loss_mask: Optional[Tensor], coef: Tensor, ignore_index: int,
                    label_smoothing: float, z_loss: float, softcap: Optional[float],
-                   token_scaling: bool, need: Tuple[bool, bool, bool]
+                   token_scaling: bool, need: Tuple[bool, bool, bool],
+                   logit_scale: float = 1.0, temperature: float = 1.0,
+                   class_weight: Optional[Tensor] = None,
                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Differentiable gradients of sum_t coef_t * loss_t (loss_t unweighted, as the ops'
     token_loss) with respect to (hidden, weight, bias).
@@ -51,6 +53,8 @@ def loss_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     left out). ``token_scaling`` multiplies coef_t by the stop-gradient
     p_ty = exp(z_ty - lse_t). Returns (grad_hidden [N, H] with zeros on dropped rows,
     grad_weight [V, H], grad_bias [V]) in the inputs' dtypes, None where ``need`` is False.
+    logit_scale, temperature, class_weight ([V] or None): the options of the loss
+    (`t3s_kernels.reference`), with the same formulas.
     Must run with grad mode on (the caller's backward under ``create_graph=True``).
     """
     need_h, need_w, need_b = need
@@ -60,18 +64,30 @@ def loss_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     rows = prepare.kept_rows(token_weight != 0)  # the values were checked by the forward
     h = hidden.index_select(0, rows).to(cd)
     w = weight.to(cd)
-    z = reference.logits_ref(h, w, None if bias is None else bias.to(cd), softcap)
+    z = reference.logits_ref(h, w, None if bias is None else bias.to(cd), softcap,
+                             logit_scale, temperature)
     t = targets.index_select(0, rows)
     # torch.logsumexp and softmax are twice differentiable; no in-place ops below, so
     # autograd keeps every intermediate the second backward needs.
     lse = torch.logsumexp(z, 1)
     p = torch.exp(z - lse[:, None])
-    g = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
-    g = g - (1.0 - label_smoothing) * F.one_hot(t, V).to(cd)
-    if label_smoothing:
-        g = g - label_smoothing / V
+    eps = label_smoothing
+    if class_weight is not None:  # F.cross_entropy's weight= (`reference` module doc)
+        a = class_weight.to(cd)
+        a_y = a.index_select(0, t)
+        g = p * ((1.0 - eps) * a_y + (eps / V) * a.sum() + 2.0 * z_loss * lse)[:, None]
+        g = g - ((1.0 - eps) * a_y)[:, None] * F.one_hot(t, V).to(cd)
+        if eps:
+            g = g - (eps / V) * a
+    else:
+        g = p * (1.0 + 2.0 * z_loss * lse)[:, None] if z_loss else p
+        g = g - (1.0 - eps) * F.one_hot(t, V).to(cd)
+        if eps:
+            g = g - eps / V
     if softcap is not None:
-        g = g * (1.0 - (z / softcap) ** 2)
+        g = g * (1.0 - (z / (softcap / temperature)) ** 2)
+    if logit_scale != temperature:
+        g = g * (logit_scale / temperature)
     c = coef.index_select(0, rows).to(cd)
     if token_scaling:  # DFT: the scale is a constant to autograd, as in the first order
         c = c * torch.exp(z.gather(1, t[:, None]).squeeze(1) - lse).detach()

@@ -37,7 +37,7 @@ import torch
 
 from .. import reference
 from ..debug import OVERRIDES, empty
-from ..prepare import DEFAULT_BUFFER_BYTES, KERNEL_DTYPES, RowLosses
+from ..prepare import DEFAULT_BUFFER_BYTES, KERNEL_DTYPES, RowLosses, kernel_logit_map
 from .registry import Backend, register_backend
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -237,12 +237,36 @@ def _row_losses(stats, targets, V, opts, want_stats) -> RowLosses:
     """`RowLosses` from the kernels' (lse, target logit, sum logits, entropy, argmax); the
     target log-prob also without stats under token_scaling (the ops' token scale)."""
     lse, tz, sz, entropy, argmax = stats
-    loss = reference.per_token_loss(lse, tz, sz, V, opts.label_smoothing, opts.z_loss)
+    cw = _class_weight(opts)
+    loss = reference.per_token_loss(lse, tz, sz, V, opts.label_smoothing, opts.z_loss,
+                                    *(() if cw is None else (cw[targets], cw.sum())))
     if not want_stats:
         none = lse.new_empty(0)
         logprob = tz - lse if opts.token_scaling else none
         return RowLosses(loss, lse, logprob, none, torch.empty(0, dtype=torch.bool))
     return RowLosses(loss, lse, tz - lse, entropy, argmax == targets)
+
+
+def _class_weight(opts) -> Optional[torch.Tensor]:
+    return None if opts.class_weight is None else _f32(opts.class_weight)
+
+
+def _kernel_options(opts, targets: torch.Tensor, V: int):
+    """(softcap, logit_mul, class_weight, pbase, ontgt) for the kernels: the logit map of
+    `prepare.kernel_logit_map`, and under class weights the per-row gradient
+    coefficients of `reference.class_weight_coefs` (float32 [M])."""
+    cap, mul = opts.logit_map()
+    cw = _class_weight(opts)
+    if cw is None:
+        return cap, mul, None, None, None
+    pbase, ontgt = reference.class_weight_coefs(cw, targets, opts.label_smoothing, V)
+    return cap, mul, cw, pbase.contiguous(), ontgt.contiguous()
+
+
+def _with_mul(gcoef: torch.Tensor, mul: float) -> torch.Tensor:
+    """The gradient coefficients [M] float32 times dz/dr's factor mul (no copy at 1)."""
+    gcoef = gcoef.float().contiguous()
+    return gcoef if mul == 1.0 else gcoef * mul
 
 
 class CppBackend(Backend):
@@ -274,18 +298,20 @@ class CppBackend(Backend):
 
     def loss_forward(self, hidden, weight, bias, rows, targets, opts, want_stats):
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
+        cap, mul = opts.logit_map()
         stats = load_extension().lce_forward(
-            hidden.detach(), _operand(weight), _f32(bias), rows, targets, opts.softcap, want_stats,
-            want_stats, bm, bv)
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets, cap, mul,
+            _class_weight(opts), want_stats, want_stats, bm, bv)
         return _row_losses(stats, targets, weight.shape[0], opts, want_stats)
 
     def loss_backward(self, hidden, weight, bias, rows, targets, lse, grad_loss, opts, need):
         grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=False)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
+        cap, mul, *cw = _kernel_options(opts, targets, weight.shape[0])
         self.last_tiles = tuple(load_extension().lce_backward(
             hidden.detach(), _operand(weight), _f32(bias), rows, targets, lse.float().contiguous(),
-            grad_loss.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss, eps,
+            _with_mul(grad_loss, mul), cap, mul, *cw, opts.label_smoothing, opts.z_loss, eps,
             *grads, _pack_weight(weight, opts.buffer_bytes), bm, bv))
         return _finish_grads(grads, weight, bias)
 
@@ -304,9 +330,10 @@ class CppBackend(Backend):
         grads = _grad_buffers(hidden, weight, bias, rows, opts, need)
         bm, bv = _blocks(rows.numel(), weight, opts.buffer_bytes, slab=True)
         eps = -1.0 if opts.filter_eps is None else opts.filter_eps
+        cap, mul, *cw = _kernel_options(opts, targets, weight.shape[0])
         *stats, counts = load_extension().lce_forward_backward(
             hidden.detach(), _operand(weight), _f32(bias), rows, targets,
-            grad_scale.float().contiguous(), opts.softcap, opts.label_smoothing, opts.z_loss,
+            _with_mul(grad_scale, mul), cap, mul, *cw, opts.label_smoothing, opts.z_loss,
             eps, want_stats, want_stats, opts.token_scaling, *grads,
             _pack_weight(weight, opts.buffer_bytes), bm, bv)
         self.last_tiles = tuple(counts.tolist())
@@ -322,11 +349,12 @@ class CppBackend(Backend):
                                           _pack_weight(weight, DEFAULT_BUFFER_BYTES), bm, bv)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
-                        want_argmax, buffer_bytes):
+                        want_argmax, buffer_bytes, logit_scale=1.0, temperature=1.0):
         bm, bv = _blocks(rows.numel(), weight, buffer_bytes, slab=False)
+        cap, mul = kernel_logit_map(softcap, logit_scale, temperature)
         lse, tz, _, entropy, argmax = load_extension().lce_forward(
-            hidden.detach(), _operand(weight), _f32(bias), rows, targets, softcap, want_entropy,
-            want_argmax, bm, bv)
+            hidden.detach(), _operand(weight), _f32(bias), rows, targets, cap, mul, None,
+            want_entropy, want_argmax, bm, bv)
         return tz - lse, entropy if want_entropy else None, argmax if want_argmax else None
 
 

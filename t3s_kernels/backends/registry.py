@@ -116,9 +116,13 @@ class Backend:
     def target_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor], rows: torch.Tensor,
                         targets: torch.Tensor, *, softcap: Optional[float], want_entropy: bool,
-                        want_argmax: bool, buffer_bytes: int):
+                        want_argmax: bool, buffer_bytes: int, logit_scale: float = 1.0,
+                        temperature: float = 1.0):
         """Forward-only (log p(target) [M] float32, entropy [M] float32 or None,
-        argmax [M] int64 or None) for the rows ``rows``."""
+        argmax [M] int64 or None) for the rows ``rows``. The ops pass ``logit_scale`` and
+        ``temperature`` only when one is not 1 (a backend without them still serves the
+        default calls). The loss methods read them, and the class weights, from
+        `LossOptions` (`prepare.kernel_logit_map`, `reference.class_weight_coefs`)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

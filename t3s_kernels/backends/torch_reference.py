@@ -24,10 +24,11 @@ class TorchBackend(Backend):
                                                    grad_loss, opts, need)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
-                        want_argmax, buffer_bytes):
+                        want_argmax, buffer_bytes, logit_scale=1.0, temperature=1.0):
         return reference.target_logprobs_ref(hidden, weight, bias, rows, targets,
                                              softcap=softcap, want_entropy=want_entropy,
-                                             want_argmax=want_argmax, buffer_bytes=buffer_bytes)
+                                             want_argmax=want_argmax, buffer_bytes=buffer_bytes,
+                                             logit_scale=logit_scale, temperature=temperature)
 
 
 register_backend(TorchBackend())

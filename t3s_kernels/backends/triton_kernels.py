@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..prepare import KERNEL_DTYPES
+from ..prepare import KERNEL_DTYPES, kernel_logit_map
 from .registry import Backend, register_backend
 
 try:  # Triton is optional: without it everything runs on the reference.
@@ -69,10 +69,12 @@ class TritonBackend(Backend):
             want_stats, need, plan)
 
     def target_logprobs(self, hidden, weight, bias, rows, targets, *, softcap, want_entropy,
-                        want_argmax, buffer_bytes):
+                        want_argmax, buffer_bytes, logit_scale=1.0, temperature=1.0):
         del buffer_bytes  # the streaming kernel holds O(M * splits), never a [rows, V] chunk
-        part = triton_forward.lse_partials(hidden, weight, bias, rows, targets, softcap=softcap,
-                                           want_entropy=want_entropy, want_argmax=want_argmax)
+        cap, mul = kernel_logit_map(softcap, logit_scale, temperature)
+        part = triton_forward.lse_partials(hidden, weight, bias, rows, targets, softcap=cap,
+                                           want_entropy=want_entropy, want_argmax=want_argmax,
+                                           logit_mul=mul)
         st = triton_forward.combine_partials(part)
         return st.target_logit - st.lse, st.entropy, st.argmax
 

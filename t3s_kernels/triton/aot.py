@@ -67,7 +67,8 @@ class Launch:
     @property
     def name(self) -> str:
         cx = dict(self.constexprs)
-        flags = [k.lower() for k in ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENT", "WANT_ARGMAX",
+        flags = [k.lower() for k in ("HAS_BIAS", "HAS_SOFTCAP", "HAS_MUL", "HAS_CW", "WANT_ENT",
+                                     "WANT_ARGMAX",
                                      "WANT_SUMZ", "STORE_Z", "COMPUTE_DH", "COMPUTE_DW",
                                      "COMPUTE_DB", "STORE_G", "ACCUMULATE", "USE_TMA")
                  if cx.get(k)]
@@ -168,6 +169,8 @@ class Case:
     accum_dtype: Optional[torch.dtype] = None  # None: float32
     buffer_bytes: int = 256 * 2**20
     one_pass: bool = False  # also the gradient-in-forward launches ('mean' / 'sum')
+    temperature: float = 1.0  # != 1: the logit-map multiply (HAS_MUL)
+    class_weight: bool = False  # per-class weights (HAS_CW)
 
 
 def launches_for(case: Case) -> List[Launch]:
@@ -183,7 +186,9 @@ def launches_for(case: Case) -> List[Launch]:
     opts = LossOptions(label_smoothing=case.label_smoothing, softcap=case.softcap,
                        filter_eps=case.filter_eps,
                        accum_dtype=case.accum_dtype or torch.float32,
-                       buffer_bytes=case.buffer_bytes)
+                       buffer_bytes=case.buffer_bytes, temperature=case.temperature,
+                       class_weight=(torch.empty(case.V, device="meta")
+                                     if case.class_weight else None))
     need = (True, True, case.bias)
     plan = forward_backward.plan_forward_backward(
         case.M, case.V, case.H, hidden.element_size(), True,
@@ -309,7 +314,16 @@ def default_cases() -> List[Case]:
             if dtype != torch.float32:
                 cases.append(Case(M=M, dtype=dtype, accum_dtype=dtype))
             cases += one_pass_cases(M, dtype, tf32)
-    return cases
+    return cases + options_cases()
+
+
+def options_cases() -> List[Case]:
+    """Temperature (the logit-map multiply) and class weights on, softcap and smoothing
+    too, deferred and one-pass, filtered and exact, in bf16."""
+    opts = dict(dtype=torch.bfloat16, bias=True, softcap=30.0, label_smoothing=0.1,
+                temperature=0.7, class_weight=True)
+    return [Case(M=8191, one_pass=True, accum_dtype=torch.bfloat16, **opts),
+            Case(M=4093, filter_eps=None, one_pass=True, accum_dtype=torch.bfloat16, **opts)]
 
 
 def one_pass_cases(M: int, dtype: torch.dtype, tf32: bool) -> List[Case]:

@@ -42,19 +42,20 @@ import triton.language as tl
 
 from ..debug import OVERRIDES, empty_like
 from ..prepare import Grads, LossOptions, RowLosses
-from ..reference import per_token_loss
+from ..reference import class_weight_coefs, per_token_loss
 from .config import KERNELS_INTERPRETED, dot_precision, pick_config
 from .forward import combine_partials, dot_acc, logit_tile, lse_partials
 
 
 @triton.jit
 def lce_backward_kernel(
-    H, W, B, ROWS, TGT, LSE, GCOEF,
+    H, W, B, ROWS, TGT, LSE, GCOEF, CW, PBASE, ONTGT,
     DH, DW, DB, G,
     M, V, K, v_begin, v_end,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_dhm, stride_dwv, stride_gm,
-    softcap, label_smoothing, z_loss, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    softcap, logit_mul, label_smoothing, z_loss, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_MUL: tl.constexpr,
+    HAS_CW: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     STORE_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -72,15 +73,26 @@ def lce_backward_kernel(
     z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                    stride_hm, stride_hk, stride_wv, stride_wk, softcap,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-                   W, 0, False)
+                   W, 0, False, logit_mul, HAS_MUL)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
-    # z_loss * lse^2 adds 2 z_loss lse p_j to d loss / d z_j.
-    p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
-    dz = p - tl.where(cols[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
-    dz = dz - label_smoothing / V
+    if HAS_CW:  # class weights: per-row coefficients, per-column smoothing (`reference`)
+        pbase = tl.load(PBASE + offs_m, mask=row_mask, other=0.0)
+        ontgt = tl.load(ONTGT + offs_m, mask=row_mask, other=0.0)
+        cw = tl.load(CW + cols, mask=col_mask, other=0.0)
+        p = p * (pbase + 2.0 * z_loss * lse)[:, None]
+        dz = p - tl.where(cols[None, :] == tgt[:, None], ontgt[:, None], 0.0)
+        dz = dz - (label_smoothing / V) * cw[None, :]
+    else:
+        # z_loss * lse^2 adds 2 z_loss lse p_j to d loss / d z_j.
+        p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+        dz = p - tl.where(cols[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
+        dz = dz - label_smoothing / V
     if HAS_SOFTCAP:
-        zc = z / softcap
+        if HAS_MUL:  # z = mul * cap * tanh(r / cap): softcap' = 1 - (z / (cap * mul))^2
+            zc = z / (softcap * logit_mul)
+        else:
+            zc = z / softcap
         dz = dz * (1.0 - zc * zc)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
 
@@ -114,8 +126,15 @@ def lce_backward_kernel(
                               mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
 
 
+def _or(t, default):
+    return t if t is not None else default
+
+
 def _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, *, dh, dw, db,
-                     v_begin, v_end, softcap, label_smoothing, z_loss, filter_eps, g_out=None):
+                     v_begin, v_end, softcap, label_smoothing, z_loss, filter_eps, g_out=None,
+                     logit_mul=1.0, class_weight=None, row_coefs=None):
+    """row_coefs: (pbase, ontgt) [M] float32 under class_weight ([V] float32), else None
+    (`reference.class_weight_coefs`); gcoef already holds the factor logit_mul."""
     M = rows.numel()
     V, K = weight.shape
     cfg = pick_config(M, V, K, hidden.element_size(), backward=True)
@@ -123,15 +142,18 @@ def _launch_backward(hidden, weight, bias, rows, targets, lse, gcoef, *, dh, dw,
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(v_end - v_begin, cfg.block_n))
     lce_backward_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, rows, targets, lse, gcoef,
+        _or(class_weight, dummy), *(row_coefs if row_coefs is not None else (dummy, dummy)),
         dh if dh is not None else dummy, dw if dw is not None else dummy,
         db if db is not None else dummy, g_out if g_out is not None else dummy,
         M, V, K, v_begin, v_end,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
         g_out.stride(0) if g_out is not None else 0,
-        float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
+        float(softcap) if softcap is not None else 1.0, float(logit_mul),
+        float(label_smoothing), float(z_loss),
         float(filter_eps) if filter_eps is not None else -1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_MUL=logit_mul != 1.0,
+        HAS_CW=class_weight is not None,
         COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
         STORE_G=g_out is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=KERNELS_INTERPRETED, PRECISION=dot_precision(hidden.dtype),
@@ -151,12 +173,13 @@ def loss_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError("accum_dtype=torch.bfloat16 needs bf16 atomics, which the Triton "
                          "interpreter lacks; use torch.float32 there")
     V = weight.shape[0]
-    part = lse_partials(hidden, weight, bias, rows, targets, softcap=opts.softcap,
+    cap, mul = opts.logit_map()
+    cw = class_weight_f32(opts)
+    part = lse_partials(hidden, weight, bias, rows, targets, softcap=cap,
                         want_sumz=opts.label_smoothing > 0, want_entropy=want_stats,
-                        want_argmax=want_stats)
+                        want_argmax=want_stats, logit_mul=mul, class_weight=cw)
     st = combine_partials(part)
-    loss = per_token_loss(st.lse, st.target_logit, st.sum_logits, V, opts.label_smoothing,
-                          opts.z_loss)
+    loss = row_loss(st, targets, V, opts, cw)
     if want_stats:
         return RowLosses(loss, st.lse, st.target_logit - st.lse, st.entropy,
                          st.argmax == targets)
@@ -178,13 +201,42 @@ def loss_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     if not any(need):
         return None, None, None
-    kw = dict(softcap=opts.softcap, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
-              filter_eps=opts.filter_eps)
-    args = (hidden, weight, bias, rows, targets, lse, grad_loss.float().contiguous(), need, kw,
+    cap, mul = opts.logit_map()
+    cw = class_weight_f32(opts)
+    kw = dict(softcap=cap, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+              filter_eps=opts.filter_eps, logit_mul=mul, class_weight=cw,
+              row_coefs=row_coefs(cw, targets, opts))
+    gcoef = grad_loss.float().contiguous()
+    if mul != 1.0:  # dz/dr's factor of the logit map (`prepare.kernel_logit_map`)
+        gcoef = gcoef * mul
+    args = (hidden, weight, bias, rows, targets, lse, gcoef, need, kw,
             opts.accum_dtype, opts.buffer_bytes)
     dense_fits = _dense_fixed_bytes(rows.numel(), hidden) <= opts.buffer_bytes // 2
     mode = backward_mode(opts.filter_eps, dense_fits)
     return _dense_backward(*args) if mode == "dense" else _fused_backward(*args)
+
+
+def class_weight_f32(opts: LossOptions) -> Optional[torch.Tensor]:
+    """The options' class weights as contiguous float32 [V], or None."""
+    cw = opts.class_weight
+    return None if cw is None else cw.detach().float().contiguous()
+
+
+def row_coefs(cw: Optional[torch.Tensor], targets: torch.Tensor, opts: LossOptions):
+    """(pbase, ontgt) [M] float32 of `reference.class_weight_coefs`, or None without
+    class weights."""
+    if cw is None:
+        return None
+    return tuple(c.contiguous() for c in class_weight_coefs(cw, targets, opts.label_smoothing,
+                                                            cw.shape[0]))
+
+
+def row_loss(st, targets: torch.Tensor, V: int, opts: LossOptions,
+             cw: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-row loss [M] from the combined statistics (`reference.per_token_loss`)."""
+    extra = () if cw is None else (cw[targets], cw.sum())
+    return per_token_loss(st.lse, st.target_logit, st.sum_logits, V, opts.label_smoothing,
+                          opts.z_loss, *extra)
 
 
 def backward_mode(filter_eps: Optional[float], dense_fits: bool = True) -> str:
@@ -224,9 +276,11 @@ def _fused_backward(hidden, weight, bias, rows, targets, lse, gcoef, need, kw, a
         for r0 in range(0, M, step):
             r1 = min(r0 + step, M)
             acc = buf[: r1 - r0].zero_()
+            coefs = kw["row_coefs"]
             _launch_backward(hidden, weight, bias, rows[r0:r1], targets[r0:r1],
                              lse[r0:r1], gcoef[r0:r1], dh=acc, dw=None, db=None,
-                             v_begin=0, v_end=V, **kw)
+                             v_begin=0, v_end=V, **{**kw, "row_coefs": None if coefs is None
+                                                    else tuple(c[r0:r1] for c in coefs)})
             grad_h.index_copy_(0, rows[r0:r1], acc.to(hidden.dtype))
     db = torch.zeros(V, **f32) if need_b else None
     grad_w = None

@@ -59,11 +59,14 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-               W_DESC=None, v0=0, USE_TMA: tl.constexpr = False):
+               W_DESC=None, v0=0, USE_TMA: tl.constexpr = False, logit_mul=1.0,
+               HAS_MUL: tl.constexpr = False):
     """fp32 logits [BLOCK_M, BLOCK_N] for rows `hrows` of H and vocab `cols` of W.
 
     With USE_TMA the W tiles come through the tensor descriptor W_DESC (block
-    [BLOCK_N, BLOCK_K], zero padding past V and K; TMA on sm_90), tile start v0."""
+    [BLOCK_N, BLOCK_K], zero padding past V and K; TMA on sm_90), tile start v0.
+    HAS_MUL: z = logit_mul * softcap(r), the logit scale and temperature folded into
+    one multiply (`prepare.kernel_logit_map`); off, the default path is unchanged."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -81,17 +84,20 @@ def logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap * _tanh(acc / softcap)
+    if HAS_MUL:
+        acc = acc * logit_mul
     return acc
 
 
 @triton.jit
 def lse_partials_kernel(
-    H, W, W_DESC, B, ROWS, TGT,
+    H, W, W_DESC, B, ROWS, TGT, CW,
     OUT_M, OUT_S, OUT_TZ, OUT_SZ, OUT_EZ, OUT_AV, OUT_AI, Z,
     M, V, K, vocab_per_split,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_zm,
-    softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TARGET: tl.constexpr,
+    softcap, logit_mul,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_MUL: tl.constexpr,
+    HAS_CW: tl.constexpr, HAS_TARGET: tl.constexpr,
     WANT_SUMZ: tl.constexpr, WANT_ENT: tl.constexpr, WANT_ARGMAX: tl.constexpr,
     STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -121,7 +127,7 @@ def lse_partials_kernel(
         z = logit_tile(H, W, B, hrows, row_mask, cols, col_mask, K,
                        stride_hm, stride_hk, stride_wv, stride_wk, softcap,
                        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-                       W_DESC, v0, USE_TMA)
+                       W_DESC, v0, USE_TMA, logit_mul, HAS_MUL)
         if STORE_Z:  # the gradient-in-forward path forms G from these stored logits
             tl.store(Z + offs_m[:, None] * stride_zm + cols[None, :], z,
                      mask=row_mask[:, None] & col_mask[None, :])
@@ -130,7 +136,11 @@ def lse_partials_kernel(
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
         if WANT_SUMZ:
-            sz += tl.sum(z_valid, axis=1)
+            if HAS_CW:  # sum_j a_j z_j under class weights (label smoothing)
+                cw = tl.load(CW + cols, mask=col_mask, other=0.0)
+                sz += tl.sum(z_valid * cw[None, :], axis=1)
+            else:
+                sz += tl.sum(z_valid, axis=1)
         blk_max = tl.max(z, axis=1)
         if WANT_ARGMAX:
             blk_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + v0
@@ -180,12 +190,15 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                  rows: torch.Tensor, targets: Optional[torch.Tensor], *,
                  softcap: Optional[float], want_sumz: bool = False, want_entropy: bool = False,
                  want_argmax: bool = False,
-                 logits_out: Optional[torch.Tensor] = None) -> Partials:
+                 logits_out: Optional[torch.Tensor] = None, logit_mul: float = 1.0,
+                 class_weight: Optional[torch.Tensor] = None) -> Partials:
     """Launch the streaming kernel over rows `rows` of hidden [N, K]; weight [V, K].
 
     rows: [M] int64 row indices, targets: [M] int64 or None. O(S * M) output.
     logits_out: optional [M, V] float32 (unit column stride) that receives the logits
-    z (after bias and softcap) of the M rows as they stream past.
+    z (after bias and softcap) of the M rows as they stream past. softcap, logit_mul:
+    the kernel's logit map z = logit_mul * softcap(r) (`prepare.kernel_logit_map`).
+    class_weight: [V] float32 or None; sz is then sum_j a_j z_j.
     """
     M = rows.numel()
     V, K = weight.shape
@@ -208,14 +221,15 @@ def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         lse_partials_kernel[grid](
             hidden, weight, w_desc if w_desc is not None else weight,
             bias if bias is not None else dummy, rows,
-            targets if targets is not None else rows,
+            targets if targets is not None else rows, _or(class_weight, dummy),
             out_m, out_s, _or(out_tz, dummy), _or(out_sz, dummy), _or(out_ez, dummy),
             _or(out_av, dummy), _or(out_ai, dummy), _or(logits_out, dummy),
             M, V, K, vocab_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             logits_out.stride(0) if logits_out is not None else 0,
-            float(softcap) if softcap is not None else 1.0,
+            float(softcap) if softcap is not None else 1.0, float(logit_mul),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_MUL=logit_mul != 1.0, HAS_CW=class_weight is not None and want_sumz,
             HAS_TARGET=targets is not None, WANT_SUMZ=want_sumz, WANT_ENT=want_entropy,
             WANT_ARGMAX=want_argmax, STORE_Z=logits_out is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from ..debug import empty
 from ..prepare import Grads, LossOptions, RowLosses
-from ..reference import per_token_loss
+from .backward import class_weight_f32, row_coefs, row_loss
 from .config import (KERNELS_INTERPRETED, TensorDescriptor, dot_precision, pick_config,
                      tma_problem)
 from .forward import combine_partials, dot_acc, lse_partials
@@ -56,10 +56,10 @@ from .forward import combine_partials, dot_acc, lse_partials
 
 @triton.jit
 def grad_tile_kernel(
-    Z, LSE, TGT, SCALE, G, KEEP, DB,
+    Z, LSE, TGT, SCALE, G, KEEP, DB, CW, PBASE, ONTGT,
     M, V, n_vtiles, stride_zm, stride_gm,
     softcap, label_smoothing, z_loss, filter_eps,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_CW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -72,9 +72,18 @@ def grad_tile_kernel(
     z = tl.load(Z + offs_m[:, None] * stride_zm + cols[None, :], mask=tile_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     tgt = tl.load(TGT + offs_m, mask=row_mask, other=-1)
-    p = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
-    dz = p - tl.where(cols[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
-    dz = dz - label_smoothing / V
+    if HAS_CW:  # class weights: per-row coefficients, per-column smoothing (`reference`)
+        pbase = tl.load(PBASE + offs_m, mask=row_mask, other=0.0)
+        ontgt = tl.load(ONTGT + offs_m, mask=row_mask, other=0.0)
+        cw = tl.load(CW + cols, mask=col_mask, other=0.0)
+        p = tl.exp(z - lse[:, None]) * (pbase + 2.0 * z_loss * lse)[:, None]
+        dz = p - tl.where(cols[None, :] == tgt[:, None], ontgt[:, None], 0.0)
+        dz = dz - (label_smoothing / V) * cw[None, :]
+    else:
+        p = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
+        dz = p - tl.where(cols[None, :] == tgt[:, None], 1.0 - label_smoothing, 0.0)
+        dz = dz - label_smoothing / V
+    # softcap: the z scale of the logit map, cap * mul (the loaded z holds the factor mul)
     if HAS_SOFTCAP:
         zc = z / softcap
         dz = dz * (1.0 - zc * zc)
@@ -276,17 +285,22 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
     g_buf = torch.empty(min(C, M), V, dtype=hidden.dtype, device=dev)
     n_vtiles = triton.cdiv(V, bn)
     first_w_chunk = True
+    cap, mul = opts.logit_map()
+    cw = class_weight_f32(opts)
+    coefs = row_coefs(cw, targets, opts)
+    if mul != 1.0:  # dz/dr's factor of the logit map rides on the row coefficients
+        grad_scale = grad_scale * mul
     for r0 in range(0, M, C):
         r1 = min(r0 + C, M)
         c = r1 - r0
         rows_c, tgt_c, scale_c = rows[r0:r1], targets[r0:r1], grad_scale[r0:r1]
         z, g = z_buf[:c], g_buf[:c]
-        part = lse_partials(hidden, weight, bias, rows_c, tgt_c, softcap=opts.softcap,
+        part = lse_partials(hidden, weight, bias, rows_c, tgt_c, softcap=cap,
                             want_sumz=opts.label_smoothing > 0, want_entropy=want_stats,
-                            want_argmax=want_stats, logits_out=z)
+                            want_argmax=want_stats, logits_out=z, logit_mul=mul,
+                            class_weight=cw)
         st = combine_partials(part)
-        loss[r0:r1] = per_token_loss(st.lse, st.target_logit, st.sum_logits, V,
-                                     opts.label_smoothing, opts.z_loss)
+        loss[r0:r1] = row_loss(st, tgt_c, V, opts, cw)
         lse_all[r0:r1] = st.lse
         if want_logprob:
             logprob[r0:r1] = st.target_logit - st.lse
@@ -301,11 +315,13 @@ def loss_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
         keep = torch.empty(n_mtiles, n_vtiles, dtype=torch.int8, device=dev)
         grad_tile_kernel[(n_mtiles, n_vtiles)](
             z, st.lse, tgt_c, scale_c, g, keep, db if db is not None else z,
+            _or(cw, z), *((z, z) if coefs is None else (c_[r0:r1] for c_ in coefs)),
             c, V, n_vtiles, z.stride(0), g.stride(0),
-            float(opts.softcap) if opts.softcap is not None else 1.0,
+            # z / (cap * mul) in softcap' (`prepare.kernel_logit_map`); cap itself at mul 1
+            (cap if mul == 1.0 else cap * mul) if cap is not None else 1.0,
             float(opts.label_smoothing), float(opts.z_loss),
             -1.0 if exact else float(opts.filter_eps),
-            HAS_SOFTCAP=opts.softcap is not None, COMPUTE_DB=need_b, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_SOFTCAP=cap is not None, HAS_CW=cw is not None, COMPUTE_DB=need_b, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=8, num_stages=1,  # elementwise; 8 warps keep a 128 x 128 tile in registers
         )
         if exact:
