@@ -43,12 +43,14 @@ Example = Tuple[int, np.ndarray, np.ndarray]  # (example_id, input_ids [L], labe
 
 # --------------------------------------------------------------------------- model access
 def _logprobs(model, head: LMHead, weight, bias, input_ids, attention_mask, labels, *,
-              want_entropy, ignore_index, backend):
+              want_entropy, ignore_index, backend, position_ids=None):
     """log p(labels[:, i+1]) from hidden[:, i]: float32 [B, T-1] (+ entropy).
 
     weight [V, H], bias [V] or None: ``head.tensors(gather=True)``, read once per profile.
+    position_ids [1, T] restarting at 0 per sequence: a packed row (no attention_mask).
     """
-    hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1]
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    hidden = last_hidden_state(model, input_ids, attention_mask, **extra)[:, :-1]
     if hidden.device != weight.device:
         hidden = hidden.to(weight.device)
     if head.logit_scale != 1.0:
@@ -134,15 +136,19 @@ def _iter_examples(data: Iterable) -> Iterator[Example]:
             yield int(item["example_id"]), ids, lab
 
 
-def _batches(examples: List[Example], batch_size: int,
-             max_tokens: Optional[int]) -> Iterator[List[Example]]:
-    """Longest first; at most batch_size examples and (if set) max_tokens padded tokens."""
+def _batches(examples: List[Example], batch_size: int, max_tokens: Optional[int],
+             packed: bool = False) -> Iterator[List[Example]]:
+    """Longest first; at most batch_size examples and (if set) max_tokens tokens: padded
+    ones (rows x longest), or the sum of the lengths when ``packed``."""
     examples = sorted(examples, key=lambda e: -len(e[1]))
     batch: List[Example] = []
     for ex in examples:
-        width = max([len(e[1]) for e in batch] + [len(ex[1])])
+        if packed:
+            tokens = sum(len(e[1]) for e in batch) + len(ex[1])
+        else:
+            tokens = max([len(e[1]) for e in batch] + [len(ex[1])]) * (len(batch) + 1)
         if batch and (len(batch) >= batch_size
-                      or (max_tokens is not None and width * (len(batch) + 1) > max_tokens)):
+                      or (max_tokens is not None and tokens > max_tokens)):
             yield batch
             batch = []
         batch.append(ex)
@@ -159,6 +165,20 @@ def _collate(batch: List[Example], pad_token_id: int, ignore_index: int):
         ids[r, :len(x)], lab[r, :len(y)], am[r, :len(x)] = x, y, 1
     eids = np.array([e[0] for e in batch], dtype=np.int64)
     return torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(am), eids
+
+
+def _collate_packed(batch: List[Example]):
+    """One padding-free row: (input_ids [1, N], labels [1, N], position_ids [1, N]
+    restarting at 0 per example, example ids [E] of the non-empty examples), or None
+    when every example is empty. Targets never cross a boundary: `token_keys` reads
+    the sequences off the positions."""
+    batch = [e for e in batch if len(e[1])]
+    if not batch:
+        return None
+    ids = torch.from_numpy(np.concatenate([e[1] for e in batch]).astype(np.int64))[None]
+    lab = torch.from_numpy(np.concatenate([e[2] for e in batch]).astype(np.int64))[None]
+    pos = torch.cat([torch.arange(len(e[1])) for e in batch])[None]
+    return ids, lab, pos, np.array([e[0] for e in batch], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- profile
@@ -186,6 +206,7 @@ def profile(
     progress: bool = True,
     fsync: bool = False,
     split_across_ranks: bool = False,
+    packing: bool = False,
 ) -> pa.Table:
     """Forward-only pass computing c_t = log p(y_t) for every response token.
 
@@ -196,10 +217,11 @@ def profile(
             "labels" [L]}`` (labels -100 outside the response), or of batches
             ``{"input_ids" [B, T], "labels", "example_ids", optional
             "attention_mask", "position_ids"}``. Batches are split into their
-            examples (packed ones by ``position_ids``) and re-batched with
-            right padding, so packing never lets sequences attend to each other.
+            examples (packed ones by ``position_ids``) and re-batched (right
+            padding, or one packed row with ``packing``), so a caller's packing
+            never lets sequences attend to each other.
         batch_size: examples per forward pass. max_tokens: also cap
-            rows x padded length per pass.
+            rows x padded length (the summed lengths with ``packing``) per pass.
         store_dir: write the rows to this trajectory store (rank shard `rank`),
             one record per forward pass. Then `dataset_fingerprint` is required.
         tokenizer_fingerprint, model_id: recorded in a new store's manifest.
@@ -224,6 +246,12 @@ def profile(
             ``logits_scaling``) and check nothing.
         backend: kernel backend for `t3s_kernels.target_logprobs`.
         progress: show a tqdm bar. fsync: passed to the store writer.
+        packing: run each batch as one padding-free row ([1, N], ``position_ids``
+            restarting at 0 per example, no attention mask), which the model's
+            attention must keep apart (`t3s.hf.packing.packing_support` checks a
+            model; flash_attention_2 and transformers' sdpa / eager masks do). The
+            log-probs equal the padded pass's within floating-point rounding.
+            max_tokens then caps the sum of the lengths.
         split_across_ranks: under ``torch.distributed`` with more than one
             rank, each rank profiles its share of the examples
             (`t3s.dist.rank_share` of the iteration order) into its own shard
@@ -307,16 +335,30 @@ def profile(
                 if bar is not None:
                     bar.update(int(skip.sum()))
                 todo = [e for e, s in zip(todo, skip) if not s]
-            for batch in _batches(todo, batch_size, max_tokens):
+            for batch in _batches(todo, batch_size, max_tokens, packing):
                 if not verified:
                     _verify(model, head, weight, bias, batch[0][1], n_tokens=32,
                             atol=verify_atol, backend=backend)
                     verified = True
-                ids, lab, am, eids = _collate(batch, pad_token_id, ignore_index)
-                lp, ent = _logprobs(model, head, weight, bias, ids.to(device), am.to(device), lab,
-                                    want_entropy=return_entropy, ignore_index=ignore_index,
-                                    backend=backend)
+                if packing:
+                    packed = _collate_packed(batch)
+                    if packed is None:   # only empty examples: no token to profile
+                        if bar is not None:
+                            bar.update(len(batch))
+                        continue
+                    ids, lab, pid, eids = packed
+                    am = None
+                    lp, ent = _logprobs(model, head, weight, bias, ids.to(device), None, lab,
+                                        want_entropy=return_entropy, ignore_index=ignore_index,
+                                        backend=backend, position_ids=pid.to(device))
+                else:
+                    ids, lab, am, eids = _collate(batch, pad_token_id, ignore_index)
+                    pid = None
+                    lp, ent = _logprobs(model, head, weight, bias, ids.to(device), am.to(device),
+                                        lab, want_entropy=return_entropy,
+                                        ignore_index=ignore_index, backend=backend)
                 rows, cols, key_eid, key_pos = token_keys(lab, eids, attention_mask=am,
+                                                          position_ids=pid,
                                                           ignore_index=ignore_index)
                 lp = lp.cpu().numpy()[rows, cols]
                 cols_extra = {"entropy": ent.cpu().numpy()[rows, cols]} if return_entropy else {}

@@ -273,7 +273,8 @@ class PackedCollator:
 
     Returns ``input_ids`` [1, N], ``labels`` [1, N], ``position_ids`` [1, N]
     (restarting at 0 for every example, which is how Hugging Face models find
-    the sequence boundaries in padding-free mode), ``example_id`` [B] int64,
+    the sequence boundaries in padding-free mode), ``example_id`` [E] int64
+    (one per non-empty example, in order),
     and ``loss_mask`` [1, N] when masks are available (see `PaddedCollator`).
     The first label of each example is set to ``-100`` so that no token is
     predicted across a boundary. With ``return_flash_attn_kwargs=True`` the batch
@@ -289,6 +290,12 @@ class PackedCollator:
     ``fold_mask_into_labels`` and ``model``: as for `PaddedCollator` (by
     default 0/1 masks are folded into the labels, so HF's Trainer counts the
     kept tokens).
+
+    ``labels`` default to a copy of ``input_ids``, as in `PaddedCollator`. An
+    example of length 0 adds no token, so it has no sequence start to key by and
+    is left out of ``example_id`` (it has no target either way: a padded row of
+    only padding has none); a batch of only empty examples raises ValueError. A
+    length-1 example is one sequence start with no target.
     """
 
     def __init__(self, *, loss_masks: Optional[Mapping[int, Any]] = None,
@@ -308,34 +315,42 @@ class PackedCollator:
             if "example_id" not in ex:
                 raise ValueError(f"{_where(ex, i)} has no example_id, which a packed batch needs "
                                  f"to map tokens back to examples{_DROPPED_HINT}")
-            x = torch.as_tensor(ex["input_ids"]).reshape(-1).long()
-            y = torch.as_tensor(ex["labels"]).reshape(-1).long().clone()
-            if x.numel() == 0 or x.numel() != y.numel():
-                raise ValueError(f"example {ex['example_id']}: input_ids and labels must be non-empty "
-                                 "and of equal length")
-            y[0] = IGNORE_INDEX
+            x = _as_row(ex["input_ids"], "input_ids", _where(ex, i), torch.long)
+            y = (x.clone() if ex.get("labels") is None
+                 else _as_row(ex["labels"], "labels", _where(ex, i), torch.long).clone())
+            if x.numel() != y.numel():
+                raise ValueError(f"example {ex['example_id']}: input_ids and labels must be of "
+                                 "equal length")
+            if x.numel():
+                y[0] = IGNORE_INDEX  # nothing of the sequence before may predict it
             ids.append(x)
             labs.append(y)
             pos.append(torch.arange(x.numel(), dtype=torch.long))
+        kept = [i for i, x in enumerate(ids) if x.numel()]
+        if not kept:
+            raise ValueError("every example of the batch is empty: nothing to pack")
         out: Dict[str, Any] = {
             "input_ids": torch.cat(ids)[None],
             "labels": torch.cat(labs)[None],
             "position_ids": torch.cat(pos)[None],
-            "example_id": torch.tensor([int(ex["example_id"]) for ex in examples], dtype=torch.long),
+            # one id per sequence start (position 0): empty examples have none
+            "example_id": torch.tensor([int(examples[i]["example_id"]) for i in kept],
+                                       dtype=torch.long),
             "use_cache": False,  # see the docstring: sequences must not see each other
         }
         masks = _loss_masks(examples, self.loss_masks, [t.numel() for t in labs])
         if masks is not None:
             lm = torch.cat(masks)
             offsets = np.cumsum([0] + [t.numel() for t in ids[:-1]])
-            lm[torch.as_tensor(offsets)] = 0
+            starts = [int(offsets[i]) for i in kept]  # empty examples start nothing
+            lm[torch.as_tensor(starts, dtype=torch.long)] = 0
             out["loss_mask"] = lm[None]
             if self.model is not None:
                 check_mask_reaches_loss(self.model, "the PackedCollator's batch")
             _fold(out["labels"], out["loss_mask"], self.fold_mask_into_labels, IGNORE_INDEX)
         if self.return_flash_attn_kwargs:
-            lens = torch.tensor([t.numel() for t in ids])
-            cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
+            lens = torch.tensor([ids[i].numel() for i in kept])
+            cu = torch.zeros(len(kept) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(lens, 0)
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(),
                        max_length_q=int(lens.max()), max_length_k=int(lens.max()))

@@ -8,7 +8,9 @@
 - `apply_liger` (`t3s.hf.liger`): composition with liger-kernel's other kernels;
 - `check_causal_lm`, `BypassGuard` (`t3s.hf.guards`): which models the patch takes,
   and the refusal of a training forward that would skip t3s's loss;
-- `t3s.hf.trl_head`: TRL's fused LM head (``fused_lm_head=True``) on t3s's kernels.
+- `t3s.hf.trl_head`: TRL's fused LM head (``fused_lm_head=True``) on t3s's kernels;
+- `t3s.hf.packing`: whether a model's attention keeps packed (padding-free) sequences
+  apart (`packing_support`, a probe).
 """
 
 from .guards import BypassGuard, check_causal_lm

@@ -9,7 +9,9 @@ Modules, lowest first (each imports only those above it):
 * `settings`: the options, YAML files, the run's identity and fingerprints.
 * `rundir`: the run directory: every file name in it, config, ledger, lock.
 * `engine`: what a stage is, when it is current, running stages resumably.
-* `loaders`: the device, tokenizer, models and JSONL data a run names.
+* `loaders`: the device, tokenizer, models (with ``--attn-implementation``) and JSONL
+  data a run names.
+* `batching`: ``--packing``: packed or padded batches for a loaded model.
 * `training`: Trainer pieces shared by the pilot and the retraining stages.
 * `report` (a subpackage): ``metrics.json``, ``report.md`` and their figures, and the
   report sections of the arms and of the analyze and sensitivity stages.

@@ -30,7 +30,7 @@ from .diagnostics import analysis_settings
 from .sensitivity import sensitivity_settings
 from .engine import run_stages, stage_status
 from .generators import check_engine
-from .loaders import check_jsonl, check_model_dir, resolve_device
+from .loaders import check_attention, check_jsonl, check_model_dir, resolve_device
 from .rundir import CONFIG_FILE, LOCK_FILE, RunDir, RunDirError
 from .settings import (
     DEFAULTS,
@@ -215,6 +215,8 @@ def check_inputs(cfg: Mapping[str, Any], pending: Sequence[str],
                          "keep_fraction=F (or --baseline none)")
     check_rule_params(cfg)
     check_engine(cfg, pending)
+    if any(s in NEEDS_MODEL for s in pending):
+        check_attention(cfg)
     if "analyze" in pending:
         analysis_settings(cfg, pending)
     if "sensitivity" in pending:

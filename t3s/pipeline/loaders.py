@@ -18,7 +18,8 @@ from .rundir import read_json
 from .settings import UsageError
 
 __all__ = ["DATA_WHAT", "resolve_device", "check_model_dir", "check_jsonl", "load_tokenizer",
-           "ensure_pad_token", "load_model", "load_data", "warnings_as_log"]
+           "ensure_pad_token", "load_model", "load_data", "warnings_as_log",
+           "attn_implementation", "check_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 DATA_WHAT = {"train": "training data", "heldout": "held-out data", "test": "test data",
               "extra_test": "extra test data"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_HALF = ("bf16", "fp16")
 
 
 def resolve_device(cfg: Mapping[str, Any]) -> str:
@@ -130,22 +132,56 @@ def _whole_model_loads() -> None:
 
 
 def load_model(path: str, cfg: Mapping[str, Any], *, device: Optional[str] = None):
-    """A causal LM from a local directory in the run's dtype (moved to ``device`` if given:
-    an inference load, whole even after a ZeRO-3 training stage)."""
+    """A causal LM from a local directory in the run's dtype and attention implementation
+    (``--attn-implementation``, `t3s.pipeline.batching`), moved to ``device`` if given:
+    an inference load, whole even after a ZeRO-3 training stage."""
     import torch
     from transformers import AutoModelForCausalLM
     check_model_dir(path, trust_remote_code=cfg["trust_remote_code"])
     if device is not None:
         _whole_model_loads()
+    attn = attn_implementation(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, _DTYPES[cfg["dtype"]]), use_safetensors=True,
-            trust_remote_code=cfg["trust_remote_code"])
+            trust_remote_code=cfg["trust_remote_code"],
+            **({} if attn is None else {"attn_implementation": attn}))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a causal LM from {path}: {one_line(e)}") from None
     if device is not None:
         model.to(device)
     return model
+
+
+def _flash_importable() -> bool:
+    from ..hf.packing import flash_attn_installed
+    return flash_attn_installed()
+
+
+def attn_implementation(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The ``attn_implementation`` models are loaded with (None: transformers' choice)."""
+    want = cfg.get("attn_implementation") or "auto"
+    if want != "auto":
+        return want
+    if (resolve_device(cfg) == "cuda" and cfg["dtype"] in _HALF and _flash_importable()):
+        return "flash_attention_2"
+    return None
+
+
+def check_attention(cfg: Mapping[str, Any]) -> None:
+    """UsageError, before any work, when ``flash_attention_2`` is asked for but cannot run
+    here: flash-attn not importable, no CUDA device, or float32 weights."""
+    if cfg.get("attn_implementation") != "flash_attention_2":
+        return
+    if not _flash_importable():
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package: "
+                         "pip install 't3s[flash]' (or choose sdpa, eager or auto)")
+    if resolve_device(cfg) != "cuda":
+        raise UsageError("--attn-implementation flash_attention_2 runs on CUDA devices only; "
+                         "this run is on the CPU (choose sdpa, eager or auto)")
+    if cfg["dtype"] not in _HALF:
+        raise UsageError(f"--attn-implementation flash_attention_2 needs --dtype bf16 or fp16, "
+                         f"got {cfg['dtype']} (flash-attn has no float32 kernels)")
 
 
 def load_data(cfg: Mapping[str, Any], key: str, tok, *, required: bool = True):

@@ -74,6 +74,7 @@ from .diagnostics import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
 from .arms import (arm_models, check_signals, needs_signals, signal_columns, stage_arms,
                    write_selection_outputs)
+from .batching import ATTENTION_KEYS, train_collator, use_packing
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from ..dllm.report import diffusion_report
@@ -149,6 +150,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
         model=model, processing_class=tok, train_dataset=train,
         callbacks=[callback, resume_state_retention()],
         args=training_args(cfg, work, **checkpoint_args(cfg, pilot=True)),
+        data_collator=train_collator(model, cfg, tok.pad_token_id),
         trajectory_dir=str(work / rundir.TRAJECTORY_DIR))
     progress_bar(trainer, cfg, "pilot")
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
@@ -233,7 +235,8 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
     def profile_at(path: Path, step: int):
         model = load_model(str(path), cfg, device=device)
         try:
-            return profile(model, train, step=step, model_id=str(path), **prof)
+            return profile(model, train, step=step, model_id=str(path),
+                           packing=use_packing(model, cfg, training=False), **prof)
         finally:
             del model
 
@@ -305,7 +308,6 @@ def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
     `StageContext.resume`)."""
     from ..artifact import SelectionArtifact
     from ..cross_model import check_student
-    from ..data import PaddedCollator
     from ..trainer import T3STrainer, read_accuracy_history
     cfg, work = student_settings(ctx.cfg), ctx.work if work is None else work
     resume = ctx.resume if resume is None else resume
@@ -335,7 +337,7 @@ def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
                          patch_options=loss_options,
                          callbacks=[callback] + ([resume_state_retention()] if keep else []),
                          args=training_args(cfg, work, **checkpoint_args(cfg, pilot=keep)),
-                         data_collator=PaddedCollator(tok.pad_token_id, loss_masks=masks))
+                         data_collator=train_collator(model, cfg, tok.pad_token_id, masks))
     progress_bar(trainer, cfg, desc)
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     _save_model(trainer, tok, work / rundir.MODEL_DIR)
@@ -482,7 +484,9 @@ def _stage_report(ctx: StageContext) -> Dict[str, Any]:
     return {"metrics": metrics}
 
 
-_DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype", "seed")
+# the attention settings: the training and profiling passes batch by them
+_DATA = ("model", "tokenizer", "train", "max_length", "truncation", "dtype",
+         "seed") + ATTENTION_KEYS
 _TRAINING = ("batch_size", "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps",
              "weight_decay", "eval_steps", "eval_subset", "heldout", "max_new_tokens", "verifier",
              "engine")
@@ -498,7 +502,7 @@ STAGES: Tuple[Stage, ...] = (
           resumable=True),
     Stage("select", _stage_select,
           ("delta", "agreement", "rule", "rule_params", "baseline", "baseline_params",
-           "objective", "arms", "artifact"),
+           "objective", "arms", "artifact") + ATTENTION_KEYS,
           lambda cfg: () if cfg.get("artifact") else ("pilot",),
           help="bottleneck, Δc and the mask artifact"),
     Stage("train", _stage_train, _DATA + _TRAINING + _STUDENT + ("rule",) + DIFFUSION_KEYS,
@@ -516,7 +520,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("eval", _stage_eval, ("model", "tokenizer", "test", "heldout", "extra_test",
                                 "max_new_tokens",
                                 "verifier", "dtype", "max_length", "truncation", "seed",
-                                "engine") + _STUDENT
+                                "engine", "attn_implementation") + _STUDENT
           + _SAMPLING + DIFFUSION_EVAL_KEYS,
           lambda cfg: (), optional=("pilot", "train", "baseline", "arms"),
           help="accuracy on a JSONL test set with the verifier"),

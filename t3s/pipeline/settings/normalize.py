@@ -57,6 +57,8 @@ def _coerce(opt: Option, value: Any, where: str) -> Any:
             if not isinstance(value, Mapping):
                 raise TypeError
             return {str(a): b for a, b in value.items()}
+    except UsageError:
+        raise   # a message of its own (a choice names the choices)
     except (TypeError, ValueError):
         raise UsageError(f"{where}{opt.name} must be {_KIND_WORDS[k]}, got {value!r}") from None
     raise AssertionError(k)

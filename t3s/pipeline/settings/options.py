@@ -74,6 +74,18 @@ OPTIONS: Tuple[Option, ...] = (
            choices=("fp32", "bf16", "fp16")),
     Option("threads", "int", None, "CPU threads for torch (default: torch's choice)",
            hashed=False),
+    # batching and attention (`t3s.pipeline.batching`); hashed although neither changes a
+    # number beyond floating-point rounding: that rounding differs from the padded path's
+    Option("attn_implementation", "choice", "auto",
+           "the attention models run: auto (flash_attention_2 where flash-attn imports, on "
+           "CUDA in bf16 / fp16; else transformers' choice, sdpa or eager), "
+           "flash_attention_2, sdpa or eager",
+           choices=("auto", "flash_attention_2", "sdpa", "eager")),
+    Option("packing", "choice", "auto",
+           "padding-free batches in the training and profiling passes: auto (on under "
+           "flash attention, whose varlen kernels take them; docs/cli.md), on (also with "
+           "sdpa / eager, through transformers' packed-sequence masks), off",
+           choices=("auto", "on", "off")),
     # training (pilot and retraining share them)
     Option("seed", "int", 0, "seed of the data order, initialisation and subsets"),
     Option("batch_size", "int", 8, "examples per micro-batch"),
@@ -187,6 +199,7 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS}
 #: settings added after run directories existed: at their defaults they stay out of a
 #: stage's hash, so a run finished before them stays current (no eval or sweep redone)
-HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p", "engine", "student", "artifact")
+HASHED_ONLY_OFF_DEFAULT = ("samples", "temperature", "top_p", "engine", "student", "artifact",
+                           "attn_implementation", "packing")
 PATH_KEYS = ("model", "tokenizer", "train", "heldout", "test", "extra_test", "diffusion_model",
              "sft_model", "student", "artifact")
