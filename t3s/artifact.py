@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -370,10 +370,21 @@ class SelectionArtifact:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, tokenizer=None,
-             examples: Optional[Iterable[Mapping[str, Any]]] = None) -> "SelectionArtifact":
-        """Read an artifact; with ``tokenizer``/``examples`` also `check` them."""
+             examples: Optional[Iterable[Mapping[str, Any]]] = None,
+             columns: Optional[Sequence[str]] = None) -> "SelectionArtifact":
+        """Read an artifact; with ``tokenizer``/``examples`` also `check` them.
+
+        ``columns``: read only these value columns besides the keys (``example_id``,
+        ``position``) and the mask, e.g. ``()`` for a process that only trains: at
+        scale the Δc and signal columns are most of the file, and each rank of a
+        retraining holds what it reads."""
         import pyarrow.parquet as pq
-        tbl = pq.read_table(os.fspath(path))
+        if columns is None:
+            tbl = pq.read_table(os.fspath(path))
+        else:
+            keep = {"example_id", "position", *_MASK_COLUMNS, *columns}
+            names = pq.read_schema(os.fspath(path)).names
+            tbl = pq.read_table(os.fspath(path), columns=[c for c in names if c in keep])
         raw = (tbl.schema.metadata or {}).get(_META_KEY)
         if raw is None:
             raise ValueError(f"{os.fspath(path)} is not a t3s selection artifact (no 't3s' metadata)")

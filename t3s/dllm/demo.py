@@ -19,7 +19,7 @@ the held-out sets) into ``DIR/data/`` and runs two run directories:
    ``shock.png``).
 
 ``--quick`` (for tests) trains 30 steps instead of 90, evaluates every 10 steps on 16
-problems during training, and scores 64 held-out 2/3-term sums and 32 4-term sums
+problems during training, and scores 32 held-out 2/3-term sums and 16 4-term sums
 (`QUICK_DIFFUSION_OVERRIDES`, `QUICK_DIFFUSION_SIZES`).
 
 Both resume like ``t3s run``; ``--overwrite`` starts afresh, ``--redo STAGE``
@@ -54,8 +54,8 @@ DIFFUSION_OVERRIDES: Dict[str, Any] = {
 #: the quick demo (for tests, within a minute on 2 CPU cores): on top of the AR quick
 #: demo's settings, fewer steps, evaluations and held-out problems
 QUICK_DIFFUSION_OVERRIDES: Dict[str, Any] = {"steps": 30, "eval_steps": 10, "eval_subset": 16}
-QUICK_DIFFUSION_SIZES: Dict[str, Any] = {**QUICK_DATA_SIZES, "heldout_size": 64,
-                                         "four_term_size": 32}
+QUICK_DIFFUSION_SIZES: Dict[str, Any] = {**QUICK_DATA_SIZES, "heldout_size": 32,
+                                         "four_term_size": 16}
 #: the plain diffusion-SFT run, inside the demo directory
 PLAIN_DIR = "plain"
 

@@ -316,7 +316,7 @@ def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
     if artifact is not None:
         path = artifact
         try:
-            art = SelectionArtifact.load(path)
+            art = SelectionArtifact.load(path, columns=())   # keys and mask: what training reads
             check_student(art, tok, train)   # said before the run when tokenizers differ
             masks = art.loss_masks(train, check=False)
         except ValueError as e:

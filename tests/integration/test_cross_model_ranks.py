@@ -1,5 +1,6 @@
-"""A student retrained from a selector's artifact under `torchrun` with 2 gloo ranks
-equals the one-process retraining: the same masks, the same loss at every step."""
+"""A student retrained from a selector's artifact on 2 gloo ranks, its model sharded by
+FSDP2 (`accelerate launch` with the shipped config), equals the one-process retraining:
+the same masks, the same loss at every step."""
 
 from __future__ import annotations
 
@@ -55,8 +56,11 @@ def test_two_ranks_retrain_a_student_from_an_artifact_as_one_process(assets, tmp
     two = tmp_path / "two"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "t3s", *_args(assets, two)],
+    # tests/fsdp2_on_cpu.py: accelerate's FSDP branch for CPU processes, as on GPUs
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "examples" / "accelerate_fsdp2.yaml"), "--num_processes",
+                           "2", "--main_process_port", str(free_port()),
+                           str(ROOT / "tests" / "fsdp2_on_cpu.py"), *_args(assets, two)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                           timeout=600)
     log = proc.stdout.decode("utf-8", "replace")
@@ -67,6 +71,6 @@ def test_two_ranks_retrain_a_student_from_an_artifact_as_one_process(assets, tmp
         assert l1.size > 0 and l1.shape == l2.shape, stage
         np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4, err_msg=stage)
     record = json.loads((two / "train" / "stage.json").read_text())
-    assert record["world_size"] == 2 and record["summary"]["parallelism"] == "ddp"
+    assert record["world_size"] == 2 and record["summary"]["parallelism"] == "fsdp2"
     assert record["summary"]["kept_fraction"] == json.loads(
         (one / "train" / "stage.json").read_text())["summary"]["kept_fraction"]

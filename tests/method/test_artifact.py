@@ -75,6 +75,22 @@ def test_roundtrip(tmp_path, rng):
     assert pq.read_schema(path).field("position").type == "int32"
 
 
+def test_a_training_process_reads_only_the_keys_and_the_mask(tmp_path, rng):
+    """`load(columns=())` projects the Parquet read: the same masks without Δc."""
+    tok = make_tokenizer()
+    ds, _, art = make_artifact(rng, tok, records(rng))
+    path = tmp_path / "sel.parquet"
+    art.save(path)
+    full, slim = load_artifact(path), SelectionArtifact.load(path, columns=())
+    assert "delta" in full.table and "delta" not in slim.table
+    assert slim.table.names == ["loss_mask"]
+    assert slim.metadata == full.metadata
+    slim.check(tokenizer=tok, examples=ds)
+    a, b = full.loss_masks(ds), slim.loss_masks(ds)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "delta" in SelectionArtifact.load(path, columns=("delta",)).table
+
+
 def test_refuses_other_tokenizer(tmp_path, rng):
     tok = make_tokenizer()
     ds, _, art = make_artifact(rng, tok, records(rng))

@@ -51,9 +51,10 @@ def test_rewind_drops_the_steps_from_the_checkpoint_on(tmp_path, sealed):
     if sealed:
         w.close()
         before = TrajectoryReader(tmp_path, dataset_fingerprint="fp").read()
-    else:  # a killed run: never closed, no seal
+    else:  # a killed run: never closed, no seal (the OS drops a dead process's locks)
         w._file.close()
         w._file = None
+        w._shard_lock.release()
     w = TrajectoryWriter(tmp_path, dataset_fingerprint="fp", world_size=1, rank=0)
     assert w.rewind(4) == 9           # steps 4, 5, 6: 3 rows each
     assert w.rewind(4) == 0           # idempotent
@@ -170,14 +171,14 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 #: (file whose appearance triggers the signal, signal): inside each stage, after a
 #: checkpoint of the training ones (which then must be continued from, not redone)
 KILL_POINTS = (
-    (".partial-pilot/checkpoint-5/trainer_state.json", signal.SIGKILL),
     (".partial-pilot/checkpoint-15/trainer_state.json", signal.SIGKILL),
     (".partial-select/profile", signal.SIGKILL),
     (".partial-train/checkpoint-10/trainer_state.json", signal.SIGINT),
-    (".partial-baseline/checkpoint-15/trainer_state.json", signal.SIGKILL),
     (".partial-arms/rho1/checkpoint-10/trainer_state.json", signal.SIGKILL),
     (".partial-eval/sft.jsonl", signal.SIGKILL),
 )
+# (the baseline's retraining is the train stage's code, killed above; one pilot kill is
+# enough to show a pilot continued from its checkpoint: each restart costs seconds)
 
 
 def _demo(out, log):
@@ -239,12 +240,11 @@ def test_kill_inside_every_stage_then_rerun_equals_a_clean_run(quick_demo, tmp_p
     assert "[pilot] continuing from its last checkpoint, checkpoint-" in logs[1]
     assert _summary(out, "pilot")["resumed_from_step"] >= 15
     assert _summary(out, "train")["resumed_from_step"] >= 10
-    assert _summary(out, "baseline")["resumed_from_step"] >= 15
     # the arms: the ones finished before the kill were kept, the interrupted one continued
     assert _summary(out, "arms")["rho1"]["resumed_from_step"] >= 10
     assert _summary(out, "arms")["dft"]["resumed_from_step"] is None
-    assert "[select] removing the unfinished attempt" in logs[3]  # not resumable: restarted
-    assert "[pilot] already done" in logs[3] and "[train] already done" in logs[-1]
+    assert "[select] removing the unfinished attempt" in logs[2]  # not resumable: restarted
+    assert "[pilot] already done" in logs[2] and "[train] already done" in logs[-1]
     # the results equal the uninterrupted run's, bit for bit
     for f in ("pilot/final/model.safetensors", "train/model/model.safetensors",
               "baseline/model/model.safetensors", "arms/dft/model/model.safetensors",
