@@ -22,9 +22,11 @@ Packing changes no number beyond floating-point rounding (the same tokens, the s
 masks, the same loss normaliser), but the rounding differs from the padded path's, so
 both settings are hashed into the stages that train or profile.
 
-Under a launcher (several ranks) the training stages pad: each batch is cut into one
-slice per rank along its rows (accelerate's ``split_batches``), and a packed batch is
-one row. Profiling packs there too (each rank runs its own examples).
+Under a launcher (several ranks) every rank trains on its slice of each batch
+(accelerate's ``split_batches``). Padded batches are collated once and cut into slices
+by rows (``dispatch_batches``); a packed batch is one row, so there each rank takes its
+slice of the batch's examples and packs them itself (`training_args` with
+``packed=True``): the same examples per rank either way. Profiling packs per rank too.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Optional
 
-from .. import dist
 from .loaders import attn_implementation, check_attention
 
 __all__ = ["attn_implementation", "check_attention", "packing_wanted", "use_packing",
-           "train_collator", "ATTENTION_KEYS"]
+           "train_collator", "is_packed", "ATTENTION_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,11 @@ def _say_once(reason: str) -> None:
         logger.warning("t3s: %s", reason)
 
 
-def use_packing(model, cfg: Mapping[str, Any], *, training: bool) -> bool:
-    """Whether ``model``'s passes pack: the setting, unless the model cannot (then the
-    reason is said once and the passes pad). ``training``: a training stage, which
-    pads under a launcher (see the module)."""
+def use_packing(model, cfg: Mapping[str, Any]) -> bool:
+    """Whether ``model``'s training and profiling passes pack: the setting, unless the
+    model cannot (then the reason is said once and the passes pad)."""
     from ..hf.packing import attention_of, packing_support
     if not packing_wanted(cfg, attention_of(model)):
-        return False
-    if training and dist.world_size() > 1:
-        _say_once("packing: the training stages pad under a launcher (each batch is split "
-                  "into one slice per rank by rows; a packed batch is one row); profiling packs")
         return False
     ok, why = packing_support(model)
     if not ok:
@@ -85,7 +81,14 @@ def train_collator(model, cfg: Mapping[str, Any], pad_token_id: int,
     when `use_packing`, else `t3s.PaddedCollator`. ``loss_masks``: example_id -> [L]."""
     from ..data import PackedCollator, PaddedCollator
     from ..hf.packing import attention_of
-    if use_packing(model, cfg, training=True):
+    if use_packing(model, cfg):
         flash = attention_of(model).startswith("flash_attention")
         return PackedCollator(loss_masks=loss_masks, return_flash_attn_kwargs=flash)
     return PaddedCollator(pad_token_id, loss_masks=loss_masks)
+
+
+def is_packed(collator) -> bool:
+    """Whether a training stage's ``collator`` (from `train_collator`) packs: its
+    `training_args` then take ``packed=True``."""
+    from ..data import PackedCollator
+    return isinstance(collator, PackedCollator)

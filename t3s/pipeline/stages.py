@@ -74,7 +74,7 @@ from .diagnostics import check_analyze, stage_analyze
 from .sensitivity import check_sensitivity, stage_sensitivity
 from .arms import (arm_models, check_signals, needs_signals, signal_columns, stage_arms,
                    write_selection_outputs)
-from .batching import ATTENTION_KEYS, train_collator, use_packing
+from .batching import ATTENTION_KEYS, is_packed, train_collator, use_packing
 from .engine import Stage, StageContext, register_stages
 from .loaders import load_data, load_model, load_tokenizer, resolve_device
 from ..dllm.report import diffusion_report
@@ -146,11 +146,13 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
     resume_from = dist.on_main(continue_from, work, ctx.resume, ctx.say, "pilot")
     keep = bool(cfg.get("keep_checkpoints"))
     callback = accuracy_callback(cfg, tok, train, heldout, prune=not keep)
+    collator = train_collator(model, cfg, tok.pad_token_id)
     trainer = T3STrainer(
         model=model, processing_class=tok, train_dataset=train,
         callbacks=[callback, resume_state_retention()],
-        args=training_args(cfg, work, **checkpoint_args(cfg, pilot=True)),
-        data_collator=train_collator(model, cfg, tok.pad_token_id),
+        args=training_args(cfg, work, packed=is_packed(collator),
+                           **checkpoint_args(cfg, pilot=True)),
+        data_collator=collator,
         trajectory_dir=str(work / rundir.TRAJECTORY_DIR))
     progress_bar(trainer, cfg, "pilot")
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
@@ -179,7 +181,7 @@ def _stage_pilot(ctx: StageContext) -> Dict[str, Any]:
         ctx.say(f"[pilot] bottleneck: step {b} (training accuracy "
                 f"{history['train_acc'][b]:.3f}; θ0 had {start:.3f})")
     return {"bottleneck_step": b, "thetab": thetab, "final_step": last,
-            "parallelism": parallelism(trainer),
+            "parallelism": parallelism(trainer), "packed": is_packed(collator),
             "resumed_from_step": checkpoint_step_of(resume_from),
             "train_acc_at_bottleneck": None if b is None else history["train_acc"][b],
             "n_train": len(train), "trace_tokens": train.num_response_tokens(),
@@ -236,7 +238,7 @@ def _stage_select(ctx: StageContext) -> Dict[str, Any]:
         model = load_model(str(path), cfg, device=device)
         try:
             return profile(model, train, step=step, model_id=str(path),
-                           packing=use_packing(model, cfg, training=False), **prof)
+                           packing=use_packing(model, cfg), **prof)
         finally:
             del model
 
@@ -333,11 +335,11 @@ def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
     callback = accuracy_callback(cfg, tok, train, heldout, prune=False)
     # keep_checkpoints: save at every evaluation and keep them all, as the pilot does
     keep = bool(cfg.get("keep_checkpoints"))
+    collator = train_collator(model, cfg, tok.pad_token_id, masks)
+    args = training_args(cfg, work, packed=is_packed(collator), **checkpoint_args(cfg, pilot=keep))
     trainer = T3STrainer(model=model, processing_class=tok, train_dataset=train,
-                         patch_options=loss_options,
-                         callbacks=[callback] + ([resume_state_retention()] if keep else []),
-                         args=training_args(cfg, work, **checkpoint_args(cfg, pilot=keep)),
-                         data_collator=train_collator(model, cfg, tok.pad_token_id, masks))
+                         patch_options=loss_options, args=args, data_collator=collator,
+                         callbacks=[callback] + ([resume_state_retention()] if keep else []))
     progress_bar(trainer, cfg, desc)
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     _save_model(trainer, tok, work / rundir.MODEL_DIR)
@@ -355,7 +357,8 @@ def _retrain(ctx: StageContext, artifact: Optional[Path], desc: str,
     return {"rule": None if artifact is None else art.rule, "kept_fraction": kept_fraction,
             "loss_options": dict(loss_options or {}),
             "final_step": int(trainer.state.global_step), "parallelism": parallelism(trainer),
-            "resumed_from_step": checkpoint_step_of(resume_from), **finals(history)}
+            "packed": is_packed(collator), "resumed_from_step": checkpoint_step_of(resume_from),
+            **finals(history)}
 
 
 def _stage_train(ctx: StageContext) -> Dict[str, Any]:

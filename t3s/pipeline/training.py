@@ -42,13 +42,15 @@ RESUME_STATE_FILES = _OPTIMIZER_STATES + ("scheduler.pt", "scaler.pt", "rng_stat
                                           "rng_state_*.pth", "training_args.bin")
 
 
-def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
+def training_args(cfg: Mapping[str, Any], out: Path, *, packed: bool = False, **overrides):
     """`TrainingArguments` of the pilot and the retrainings (``overrides`` on top).
 
     ``batch_size`` is the global batch. Under a launcher each of the W ranks
     trains on its slice of every batch (accelerate's ``split_batches``), so the
     batches, their order and the loss (normalised by the tokens of all ranks)
-    are those of one process."""
+    are those of one process. Padded batches are collated on rank 0 and sent out
+    by rows (``dispatch_batches``); ``packed`` (the stage's collator packs, one row
+    a batch) has each rank collate its own slice of the batch's examples instead."""
     from transformers import TrainingArguments
 
     from .. import dist
@@ -61,7 +63,7 @@ def training_args(cfg: Mapping[str, Any], out: Path, **overrides):
               disable_tqdm=True, seed=cfg["seed"], data_seed=cfg["seed"],
               dataloader_num_workers=0)
     if dist.world_size() > 1:
-        kw.update(accelerator_config={"split_batches": True, "dispatch_batches": True},
+        kw.update(accelerator_config={"split_batches": True, "dispatch_batches": not packed},
                   ddp_find_unused_parameters=False)
     kw.update(overrides)
     try:

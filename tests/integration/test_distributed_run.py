@@ -227,11 +227,13 @@ ENGINES = {
 
 
 def _small_run_args(data: Path) -> list:
+    """Packed batches (the padded path under a launcher is the two-rank demo's): each rank
+    packs its slice of every batch's examples, in training and profiling."""
     from t3s.demo import BASE_DIR
     return ["run", "--model", str(BASE_DIR), "--train", str(data / "train.jsonl"),
             "--heldout", str(data / "heldout.jsonl"), "--steps", "6", "--eval-steps", "3",
             "--eval-subset", "8", "--batch-size", "8", "--max-new-tokens", "30",
-            "--lr", "3e-4", "--device", "cpu"]
+            "--lr", "3e-4", "--device", "cpu", "--packing", "on"]
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +254,7 @@ def small_run(tmp_path_factory):
 def test_sharded_run_equals_one_process(tmp_path, small_run, engine):
     """`t3s run` (pilot, select, train, eval, report) under `accelerate launch`
     with the model sharded, by FSDP2 from the shipped config or by DeepSpeed ZeRO-3 from
-    the shipped one, on 2 CPU ranks equals one process: the accuracies, the bottleneck,
+    the shipped one, its batches packed, on 2 CPU ranks equals one process: the accuracies, the bottleneck,
     the losses, Δc and the masks. The runs cover the full-state-dict checkpoints, θb's
     reload, the lockstep generation of a sharded model and the trajectory shards."""
     if engine == "deepspeed":
@@ -272,6 +274,7 @@ def test_sharded_run_equals_one_process(tmp_path, small_run, engine):
         s1, s2 = (_read(o / stage / "stage.json") for o in (one, two))
         assert (s1["summary"]["parallelism"], s2["summary"]["parallelism"]) == ("none", engine)
         assert s2["world_size"] == 2
+        assert s1["summary"]["packed"] and s2["summary"]["packed"]
         l1, l2 = _losses(one / stage), _losses(two / stage)
         assert l1.shape == l2.shape == (6,)
         np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4, err_msg=stage)
