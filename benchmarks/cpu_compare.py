@@ -39,6 +39,13 @@ Rows (``--impls`` picks a subset):
 Every figure is reported as a ratio to the fastest / leanest *peer* of the same run
 (torch_eager, torch_linear_ce, cce_compile, trl_head) and to the dense GEMMs.
 
+``--temperature T`` and ``--class-weight`` (a drawn per-class weight [V], the loss task
+only) run every row with that option, as far as each takes it: torch eager (and torch's
+``F.linear_cross_entropy`` for class weights) on its logits, TRL's head with its own
+temperature, t3s with ``temperature=`` / ``class_weight=``. A row that cannot take it is
+skipped with the reason. ``python benchmarks/cpu_compare.py --impls torch_eager,t3s``
+with and without them shows what the options cost.
+
 ``--sweep KEY=A,B,...`` (KEY: n, h, v or mask_frac; repeatable, the grid is their
 product) measures how t3s grows instead: per point, t3s, its GEMM share and the dense
 GEMMs (``--impls`` overrides), in one summary table per task and dtype.
@@ -98,7 +105,8 @@ def _inputs(args):
     weight.requires_grad_()
     labels = torch.randint(0, args.v, (args.n,), generator=gen)
     keep = torch.rand(args.n, generator=gen) >= args.mask_frac
-    return hidden, weight, labels, keep
+    class_weight = (0.5 + torch.rand(args.v, generator=gen)) if args.class_weight else None
+    return hidden, weight, labels, keep, class_weight
 
 
 def build(task: str, impl: str, args):
@@ -110,7 +118,12 @@ def build(task: str, impl: str, args):
     import t3s_kernels
 
     torch.set_num_threads(args.threads)
-    hidden, weight, labels, keep = _inputs(args)
+    hidden, weight, labels, keep, class_weight = _inputs(args)
+    temp = args.temperature
+    if class_weight is not None and (task != "loss" or impl in ("cce_compile", "trl_head")):
+        return None, None, "no per-class weights" + (" for log-probs" if task != "loss" else "")
+    if temp != 1.0 and impl in ("torch_linear_ce", "cce_compile"):
+        return None, None, "no temperature option"
     masked_labels = torch.where(keep, labels, torch.full_like(labels, -100))
     rows = torch.nonzero(keep).squeeze(1)
     out = {}
@@ -135,9 +148,10 @@ def build(task: str, impl: str, args):
 
     if impl == "torch_eager":
         run = measured(
-            lambda: torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(
+            lambda: torch.log_softmax(F.linear(hidden, weight).float() / temp, -1).gather(
                 1, labels[:, None]),
-            lambda: F.cross_entropy(F.linear(hidden, weight).float(), masked_labels))
+            lambda: F.cross_entropy(F.linear(hidden, weight).float() / temp, masked_labels,
+                                    weight=class_weight))
     elif impl == "torch_linear_ce":
         if not hasattr(F, "linear_cross_entropy"):
             return None, None, "this torch has no F.linear_cross_entropy"
@@ -146,7 +160,7 @@ def build(task: str, impl: str, args):
             lambda: -F.linear_cross_entropy(hidden, weight, labels, reduction="none",
                                             options=options),
             lambda: F.linear_cross_entropy(hidden, weight, masked_labels, ignore_index=-100,
-                                           options=options))
+                                           weight=class_weight, options=options))
     elif impl == "cce_compile":
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
@@ -163,10 +177,12 @@ def build(task: str, impl: str, args):
             return None, None, f"TRL's fused head is not importable ({exc})"
 
         def trl_logprobs(h, y):
-            return ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, None, 1.0, ())[0]
+            return ChunkedLogProbFunction.apply(h, weight, None, y, temp, chunk, None, 1.0, ())[0]
         run = measured(lambda: trl_logprobs(hidden, labels),
                        lambda: -trl_logprobs(hidden[rows], labels[rows]).sum()
                        / max(rows.numel(), 1))
+    elif impl == "dense_gemms" and (temp != 1.0 or class_weight is not None):
+        return None, None, "a reference of the products alone: no options"
     elif impl == "dense_gemms":
         def run():
             with torch.no_grad():
@@ -182,6 +198,8 @@ def build(task: str, impl: str, args):
         from t3s_kernels.backends import get_backend
 
         cpp = get_backend("cpp")
+        if temp != 1.0 or class_weight is not None:
+            return None, None, "the products alone: no options"
         if cpp.unavailable_reason() is not None:
             return None, None, cpp.unavailable_reason()
         all_rows = torch.arange(args.n)
@@ -192,12 +210,14 @@ def build(task: str, impl: str, args):
     elif impl in ("t3s", "t3s_stats"):
         def t3s_logprobs():
             if impl == "t3s":
-                return t3s_kernels.target_logprobs(hidden, weight, labels)
+                return t3s_kernels.target_logprobs(hidden, weight, labels, temperature=temp)
             return t3s_kernels.target_logprobs(hidden, weight, labels, return_entropy=True,
-                                               return_argmax=True).logprobs
+                                               return_argmax=True, temperature=temp).logprobs
         run = measured(
             t3s_logprobs,
-            lambda: t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep))
+            lambda: t3s_kernels.linear_cross_entropy(hidden, weight, labels, loss_mask=keep,
+                                                     temperature=temp,
+                                                     class_weight=class_weight))
     else:
         raise ValueError(impl)
     return run, clear, lambda: float(out["v"])
@@ -236,7 +256,9 @@ def run_in_subprocess(task: str, impl: str, args) -> dict:
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, os.path.abspath(__file__), "--one", task, impl, "--dtypes", args.dtype,
            "--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--mask-frac",
-           str(args.mask_frac), "--reps", str(args.reps), "--threads", str(args.threads)]
+           str(args.mask_frac), "--reps", str(args.reps), "--threads", str(args.threads),
+           "--temperature", str(args.temperature)] + (["--class-weight"] if args.class_weight
+                                                       else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"task": task, "impl": impl, "skipped": f"failed: {proc.stderr.strip()[-300:]}"}
@@ -312,6 +334,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--tasks", default="loss,logprobs", help="comma-separated: loss, logprobs")
     p.add_argument("--impls", help="comma-separated subset of the rows (default: all)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divide the logits by this in every row that takes it")
+    p.add_argument("--class-weight", action="store_true",
+                   help="per-class weights [V] in the loss rows that take them")
     p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the rows")
     p.add_argument("--reps", type=int, default=2, help="timed calls per subprocess")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
@@ -339,9 +365,9 @@ def main(argv=None) -> int:
         if dtype not in DTYPES:
             p.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if min(args.n, args.h, args.v, args.rounds, args.reps, args.threads) < 1 or not (
-            0.0 <= args.mask_frac < 1.0):
-        p.error("--n, --h, --v, --rounds, --reps and --threads must be >= 1, and --mask-frac "
-                "in [0, 1)")
+            0.0 <= args.mask_frac < 1.0) or not args.temperature > 0:
+        p.error("--n, --h, --v, --rounds, --reps and --threads must be >= 1, --mask-frac "
+                "in [0, 1) and --temperature > 0")
     if wanted is not None and wanted - set(IMPLS["loss"] + IMPLS["logprobs"]):
         p.error(f"unknown rows: {', '.join(sorted(wanted - set(IMPLS['loss'] + IMPLS['logprobs'])))}")
     grid = sweep_grid(p, args.sweep)
@@ -352,7 +378,10 @@ def main(argv=None) -> int:
         "(masked fraction varied)")
     head = (f"CPU: {cpu_description()}; {args.threads} threads, torch {torch.__version__}; "
             f"{shape}, H={'varied' if 'h' in grid[0] else args.h}, "
-            f"V={'varied' if 'v' in grid[0] else args.v}; best of {args.rounds} interleaved "
+            f"V={'varied' if 'v' in grid[0] else args.v}"
+            + (f", temperature {args.temperature:g}" if args.temperature != 1.0 else "")
+            + (", per-class weights" if args.class_weight else "")
+            + f"; best of {args.rounds} interleaved "
             f"rounds x {args.reps} calls; load average before: {os.getloadavg()[0]:.1f}")
     print(head, flush=True)
     tables, records = [], []

@@ -20,13 +20,13 @@ def test_cpu_compare_runs_at_a_tiny_shape(tmp_path):
     out = tmp_path / "rows.json"
     md = tmp_path / "RESULTS.md"
     cmd = [sys.executable, SCRIPT, "--n", "48", "--h", "24", "--v", "301", "--dtypes", "bf16",
-           "--rounds", "1", "--reps", "1", "--threads", "1",
+           "--rounds", "1", "--reps", "1", "--threads", "1", "--temperature", "0.7",
            "--impls", "torch_eager,t3s",   # one peer and t3s: each row is a subprocess
            "--json", str(out), "--results", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert "flags:" in data["head"] and "V=301" in data["head"]
+    assert "flags:" in data["head"] and "V=301, temperature 0.7" in data["head"]
     rows = {(r["task"], r["impl"]): r for r in data["rows"]}
     assert set(rows) == {(task, impl) for task in ("loss", "logprobs")
                          for impl in ("torch_eager", "t3s")}
@@ -43,7 +43,7 @@ def test_cpu_compare_sweep_and_bad_arguments(tmp_path):
     out = tmp_path / "sweep.json"
     cmd = [sys.executable, SCRIPT, "--sweep", "n=16,40", "--sweep", "mask_frac=0.25,0.75",
            "--h", "8", "--v", "33", "--dtypes", "fp32", "--tasks", "loss", "--rounds", "1",
-           "--impls", "t3s",
+           "--impls", "t3s", "--class-weight",
            "--reps", "1", "--threads", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -52,7 +52,7 @@ def test_cpu_compare_sweep_and_bad_arguments(tmp_path):
     assert points == {(16, 0.25), (16, 0.75), (40, 0.25), (40, 0.75)}
     assert "| n | mask_frac | t3s s (loss, fp32) |" in proc.stdout
     for bad in (["--sweep", "q=1,2"], ["--dtypes", "fp64"], ["--tasks", "train"],
-                ["--mask-frac", "1.0"], ["--impls", "nope"]):
+                ["--mask-frac", "1.0"], ["--impls", "nope"], ["--temperature", "0"]):
         proc = subprocess.run([sys.executable, SCRIPT, *bad], capture_output=True, text=True,
                               timeout=120, cwd=REPO)
         assert proc.returncode == 2 and "error:" in proc.stderr, (bad, proc.stderr[-500:])
