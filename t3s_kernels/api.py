@@ -32,6 +32,7 @@ import torch
 from . import dense, ops, reference
 from .backends import available_backends, resolve_backend
 from .debug import OVERRIDES
+from .lse_output import differentiable_lse
 from .prepare import (
     DEFAULT_BUFFER_BYTES,
     check_linear_inputs,
@@ -41,6 +42,7 @@ from .prepare import (
     check_scale,
     check_softcap,
     resolve_filter_eps,
+    shift_labels,
     token_weights,
 )
 
@@ -91,6 +93,8 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     temperature: float = 1.0,
     class_weight: Optional[torch.Tensor] = None,
+    shift: int = 0,
+    return_lse: bool = False,
 ):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising the logits.
 
@@ -135,10 +139,23 @@ def linear_cross_entropy(
             weight, label smoothing by each class's ('mean' divides by
             sum_t w_t class_weight[y_t]; `t3s_kernels.reference`). The z-loss term is not
             class-weighted. No gradient flows into it.
+        shift: 0, or 1 for the causal-LM label shift inside the op (as HF and CCE):
+            hidden [..., T, H] with unshifted labels [..., T]; position t is scored
+            against label t + 1 (and loss_mask t + 1), the last position of each sequence
+            is dropped. Done on the labels, so hidden is not copied; 'none' still returns
+            [..., T], 0 at each last position. A [N, H] hidden is one sequence.
+
+        return_lse: also return each token's log-sum-exp of its (transformed) logits,
+            differentiable: [...] shaped like targets, float32 (float64 for float64
+            inputs), 0 with no gradient on dropped tokens. Free in the forward (the
+            loss pass's own statistic); a backward that gives it a non-zero gradient
+            adds one chunked pass over those rows (`t3s_kernels.lse_output`). E.g. a
+            z-loss of your own: ``loss + 1e-4 * lse.pow(2).sum() / n_kept``.
 
     Returns:
-        The loss (float32; float64 for float64 inputs), or ``(loss, TokenStats)``
-        when ``return_stats``.
+        The loss (float32; float64 for float64 inputs), then the lse when
+        ``return_lse``, then `TokenStats` when ``return_stats``: ``loss``,
+        ``(loss, lse)``, ``(loss, stats)`` or ``(loss, lse, stats)``.
 
     Shapes, dtypes and options are checked here; label range and mask values
     inside the op, with the one host sync that also sizes the list of kept
@@ -163,6 +180,7 @@ def linear_cross_entropy(
                   token_scaling=token_scaling)
     check_scale(logit_scale, temperature)
     check_class_weight(class_weight, weight, hidden)
+    targets, loss_mask = shift_labels(targets, loss_mask, ignore_index, shift)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     small = backend is None and dense.preferred(hidden2d, weight)
     if small:
@@ -175,9 +193,12 @@ def linear_cross_entropy(
     targets1d = targets.reshape(-1).long()
     mask1d = None if loss_mask is None else loss_mask.reshape(-1)
     bias = None if bias is None else bias.contiguous()
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    want_stats = return_stats or return_lse  # the lse is one of the pass's statistics
     options = (float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                resolve_filter_eps(filter_eps, hidden.dtype), accum_dtype, buffer_bytes,
-               return_stats)
+               want_stats)
     token_weight = token_weights(targets1d, mask1d, ignore_index)
     cw = (None if class_weight is None
           else class_weight.to(reference.compute_dtype_for(hidden.dtype)).contiguous())
@@ -188,8 +209,8 @@ def linear_cross_entropy(
     if small:
         loss, stats = dense.linear_cross_entropy(
             hidden2d, weight, bias, targets1d, mask1d, token_weight, ignore_index, reduction,
-            normalizer, *options[:3], return_stats, token_scaling, **extra)
-        lse, logprob, entropy, correct = stats if return_stats else (None,) * 4
+            normalizer, *options[:3], want_stats, token_scaling, **extra)
+        lse, logprob, entropy, correct = stats if want_stats else (None,) * 4
     elif _gradient_in_forward(reduction, normalizer, need):
         grad_scale = _grad_scale(token_weight, reduction, normalizer,
                                  reference.compute_dtype_for(hidden.dtype), mean_weight)
@@ -207,15 +228,20 @@ def linear_cross_entropy(
                                              mean_weight)
     if reduction == "none":
         loss = loss.view(lead_shape)
+    out = (loss,)
+    if return_lse:
+        out += (differentiable_lse(hidden2d, weight, bias, lse, token_weight != 0,
+                                   options[2], logit_scale, temperature,
+                                   buffer_bytes).view(lead_shape),)
     if not return_stats:
-        return loss
+        return out if return_lse else loss
     token_stats = TokenStats(
         target_logprob=logprob.float().view(lead_shape),
         entropy=entropy.view(lead_shape),
         argmax_correct=correct.view(lead_shape),
         lse=lse.float().view(lead_shape),
     )
-    return loss, token_stats
+    return (*out, token_stats)
 
 
 def _gradient_in_forward(reduction: str, normalizer, need) -> bool:

@@ -102,7 +102,8 @@ def linear_cross_entropy(hidden2d: torch.Tensor, weight: torch.Tensor,
     nan = float("nan")
     with torch.no_grad():
         tz = z.gather(1, t[:, None]).squeeze(1)
-        stats = (scatter_rows(lse.detach().float(), rows, n, nan),
+        # lse in the compute dtype: return_lse keeps float64 exact (TokenStats casts)
+        stats = (scatter_rows(lse.detach(), rows, n, nan),
                  scatter_rows((tz - lse).float(), rows, n, nan),
                  scatter_rows(reference.row_entropy(z).float(), rows, n, nan),
                  scatter_rows(z.argmax(1) == t, rows, n, False))

@@ -192,6 +192,28 @@ def check_scale(logit_scale, temperature) -> None:
             raise ValueError(f"{name} must be a positive finite number, got {v}")
 
 
+def shift_labels(targets: torch.Tensor, loss_mask: Optional[torch.Tensor], ignore_index: int,
+                 shift) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The causal-LM label shift (``shift=1``), done on the labels so that hidden is never
+    copied or sliced: position t of targets [..., T] gets the label of t + 1, and the last
+    position of each sequence gets ``ignore_index`` (its mask 0), which is the same loss
+    as HF's ``hidden[..., :-1, :]`` against ``labels[..., 1:]``. A [N, H] hidden is one
+    sequence of N tokens. shift=0 returns the inputs unchanged. Cost: O(N) integer copies."""
+    if isinstance(shift, bool) or shift not in (0, 1):
+        raise ValueError(f"shift must be 0 or 1 (the causal-LM label shift), got {shift!r}")
+    if not shift:
+        return targets, loss_mask
+    if targets.dim() < 1:
+        raise ValueError("shift=1 needs hidden [..., T, H] with labels [..., T]; got a 1-D "
+                         "hidden (a single token has no next label)")
+    pad = targets.new_full(targets.shape[:-1] + (1,), ignore_index)
+    targets = torch.cat([targets[..., 1:], pad], dim=-1)
+    if loss_mask is not None:
+        loss_mask = torch.cat([loss_mask[..., 1:],
+                               loss_mask.new_zeros(loss_mask.shape[:-1] + (1,))], dim=-1)
+    return targets, loss_mask
+
+
 def check_class_weight(class_weight: Optional[torch.Tensor], weight: torch.Tensor,
                        hidden: torch.Tensor) -> None:
     """class_weight: None or a floating [V] tensor on hidden's device (any float dtype;

@@ -39,6 +39,7 @@ from .prepare import (
     check_linear_inputs,
     check_loss_mask,
     check_options,
+    check_scale,
     check_softcap,
     token_weights,
     scatter_rows,
@@ -185,6 +186,26 @@ class _VocabParallelLoss(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype)) + (None,) * 10
 
 
+def refuse_unsharded_options(*, logit_scale, temperature, class_weight, softcap) -> None:
+    """Raise for the options the sharded path does not implement, saying what to use
+    instead; the defaults (1.0, 1.0, None) pass. Without a softcap, scaling hidden (and
+    bias) by logit_scale / temperature gives the same logits; otherwise, and for class
+    weights, the unsharded `t3s_kernels.linear_cross_entropy` on the gathered weight."""
+    check_scale(logit_scale, temperature)
+    unsupported = [name for name, off in (("logit_scale", logit_scale == 1.0),
+                                          ("temperature", temperature == 1.0),
+                                          ("class_weight", class_weight is None)) if not off]
+    if not unsupported:
+        return
+    hint = ("t3s_kernels.linear_cross_entropy (or target_logprobs) on the gathered weight, "
+            "which takes them")
+    if "class_weight" not in unsupported and softcap is None:
+        hint = ("hidden * (logit_scale / temperature) (and bias likewise), which gives the "
+                "same logits without a softcap, or " + hint)
+    raise NotImplementedError(
+        f"the vocab-parallel path does not support {', '.join(unsupported)}; use {hint}")
+
+
 def _prepare(hidden, weight, targets, bias, loss_mask, ignore_index, vocab_group):
     weight, bias, group = _local_weight(weight, bias, vocab_group)
     check_linear_inputs(hidden, weight, targets, bias)  # [V_r, H] shard, [V_r] bias
@@ -204,6 +225,8 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean", normalizer: Union[None, int, float, torch.Tensor] = None,
     label_smoothing: float = 0.0, softcap: Optional[float] = None, z_loss: float = 0.0,
     return_stats: bool = False, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    logit_scale: float = 1.0, temperature: float = 1.0,
+    class_weight: Optional[torch.Tensor] = None,
 ):
     """`t3s_kernels.linear_cross_entropy` with the head's rows sharded over ``vocab_group``.
 
@@ -213,7 +236,12 @@ def vocab_parallel_cross_entropy(
     `linear_cross_entropy` (V is the whole vocabulary); the result, its gradients
     with respect to hidden and to each rank's shard, and the statistics equal the
     unsharded ones. Collective: every rank of the group must call it.
+
+    ``logit_scale``, ``temperature`` and ``class_weight`` are not supported here (a
+    clear error, never silently ignored; see `refuse_unsharded_options`).
     """
+    refuse_unsharded_options(logit_scale=logit_scale, temperature=temperature,
+                             class_weight=class_weight, softcap=softcap)
     check_loss_mask(loss_mask, targets)
     check_options(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                   z_loss=z_loss, normalizer=normalizer, filter_eps=None,
@@ -244,13 +272,17 @@ def vocab_parallel_target_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
     vocab_group=None, bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
     return_entropy: bool = False, return_argmax: bool = False, ignore_index: int = -100,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES, logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ):
     """`t3s_kernels.target_logprobs` with the head's rows sharded over ``vocab_group``.
 
     Shapes and arguments as in `vocab_parallel_cross_entropy`; returns float32 [...]
     log-probs, or `TargetLogprobs` with entropy / argmax (global ids). Collective.
+    ``logit_scale`` / ``temperature`` other than 1 raise (`refuse_unsharded_options`).
     """
+    refuse_unsharded_options(logit_scale=logit_scale, temperature=temperature,
+                             class_weight=None, softcap=softcap)
     check_softcap(softcap)
     lead = targets.shape
     h2d, w, b, group, offset, V, t1d, _, rows = _prepare(
