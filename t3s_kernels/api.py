@@ -288,6 +288,7 @@ def target_logprobs(
     backend: Optional[str] = None,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    shift: int = 0,
 ):
     """Forward-only per-token log p(target) of ``hidden @ weight.T (+ bias)``, streamed.
 
@@ -299,6 +300,9 @@ def target_logprobs(
         ignore_index: rows with this target are skipped (NaN / -1 in the output).
         logit_scale, temperature: as in `linear_cross_entropy` (scale, softcap,
             temperature; e.g. a sampler's temperature for GRPO's log-probs).
+        shift: 0, or 1 for the causal-LM shift, as in `linear_cross_entropy`: position
+            t of hidden [..., T, H] is scored on the label at t + 1 of the unshifted
+            ``targets`` [..., T]; each sequence's last position is skipped (NaN).
 
     Returns:
         float32 log-probs shaped like targets, or `TargetLogprobs` when an extra
@@ -307,6 +311,7 @@ def target_logprobs(
     check_linear_inputs(hidden, weight, targets, bias)
     check_softcap(softcap)
     check_scale(logit_scale, temperature)
+    targets, _ = shift_labels(targets, None, ignore_index, shift)
     hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
     args = (hidden2d, weight.detach(), None if bias is None else bias.detach().contiguous(),
             targets.reshape(-1).long(), ignore_index, None if softcap is None else float(softcap),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import BACKENDS, DEVICE
 from kernel_helpers import assert_close64, make_case
 
-from t3s_kernels import debug, lse_output, linear_cross_entropy
+from t3s_kernels import debug, lse_output, linear_cross_entropy, target_logprobs
 from t3s_kernels.vocab_parallel import vocab_parallel_cross_entropy
 
 N, H, V = 23, 11, 53  # odd sizes
@@ -132,6 +132,22 @@ def test_shift_matches_shifting_by_hand(backend, lead):
         torch.testing.assert_close(g[1], gw[1])
         got[reduction] = loss
     assert torch.isfinite(got["mean"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_logprobs_shift_matches_shifting_by_hand(backend):
+    """Log-probs of the next token: each sequence's last position is skipped (NaN)."""
+    lead = (3, 7)
+    hidden, weight, targets, bias = make_case(None, H, V, torch.float32, DEVICE, lead=lead,
+                                              bias=True, ignore_frac=0.2)
+    got = target_logprobs(hidden, weight, targets, bias=bias, shift=1, backend=backend,
+                          return_entropy=True, temperature=0.8)
+    want = target_logprobs(hidden[..., :-1, :], weight, targets[..., 1:], bias=bias,
+                           backend=backend, return_entropy=True, temperature=0.8)
+    assert got.logprobs.shape == lead and torch.isnan(got.logprobs[..., -1]).all()
+    torch.testing.assert_close(got.logprobs[..., :-1], want.logprobs, equal_nan=True)
+    with pytest.raises(ValueError, match="shift must be 0 or 1"):
+        target_logprobs(hidden, weight, targets, shift=2, backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
