@@ -348,15 +348,14 @@ def profile(
                         continue
                     ids, lab, pid, eids = packed
                     am = None
-                    lp, ent = _logprobs(model, head, weight, bias, ids.to(device), None, lab,
-                                        want_entropy=return_entropy, ignore_index=ignore_index,
-                                        backend=backend, position_ids=pid.to(device))
                 else:
                     ids, lab, am, eids = _collate(batch, pad_token_id, ignore_index)
                     pid = None
-                    lp, ent = _logprobs(model, head, weight, bias, ids.to(device), am.to(device),
-                                        lab, want_entropy=return_entropy,
-                                        ignore_index=ignore_index, backend=backend)
+                lp, ent = _logprobs(model, head, weight, bias, ids.to(device),
+                                    None if am is None else am.to(device), lab,
+                                    want_entropy=return_entropy, ignore_index=ignore_index,
+                                    backend=backend,
+                                    position_ids=None if pid is None else pid.to(device))
                 rows, cols, key_eid, key_pos = token_keys(lab, eids, attention_mask=am,
                                                           position_ids=pid,
                                                           ignore_index=ignore_index)

@@ -44,22 +44,17 @@ def lse_input_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=cd, device=bias.device) if need_b else None
-    mul = float(logit_scale) / float(temperature)
     step = reference.rows_per_chunk(weight.shape[0], buffer_bytes)
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
         h = hidden.index_select(0, idx).to(cd)
-        r = h @ w.T
-        if b is not None:
-            r = r + b
+        z = reference.logits_ref(h, w, b, softcap, logit_scale, temperature)  # [K, V]
+        g = torch.softmax(z, dim=1) * grad_lse.index_select(0, idx).to(cd)[:, None]  # d / d z
+        # through the logit map to d / d r, as `reference.logit_grad` does
         if softcap is not None:
-            t = torch.tanh(r * (float(logit_scale) / softcap))
-            z = t * (softcap / float(temperature))
-            dz_dr = mul * (1.0 - t * t)
-        else:
-            z, dz_dr = r * mul, mul
-        p = torch.softmax(z, dim=1)
-        g = p * grad_lse.index_select(0, idx).to(cd)[:, None] * dz_dr  # d / d r [K, V]
+            g = g * (1.0 - (z / (softcap / temperature)) ** 2)
+        if logit_scale != temperature:
+            g = g * (logit_scale / temperature)
         # out-of-place accumulation: under create_graph these sums are themselves
         # differentiated
         if need_h:
